@@ -1,0 +1,125 @@
+"""minigsm: short synthetic word problems, the CPU quickstart task.
+
+A starting count (1..max_number), then min_steps..max_steps steps, each +n, -n (n <= current count) or x2:
+
+    Max has 14 stickers. He finds 13 more. He loses 3. Lily takes 15 from him. How many stickers does Max have now?
+
+nl CoT:      "14 + 13 = 27\\n27 - 3 = 24\\n24 - 15 = 9"
+python CoT:  def solution(): ... stickers = 14 / found = 13 / ... / result = stickers + found - lost - taken
+             (the program only copies numbers from the question; the interpreter does the arithmetic)
+
+The training split is a fixed small pool (the paper's regime). Each split has its own random stream, so the
+test set does not change with --n_train; a question is kept only in the first split (test, validation, train)
+that draws it. Every record is checked through reward.py before it is written.
+
+    python data/minigsm/prepare.py                       # writes data/minigsm/{train,validation,test}_{nl,python}.jsonl
+    python data/minigsm/prepare.py --max_steps 4 --max_number 30 --n_train 200
+"""
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import reward  # noqa: E402
+
+NAMES = [("Max", "he"), ("Lily", "she"), ("Sam", "he"), ("Emma", "she"), ("Leo", "he"), ("Mia", "she"),
+         ("Tom", "he"), ("Ava", "she"), ("Ben", "he"), ("Zoe", "she"), ("Jack", "he"), ("Nora", "she"),
+         ("Omar", "he"), ("Ruby", "she"), ("Eli", "he"), ("Ivy", "she")]
+OBJECTS = ["stickers", "marbles", "apples", "cards", "coins", "pencils", "shells", "books", "stamps",
+           "cookies", "balloons", "toy cars", "crayons", "buttons", "beads", "rocks"]
+PRONOUNS = {"he": ("He", "him", "his"), "she": ("She", "her", "her")}
+# (sign, variable name, sentence); {P} subject pronoun, {o} object pronoun, {F} a friend's name, {n} the number.
+STEPS = [("+", "bought", "{P} buys {n} more."), ("+", "found", "{P} finds {n} more."),
+         ("+", "received", "{F} gives {o} {n} more."),
+         ("-", "given", "{P} gives {n} to {F}."), ("-", "lost", "{P} loses {n}."), ("-", "sold", "{P} sells {n}."),
+         ("-", "taken", "{F} takes {n} from {o}.")]
+
+
+def make_problem(rng, min_steps, max_steps, max_number):
+    """One problem: (question, nl CoT, python CoT, answer, step count)."""
+    name, gender = rng.choice(NAMES)
+    subj, obj, poss = PRONOUNS[gender]
+    objects = rng.choice(OBJECTS)
+    var = objects.replace(" ", "_")
+    count = rng.randint(1, max_number)
+    sentences = [f"{name} has {count} {objects}."]
+    cot, assigns, expr, used = [], [f"{var} = {count}"], var, set()
+    for _ in range(rng.randint(min_steps, max_steps)):
+        if 1 <= count <= max_number and rng.random() < 0.15:
+            sentences.append(f"{subj} doubles {poss} {objects}.")
+            cot.append(f"{count} * 2 = {count * 2}")
+            expr, count = f"({expr}) * 2" if " " in expr else f"{expr} * 2", count * 2
+            continue
+        sign, verb, template = rng.choice([s for s in STEPS if s[0] == "+" or count > 0])
+        n = rng.randint(1, max_number if sign == "+" else min(count, max_number))
+        friend = rng.choice([f for f, _ in NAMES if f != name])
+        sentences.append(template.format(P=subj, o=obj, F=friend, n=n))
+        new = count + n if sign == "+" else count - n
+        cot.append(f"{count} {sign} {n} = {new}")
+        verb_var = verb if verb not in used else f"{verb}_{sum(v.startswith(verb) for v in used) + 1}"
+        used.add(verb_var)
+        assigns.append(f"{verb_var} = {n}")
+        expr, count = f"{expr} {sign} {verb_var}", new
+    question = " ".join(sentences) + f" How many {objects} does {name} have now?"
+    body = "\n".join(f"    {line}" for line in assigns + [f"result = {expr}", "return result"])
+    program = f'def solution():\n    """{question}"""\n{body}'
+    return question, "\n".join(cot), program, str(count), len(cot)
+
+
+def check(records, cot):
+    """Indices of records whose gold target does not score 1.0 through reward.py."""
+    targets = [reward.build_target(r, cot) for r in records]
+    if cot == "nl":
+        return [i for i, (t, r) in enumerate(zip(targets, records))
+                if not reward.answers_equal(reward.extract_answer(t, cot), r["answer_value"])]
+    scores = reward.compute_rewards(targets, [r["answer_value"] for r in records], cot)
+    return [i for i, s in enumerate(scores) if s != 1.0]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n_train", type=int, default=400, help="training pool size (small and fixed, as in the paper)")
+    p.add_argument("--n_validation", type=int, default=500)
+    p.add_argument("--n_test", type=int, default=1000)
+    p.add_argument("--min_steps", type=int, default=2)
+    p.add_argument("--max_steps", type=int, default=3)
+    p.add_argument("--max_number", type=int, default=20, help="largest starting count and step number")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))
+    args = p.parse_args()
+    if not 1 <= args.min_steps <= args.max_steps or args.max_number < 1:
+        raise SystemExit("error: need 1 <= --min_steps <= --max_steps and --max_number >= 1")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seen = set()
+    for k, (split, n) in enumerate([("test", args.n_test), ("validation", args.n_validation),
+                                    ("train", args.n_train)]):
+        rng = random.Random(args.seed * 1000 + k)
+        rows, dup, tries = [], 0, 0
+        while len(rows) < n:
+            tries += 1
+            if tries > 100 * n + 1000:
+                raise SystemExit(f"error: {split}: only {len(rows)} distinct questions of {n} after {tries} "
+                                 f"draws; widen --max_number/--max_steps")
+            q, nl, py, value, _ = make_problem(rng, args.min_steps, args.max_steps, args.max_number)
+            if q in seen:
+                dup += 1
+                continue
+            seen.add(q)
+            rows.append((q, nl, py, value))
+        for cot, col in (("nl", 1), ("python", 2)):
+            records = [{"item_id": f"minigsm_{split}_{i}", "question": r[0], "answer_cot": r[col],
+                        "answer_value": r[3]} for i, r in enumerate(rows)]
+            bad = set(check(records, cot))
+            with open(out / f"{split}_{cot}.jsonl", "w") as f:
+                for i, r in enumerate(records):
+                    if i not in bad:
+                        f.write(json.dumps(r) + "\n")
+            print(f"{split}_{cot}: wrote {len(records) - len(bad)}, skipped {dup} duplicate questions, "
+                  f"{len(bad)} failing reward.py check")
+
+
+if __name__ == "__main__":
+    main()
