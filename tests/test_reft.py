@@ -1,0 +1,303 @@
+"""reft.py: each PPO formula against a plain-loop version, the model plumbing, and whole runs
+(learning, 1-vs-2-process parity, no per-token all-gather under FSDP, kill/resume)."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from conftest import PY, ROOT, read_metrics, run, torchrun
+
+sys.path.insert(0, str(ROOT))
+import reft  # noqa: E402
+
+
+def random_mask(B, R, gen):
+    """Masks of random lengths 1..R (1 up to and including the last valid token, 0 after)."""
+    lengths = torch.randint(1, R + 1, (B,), generator=gen)
+    return (torch.arange(R)[None] < lengths[:, None]).float()
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.9, 1.0), (0.99, 0.5), (1.0, 0.0)])
+def test_gae_matches_a_python_loop(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    B, R = 5, 9
+    rewards, values = torch.randn(B, R, generator=g), torch.randn(B, R, generator=g)
+    mask = random_mask(B, R, g)
+    adv, ret = reft.compute_gae(rewards, values, mask, gamma, lam)
+    for b in range(B):
+        n = int(mask[b].sum())
+        for t in range(R):
+            if t >= n:
+                assert adv[b, t] == 0 and ret[b, t] == 0
+                continue
+            want = 0.0
+            for k in range(t, n):  # A_t = Σ_k (γλ)^(k-t) δ_k, with V_n = 0 at the end of the episode
+                v_next = values[b, k + 1].item() if k + 1 < n else 0.0
+                delta = rewards[b, k].item() + gamma * v_next - values[b, k].item()
+                want += (gamma * lam) ** (k - t) * delta
+            assert adv[b, t].item() == pytest.approx(want, abs=1e-5)
+            assert ret[b, t].item() == pytest.approx(want + values[b, t].item(), abs=1e-5)
+
+
+def test_masked_whiten_uses_valid_tokens_only():
+    g = torch.Generator().manual_seed(1)
+    x, mask = torch.randn(4, 6, generator=g) * 3 + 2, random_mask(4, 6, g)
+    valid = [x[b, t].item() for b in range(4) for t in range(6) if mask[b, t]]
+    mean = sum(valid) / len(valid)
+    std = (sum((v - mean) ** 2 for v in valid) / len(valid)) ** 0.5
+    w = reft.masked_whiten(x, mask)
+    for b in range(4):
+        for t in range(6):
+            want = (x[b, t].item() - mean) / std if mask[b, t] else 0.0
+            assert w[b, t].item() == pytest.approx(want, abs=1e-4)
+    x2 = x.clone()
+    x2[mask == 0] = 1e6  # garbage in the padding must not move the statistics
+    assert torch.allclose(reft.masked_whiten(x2, mask), w, atol=1e-5)
+
+
+def test_kl_shaping_penalises_every_token_and_scores_the_last_one():
+    g = torch.Generator().manual_seed(2)
+    B, R, beta = 4, 7, 0.05
+    logp, ref_logp, mask = torch.randn(B, R, generator=g), torch.randn(B, R, generator=g), random_mask(B, R, g)
+    scores = torch.tensor([1.0, 0.1, 0.0, 1.0])
+    rewards, kl = reft.kl_shaped_rewards(scores, logp, ref_logp, mask, beta)
+    for b in range(B):
+        last = int(mask[b].sum()) - 1
+        for t in range(R):
+            want = 0.0
+            if mask[b, t]:
+                want = -beta * (logp[b, t] - ref_logp[b, t]).item() + (scores[b].item() if t == last else 0.0)
+            assert rewards[b, t].item() == pytest.approx(want, abs=1e-6)
+            assert kl[b, t].item() == pytest.approx((logp[b, t] - ref_logp[b, t]).item() * mask[b, t].item(), abs=1e-6)
+
+
+def test_kl_is_zero_when_policy_equals_reference():
+    logp = torch.randn(3, 5)
+    rewards, kl = reft.kl_shaped_rewards(torch.zeros(3), logp, logp.clone(), torch.ones(3, 5), 0.1)
+    assert kl.abs().max() == 0 and rewards.abs().max() == 0
+
+
+def test_policy_loss_by_hand():
+    # One sequence of 3 valid tokens + 1 pad. ratios e^0.5≈1.65 (clipped at 1.2), e^-0.5≈0.61 (clipped at 0.8), 1.
+    logp = torch.tensor([[0.5, -0.5, 0.0, 9.0]])
+    old = torch.zeros(1, 4)
+    adv = torch.tensor([[1.0, 1.0, -2.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    loss, clipfrac, approx_kl = reft.policy_loss(logp, old, adv, mask, 0.2)
+    r1, r2 = torch.exp(torch.tensor(0.5)).item(), torch.exp(torch.tensor(-0.5)).item()
+    # token 1: max(-1·1.65, -1·1.2) = -1.2; token 2: max(-0.61, -0.8) = -0.61; token 3: max(2, 2) = 2
+    want = (max(-r1, -1.2) + max(-r2, -0.8) + 2.0) / 3
+    assert loss.shape == (1,) and loss.item() == pytest.approx(want, abs=1e-6)
+    assert clipfrac.item() == pytest.approx(2 / 3)
+    assert approx_kl.item() == pytest.approx(0.5 * (0.25 + 0.25 + 0) / 3)
+
+
+def test_policy_loss_is_a_per_sequence_mean_then_a_batch_mean():
+    logp, old = torch.zeros(2, 4), torch.zeros(2, 4)
+    adv = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    loss, _, _ = reft.policy_loss(logp, old, adv, mask, 0.2)
+    assert loss.tolist() == [-1.0, -4.0]  # a 1-token CoT weighs as much as a 4-token one
+
+
+def test_value_loss_by_hand():
+    values = torch.tensor([[1.0, 0.0, 0.5]])
+    old = torch.tensor([[0.5, 0.0, 0.5]])
+    returns = torch.tensor([[2.0, 1.0, 0.5]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, clipfrac = reft.value_loss(values, old, returns, mask, 0.2)
+    # token 1: V moved 0.5 > 0.2 → clipped V = 0.7; max((1-2)², (0.7-2)²) = 1.69; token 2: max(1, 1) = 1
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2, abs=1e-6)
+    assert clipfrac.item() == pytest.approx(0.5)
+
+
+def test_response_mask_ends_at_the_first_eos():
+    eos = 1
+    resp = torch.tensor([[5, 6, 1, 7, 1], [5, 5, 5, 5, 5], [1, 4, 4, 4, 4]])
+    assert reft.response_mask(resp, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+# ----------------------------------------------------------------------------- model plumbing
+
+def tiny_lm(seed=0, vocab=40):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, pad_token_id=0, eos_token_id=1)).eval()
+
+
+def test_logprobs_match_a_plain_forward_with_left_padding():
+    lm = tiny_lm()
+    model = reft.PolicyWithValueHead(lm).eval()
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    ids, pmask = reft.left_pad(prompts, 0, "cpu")  # (2, 4)
+    resp = torch.tensor([[11, 12, 1], [13, 1, 0]])
+    rmask = reft.response_mask(resp, 1)
+    with torch.no_grad():
+        logits, values = model(torch.cat([ids, resp], 1), torch.cat([pmask, rmask.long()], 1), 4)
+    got = reft.logprobs_of(logits, resp, temperature=0.7)
+    assert values.shape == (2, 3)
+    for b, p in enumerate(prompts):  # each row alone, unpadded, positions 0..n-1
+        seq = torch.tensor([p + resp[b].tolist()])
+        with torch.no_grad():
+            logp = torch.log_softmax(lm(seq).logits[0] / 0.7, -1)
+        for t in range(int(rmask[b].sum())):
+            want = logp[len(p) - 1 + t, resp[b, t]]
+            assert got[b, t].item() == pytest.approx(want.item(), abs=1e-5)
+
+
+def test_sampling_of_a_row_does_not_depend_on_its_batch():
+    lm = tiny_lm(1)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    ids, mask = reft.left_pad(prompts, 0, "cpu")
+    together = reft.sample(lm, ids, mask, 12, eos_id=1, pad_id=0, temperature=1.0, seeds=[7, 8, 9])
+    for b in range(3):
+        alone = reft.sample(lm, *reft.left_pad([prompts[b]], 0, "cpu"), 12, 1, 0, 1.0, [7 + b])
+        n = alone.size(1)
+        assert together[b, :n].tolist() == alone[0].tolist()
+    again = reft.sample(lm, ids, mask, 12, 1, 0, 1.0, [7, 8, 9])
+    assert torch.equal(together, again)
+    other = reft.sample(lm, ids, mask, 12, 1, 0, 1.0, [1, 2, 3])
+    assert not torch.equal(together, other)
+
+
+def test_greedy_sampling_equals_hf_generate():
+    lm = tiny_lm(2)
+    ids, mask = reft.left_pad([[5, 6, 7], [8, 9]], 0, "cpu")
+    ours = reft.sample(lm, ids, mask, 8, 1, 0, 0.0, [0, 0])
+    theirs = lm.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8, pad_token_id=0,
+                         eos_token_id=1)[:, ids.size(1):]
+    mask_ours = reft.response_mask(ours, 1)
+    for b in range(2):
+        n = int(mask_ours[b].sum())
+        assert ours[b, :n].tolist() == theirs[b, :n].tolist()
+
+
+def test_sampling_follows_the_softmax():
+    """Gumbel-max sampling: token frequencies at the first step match softmax(logits / T)."""
+    lm = tiny_lm(3, vocab=8)
+    ids, mask = reft.left_pad([[5, 6]] * 4000, 0, "cpu")
+    first = reft.sample(lm, ids, mask, 1, 1, 0, 1.5, list(range(4000)))[:, 0]
+    with torch.no_grad():
+        probs = torch.softmax(lm(torch.tensor([[5, 6]])).logits[0, -1] / 1.5, -1)
+    freq = torch.bincount(first, minlength=8).float() / 4000
+    assert (freq - probs).abs().max() < 0.03
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+RUN = ["--batch_size", 16, "--max_length", 120, "--eval_every", 0, "--save_steps", 1000, "--seed", 5]
+
+
+def test_first_step_has_ratio_one_and_zero_kl(minigsm, warmup, tmp_path):
+    run([PY, "reft.py", "--model", warmup, "--data", minigsm, "--max_steps", 2, *RUN, "--output_dir", tmp_path])
+    m = read_metrics(tmp_path / "metrics.jsonl")
+    assert m[0]["ratio_first"] == pytest.approx(1.0, abs=1e-6)  # old log-probs come from the same forward
+    assert m[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before any update
+    assert m[1]["kl"] != 0.0
+    for key in ("score", "accuracy", "kl_penalty", "entropy", "pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac",
+                "approx_kl", "ratio", "explained_variance", "response_length", "eos_fraction", "tokens_per_s",
+                "time_generation", "time_scoring", "time_training"):
+        assert key in m[0]
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert (tmp_path / "final" / "value_head.safetensors").exists()
+
+
+def test_two_processes_match_one(minigsm, warmup, tmp_path):
+    common = ["reft.py", "--model", warmup, "--data", minigsm, "--max_steps", 3, *RUN]
+    run([PY, *common, "--micro_batch_size", 4, "--output_dir", tmp_path / "one"])
+    torchrun(2, *common, "--output_dir", tmp_path / "two")
+    one, two = read_metrics(tmp_path / "one/metrics.jsonl"), read_metrics(tmp_path / "two/metrics.jsonl")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert a["response_length"] == b["response_length"]  # the same rollouts
+        for k in ("score", "kl", "pg_loss", "vf_loss"):
+            assert abs(a[k] - b[k]) < 1e-4, (k, a[k], b[k])
+
+
+def test_sigkill_and_resume_repeats_the_same_steps(minigsm, warmup, tmp_path):
+    common = [PY, "reft.py", "--model", warmup, "--data", minigsm, "--max_steps", 8, *RUN[:-4], "--save_steps", 2]
+    run([*common, "--output_dir", tmp_path / "full"])
+    full = read_metrics(tmp_path / "full/metrics.jsonl")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([str(a) for a in common] + ["--output_dir", str(out)], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run([*common, "--output_dir", out, "--resume"])
+    resumed = read_metrics(metrics)
+    assert [m["step"] for m in resumed] == list(range(1, 9))
+    for a, b in zip(full, resumed):
+        for k in ("score", "kl", "pg_loss", "vf_loss"):
+            assert abs(a[k] - b[k]) < 1e-5, (k, a, b)
+
+
+COUNT_GATHERS = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    sys.path.insert(0, sys.argv[1])
+    import reft
+    from transformers import LlamaConfig, LlamaForCausalLM
+    rank, world, device, mesh = reft.init_distributed()
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                      intermediate_size=64, pad_token_id=0, eos_token_id=1))
+    model = reft.shard(reft.PolicyWithValueHead(lm), mesh, device)
+    ids, mask = reft.left_pad([[5, 6, 7]], 0, device)
+    with torch.no_grad():
+        model(ids, mask, 3)
+    calls = []
+    real = dist.all_gather_single
+    dist.all_gather_single = lambda *a, **k: calls.append(1) or real(*a, **k)
+    new_tokens = 6 + 4 * rank  # ranks decode different lengths (as with early EOS): must not hang
+    with reft.gathered_for_generation(model):
+        out = reft.sample(model.lm, ids, mask, new_tokens, 99, 0, 1.0, [rank])
+    gathered = len(calls)
+    calls.clear()
+    with torch.no_grad():  # the default path: every forward (one per generated token) gathers every layer
+        for _ in range(6):
+            model(ids, mask, 3)
+    with open(f"{sys.argv[2]}/result_{rank}.txt", "w") as f:
+        f.write(f"{rank} {gathered} {len(calls)} {out.size(1)}")
+    dist.destroy_process_group()
+""")
+
+
+def test_generation_under_fsdp_gathers_once_not_per_token(tmp_path):
+    script = tmp_path / "count.py"
+    script.write_text(COUNT_GATHERS)
+    torchrun(2, script, ROOT, tmp_path, timeout=300)
+    results = [(tmp_path / f"result_{r}.txt").read_text().split() for r in range(2)]
+    assert [int(n) for _, _, _, n in results] == [6, 10]  # different lengths, and no hang
+    for rank, gathered, per_token, n in results:
+        # 4 FSDP modules (3 layers + root): at most one all-gather each for the whole rollout (the root may
+        # still be unsharded from the forward before)...
+        assert 3 <= int(gathered) <= 4
+        # ...against one per layer per generated token on the default path.
+        assert int(per_token) >= 6 * 3
+
+
+@pytest.mark.slow
+def test_ppo_raises_the_training_score(minigsm, warmup, tmp_path):
+    run([PY, "reft.py", "--model", warmup, "--data", minigsm, "--max_steps", 40, "--batch_size", 32,
+         "--num_samples", 2, "--lr", 1e-4, "--max_length", 120, "--eval_every", 0, "--save_steps", 1000,
+         "--output_dir", tmp_path], timeout=1800)
+    m = read_metrics(tmp_path / "metrics.jsonl")
+    first = sum(x["score"] for x in m[:8]) / 8
+    last = sum(x["score"] for x in m[-8:]) / 8
+    print(f"mean training score: first 8 steps {first:.3f}, last 8 steps {last:.3f}")
+    assert last > first + 0.05
