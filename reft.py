@@ -108,6 +108,8 @@ class Args:
     """split for the periodic greedy evaluation (never pick settings on test)"""
     eval_limit: int = 500
     """questions in each periodic evaluation (-1: all)"""
+    save_best: bool = False
+    """also keep the checkpoint with the best periodic evaluation as {output_dir}/best"""
     gradient_checkpointing: bool = False
     """recompute activations in the PPO backward to save memory (7B models)"""
 
@@ -402,6 +404,13 @@ def left_pad(seqs, pad_id, device):
     return ids.to(device), (ids != pad_id).long().to(device)
 
 
+def global_sums(xs, device):
+    """Sum scalars over ranks with one all-reduce; returns Python floats."""
+    t = torch.tensor([float(x) for x in xs], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def rollout_seeds(seed, step, question_ids, num_samples):
     """One sampling seed per (question, sample) of this step, independent of ranks and batch order."""
     return [(seed * 1_000_003 + step) * 1_000_003 + q * 101 + s for q in question_ids for s in range(num_samples)]
@@ -471,10 +480,10 @@ def main(args):
 
     os.makedirs(args.output_dir, exist_ok=True)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    step, skipped = 0, 0
+    step, skipped, best = 0, 0, -1.0
     if args.resume and os.path.isdir(os.path.join(args.output_dir, "checkpoint")):
         state = load_resume_state(model, opt, args)
-        step, beta, skipped = state["step"], state["beta"], state["skipped"]
+        step, beta, skipped, best = state["step"], state["beta"], state["skipped"], state["best"]
         log(f"resumed from {args.output_dir}/checkpoint at step {step}")
         if rank == 0 and os.path.exists(metrics_path):  # drop lines logged after the saved state
             with open(metrics_path) as f:
@@ -490,7 +499,6 @@ def main(args):
         order = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed + epoch))
         qids = order[i * args.batch_size:(i + 1) * args.batch_size].tolist()[rank::world]
         rows = [q for q in qids for _ in range(args.num_samples)]  # this rank's sequences
-        m = {}
 
         # 1. Rollout: sample one CoT per (question, sample) from the current policy.
         t0 = time.time()
@@ -567,32 +575,27 @@ def main(args):
                 opt.zero_grad(set_to_none=True)
         t3 = time.time()
 
-        # 7. Log: global means over all ranks' sequences.
-        seq_kl = kl.sum(1)
-        local = torch.stack([scores.sum(), (scores == 1.0).float().sum(), seq_kl.sum(), (-beta * seq_kl).sum(),
-                             masked_mean(entropy, mask, 1).sum(), mask.sum(1).sum(),
-                             (responses == tok.eos_token_id).any(1).float().sum(),
-                             ((returns - old_values) * mask).pow(2).sum(), (returns * mask).pow(2).sum(),
-                             (returns * mask).sum(), mask.sum(), torch.tensor(float(len(rows)))]).double()
-        dist.all_reduce(local)
-        n, ntok = local[11], local[10]
-        ret_var = local[8] / ntok - (local[9] / ntok) ** 2
-        m.update(step=step + 1, epoch=epoch + (i + 1) / steps_per_epoch, score=(local[0] / n).item(),
-                 accuracy=(local[1] / n).item(), kl=(local[2] / n).item(), kl_penalty=(local[3] / n).item(),
-                 entropy=(local[4] / n).item(), response_length=(local[5] / n).item(),
-                 eos_fraction=(local[6] / n).item(), explained_variance=(1 - local[7] / ntok / ret_var).item(),
-                 beta=beta, skipped_steps=skipped, ratio_first=stats["ratio"][0],
-                 tokens_per_s=(local[5] / (t1 - t0)).item(),
-                 time_generation=t1 - t0, time_scoring=t2 - t1, time_training=t3 - t2)
-        loss_stats = torch.tensor([sum(v) / len(v) for v in stats.values()], dtype=torch.float64, device=device)
-        dist.all_reduce(loss_stats)  # every rank ran the same number of micro-batches: a mean of rank means
-        m.update(zip(stats, (loss_stats / world).tolist()))
+        # 7. Log: means over all ranks' sequences and tokens.
+        n, score, correct, seq_kl, ent, ntok, ended, err, err2, ret, ret2, *losses = global_sums([
+            len(rows), scores.sum(), (scores == 1.0).sum(), kl.sum(), masked_mean(entropy, mask, 1).sum(),
+            mask.sum(), (responses == tok.eos_token_id).any(1).sum(), ((returns - old_values) * mask).sum(),
+            ((returns - old_values) ** 2 * mask).sum(), returns.sum(), (returns ** 2).sum(),
+            *[sum(v) / len(v) for v in stats.values()]], device)  # equal micro-batch counts: a mean of means
+        m = dict(step=step + 1, epoch=epoch + (i + 1) / steps_per_epoch, score=score / n, accuracy=correct / n,
+                 kl=seq_kl / n, kl_penalty=-beta * seq_kl / n, entropy=ent / n, response_length=ntok / n,
+                 eos_fraction=ended / n, beta=beta, skipped_steps=skipped, ratio_first=stats["ratio"][0],
+                 explained_variance=1 - (err2 / ntok - (err / ntok) ** 2) / (ret2 / ntok - (ret / ntok) ** 2),
+                 tokens_per_s=ntok / (t1 - t0), time_generation=t1 - t0, time_scoring=t2 - t1,
+                 time_training=t3 - t2, **{k: v / world for k, v in zip(stats, losses)})
         if args.adaptive_kl:  # Ziegler et al. 2019: proportional controller on the per-sequence KL
             beta *= 1 + max(-0.2, min(0.2, m["kl"] / args.target_kl - 1)) * n_seq / 10_000
         step += 1
         end_of_epoch = (i + 1) == steps_per_epoch
         if eval_records is not None and (step % args.eval_every == 0 or step == total_steps):
             m["eval_accuracy"] = greedy_accuracy(model, tok, eval_records, args, rank, world, device)
+            if args.save_best and m["eval_accuracy"] > best:
+                best = m["eval_accuracy"]
+                save_checkpoint(model, tok, args, os.path.join(args.output_dir, "best"), rank)
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
@@ -601,7 +604,7 @@ def main(args):
         if end_of_epoch:
             save_checkpoint(model, tok, args, os.path.join(args.output_dir, f"epoch_{epoch + 1}"), rank)
         if step % args.save_steps == 0 or end_of_epoch or step == total_steps:
-            save_resume_state(model, opt, {"step": step, "beta": beta, "skipped": skipped}, args, rank)
+            save_resume_state(model, opt, {"step": step, "beta": beta, "skipped": skipped, "best": best}, args, rank)
     bar.close()
     save_checkpoint(model, tok, args, os.path.join(args.output_dir, "final"), rank)
     log(f"done: {step} PPO steps; policy in {args.output_dir}/final, metrics in {metrics_path}")
