@@ -1,0 +1,385 @@
+"""Evaluation: greedy top-1 accuracy, majority voting over k samples, and verifier reranking of the same samples.
+
+Modes (the paper's Table 2 reports greedy "value accuracy", Table 4 Voting@100 and Rerank@100):
+  greedy  greedy decoding, one answer per question. The prompt is the plain one (`build_prompt(q, cot)`), so for
+          the python CoT the model writes the `def solution():` header itself, as in the paper's SFT evaluation
+          and in sft.py's per-epoch evaluation.
+  vote    k samples per question (for the python CoT the prompt ends with the function header, as the paper's
+          sampling.py, and the completion is the body). Majority over the extracted answers: no-answer samples
+          are left out, answers that reward.answers_equal calls equal count as one answer (the paper counts
+          exact floats), ties go to the answer seen first. Also pass@k: any of the k samples correct.
+  rerank  the same k samples scored by a verifier trained with rerank.py; the highest-scoring sample among those
+          with an extractable answer is chosen (none → wrong). Also reports vote and pass@k on the samples.
+  all     greedy, then one set of k samples shared by vote and rerank (rerank only when --verifier is given).
+
+Run it (CPU, the tiny model):
+    python evaluate.py --mode all -k 8 --limit 200 --data minigsm --model runs/sft/final \\
+        --verifier runs/rerank/final --output_dir runs/eval
+    torchrun --standalone --nproc_per_node 2 evaluate.py --mode greedy --model runs/sft/final --output_dir runs/eval2
+The paper's setting (8 GPUs; 100 samples at temperature 1.0, prompt + CoT at most 1024 tokens):
+    torchrun --nproc_per_node 8 evaluate.py --mode all -k 100 --data gsm8k --cot python \\
+        --model runs/reft/best --verifier runs/rerank/final --max_new_tokens 700 --batch_size 50
+
+Sampling defaults: temperature 1.0 with pure sampling (top_k 0, top_p 1), the distribution the policy is trained
+on in ReFT's rollouts. The paper's sampling.py left transformers' default top_k=50 in place; pass --top_k 50 to
+reproduce that. Defaults here are sized for the CPU (k=8; paper: k=100).
+
+On a CPU shared with other jobs, OMP_NUM_THREADS=1 can make generation several times faster (torchrun sets it).
+
+Outputs: {output_dir}/predictions.jsonl (one row per question: item_id, gold, greedy completion/answer/correct,
+sample answers and correct flags, votes, verifier scores, the chosen answers and their correct flags) and
+{output_dir}/results.json ({"accuracy": {"greedy", "vote", "rerank", "pass@k"}, "k", "n", "model", ...}).
+Questions are split across ranks under torchrun and gathered on rank 0; the models are wrapped in FSDP2 as in
+sft.py, with the full parameters gathered once around each generate() call.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
+
+import reward
+
+
+@dataclass
+class Args:
+    mode: str = "greedy"
+    """greedy | vote | rerank | all"""
+    model: str = ""
+    """policy checkpoint: an HF folder written by sft.py or reft.py"""
+    verifier: str = ""
+    """verifier checkpoint written by rerank.py (`{output_dir}/final`); required by --mode rerank"""
+    data: str = "minigsm"
+    """a prepared dataset name under data/ or a .jsonl/.json file of {item_id, question, answer_value}"""
+    split: str = "test"
+    """split of a prepared dataset"""
+    cot: str = "nl"
+    """chain-of-thought kind: `nl` or `python`"""
+    k: int = 8
+    """samples per question for vote and rerank (paper: 100)"""
+    temperature: float = 1.0
+    """sampling temperature (paper: 1.0)"""
+    top_k: int = 0
+    """top-k filter of the sampling, 0 = off (the paper's sampling.py used transformers' default 50)"""
+    top_p: float = 1.0
+    """nucleus filter of the sampling, 1 = off"""
+    limit: int = -1
+    """evaluate only the first N questions (-1: all)"""
+    batch_size: int = 64
+    """sequences per generate() call and per verifier forward on one process"""
+    max_new_tokens: int = 256
+    """generation budget per completion (paper: 1024 minus the prompt)"""
+    output_dir: str = "runs/eval"
+    """where predictions.jsonl and results.json go"""
+    seed: int = 42
+    """sampling seed (each rank uses seed + rank)"""
+
+
+def parse_args(cls, argv=None):
+    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(cls):
+        names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
+        if f.type is bool or f.type == "bool":
+            p.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(*names, type=type(f.default), default=f.default)
+    return cls(**vars(p.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------- selection rules (pure)
+
+def vote_counts(answers):
+    """[[representative, count], ...] in order of first appearance; None answers are left out.
+
+    An answer that reward.answers_equal calls equal to an earlier group's representative (|a-b| <= 1e-2 for
+    numbers) joins that group; the first answer of a group represents it."""
+    groups = []
+    for a in answers:
+        if a is None:
+            continue
+        for g in groups:
+            if reward.answers_equal(a, g[0]):
+                g[1] += 1
+                break
+        else:
+            groups.append([a, 1])
+    return groups
+
+
+def majority_vote(answers):
+    """The representative of the largest answer group (the first seen among equals), or None if no answer."""
+    groups = vote_counts(answers)
+    return max(groups, key=lambda g: g[1])[0] if groups else None  # max keeps the first of equal counts
+
+
+def rerank_choice(answers, scores):
+    """The answer of the highest-scoring sample that has an answer (first of equal scores), or None."""
+    best = None
+    for a, s in zip(answers, scores):
+        if a is not None and (best is None or s > best[1]):
+            best = (a, s)
+    return None if best is None else best[0]
+
+
+def pass_at_k(correct_flags):
+    """True when any of the k samples is correct (the paper's rerank "upper bound")."""
+    return any(correct_flags)
+
+
+def is_correct(answer, gold):
+    return answer is not None and reward.answers_equal(answer, gold)
+
+
+# ----------------------------------------------------------------------------- distributed setup (as sft.py)
+
+def init_distributed():
+    """One process group whether launched by torchrun or by plain python (a 1-process group)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend)
+    mesh = init_device_mesh(device.type, (world,))
+    return rank, world, device, mesh
+
+
+def shard(model, mesh, device):
+    """FSDP2: shard each decoder layer, then the root; bf16 compute on GPU."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+@contextmanager
+def gathered_for_generation(model):
+    """Gather the full parameters once for a whole generate() call, then shard them again."""
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+
+
+def num_calls(n_items, batch_size, device):
+    """Batches needed by the busiest rank: every rank makes that many (collective) calls, padding with dummies."""
+    t = torch.tensor([math.ceil(n_items / batch_size)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def load(cls_name, path, flag, mesh, device):
+    """(model, tokenizer) from an HF folder, sharded with FSDP2; one error line when it cannot be loaded."""
+    import transformers
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path!r}: no such checkpoint folder")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        model = getattr(transformers, cls_name).from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {flag} {path}: cannot load a checkpoint from this folder ({str(e).splitlines()[0]})")
+    if tok.pad_token_id is None:
+        raise SystemExit(f"error: {flag} {path}: the tokenizer has no pad token (checkpoints from sft.py have one)")
+    model.config.pad_token_id = tok.pad_token_id
+    model.to(device).eval()
+    return shard(model, mesh, device), tok
+
+
+# ----------------------------------------------------------------------------- generation and scoring
+
+@torch.no_grad()
+def generate_texts(model, tok, prompts, batch_size, device, desc, rank, **gen_kwargs):
+    """Completions of this rank's prompts, batch by batch with left padding; stops when every sequence ended."""
+    tok.padding_side = "left"
+    texts = []
+    n = num_calls(len(prompts), batch_size, device)
+    with gathered_for_generation(model):
+        for b in tqdm(range(n), desc=desc, disable=rank != 0):
+            chunk = prompts[b * batch_size:(b + 1) * batch_size]
+            enc = tok(chunk or [reward.build_prompt("", "nl")], return_tensors="pt", padding=True,
+                      add_special_tokens=False).to(device)
+            out = model.generate(**enc, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **gen_kwargs)
+            if chunk:
+                texts += tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
+    return texts
+
+
+@torch.no_grad()
+def verifier_scores(verifier, tok, texts, batch_size, device, rank):
+    """P(correct) = sigmoid(logit) of each text; right padding, so the head reads the last real token.
+
+    The tokenizer saved by rerank.py carries the verifier's training max_length as model_max_length."""
+    tok.padding_side = "right"
+    scores = []
+    for b in tqdm(range(num_calls(len(texts), batch_size, device)), desc="verifier", disable=rank != 0):
+        chunk = texts[b * batch_size:(b + 1) * batch_size]
+        enc = tok(chunk or ["Question:\n"], return_tensors="pt", padding=True, truncation=True,
+                  add_special_tokens=False).to(device)
+        logits = verifier(**enc).logits[:, 0].float()  # (B,)
+        if chunk:
+            scores += torch.sigmoid(logits).tolist()
+    return scores
+
+
+# ----------------------------------------------------------------------------- main
+
+def check_args(args):
+    if args.mode not in ("greedy", "vote", "rerank", "all"):
+        raise SystemExit(f"error: --mode must be greedy, vote, rerank or all, not {args.mode!r}")
+    if args.cot not in ("nl", "python"):
+        raise SystemExit(f"error: --cot must be nl or python, not {args.cot!r}")
+    if not args.model:
+        raise SystemExit("error: --model is required (a checkpoint folder written by sft.py or reft.py)")
+    if args.mode == "rerank" and not args.verifier:
+        raise SystemExit("error: --mode rerank needs --verifier (a checkpoint folder written by rerank.py)")
+    if args.mode != "greedy" and args.k < 1:
+        raise SystemExit(f"error: -k must be at least 1, not {args.k}")
+
+
+def check_verifier(path):
+    """Fail before any generation when --verifier is not a one-label classifier folder (as rerank.py saves)."""
+    from transformers import AutoConfig
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: --verifier {path!r}: no such checkpoint folder")
+    try:
+        num_labels = AutoConfig.from_pretrained(path).num_labels
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --verifier {path}: cannot read its config ({str(e).splitlines()[0]})")
+    if num_labels != 1:
+        raise SystemExit(f"error: --verifier {path}: not a verifier written by rerank.py (a classifier with one label)")
+
+
+def load_questions(args):
+    try:
+        records = reward.load_records(args.data, args.split, args.cot)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: --data {args.data} --split {args.split}: cannot load it ({e})")
+    records = records[:args.limit] if args.limit > 0 else records
+    if not records:
+        raise SystemExit(f"error: --data {args.data} --split {args.split}: no questions")
+    return records
+
+
+def main(args):
+    check_args(args)
+    records = load_questions(args)
+    rank, world, device, mesh = init_distributed()
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    do_greedy, do_sample = args.mode in ("greedy", "all"), args.mode != "greedy"
+    do_rerank = args.mode == "rerank" or (args.mode == "all" and bool(args.verifier))
+    if args.mode == "all" and not args.verifier:
+        log("no --verifier given: rerank is skipped")
+    if do_rerank:
+        check_verifier(args.verifier)
+    t0 = time.time()
+    torch.manual_seed(args.seed + rank)  # different samples on each rank
+    mine = records[rank::world]
+    rows = [{"index": rank + world * i, "item_id": r["item_id"], "gold": r["answer_value"]} for i, r in enumerate(mine)]
+
+    model, tok = load("AutoModelForCausalLM", args.model, "--model", mesh, device)
+    if do_greedy:
+        texts = generate_texts(model, tok, [reward.build_prompt(r["question"], args.cot) for r in mine],
+                               args.batch_size, device, "greedy", rank, do_sample=False,
+                               max_new_tokens=args.max_new_tokens)
+        answers = reward.extract_answers(texts, args.cot, [r["question"] for r in mine])
+        for row, text, answer in zip(rows, texts, answers):
+            row.update(greedy_completion=text, greedy_answer=answer, greedy_correct=is_correct(answer, row["gold"]))
+    if do_sample:
+        # For the python CoT the sampling prompt ends with the function header and the completion is the body.
+        prompts = [reward.build_prompt(r["question"], args.cot, sampling=True) for r in mine for _ in range(args.k)]
+        texts = generate_texts(model, tok, prompts, args.batch_size, device, f"sample k={args.k}", rank,
+                               do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               max_new_tokens=args.max_new_tokens)
+        all_answers = reward.extract_answers(texts, args.cot, [r["question"] for r in mine for _ in range(args.k)])
+        for i, row in enumerate(rows):
+            row["samples"], answers = texts[i * args.k:(i + 1) * args.k], all_answers[i * args.k:(i + 1) * args.k]
+            row.update(sample_answers=answers, sample_correct=[is_correct(a, row["gold"]) for a in answers],
+                       votes=vote_counts(answers), vote_answer=majority_vote(answers))
+            row.update(vote_correct=is_correct(row["vote_answer"], row["gold"]),
+                       pass_at_k=pass_at_k(row["sample_correct"]))
+    del model
+    if do_rerank:
+        verifier, vtok = load("AutoModelForSequenceClassification", args.verifier, "--verifier", mesh, device)
+        # Identical completions get identical scores: score each distinct text once.
+        texts = sorted({reward.build_prompt(r["question"], args.cot, sampling=True) + t
+                        for row, r in zip(rows, mine) for t in row["samples"]})
+        score_of = dict(zip(texts, verifier_scores(verifier, vtok, texts, args.batch_size, device, rank)))
+        for row, r in zip(rows, mine):
+            prompt = reward.build_prompt(r["question"], args.cot, sampling=True)
+            row["verifier_scores"] = [score_of[prompt + t] for t in row["samples"]]
+            row["rerank_answer"] = rerank_choice(row["sample_answers"], row["verifier_scores"])
+            row["rerank_correct"] = is_correct(row["rerank_answer"], row["gold"])
+        del verifier
+    for row in rows:
+        row.pop("samples", None)  # k full texts per question would dwarf everything else in predictions.jsonl
+
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(rows, gathered, dst=0)
+    if rank == 0:
+        write_outputs(args, sorted((row for part in gathered for row in part), key=lambda row: row["index"]),
+                      do_greedy, do_sample, do_rerank, world, time.time() - t0)
+    dist.destroy_process_group()
+
+
+def write_outputs(args, rows, do_greedy, do_sample, do_rerank, world, seconds):
+    """predictions.jsonl, results.json and the printed table (rank 0)."""
+    n = len(rows)
+    accuracy = {}
+    if do_greedy:
+        accuracy["greedy"] = sum(r["greedy_correct"] for r in rows) / n
+    if do_sample:
+        accuracy["vote"] = sum(r["vote_correct"] for r in rows) / n
+    if do_rerank:
+        accuracy["rerank"] = sum(r["rerank_correct"] for r in rows) / n
+    if do_sample:
+        accuracy["pass@k"] = sum(r["pass_at_k"] for r in rows) / n
+    results = {"accuracy": accuracy, "k": args.k if do_sample else None, "n": n, "mode": args.mode,
+               "model": args.model, "verifier": args.verifier if do_rerank else None, "data": args.data,
+               "split": args.split, "cot": args.cot, "temperature": args.temperature, "top_k": args.top_k,
+               "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed, "world_size": world,
+               "seconds": round(seconds, 1)}
+    if do_sample:
+        results["sample_accuracy"] = sum(sum(r["sample_correct"]) for r in rows) / (n * args.k)
+        results["no_answer_rate"] = sum(a is None for r in rows for a in r["sample_answers"]) / (n * args.k)
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "predictions.jsonl"), "w") as f:
+        for r in rows:
+            r.pop("index")
+            f.write(json.dumps(r) + "\n")
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    labels = {"greedy": "greedy", "vote": f"vote@{args.k}", "rerank": f"rerank@{args.k}", "pass@k": f"pass@{args.k}"}
+    print(f"\n{args.data} {args.split} ({args.cot}), n={n}, model {args.model}")
+    for name, acc in accuracy.items():
+        print(f"  {labels[name]:<12} {100 * acc:6.2f}%")
+    if do_sample:
+        print(f"  {'per sample':<12} {100 * results['sample_accuracy']:6.2f}%   (no answer: "
+              f"{100 * results['no_answer_rate']:.1f}%)")
+    print(f"  {seconds:.0f} s on {world} process(es); {args.output_dir}/results.json")
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))

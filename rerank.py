@@ -1,0 +1,478 @@
+"""Stage 3 of ReFT's evaluation: train a verifier (reward model) that scores sampled chains of thought for reranking.
+
+1. Sampling: k CoTs per training question from a policy checkpoint (--model; the paper samples 100 per
+   question from the warm-up SFT checkpoint), each labelled correct/incorrect through reward.py, exact
+   duplicates removed per question, written to {output_dir}/samples.jsonl as rows
+   {item_id, question, completion, answer, correct}. A re-run skips the questions already in the file;
+   --samples FILE skips sampling altogether. For the python CoT the prompt ends with the function header
+   (reward.build_prompt(q, "python", sampling=True)) and the completion is the body.
+2. Training: the LM trunk from --init (default --model; the paper inits from the best SFT or ReFT checkpoint)
+   with a scalar head on the hidden state of the last non-pad token, trained with binary cross-entropy on
+   `build_prompt(q, cot, sampling=True) + completion` (no EOS, cut at --max_length). A held-out part of the
+   questions (--holdout_fraction) gives accuracy, AUC and rerank accuracy at every epoch.
+
+The verifier is saved as a LlamaForSequenceClassification with num_labels=1 (`score` = Linear(hidden, 1, bias=False)
+on the rightmost non-pad token) in {output_dir}/final; its tokenizer's model_max_length is --max_length. Load it:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    model = AutoModelForSequenceClassification.from_pretrained("runs/rerank/final")
+    tok = AutoTokenizer.from_pretrained("runs/rerank/final"); tok.padding_side = "right"
+    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, add_special_tokens=False)
+    p_correct = torch.sigmoid(model(**enc).logits[:, 0])
+(this is what evaluate.py --mode rerank does).
+
+Run it (CPU, the tiny model):
+    python rerank.py --model runs/sft/epoch_2 --init runs/sft/final --data minigsm --output_dir runs/rerank
+    torchrun --standalone --nproc_per_node 2 rerank.py --model runs/sft/final --output_dir runs/rerank2
+The paper's setting (8 GPUs, GSM8K P-CoT, 100 samples from the warm-up, trunk from the best SFT checkpoint):
+    torchrun --nproc_per_node 8 rerank.py --model runs/sft/epoch_2 --init runs/sft/best --data gsm8k --cot python \\
+        --num_samples 100 --max_new_tokens 700 --gen_batch_size 50 --lr 1e-6 --epochs 3 --batch_size 48 \\
+        --micro_batch_size 6 --max_length 700
+
+Differences from the paper's code (train_reward_model.py), on purpose:
+- Loss: BCE on one logit instead of 2-class cross-entropy. Softmax over two logits is a sigmoid of their
+  difference, so the models are the same up to a redundant parameter vector; the score is P(correct) both ways.
+- CPU defaults: lr 1e-4 (paper 1e-6 for 7B models: a tiny model with a fresh head needs much more), 3 epochs
+  (same), batch 32 (paper 24-48), 16 samples per question (paper 100), --max_length 256 (paper 700).
+- Sampling uses pure sampling (top_k 0, top_p 1) at temperature 1, the distribution ReFT's rollouts use; the
+  paper's sampling.py left transformers' default top_k=50 (pass --top_k 50 for that).
+- The held-out questions come from the training split; the paper picked the best epoch on the test set.
+One code path: plain `python rerank.py` is a 1-process group, `torchrun` gives N, the models are FSDP2-sharded.
+"""
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
+
+import reward
+
+
+@dataclass
+class Args:
+    model: str = ""
+    """policy checkpoint to sample from (paper: the warm-up SFT checkpoint); not needed with --samples and --init"""
+    data: str = "minigsm"
+    """a prepared dataset name under data/ or a .jsonl/.json file of {item_id, question, answer_value}"""
+    split: str = "train"
+    """split whose questions are sampled (paper: train)"""
+    cot: str = "nl"
+    """chain-of-thought kind: `nl` or `python`"""
+    output_dir: str = "runs/rerank"
+    """where samples.jsonl, metrics.jsonl and the verifier (final/) go"""
+    num_samples: int = 16
+    """k: samples per question (paper: 100)"""
+    samples: str = ""
+    """an existing samples JSONL ({item_id, question, completion, correct}); skips sampling"""
+    init: str = ""
+    """checkpoint the verifier trunk starts from (default: --model; paper: the best SFT or ReFT checkpoint)"""
+    epochs: int = 3
+    """passes over the training samples (paper: 3)"""
+    lr: float = 1e-4
+    """peak learning rate (paper: 1e-6 for 7B models)"""
+    warmup_ratio: float = 0.1
+    """fraction of the steps spent on linear warm-up, then linear decay to 0 (paper: 0.1)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (paper: 0)"""
+    batch_size: int = 32
+    """global batch: samples per optimizer step summed over processes and accumulation (paper: 24)"""
+    micro_batch_size: int = 32
+    """samples per forward/backward on one process"""
+    max_length: int = 256
+    """verifier input (prompt + completion) is cut to this many tokens (paper: 700)"""
+    holdout_fraction: float = 0.1
+    """fraction of the questions held out (all their samples) for per-epoch accuracy and AUC"""
+    temperature: float = 1.0
+    """sampling temperature (paper: 1.0)"""
+    top_k: int = 0
+    """top-k filter of the sampling, 0 = off (the paper's sampling.py used transformers' default 50)"""
+    top_p: float = 1.0
+    """nucleus filter of the sampling, 1 = off"""
+    max_new_tokens: int = 256
+    """generation budget per sample"""
+    gen_batch_size: int = 64
+    """sequences per generate() call on one process (also the scoring batch of the held-out evaluation)"""
+    limit: int = -1
+    """sample only the first N questions (-1: all)"""
+    seed: int = 42
+    """seed for sampling (seed + rank), the head init, the held-out split and the data order"""
+
+
+def parse_args(cls, argv=None):
+    """Build argparse flags from a dataclass: one `--name` per field, the field docstring as help."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(cls):
+        if f.type is bool or f.type == "bool":
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    return cls(**vars(p.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------- distributed setup (as sft.py)
+
+def init_distributed():
+    """One process group whether launched by torchrun or by plain python (a 1-process group)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend)
+    mesh = init_device_mesh(device.type, (world,))
+    return rank, world, device, mesh
+
+
+def shard(model, mesh, device):
+    """FSDP2: shard each decoder layer, then the root; bf16 compute with fp32 master weights on GPU."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+@contextmanager
+def gathered_for_generation(model):
+    """Gather the full parameters once for a whole generate() call, then shard them again."""
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+
+
+def num_calls(n_items, batch_size, device):
+    """Batches needed by the busiest rank: every rank makes that many (collective) calls, padding with dummies."""
+    t = torch.tensor([math.ceil(n_items / batch_size)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def load(cls_name, path, flag, **kw):
+    """(model, tokenizer) from an HF folder; one error line when it cannot be loaded."""
+    import transformers
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path!r}: no such checkpoint folder")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        model = getattr(transformers, cls_name).from_pretrained(path, dtype=torch.float32, **kw)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {flag} {path}: cannot load a checkpoint from this folder ({str(e).splitlines()[0]})")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        raise SystemExit(f"error: {flag} {path}: the tokenizer needs a pad token distinct from EOS (as sft.py makes)")
+    model.config.pad_token_id = tok.pad_token_id  # the verifier head reads the last token that is not this
+    return model, tok
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def read_samples(path):
+    """Rows of a samples JSONL, checked for the fields training needs; one error line naming a bad row."""
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{lineno}: malformed JSON ({e.msg})")
+            missing = [k for k in ("item_id", "question", "completion", "correct") if k not in row]
+            if missing:
+                raise SystemExit(f"error: {path}:{lineno}: sample has no {', '.join(missing)}")
+            rows.append(row)
+    return rows
+
+
+def dedup_rows(records, texts, answers, correct, k):
+    """One row per distinct completion of each question (texts are grouped k per record, in order)."""
+    rows = []
+    for i, r in enumerate(records):
+        seen = set()
+        for j in range(i * k, (i + 1) * k):
+            if texts[j] not in seen:
+                seen.add(texts[j])
+                rows.append({"item_id": r["item_id"], "question": r["question"], "completion": texts[j],
+                             "answer": answers[j], "correct": correct[j]})
+    return rows
+
+
+@torch.no_grad()
+def sample(args, path, rank, world, device, mesh, log):
+    """Append k labelled, deduplicated samples per not-yet-sampled question to `path` (rank 0 writes)."""
+    records = reward.load_records(args.data, args.split, args.cot)
+    records = records[:args.limit] if args.limit > 0 else records
+    if rank == 0 and os.path.exists(path):
+        with open(path, "rb+") as f:  # a run killed in the middle of a write leaves a cut last line: drop it
+            f.truncate(f.read().rfind(b"\n") + 1)
+    dist.barrier()
+    done = {r["item_id"] for r in read_samples(path)} if os.path.exists(path) else set()
+    todo = [r for r in records if r["item_id"] not in done]
+    log(f"sampling: {len(records)} questions, {len(records) - len(todo)} already in {path}, {len(todo)} to do, "
+        f"k={args.num_samples}")
+    if not todo:
+        return
+    model, tok = load("AutoModelForCausalLM", args.model, "--model")
+    shard(model.to(device).eval(), mesh, device)
+    torch.manual_seed(args.seed + rank)
+    tok.padding_side = "left"
+    k, bs = args.num_samples, args.gen_batch_size
+    mine = todo[rank::world]
+    per_group = max(1, bs // k)  # questions whose k samples are drawn, labelled and written together
+    calls = math.ceil(per_group * k / bs)  # generate() calls per group, the same on every rank
+    bar = tqdm(total=len(todo), desc="sampling", disable=rank != 0)
+    with gathered_for_generation(model):
+        for g in range(num_calls(len(mine), per_group, device)):
+            group = mine[g * per_group:(g + 1) * per_group]
+            prompts = [reward.build_prompt(r["question"], args.cot, sampling=True) for r in group for _ in range(k)]
+            texts = []
+            for c in range(calls):
+                chunk = prompts[c * bs:(c + 1) * bs]
+                enc = tok(chunk or [reward.INSTRUCTION], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(device)
+                out = model.generate(**enc, do_sample=True, temperature=args.temperature, top_k=args.top_k,
+                                     top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                if chunk:
+                    texts += tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
+            golds = [r for r in group for _ in range(k)]
+            answers = reward.extract_answers(texts, args.cot, [r["question"] for r in golds])
+            # Correct exactly when compute_rewards(..., partial_reward=False) gives 1.0; the answer is kept too.
+            correct = [a is not None and reward.answers_equal(a, r["answer_value"]) for a, r in zip(answers, golds)]
+            parts = [None] * world if rank == 0 else None
+            dist.gather_object((len(group), dedup_rows(group, texts, answers, correct, k)), parts, dst=0)
+            if rank == 0:
+                with open(path, "a") as f:  # one write per group: a killed run loses at most this group
+                    f.write("".join(json.dumps(row) + "\n" for _, rows in parts for row in rows))
+                bar.update(sum(n for n, _ in parts))
+    bar.close()
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------- verifier training
+
+def split_by_question(rows, fraction, seed):
+    """(train rows, held-out rows): a seeded random `fraction` of the questions, with all their samples."""
+    ids = list(dict.fromkeys(r["item_id"] for r in rows))
+    n_held = min(max(1, round(fraction * len(ids))), len(ids) - 1) if fraction > 0 else 0
+    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = {ids[i] for i in perm[:n_held]}
+    return [r for r in rows if r["item_id"] not in held], [r for r in rows if r["item_id"] in held]
+
+
+def encode(tok, rows, cot, max_length):
+    """[(input_ids, label)] for `build_prompt(q, cot, sampling=True) + completion`, cut to max_length; and the
+    number of inputs that were cut."""
+    texts = [reward.build_prompt(r["question"], cot, sampling=True) + r["completion"] for r in rows]
+    ids = tok(texts, add_special_tokens=False).input_ids if texts else []
+    return [(x[:max_length], float(r["correct"])) for x, r in zip(ids, rows)], sum(len(x) > max_length for x in ids)
+
+
+def collate(examples, pad_id):
+    """Right-pad (input_ids, label) pairs: input_ids and attention_mask (B, T), labels (B,)."""
+    T = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    for i, (ids, _) in enumerate(examples):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+    return input_ids, (input_ids != pad_id).long(), torch.tensor([y for _, y in examples])
+
+
+def auc(scores, labels):
+    """Area under the ROC curve from ranks (Mann-Whitney U; tied scores share their mean rank); None if one class."""
+    n_pos = sum(1 for y in labels if y)
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    mean_rank, start = {}, 0
+    for value, group in itertools.groupby(sorted(scores)):
+        n = len(list(group))
+        mean_rank[value], start = start + (n + 1) / 2, start + n
+    return (sum(mean_rank[s] for s, y in zip(scores, labels) if y) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+@torch.no_grad()
+def score(model, examples, batch_size, pad_id, rank, world, device):
+    """Logits of all examples, in order, on every rank (each rank scores every world-th example)."""
+    model.eval()
+    mine, out = examples[rank::world], []
+    for b in range(num_calls(len(mine), batch_size, device)):
+        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        input_ids, attn, _ = collate(chunk or examples[:1], pad_id)
+        logits = model(input_ids=input_ids.to(device), attention_mask=attn.to(device)).logits[:, 0]  # (B,)
+        if chunk:
+            out += logits.float().tolist()
+    model.train()
+    parts = [None] * world
+    dist.all_gather_object(parts, out)
+    merged = [0.0] * len(examples)
+    for r, part in enumerate(parts):
+        merged[r::world] = part
+    return merged
+
+
+def holdout_metrics(logits, rows):
+    """Accuracy at P(correct) = 0.5, AUC, and per question: rerank accuracy (best-scored sample with an answer;
+    rows without an `answer` field count as having one) and the fraction with any correct sample."""
+    labels = [bool(r["correct"]) for r in rows]
+    by_q = {}
+    for s, r in zip(logits, rows):
+        by_q.setdefault(r["item_id"], []).append((s, r))
+    chosen = []
+    for cands in by_q.values():
+        with_answer = [(s, r) for s, r in cands if r.get("answer", "") is not None]
+        chosen.append(bool(max(with_answer, key=lambda c: c[0])[1]["correct"]) if with_answer else False)
+    return {"holdout_accuracy": sum((s > 0) == y for s, y in zip(logits, labels)) / len(rows),
+            "holdout_auc": auc(logits, labels), "holdout_positive_rate": sum(labels) / len(rows),
+            "holdout_rerank_accuracy": sum(chosen) / len(chosen),
+            "holdout_pass_at_k": sum(any(r["correct"] for _, r in c) for c in by_q.values()) / len(by_q)}
+
+
+def lr_lambda(warmup_steps, total_steps):
+    """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return f
+
+
+def save_verifier(model, tok, args, path, rank):
+    """Full state dict on rank 0 → an AutoModelForSequenceClassification folder (+ tokenizer, train_args.json)."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model.save_pretrained(path, state_dict=sd)
+        tok.model_max_length = args.max_length  # evaluate.py cuts its inputs where training did
+        tok.save_pretrained(path)
+        with open(os.path.join(path, "train_args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+    dist.barrier()
+
+
+def train(args, rows, rank, world, device, mesh, log):
+    train_rows, held_rows = split_by_question(rows, args.holdout_fraction, args.seed)
+    init = args.init or args.model
+    torch.manual_seed(args.seed)  # the fresh head must start identical on every rank
+    model, tok = load("AutoModelForSequenceClassification", init, "--init" if args.init else "--model", num_labels=1)
+    examples, cut = encode(tok, train_rows, args.cot, args.max_length)
+    held, held_cut = encode(tok, held_rows, args.cot, args.max_length)
+    log(f"verifier data: {len(train_rows)} train samples ({sum(r['correct'] for r in train_rows)} correct), "
+        f"{len(held_rows)} held out from {len({r['item_id'] for r in held_rows})} questions; "
+        f"{cut + held_cut} inputs cut to --max_length {args.max_length}")
+    if args.batch_size % (args.micro_batch_size * world):
+        raise SystemExit(f"error: --batch_size {args.batch_size} is not a multiple of micro_batch_size × world "
+                         f"({args.micro_batch_size} × {world})")
+    steps_per_epoch = len(examples) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(examples)} training samples are fewer than one --batch_size {args.batch_size}")
+    accum, total_steps = args.batch_size // (args.micro_batch_size * world), steps_per_epoch * args.epochs
+    model.config.use_cache = False
+    shard(model.to(device).train(), mesh, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                            weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total_steps), total_steps))
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+
+    def write(row, evaluate):
+        if evaluate and held:
+            row.update(holdout_metrics(score(model, held, args.gen_batch_size, tok.pad_token_id, rank, world,
+                                             device), held_rows))
+            log(f"epoch {row['epoch']:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                      if k.startswith("holdout") and v is not None))
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    if rank == 0:
+        open(metrics_path, "w").close()
+    write({"step": 0, "epoch": 0}, evaluate=True)  # the untrained head: chance level
+    bar = tqdm(total=total_steps, desc="verifier", disable=rank != 0)
+    t_last = time.time()
+    for step in range(total_steps):
+        epoch, i = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed + epoch))
+        batch = [examples[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size].tolist()]
+        mine, loss_sum, n_right = batch[rank::world], 0.0, 0
+        for m in range(accum):
+            input_ids, attn, labels = (t.to(device) for t in
+                                       collate(mine[m * args.micro_batch_size:(m + 1) * args.micro_batch_size],
+                                               tok.pad_token_id))
+            model.set_requires_gradient_sync(m == accum - 1)
+            logits = model(input_ids=input_ids, attention_mask=attn).logits[:, 0].float()  # (B,)
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+            # Mean over the global batch; FSDP averages gradients over ranks, hence the factor `world`.
+            (bce * world / args.batch_size).backward()
+            loss_sum += bce.item()
+            n_right += int(((logits > 0).float() == labels).sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        stats = torch.tensor([loss_sum, n_right], dtype=torch.float64, device=device)
+        dist.all_reduce(stats)
+        row = {"step": step + 1, "epoch": epoch + (i + 1) / steps_per_epoch,
+               "loss": stats[0].item() / args.batch_size, "train_accuracy": stats[1].item() / args.batch_size,
+               "lr": sched.get_last_lr()[0], "grad_norm": grad_norm.item(), "seconds": time.time() - t_last}
+        write(row, evaluate=i + 1 == steps_per_epoch)
+        t_last = time.time()
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        bar.update(1)
+    bar.close()
+    save_verifier(model, tok, args, os.path.join(args.output_dir, "final"), rank)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args):
+    if args.cot not in ("nl", "python"):
+        raise SystemExit(f"error: --cot must be nl or python, not {args.cot!r}")
+    if not args.samples and not args.model:
+        raise SystemExit("error: --model is required to draw samples (or pass --samples FILE)")
+    if not (args.init or args.model):
+        raise SystemExit("error: --init (or --model) is required: the checkpoint the verifier trunk starts from")
+    if args.samples and not os.path.isfile(args.samples):
+        raise SystemExit(f"error: --samples {args.samples!r}: no such file")
+    if not 0 <= args.holdout_fraction < 1:
+        raise SystemExit(f"error: --holdout_fraction must be in [0, 1), not {args.holdout_fraction}")
+    if args.num_samples < 1:
+        raise SystemExit(f"error: --num_samples must be at least 1, not {args.num_samples}")
+    rank, world, device, mesh = init_distributed()
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = args.samples or os.path.join(args.output_dir, "samples.jsonl")
+    if not args.samples:
+        sample(args, path, rank, world, device, mesh, log)
+    rows = read_samples(path)
+    if not rows:
+        raise SystemExit(f"error: {path}: no samples")
+    log(f"samples: {len(rows)} distinct from {len({r['item_id'] for r in rows})} questions, "
+        f"{sum(bool(r['correct']) for r in rows) / len(rows):.1%} correct")
+    train(args, rows, rank, world, device, mesh, log)
+    log(f"done: verifier in {args.output_dir}/final, metrics in {args.output_dir}/metrics.jsonl")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))

@@ -1,0 +1,134 @@
+"""evaluate.py: the selection rules, the three modes end to end, 1-vs-2-process parity, and bad input."""
+import json
+import sys
+
+import pytest
+
+from conftest import PY, ROOT, run, torchrun
+
+sys.path.insert(0, str(ROOT))
+import evaluate  # noqa: E402
+
+SMALL = ["--limit", 12, "-k", 4, "--max_new_tokens", 48, "--batch_size", 16, "--seed", 5]
+
+
+def test_majority_vote_ties_go_to_the_first_answer_seen():
+    assert evaluate.majority_vote([7.0, 4.0, 4.0, 7.0]) == 7.0
+    assert evaluate.majority_vote([None, 4.0, 7.0]) == 4.0
+    assert evaluate.majority_vote([2.0, 9.0, 9.0, 2.0, 9.0]) == 9.0
+
+
+def test_majority_vote_without_any_answer_is_none():
+    assert evaluate.majority_vote([None, None]) is None
+    assert evaluate.majority_vote([]) is None
+    assert evaluate.majority_vote([None, None, 3.0]) == 3.0  # no-answer samples do not vote
+
+
+def test_numbers_within_tolerance_vote_together():
+    answers = [5.0, 3.0, 3.001, 5.0, 2.999]
+    assert evaluate.majority_vote(answers) == 3.0
+    assert evaluate.vote_counts(answers) == [[5.0, 2], [3.0, 3]]
+    assert evaluate.majority_vote(["b", "c", "B"]) == "b"  # letters compare case-insensitively
+
+
+def test_rerank_skips_samples_without_an_answer():
+    assert evaluate.rerank_choice([None, 4.0, 6.0], [0.99, 0.2, 0.7]) == 6.0
+    assert evaluate.rerank_choice([None, None], [0.9, 0.8]) is None
+    assert evaluate.rerank_choice([1.0, 2.0], [0.5, 0.5]) == 1.0  # equal scores: the first
+
+
+def test_pass_at_k():
+    assert evaluate.pass_at_k([False, True, False]) and not evaluate.pass_at_k([False, False])
+
+
+@pytest.fixture(scope="module")
+def verifier(warmup, tmp_path_factory):
+    """A verifier checkpoint as rerank.py saves it (trunk from the warm-up, untrained head): enough to run rerank."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    out = tmp_path_factory.mktemp("verifier")
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(warmup)
+    model = AutoModelForSequenceClassification.from_pretrained(warmup, num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.model_max_length = 256
+    tok.save_pretrained(out)
+    return out
+
+
+def evaluation(minigsm, model, out, *extra):
+    run([PY, "evaluate.py", "--data", minigsm, "--model", model, "--output_dir", out, *SMALL, *extra])
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    with open(out / "predictions.jsonl") as f:
+        return results, [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def runs(minigsm, warmup, verifier, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    return {mode: evaluation(minigsm, warmup, tmp / mode, "--mode", mode, "--verifier", verifier)
+            for mode in ("greedy", "vote", "rerank", "all")}
+
+
+def test_all_modes_write_consistent_results(runs, warmup, minigsm):
+    results, preds = runs["all"]
+    assert set(results["accuracy"]) == {"greedy", "vote", "rerank", "pass@k"}
+    assert results["n"] == len(preds) == 12 and results["k"] == 4 and results["split"] == "test"
+    assert results["model"] == str(warmup) and results["cot"] == "nl" and results["temperature"] == 1.0
+    golds = [json.loads(line)["answer_value"] for line in open(minigsm / "test_nl.jsonl")][:12]
+    assert [p["gold"] for p in preds] == golds
+    for mode, key in (("greedy", "greedy_correct"), ("vote", "vote_correct"), ("rerank", "rerank_correct"),
+                      ("pass@k", "pass_at_k")):
+        assert results["accuracy"][mode] == pytest.approx(sum(p[key] for p in preds) / len(preds))
+    for p in preds:
+        assert len(p["sample_answers"]) == len(p["sample_correct"]) == len(p["verifier_scores"]) == 4
+        assert p["vote_answer"] == evaluate.majority_vote(p["sample_answers"])
+        assert p["rerank_answer"] == evaluate.rerank_choice(p["sample_answers"], p["verifier_scores"])
+        assert p["pass_at_k"] == any(p["sample_correct"])
+        assert p["pass_at_k"] >= p["vote_correct"] and p["pass_at_k"] >= p["rerank_correct"]
+        assert all(p["pass_at_k"] >= c for c in p["sample_correct"])
+        assert all(0.0 <= s <= 1.0 for s in p["verifier_scores"])
+    acc = results["accuracy"]
+    assert acc["pass@k"] >= max(acc["vote"], acc["rerank"], results["sample_accuracy"])
+
+
+def test_each_mode_alone_matches_all(runs):
+    """Greedy uses no randomness, so `all` draws the same samples as vote and rerank alone (same seed)."""
+    _, everything = runs["all"]
+    for mode, keys in (("greedy", ["greedy_completion", "greedy_answer", "greedy_correct"]),
+                       ("vote", ["sample_answers", "votes", "vote_answer", "vote_correct", "pass_at_k"]),
+                       ("rerank", ["sample_answers", "verifier_scores", "rerank_answer", "rerank_correct"])):
+        results, preds = runs[mode]
+        for a, b in zip(preds, everything):
+            assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, mode
+    assert set(runs["greedy"][0]["accuracy"]) == {"greedy"}
+    assert set(runs["vote"][0]["accuracy"]) == {"vote", "pass@k"}
+    assert set(runs["rerank"][0]["accuracy"]) == {"vote", "rerank", "pass@k"}
+
+
+def test_two_processes_match_one_greedy(runs, minigsm, warmup, tmp_path):
+    torchrun(2, "evaluate.py", "--data", minigsm, "--model", warmup, "--output_dir", tmp_path, *SMALL,
+             "--mode", "greedy")
+    one, preds_one = runs["greedy"]
+    two = json.loads((tmp_path / "results.json").read_text())
+    preds_two = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
+    assert two["world_size"] == 2 and two["accuracy"] == one["accuracy"]
+    assert preds_two == preds_one
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/ckpt"], "--model '/nonexistent/ckpt': no such checkpoint folder"),
+    (["--data", "no_such_dataset"], "unknown dataset 'no_such_dataset'"),
+    (["--mode", "rerank"], "--mode rerank needs --verifier"),
+    (["--mode", "best"], "--mode must be greedy, vote, rerank or all"),
+    (["--mode", "rerank", "--verifier", "WARMUP", "--limit", 1], "not a verifier written by rerank.py"),
+])
+def test_bad_input_gives_one_error_line(args, message, warmup, minigsm):
+    args = [warmup if a == "WARMUP" else a for a in args]
+    p = run([PY, "evaluate.py", "--model", warmup, "--data", minigsm, *args], check=False, timeout=120)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr

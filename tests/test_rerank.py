@@ -1,0 +1,143 @@
+"""rerank.py: AUC and the held-out split, a verifier that learns a learnable labelling, 1-vs-2-process parity,
+and the sampling path (labels, deduplication, resume)."""
+import itertools
+import json
+import random
+import sys
+
+import pytest
+import torch
+
+from conftest import PY, ROOT, read_metrics, run, torchrun
+
+sys.path.insert(0, str(ROOT))
+import rerank  # noqa: E402
+import reward  # noqa: E402
+
+
+def test_auc_matches_counting_pairs():
+    rng = random.Random(0)
+    for _ in range(20):
+        scores = [rng.choice([0.1, 0.2, 0.3, rng.random()]) for _ in range(15)]
+        labels = [rng.random() < 0.4 for _ in range(15)]
+        pairs = [(p, n) for p, n in itertools.product(range(15), repeat=2) if labels[p] and not labels[n]]
+        if not pairs:
+            assert rerank.auc(scores, labels) is None
+            continue
+        want = sum(1.0 if scores[p] > scores[n] else 0.5 if scores[p] == scores[n] else 0.0 for p, n in pairs)
+        assert rerank.auc(scores, labels) == pytest.approx(want / len(pairs))
+    assert rerank.auc([0.1, 0.9], [False, True]) == 1.0 and rerank.auc([0.3, 0.3], [True, True]) is None
+
+
+def test_held_out_split_is_by_question():
+    rows = [{"item_id": f"q{i // 3}", "question": "", "completion": str(i), "correct": i % 2} for i in range(60)]
+    train, held = rerank.split_by_question(rows, 0.1, seed=1)
+    assert len({r["item_id"] for r in held}) == 2 and len(held) == 6 and len(train) == 54
+    assert not {r["item_id"] for r in held} & {r["item_id"] for r in train}
+    assert rerank.split_by_question(rows, 0.1, seed=1) == (train, held)
+    assert rerank.split_by_question(rows, 0.0, seed=1) == (rows, [])
+
+
+def test_dedup_keeps_the_first_of_identical_completions_per_question():
+    records = [{"item_id": "a", "question": "qa"}, {"item_id": "b", "question": "qb"}]
+    texts = ["x", "y", "x", "x"]  # k=2: a gets x, y; b gets x twice
+    rows = rerank.dedup_rows(records, texts, [1.0, None, 1.0, 1.0], [True, False, True, True], 2)
+    assert [(r["item_id"], r["completion"], r["correct"]) for r in rows] == [("a", "x", True), ("a", "y", False),
+                                                                             ("b", "x", True)]
+
+
+@pytest.fixture(scope="module")
+def synthetic_samples(minigsm, tmp_path_factory):
+    """Samples whose label shows in the text: correct CoTs end with a marker line, wrong ones with another."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("synthetic") / "samples.jsonl"
+    with open(path, "w") as f:
+        for r in reward.load_records(str(minigsm), "train", "nl")[:100]:
+            gold = int(r["answer_value"])
+            for j in range(4):
+                ok = j % 2 == 0
+                value = gold if ok else gold + rng.choice([-2, -1, 1, 3])
+                completion = f"{r['answer_cot']}\nTherefore, the answer is: {value}\n{'verified' if ok else 'unsure'}"
+                f.write(json.dumps({"item_id": r["item_id"], "question": r["question"], "completion": completion,
+                                    "answer": float(value), "correct": ok}) + "\n")
+    return path
+
+
+TRAIN = ["--batch_size", 16, "--micro_batch_size", 8, "--holdout_fraction", 0.2, "--seed", 3]
+
+
+def test_verifier_learns_a_learnable_labelling(synthetic_samples, warmup, tmp_path):
+    run([PY, "rerank.py", "--samples", synthetic_samples, "--init", warmup, "--output_dir", tmp_path, *TRAIN,
+         "--epochs", 2])
+    metrics = read_metrics(tmp_path / "metrics.jsonl")
+    before, after = metrics[0], metrics[-1]
+    assert before["step"] == 0 and after["epoch"] == pytest.approx(2.0)
+    assert after["holdout_accuracy"] >= 0.8 and after["holdout_auc"] >= 0.9, after
+    assert after["holdout_rerank_accuracy"] >= 0.8 and after["holdout_pass_at_k"] == 1.0
+    assert after["holdout_auc"] > before["holdout_auc"]
+
+    # The saved verifier is an AutoModelForSequenceClassification reading the last non-pad token.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "final")
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+    assert tok.model_max_length == 256
+    rows = [json.loads(line) for line in open(synthetic_samples)][:6]
+    texts = [reward.build_prompt(r["question"], "nl", sampling=True) + r["completion"] for r in rows]
+    tok.padding_side = "right"
+    with torch.no_grad():
+        batch = model(**tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)).logits[:, 0]
+        alone = [model(**tok(t, return_tensors="pt", add_special_tokens=False)).logits[0, 0] for t in texts]
+    assert torch.allclose(batch, torch.stack(alone), atol=1e-4)
+    assert ((batch > 0) == torch.tensor([r["correct"] for r in rows])).float().mean() >= 0.8
+
+
+def test_two_processes_train_like_one(synthetic_samples, warmup, tmp_path):
+    common = ["rerank.py", "--samples", synthetic_samples, "--init", warmup, *TRAIN, "--epochs", 1]
+    run([PY, *common, "--output_dir", tmp_path / "one"])
+    torchrun(2, *common, "--output_dir", tmp_path / "two")
+    one, two = read_metrics(tmp_path / "one/metrics.jsonl"), read_metrics(tmp_path / "two/metrics.jsonl")
+    assert [m["step"] for m in one] == [m["step"] for m in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "holdout_accuracy", "holdout_auc"):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-3, (key, a, b)
+
+
+SAMPLE = ["--num_samples", 6, "--max_new_tokens", 40, "--gen_batch_size", 8, "--epochs", 1, "--batch_size", 2,
+          "--micro_batch_size", 2, "--holdout_fraction", 0.25, "--temperature", 0.7]
+
+
+def test_sampling_labels_dedups_and_resumes(minigsm, warmup, tmp_path):
+    p = run([PY, "rerank.py", "--model", warmup, "--data", minigsm, "--limit", 4, "--output_dir", tmp_path, *SAMPLE])
+    assert "4 to do" in p.stdout
+    first = (tmp_path / "samples.jsonl").read_text()
+    rows = [json.loads(line) for line in first.splitlines()]
+    records = {r["item_id"]: r for r in reward.load_records(str(minigsm), "train", "nl")[:4]}
+    assert {r["item_id"] for r in rows} == set(records)
+    pairs = [(r["item_id"], r["completion"]) for r in rows]
+    assert len(pairs) == len(set(pairs)) and all(pairs.count(p) == 1 for p in pairs)
+    for item_id in records:
+        assert 1 <= sum(r["item_id"] == item_id for r in rows) <= 6
+    golds = [records[r["item_id"]]["answer_value"] for r in rows]
+    rewards = reward.compute_rewards([r["completion"] for r in rows], golds, "nl", [r["question"] for r in rows],
+                                     partial_reward=False)
+    assert [r["correct"] for r in rows] == [x == 1.0 for x in rewards]
+    assert (tmp_path / "final" / "config.json").is_file()
+
+    p = run([PY, "rerank.py", "--model", warmup, "--data", minigsm, "--limit", 6, "--output_dir", tmp_path, *SAMPLE])
+    assert "4 already in" in p.stdout and "2 to do" in p.stdout
+    second = (tmp_path / "samples.jsonl").read_text()
+    assert second.startswith(first)
+    assert len({json.loads(line)["item_id"] for line in second.splitlines()}) == 6
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samples", "/nonexistent.jsonl", "--init", "x"], "--samples '/nonexistent.jsonl': no such file"),
+    ([], "--model is required"),
+    (["--model", "/nonexistent/ckpt"], "--model '/nonexistent/ckpt': no such checkpoint folder"),
+])
+def test_bad_input_gives_one_error_line(args, message, minigsm):
+    p = run([PY, "rerank.py", "--data", minigsm, *args], check=False, timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: ") and message in p.stderr, p.stderr[-2000:]
