@@ -56,8 +56,12 @@ class Args:
     """CoTs per question per PPO step"""
     kl_coef: float = 0.05
     """β of the per-token KL penalty (the paper: 0.05 for nl)"""
-    vf_coef: float = 5.0
-    """value-loss weight (the paper: 5)"""
+    vf_coef: float = 0.1
+    """value-loss weight (the paper: 5). On this 1.8M-parameter model the value loss's gradient through the shared
+    trunk at weight 5 outweighs the policy gradient: in 40-step runs against a frozen-policy control it lowered
+    training accuracy by 5-10 points; 0.1 did not"""
+    lam: float = 1.0
+    """GAE λ (the paper: 0.95). λ < 1 bootstraps from the value head, which is biased while the head is still poor"""
     k: int = 8
     """samples per test question for voting and reranking (the paper: 100)"""
     verifier_samples: int = 8
@@ -187,7 +191,7 @@ def main(args):
     reft_every = max(1, args.reft_steps // 15)
     run("reft", out / "reft/final/config.json",
         [py, "reft.py", *common, "--model", W, "--max_steps", args.reft_steps, "--lr", args.reft_lr,
-         "--num_samples", args.num_samples, "--kl_coef", args.kl_coef, "--vf_coef", args.vf_coef,
+         "--num_samples", args.num_samples, "--kl_coef", args.kl_coef, "--vf_coef", args.vf_coef, "--lam", args.lam,
          "--max_length", 64 + args.max_new_tokens, "--max_prompt_length", 64, "--eval_every", reft_every, "--save_steps", reft_every, "--save_best",
          "--output_dir", out / "reft"])
     reft_metrics = read_jsonl(out / "reft/metrics.jsonl")

@@ -32,9 +32,11 @@ def read_metrics(path):
 
 @pytest.fixture(scope="session")
 def minigsm(tmp_path_factory):
-    """A prepared minigsm folder (small splits) that every stage takes as --data."""
+    """A prepared minigsm folder (small splits, the easy end: 1-2 steps, numbers up to 9) that every stage takes
+    as --data; easy so that the short warm-up below already solves some questions and PPO has a signal."""
     out = tmp_path_factory.mktemp("minigsm")
-    run([PY, "data/minigsm/prepare.py", "--out_dir", out, "--n_train", 256, "--n_validation", 64, "--n_test", 64])
+    run([PY, "data/minigsm/prepare.py", "--out_dir", out, "--n_train", 256, "--n_validation", 64, "--n_test", 64,
+         "--min_steps", 1, "--max_steps", 2, "--max_number", 9])
     return out
 
 

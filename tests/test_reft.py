@@ -293,11 +293,18 @@ def test_generation_under_fsdp_gathers_once_not_per_token(tmp_path):
 
 @pytest.mark.slow
 def test_ppo_raises_the_training_score(minigsm, warmup, tmp_path):
-    run([PY, "reft.py", "--model", warmup, "--data", minigsm, "--max_steps", 40, "--batch_size", 32,
-         "--num_samples", 2, "--lr", 1e-4, "--max_length", 120, "--eval_every", 0, "--save_steps", 1000,
-         "--output_dir", tmp_path], timeout=1800)
-    m = read_metrics(tmp_path / "metrics.jsonl")
-    first = sum(x["score"] for x in m[:8]) / 8
-    last = sum(x["score"] for x in m[-8:]) / 8
-    print(f"mean training score: first 8 steps {first:.3f}, last 8 steps {last:.3f}")
-    assert last > first + 0.05
+    """PPO on a fixed pool of 16 training questions, 4 samples each per step. Every step sees the same questions,
+    so a rise in the fraction of correct samples is learning, not a change of questions (measured: about 0.09 over
+    the first 5 steps, 0.31 over the last 5). λ = 1 and a small value weight, as the quickstart uses for this
+    1.8M-parameter model (see scripts/quickstart.py)."""
+    pool = tmp_path / "pool.jsonl"
+    with open(minigsm / "train_nl.jsonl") as f:
+        pool.write_text("".join(f.readlines()[:16]))
+    run([PY, "reft.py", "--model", warmup, "--data", pool, "--max_steps", 30, "--batch_size", 16,
+         "--num_samples", 4, "--lr", 1e-4, "--lam", 1.0, "--vf_coef", 0.1, "--max_length", 120, "--eval_every", 0,
+         "--save_steps", 1000, "--output_dir", tmp_path / "out"], timeout=1800)
+    m = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    first = sum(x["accuracy"] for x in m[:5]) / 5
+    last = sum(x["accuracy"] for x in m[-5:]) / 5
+    print(f"fraction of correct samples: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
+    assert last > first + 0.1
