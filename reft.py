@@ -210,6 +210,13 @@ def value_loss(values, old_values, returns, mask, clip_range_value):
     return masked_mean(losses, mask, dim=1), clipfrac
 
 
+def explained_variance(err_sum, err_sq_sum, ret_sum, ret_sq_sum, n):
+    """1 - Var(R - V) / Var(R) over n valid tokens, from sums; None when the returns do not vary (e.g. every score
+    0 and no KL yet on the first step), where it is undefined."""
+    var_ret = ret_sq_sum / n - (ret_sum / n) ** 2
+    return 1 - (err_sq_sum / n - (err_sum / n) ** 2) / var_ret if var_ret > 0 else None
+
+
 def response_mask(responses, eos_id):
     """1.0 on response tokens up to and including the first EOS (all tokens when there is none). (B, R)"""
     is_eos = (responses == eos_id).long()
@@ -584,7 +591,7 @@ def main(args):
         m = dict(step=step + 1, epoch=epoch + (i + 1) / steps_per_epoch, score=score / n, accuracy=correct / n,
                  kl=seq_kl / n, kl_penalty=-beta * seq_kl / n, entropy=ent / n, response_length=ntok / n,
                  eos_fraction=ended / n, beta=beta, skipped_steps=skipped, ratio_first=stats["ratio"][0],
-                 explained_variance=1 - (err2 / ntok - (err / ntok) ** 2) / (ret2 / ntok - (ret / ntok) ** 2),
+                 explained_variance=explained_variance(err, err2, ret, ret2, ntok),
                  tokens_per_s=ntok / (t1 - t0), time_generation=t1 - t0, time_scoring=t2 - t1,
                  time_training=t3 - t2, **{k: v / world for k, v in zip(stats, losses)})
         if args.adaptive_kl:  # Ziegler et al. 2019: proportional controller on the per-sequence KL

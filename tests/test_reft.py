@@ -118,6 +118,17 @@ def test_value_loss_by_hand():
     assert clipfrac.item() == pytest.approx(0.5)
 
 
+def test_explained_variance_from_sums_and_when_returns_are_constant():
+    torch.manual_seed(0)
+    ret, val = torch.randn(50), torch.randn(50)
+    err = ret - val
+    got = reft.explained_variance(err.sum().item(), (err ** 2).sum().item(), ret.sum().item(),
+                                  (ret ** 2).sum().item(), 50)
+    assert abs(got - (1 - err.var(unbiased=False) / ret.var(unbiased=False)).item()) < 1e-5
+    zeros = torch.zeros(50)  # all returns 0: the first step of a run where no sample earned anything
+    assert reft.explained_variance((zeros - val).sum().item(), ((zeros - val) ** 2).sum().item(), 0.0, 0.0, 50) is None
+
+
 def test_response_mask_ends_at_the_first_eos():
     eos = 1
     resp = torch.tensor([[5, 6, 1, 7, 1], [5, 5, 5, 5, 5], [1, 4, 4, 4, 4]])
