@@ -40,19 +40,22 @@ class Args:
     """seed of the data and of every stage"""
     n_train: int = 400
     """size of the fixed training pool shared by SFT and ReFT"""
-    max_number: int = 20
-    """minigsm difficulty: largest starting count and step number"""
+    max_number: int = 10
+    """minigsm difficulty: largest starting count and step number. At 20 the SFT baseline reached only 16% on
+    validation (its arithmetic was right in 27% of steps); at 10 it lands at ~50%, in the paper's range"""
     sft_epochs: int = 40
     """epochs of the SFT run (the paper: 40)"""
     sft_lr: float = 2e-3
     """peak learning rate of the SFT run (linear warm-up 10%, then linear decay)"""
-    warmup_epoch: int = 10
-    """the SFT epoch whose checkpoint starts ReFT"""
-    reft_steps: int = 300
-    """PPO steps"""
-    reft_lr: float = 5e-5
-    """PPO learning rate"""
-    num_samples: int = 2
+    warmup_epoch: int = 20
+    """the SFT epoch whose checkpoint starts ReFT. Chosen on validation: from epoch 12 (14% validation) ReFT
+    peaked at 22%, from epoch 20 (24%) at 30%"""
+    reft_steps: int = 100
+    """PPO steps (32 questions each). Validation accuracy stopped rising after ~50 steps while training accuracy
+    kept climbing: PPO memorises the small pool"""
+    reft_lr: float = 2e-4
+    """PPO learning rate (validation peak: 5e-5 slower, 5e-4 lower with KL 4-6 nats)"""
+    num_samples: int = 4
     """CoTs per question per PPO step"""
     kl_coef: float = 0.05
     """β of the per-token KL penalty (the paper: 0.05 for nl)"""
@@ -188,7 +191,7 @@ def main(args):
     S = out / f"sft/epoch_{round(best_sft['epoch'])}"
     W = out / f"sft/epoch_{args.warmup_epoch}"
 
-    reft_every = max(1, args.reft_steps // 15)
+    reft_every = max(1, args.reft_steps // 10)
     run("reft", out / "reft/final/config.json",
         [py, "reft.py", *common, "--model", W, "--max_steps", args.reft_steps, "--lr", args.reft_lr,
          "--num_samples", args.num_samples, "--kl_coef", args.kl_coef, "--vf_coef", args.vf_coef, "--lam", args.lam,
