@@ -119,6 +119,23 @@ def test_minigsm_difficulty_knobs(tmp_path, knobs, lo, hi, max_number):
         assert int(r["answer_value"]) >= 0
 
 
+def test_minigsm_one_line_cots(tmp_path):
+    """--one_line_fraction rewrites that share of nl CoTs as one equation; the questions stay the same."""
+    ok("minigsm", *MINI, "--out_dir", tmp_path / "steps")
+    ok("minigsm", *MINI, "--one_line_fraction", 0.5, "--out_dir", tmp_path / "mixed")
+    for split in SPLITS:
+        steps, mixed = read(tmp_path / "steps" / f"{split}_nl.jsonl"), read(tmp_path / "mixed" / f"{split}_nl.jsonl")
+        assert [r["question"] for r in steps] == [r["question"] for r in mixed]
+        one_line = [r for r in mixed if "\n" not in r["answer_cot"]]
+        assert 0.3 < len(one_line) / len(mixed) < 0.7
+        for r in one_line:  # "expression = value", the expression evaluating to the answer, each question number once
+            expr, value = r["answer_cot"].rsplit(" = ", 1)
+            assert value == r["answer_value"] and eval(expr) == int(value)
+            doubling_removed = re.sub(r"\* 2\b", "", expr)
+            assert sorted(re.findall(r"\d+", doubling_removed)) == sorted(re.findall(r"\d+", r["question"]))
+        assert_all_correct(mixed, "nl")
+
+
 def test_minigsm_lengths_are_short(tmp_path):
     ok("minigsm", *MINI, "--out_dir", tmp_path)
     nl, py = read(tmp_path / "test_nl.jsonl"), read(tmp_path / "test_python.jsonl")

@@ -5,6 +5,8 @@ A starting count (1..max_number), then min_steps..max_steps steps, each +n, -n (
     Max has 14 stickers. He finds 13 more. He loses 3. Lily takes 15 from him. How many stickers does Max have now?
 
 nl CoT:      "14 + 13 = 27\\n27 - 3 = 24\\n24 - 15 = 9"
+             or, for a --one_line_fraction share of the questions, one equation: "14 + 13 - 3 - 15 = 9". Real
+             annotations mix careful and terse styles too; the terse one is harder for a small model to get right.
 python CoT:  def solution(): ... stickers = 14 / found = 13 / ... / result = stickers + found - lost - taken
              (the program only copies numbers from the question; the interpreter does the arithmetic)
 
@@ -14,6 +16,7 @@ that draws it. Every record is checked through reward.py before it is written.
 
     python data/minigsm/prepare.py                       # writes data/minigsm/{train,validation,test}_{nl,python}.jsonl
     python data/minigsm/prepare.py --max_steps 4 --max_number 30 --n_train 200
+    python data/minigsm/prepare.py --max_number 10 --one_line_fraction 0.5    # half the CoTs as one equation
 """
 import argparse
 import json
@@ -38,7 +41,7 @@ STEPS = [("+", "bought", "{P} buys {n} more."), ("+", "found", "{P} finds {n} mo
 
 
 def make_problem(rng, min_steps, max_steps, max_number):
-    """One problem: (question, nl CoT, python CoT, answer, step count)."""
+    """One problem: (question, nl CoT step by step, nl CoT as one equation, python CoT, answer, step count)."""
     name, gender = rng.choice(NAMES)
     subj, obj, poss = PRONOUNS[gender]
     objects = rng.choice(OBJECTS)
@@ -46,11 +49,13 @@ def make_problem(rng, min_steps, max_steps, max_number):
     count = rng.randint(1, max_number)
     sentences = [f"{name} has {count} {objects}."]
     cot, assigns, expr, used = [], [f"{var} = {count}"], var, set()
+    numbers = str(count)  # the whole computation as one expression of the question's numbers
     for _ in range(rng.randint(min_steps, max_steps)):
         if 1 <= count <= max_number and rng.random() < 0.15:
             sentences.append(f"{subj} doubles {poss} {objects}.")
             cot.append(f"{count} * 2 = {count * 2}")
             expr, count = f"({expr}) * 2" if " " in expr else f"{expr} * 2", count * 2
+            numbers = f"({numbers}) * 2" if " " in numbers else f"{numbers} * 2"
             continue
         sign, verb, template = rng.choice([s for s in STEPS if s[0] == "+" or count > 0])
         n = rng.randint(1, max_number if sign == "+" else min(count, max_number))
@@ -62,10 +67,11 @@ def make_problem(rng, min_steps, max_steps, max_number):
         used.add(verb_var)
         assigns.append(f"{verb_var} = {n}")
         expr, count = f"{expr} {sign} {verb_var}", new
+        numbers = f"{numbers} {sign} {n}"
     question = " ".join(sentences) + f" How many {objects} does {name} have now?"
     body = "\n".join(f"    {line}" for line in assigns + [f"result = {expr}", "return result"])
     program = f'def solution():\n    """{question}"""\n{body}'
-    return question, "\n".join(cot), program, str(count), len(cot)
+    return question, "\n".join(cot), f"{numbers} = {count}", program, str(count), len(cot)
 
 
 def check(records, cot):
@@ -86,29 +92,32 @@ def main():
     p.add_argument("--min_steps", type=int, default=2)
     p.add_argument("--max_steps", type=int, default=3)
     p.add_argument("--max_number", type=int, default=20, help="largest starting count and step number")
+    p.add_argument("--one_line_fraction", type=float, default=0.0,
+                   help="share of nl CoTs written as one equation ('14 + 13 - 3 = 24') instead of step by step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))
     args = p.parse_args()
-    if not 1 <= args.min_steps <= args.max_steps or args.max_number < 1:
-        raise SystemExit("error: need 1 <= --min_steps <= --max_steps and --max_number >= 1")
+    if not 1 <= args.min_steps <= args.max_steps or args.max_number < 1 or not 0 <= args.one_line_fraction <= 1:
+        raise SystemExit("error: need 1 <= --min_steps <= --max_steps, --max_number >= 1, 0 <= --one_line_fraction <= 1")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seen = set()
     for k, (split, n) in enumerate([("test", args.n_test), ("validation", args.n_validation),
                                     ("train", args.n_train)]):
-        rng = random.Random(args.seed * 1000 + k)
+        rng, style_rng = random.Random(args.seed * 1000 + k), random.Random(args.seed * 1000 + k + 100)
         rows, dup, tries = [], 0, 0
         while len(rows) < n:
             tries += 1
             if tries > 100 * n + 1000:
                 raise SystemExit(f"error: {split}: only {len(rows)} distinct questions of {n} after {tries} "
                                  f"draws; widen --max_number/--max_steps")
-            q, nl, py, value, _ = make_problem(rng, args.min_steps, args.max_steps, args.max_number)
+            q, nl, one_line, py, value, _ = make_problem(rng, args.min_steps, args.max_steps, args.max_number)
             if q in seen:
                 dup += 1
                 continue
             seen.add(q)
-            rows.append((q, nl, py, value))
+            # Its own stream, so the questions do not depend on --one_line_fraction.
+            rows.append((q, one_line if style_rng.random() < args.one_line_fraction else nl, py, value))
         for cot, col in (("nl", 1), ("python", 2)):
             records = [{"item_id": f"minigsm_{split}_{i}", "question": r[0], "answer_cot": r[col],
                         "answer_value": r[3]} for i, r in enumerate(rows)]
