@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -144,11 +145,10 @@ def plots(out, sft_metrics, reft_metrics, table):
     steps = [m["step"] for m in reft_metrics]
     for a, key, title in zip(axes, ("score", "accuracy", "kl", "response_length"),
                              ("mean reward", "training accuracy", "KL to reference (nats/seq)", "response length")):
-        a.plot(steps, [m[key] for m in reft_metrics], alpha=0.4)
+        values = [m[key] for m in reft_metrics]
+        a.plot(steps, values, alpha=0.4)
         w = max(1, len(steps) // 20)  # a moving average: single rollout batches are noisy
-        smooth = [sum(m[key] for m in reft_metrics[max(0, i - w + 1):i + 1]) / len(reft_metrics[max(0, i - w + 1):i + 1])
-                  for i in range(len(steps))]
-        a.plot(steps, smooth)
+        a.plot(steps, [statistics.fmean(values[max(0, i - w + 1):i + 1]) for i in range(len(values))])
         a.set(title=f"ReFT {title}", xlabel="PPO step")
     ev = [m for m in reft_metrics if "eval_accuracy" in m]
     axes[1].plot([m["step"] for m in ev], [m["eval_accuracy"] for m in ev], marker=".", label="validation (greedy)")
@@ -197,7 +197,8 @@ def main(args):
     run("reft", out / "reft/final/config.json",
         [py, "reft.py", *common, "--model", W, "--max_steps", args.reft_steps, "--lr", args.reft_lr,
          "--num_samples", args.num_samples, "--kl_coef", args.kl_coef, "--vf_coef", args.vf_coef, "--lam", args.lam,
-         "--max_length", 64 + args.max_new_tokens, "--max_prompt_length", 64, "--eval_every", reft_every, "--save_steps", reft_every, "--save_best",
+         "--max_length", 64 + args.max_new_tokens, "--max_prompt_length", 64, "--eval_every", reft_every,
+         "--save_steps", reft_every, "--save_best",
          "--output_dir", out / "reft"])
     reft_metrics = read_jsonl(out / "reft/metrics.jsonl")
     R = out / "reft/best"
@@ -215,7 +216,8 @@ def main(args):
         ev = out / f"eval_{name.lower()}"
         run(f"evaluate_{name.lower()}", ev / "results.json",
             [py, "evaluate.py", "--mode", "all", "--model", model, "--verifier", verifier, "--data", data,
-             "--split", "test", "-k", args.k, "--max_new_tokens", args.max_new_tokens, "--seed", args.seed, "--output_dir", ev],
+             "--split", "test", "-k", args.k, "--max_new_tokens", args.max_new_tokens, "--seed", args.seed,
+             "--output_dir", ev],
             resume_flag="")
         res = json.loads((ev / "results.json").read_text())
         table[name] = dict(res["accuracy"], k=res["k"], n=res["n"], checkpoint=str(model.relative_to(out)))

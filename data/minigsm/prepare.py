@@ -50,12 +50,12 @@ def make_problem(rng, min_steps, max_steps, max_number):
     sentences = [f"{name} has {count} {objects}."]
     cot, assigns, expr, used = [], [f"{var} = {count}"], var, set()
     numbers = str(count)  # the whole computation as one expression of the question's numbers
+    doubled = lambda e: f"({e}) * 2" if " " in e else f"{e} * 2"  # noqa: E731
     for _ in range(rng.randint(min_steps, max_steps)):
         if 1 <= count <= max_number and rng.random() < 0.15:
             sentences.append(f"{subj} doubles {poss} {objects}.")
             cot.append(f"{count} * 2 = {count * 2}")
-            expr, count = f"({expr}) * 2" if " " in expr else f"{expr} * 2", count * 2
-            numbers = f"({numbers}) * 2" if " " in numbers else f"{numbers} * 2"
+            expr, numbers, count = doubled(expr), doubled(numbers), count * 2
             continue
         sign, verb, template = rng.choice([s for s in STEPS if s[0] == "+" or count > 0])
         n = rng.randint(1, max_number if sign == "+" else min(count, max_number))
@@ -98,12 +98,14 @@ def main():
     p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))
     args = p.parse_args()
     if not 1 <= args.min_steps <= args.max_steps or args.max_number < 1 or not 0 <= args.one_line_fraction <= 1:
-        raise SystemExit("error: need 1 <= --min_steps <= --max_steps, --max_number >= 1, 0 <= --one_line_fraction <= 1")
+        raise SystemExit("error: need 1 <= --min_steps <= --max_steps, --max_number >= 1 and "
+                         "0 <= --one_line_fraction <= 1")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seen = set()
     for k, (split, n) in enumerate([("test", args.n_test), ("validation", args.n_validation),
                                     ("train", args.n_train)]):
+        # The CoT style has its own stream, so the questions do not depend on --one_line_fraction.
         rng, style_rng = random.Random(args.seed * 1000 + k), random.Random(args.seed * 1000 + k + 100)
         rows, dup, tries = [], 0, 0
         while len(rows) < n:
@@ -116,7 +118,6 @@ def main():
                 dup += 1
                 continue
             seen.add(q)
-            # Its own stream, so the questions do not depend on --one_line_fraction.
             rows.append((q, one_line if style_rng.random() < args.one_line_fraction else nl, py, value))
         for cot, col in (("nl", 1), ("python", 2)):
             records = [{"item_id": f"minigsm_{split}_{i}", "question": r[0], "answer_cot": r[col],
