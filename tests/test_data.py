@@ -2,7 +2,9 @@
 
 Real data is read from ../shared/data beside the repo root; tests that need it skip when it is absent.
 """
+import importlib.util
 import json
+import random
 import re
 import statistics
 import subprocess
@@ -134,6 +136,42 @@ def test_minigsm_one_line_cots(tmp_path):
             doubling_removed = re.sub(r"\* 2\b", "", expr)
             assert sorted(re.findall(r"\d+", doubling_removed)) == sorted(re.findall(r"\d+", r["question"]))
         assert_all_correct(mixed, "nl")
+
+
+def test_minigsm_any_order_cots(tmp_path):
+    """--any_order_fraction 1: the same questions and steps, each CoT a valid chain in some order, many reordered."""
+    ok("minigsm", *MINI, "--out_dir", tmp_path / "steps")
+    ok("minigsm", *MINI, "--any_order_fraction", 1, "--out_dir", tmp_path / "any")
+    line = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+)$")
+    for split in SPLITS:
+        steps, shuffled = read(tmp_path / "steps" / f"{split}_nl.jsonl"), read(tmp_path / "any" / f"{split}_nl.jsonl")
+        assert [r["question"] for r in steps] == [r["question"] for r in shuffled]
+        reordered = 0
+        for a, b in zip(steps, shuffled):
+            ops = [line.match(x).groups() for x in b["answer_cot"].split("\n")]
+            narrative = [line.match(x).groups() for x in a["answer_cot"].split("\n")]
+            assert ops[0][0] == narrative[0][0] and ops[-1][3] == b["answer_value"]  # same start, same answer
+            for (x, op, n, y), nxt in zip(ops, ops[1:] + [None]):
+                assert eval(f"{x} {op} {n}") == int(y) and (nxt is None or nxt[0] == y)  # a chain, counts >= 0
+            assert sorted(o[1:3] for o in ops) == sorted(o[1:3] for o in narrative)  # the same steps
+            assert [i for i, o in enumerate(ops) if o[1] == "*"] == [i for i, o in enumerate(narrative) if o[1] == "*"]
+            reordered += ops != narrative
+        assert 0.25 < reordered / len(steps) < 0.75, reordered
+        assert_all_correct(shuffled, "nl")
+
+
+def test_minigsm_any_order_keeps_counts_non_negative():
+    """When only the question's order keeps every count >= 0, that order is the one written."""
+    spec = importlib.util.spec_from_file_location("minigsm_prepare", ROOT / "data" / "minigsm" / "prepare.py")
+    minigsm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(minigsm)
+    for seed in range(20):
+        rng = random.Random(seed)
+        assert minigsm.any_order_cot(0, [("+", 3), ("-", 3)], rng) == "0 + 3 = 3\n3 - 3 = 0"
+        assert minigsm.any_order_cot(1, [("-", 1), ("*", 2), ("+", 4), ("-", 4)], rng) == \
+            "1 - 1 = 0\n0 * 2 = 0\n0 + 4 = 4\n4 - 4 = 0"
+    seen = {minigsm.any_order_cot(5, [("+", 1), ("+", 2), ("-", 3)], random.Random(s)) for s in range(50)}
+    assert len(seen) == 6  # all 3! orders keep 5 +/- these >= 0
 
 
 def test_minigsm_lengths_are_short(tmp_path):

@@ -7,6 +7,9 @@ A starting count (1..max_number), then min_steps..max_steps steps, each +n, -n (
 nl CoT:      "14 + 13 = 27\\n27 - 3 = 24\\n24 - 15 = 9"
              or, for a --one_line_fraction share of the questions, one equation: "14 + 13 - 3 - 15 = 9". Real
              annotations mix careful and terse styles too; the terse one is harder for a small model to get right.
+             or, for an --any_order_fraction share, the steps in another valid order: "14 - 3 = 11\n11 - 15 ..."
+             is not valid (a count never goes below 0), "14 - 3 = 11\n11 + 13 = 24\n24 - 15 = 9" is. Annotators
+             of real problems also compute in different orders: several correct CoTs, one of them written down.
 python CoT:  def solution(): ... stickers = 14 / found = 13 / ... / result = stickers + found - lost - taken
              (the program only copies numbers from the question; the interpreter does the arithmetic)
 
@@ -17,6 +20,7 @@ that draws it. Every record is checked through reward.py before it is written.
     python data/minigsm/prepare.py                       # writes data/minigsm/{train,validation,test}_{nl,python}.jsonl
     python data/minigsm/prepare.py --max_steps 4 --max_number 30 --n_train 200
     python data/minigsm/prepare.py --max_number 10 --one_line_fraction 0.5    # half the CoTs as one equation
+    python data/minigsm/prepare.py --max_number 10 --any_order_fraction 1     # steps in a random valid order
 """
 import argparse
 import json
@@ -40,21 +44,49 @@ STEPS = [("+", "bought", "{P} buys {n} more."), ("+", "found", "{P} finds {n} mo
          ("-", "taken", "{F} takes {n} from {o}.")]
 
 
+def any_order_cot(start, ops, rng):
+    """The step-by-step CoT with the +/- steps between doublings in a random order keeping every count >= 0.
+
+    ops are the steps in the question's order: ("+", n), ("-", n) or ("*", 2). The narrative order is always
+    valid, so the search ends; a doubling stays where it is (it does not commute with the steps around it)."""
+    lines, count, run = [], start, []
+    for op in ops + [None]:
+        if op is not None and op[0] != "*":
+            run.append(op)
+            continue
+        while True:
+            order = rng.sample(run, len(run))
+            trace = [count]
+            for sign, n in order:
+                trace.append(trace[-1] + n if sign == "+" else trace[-1] - n)
+            if min(trace) >= 0:
+                break
+        lines += [f"{a} {sign} {n} = {b}" for a, (sign, n), b in zip(trace, order, trace[1:])]
+        count, run = trace[-1], []
+        if op is not None:
+            lines.append(f"{count} * 2 = {count * 2}")
+            count *= 2
+    return "\n".join(lines)
+
+
 def make_problem(rng, min_steps, max_steps, max_number):
-    """One problem: (question, nl CoT step by step, nl CoT as one equation, python CoT, answer, step count)."""
+    """One problem: (question, nl CoT step by step, nl CoT as one equation, python CoT, answer, (start, ops)).
+
+    (start, ops) is the starting count and the steps ("+", n) / ("-", n) / ("*", 2) in the question's order."""
     name, gender = rng.choice(NAMES)
     subj, obj, poss = PRONOUNS[gender]
     objects = rng.choice(OBJECTS)
     var = objects.replace(" ", "_")
-    count = rng.randint(1, max_number)
+    count = start = rng.randint(1, max_number)
     sentences = [f"{name} has {count} {objects}."]
-    cot, assigns, expr, used = [], [f"{var} = {count}"], var, set()
+    cot, ops, assigns, expr, used = [], [], [f"{var} = {count}"], var, set()
     numbers = str(count)  # the whole computation as one expression of the question's numbers
     doubled = lambda e: f"({e}) * 2" if " " in e else f"{e} * 2"  # noqa: E731
     for _ in range(rng.randint(min_steps, max_steps)):
         if 1 <= count <= max_number and rng.random() < 0.15:
             sentences.append(f"{subj} doubles {poss} {objects}.")
             cot.append(f"{count} * 2 = {count * 2}")
+            ops.append(("*", 2))
             expr, numbers, count = doubled(expr), doubled(numbers), count * 2
             continue
         sign, verb, template = rng.choice([s for s in STEPS if s[0] == "+" or count > 0])
@@ -63,6 +95,7 @@ def make_problem(rng, min_steps, max_steps, max_number):
         sentences.append(template.format(P=subj, o=obj, F=friend, n=n))
         new = count + n if sign == "+" else count - n
         cot.append(f"{count} {sign} {n} = {new}")
+        ops.append((sign, n))
         verb_var = verb if verb not in used else f"{verb}_{sum(v.startswith(verb) for v in used) + 1}"
         used.add(verb_var)
         assigns.append(f"{verb_var} = {n}")
@@ -71,7 +104,7 @@ def make_problem(rng, min_steps, max_steps, max_number):
     question = " ".join(sentences) + f" How many {objects} does {name} have now?"
     body = "\n".join(f"    {line}" for line in assigns + [f"result = {expr}", "return result"])
     program = f'def solution():\n    """{question}"""\n{body}'
-    return question, "\n".join(cot), f"{numbers} = {count}", program, str(count), len(cot)
+    return question, "\n".join(cot), f"{numbers} = {count}", program, str(count), (start, ops)
 
 
 def check(records, cot):
@@ -94,12 +127,15 @@ def main():
     p.add_argument("--max_number", type=int, default=20, help="largest starting count and step number")
     p.add_argument("--one_line_fraction", type=float, default=0.0,
                    help="share of nl CoTs written as one equation ('14 + 13 - 3 = 24') instead of step by step")
+    p.add_argument("--any_order_fraction", type=float, default=0.0,
+                   help="share of nl CoTs (of those not one equation) doing the steps in a random valid order")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))
     args = p.parse_args()
-    if not 1 <= args.min_steps <= args.max_steps or args.max_number < 1 or not 0 <= args.one_line_fraction <= 1:
+    if not 1 <= args.min_steps <= args.max_steps or args.max_number < 1 or not 0 <= args.one_line_fraction <= 1 \
+            or not 0 <= args.any_order_fraction <= 1:
         raise SystemExit("error: need 1 <= --min_steps <= --max_steps, --max_number >= 1 and "
-                         "0 <= --one_line_fraction <= 1")
+                         "0 <= --one_line_fraction, --any_order_fraction <= 1")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seen = set()
@@ -113,12 +149,16 @@ def main():
             if tries > 100 * n + 1000:
                 raise SystemExit(f"error: {split}: only {len(rows)} distinct questions of {n} after {tries} "
                                  f"draws; widen --max_number/--max_steps")
-            q, nl, one_line, py, value, _ = make_problem(rng, args.min_steps, args.max_steps, args.max_number)
+            q, nl, one_line, py, value, steps = make_problem(rng, args.min_steps, args.max_steps, args.max_number)
             if q in seen:
                 dup += 1
                 continue
             seen.add(q)
-            rows.append((q, one_line if style_rng.random() < args.one_line_fraction else nl, py, value))
+            if style_rng.random() < args.one_line_fraction:
+                nl = one_line
+            elif args.any_order_fraction and style_rng.random() < args.any_order_fraction:
+                nl = any_order_cot(*steps, style_rng)
+            rows.append((q, nl, py, value))
         for cot, col in (("nl", 1), ("python", 2)):
             records = [{"item_id": f"minigsm_{split}_{i}", "question": r[0], "answer_cot": r[col],
                         "answer_value": r[3]} for i, r in enumerate(rows)]
