@@ -22,3 +22,28 @@ def test_quickstart_fast_runs_end_to_end_and_skips_finished_stages(tmp_path):
 
     again = run([PY, "scripts/quickstart.py", "--fast", "--out_dir", out], timeout=600)
     assert again.stdout.count("skipping") == 7  # data, sft, reft, 2 verifiers, 2 evaluations
+
+
+def test_cot_diagnostics_counts_reading_and_arithmetic_errors(tmp_path):
+    """scripts/cot_diagnostics.py on hand-made predictions whose errors are known."""
+    gold = {"item_id": "q", "question": "Max has 3 cards. He finds 4 more. He loses 2. How many cards ...?",
+            "answer_cot": "3 + 4 = 7\n7 - 2 = 5", "answer_value": "5"}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "validation_nl.jsonl").write_text(json.dumps(gold) + "\n")
+    cases = [("3 + 4 = 7\n7 - 2 = 5", True),   # right
+             ("3 - 2 = 1\n1 + 4 = 5", True),   # the same steps in another order
+             ("3 + 4 - 2 = 5", True),          # one equation
+             ("3 + 5 = 8\n8 - 2 = 6", False),  # misread a number, arithmetic right
+             ("3 + 4 = 8\n8 - 2 = 6", False)]  # read right, one arithmetic slip
+    preds = tmp_path / "predictions.jsonl"
+    preds.write_text("".join(json.dumps({"item_id": "q", "greedy_completion": c + "\nTherefore, the answer is: x",
+                                         "greedy_correct": ok}) + "\n" for c, ok in cases))
+    out = run([PY, "scripts/cot_diagnostics.py", "--data", tmp_path / "data", preds]).stdout
+    assert "5 questions, accuracy 60.0%; read right 40.0% in the question's order, 60.0% in any order" in out
+    assert "arithmetic right in 87.5% of 8 lines" in out  # the one-equation line is not an "a op n = b" line
+    assert "one equation 20% (accuracy 100%), question's order 40% (accuracy 50%), other order 20% (accuracy 100%), " \
+           "other 20% (accuracy 0%)" in out
+
+    preds.write_text(json.dumps({"item_id": "nope", "greedy_completion": "", "greedy_correct": False}) + "\n")
+    p = run([PY, "scripts/cot_diagnostics.py", "--data", tmp_path / "data", preds], check=False)
+    assert p.returncode != 0 and "1 item_ids not in" in p.stderr and "nope" in p.stderr
