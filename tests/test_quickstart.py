@@ -1,8 +1,14 @@
 """The quickstart pipeline, shortened (a few steps per stage): it completes, writes the table, the plots and
-results.json, and a second call skips the finished stages."""
+results.json, and a second call skips the finished stages. Also the experiment scripts beside it in scripts/."""
 import json
+import random
+import re
+import sys
 
-from conftest import PY, run
+from conftest import PY, ROOT, run
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import pretrain_arithmetic  # noqa: E402
 
 
 def test_quickstart_fast_runs_end_to_end_and_skips_finished_stages(tmp_path):
@@ -47,3 +53,23 @@ def test_cot_diagnostics_counts_reading_and_arithmetic_errors(tmp_path):
     preds.write_text(json.dumps({"item_id": "nope", "greedy_completion": "", "greedy_correct": False}) + "\n")
     p = run([PY, "scripts/cot_diagnostics.py", "--data", tmp_path / "data", preds], check=False)
     assert p.returncode != 0 and "1 item_ids not in" in p.stderr and "nope" in p.stderr
+
+
+def test_pretrain_arithmetic_chains_are_right_and_the_checkpoint_feeds_sft(minigsm, tmp_path):
+    """The pretraining experiment: its chains are valid CoT lines, and its output is a folder sft.py starts from."""
+    rng = random.Random(0)
+    for _ in range(500):
+        lines = pretrain_arithmetic.chain(rng).split("\n")
+        assert 1 <= len(lines) <= 4
+        prev = None
+        for line in lines:
+            a, op, n, b = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (\d+)", line).groups()
+            assert eval(f"{a} {op} {n}") == int(b) >= 0 and (prev is None or a == prev)
+            assert int(n) <= 10 and (op != "*" or n == "2" and int(a) <= 20)
+            prev = b
+    out = tmp_path / "pretrained"
+    p = run([PY, "scripts/pretrain_arithmetic.py", "--data", minigsm, "--output_dir", out, "--steps", 3])
+    assert "greedy right on" in p.stdout and "of 200 fresh equations" in p.stdout
+    run([PY, "sft.py", "--model", out, "--data", minigsm, "--max_steps", 2, "--output_dir", tmp_path / "sft",
+         "--no-save_epochs"])
+    assert (tmp_path / "sft" / "final" / "config.json").exists()
