@@ -44,29 +44,33 @@ STEPS = [("+", "bought", "{P} buys {n} more."), ("+", "found", "{P} finds {n} mo
          ("-", "taken", "{F} takes {n} from {o}.")]
 
 
+def step_lines(start, ops):
+    """The CoT lines "a op n = b" of the steps in this order from the starting count, and the counts on the way."""
+    lines, counts = [], [start]
+    for sign, n in ops:
+        a = counts[-1]
+        counts.append(a + n if sign == "+" else a - n if sign == "-" else a * n)
+        lines.append(f"{a} {sign} {n} = {counts[-1]}")
+    return lines, counts
+
+
 def any_order_cot(start, ops, rng):
     """The step-by-step CoT with the +/- steps between doublings in a random order keeping every count >= 0.
 
-    ops are the steps in the question's order: ("+", n), ("-", n) or ("*", 2). The narrative order is always
+    ops are the steps in the question's order: ("+", n), ("-", n) or ("*", 2). The question's order is always
     valid, so the search ends; a doubling stays where it is (it does not commute with the steps around it)."""
-    lines, count, run = [], start, []
+    order, run = [], []
     for op in ops + [None]:
         if op is not None and op[0] != "*":
             run.append(op)
             continue
         while True:
-            order = rng.sample(run, len(run))
-            trace = [count]
-            for sign, n in order:
-                trace.append(trace[-1] + n if sign == "+" else trace[-1] - n)
-            if min(trace) >= 0:
+            shuffled = rng.sample(run, len(run))
+            if min(step_lines(start, order + shuffled)[1]) >= 0:
                 break
-        lines += [f"{a} {sign} {n} = {b}" for a, (sign, n), b in zip(trace, order, trace[1:])]
-        count, run = trace[-1], []
-        if op is not None:
-            lines.append(f"{count} * 2 = {count * 2}")
-            count *= 2
-    return "\n".join(lines)
+        order += shuffled + ([op] if op is not None else [])
+        run = []
+    return "\n".join(step_lines(start, order)[0])
 
 
 def make_problem(rng, min_steps, max_steps, max_number):
@@ -79,13 +83,12 @@ def make_problem(rng, min_steps, max_steps, max_number):
     var = objects.replace(" ", "_")
     count = start = rng.randint(1, max_number)
     sentences = [f"{name} has {count} {objects}."]
-    cot, ops, assigns, expr, used = [], [], [f"{var} = {count}"], var, set()
+    ops, assigns, expr, used = [], [f"{var} = {count}"], var, set()
     numbers = str(count)  # the whole computation as one expression of the question's numbers
     doubled = lambda e: f"({e}) * 2" if " " in e else f"{e} * 2"  # noqa: E731
     for _ in range(rng.randint(min_steps, max_steps)):
         if 1 <= count <= max_number and rng.random() < 0.15:
             sentences.append(f"{subj} doubles {poss} {objects}.")
-            cot.append(f"{count} * 2 = {count * 2}")
             ops.append(("*", 2))
             expr, numbers, count = doubled(expr), doubled(numbers), count * 2
             continue
@@ -94,7 +97,6 @@ def make_problem(rng, min_steps, max_steps, max_number):
         friend = rng.choice([f for f, _ in NAMES if f != name])
         sentences.append(template.format(P=subj, o=obj, F=friend, n=n))
         new = count + n if sign == "+" else count - n
-        cot.append(f"{count} {sign} {n} = {new}")
         ops.append((sign, n))
         verb_var = verb if verb not in used else f"{verb}_{sum(v.startswith(verb) for v in used) + 1}"
         used.add(verb_var)
@@ -104,7 +106,7 @@ def make_problem(rng, min_steps, max_steps, max_number):
     question = " ".join(sentences) + f" How many {objects} does {name} have now?"
     body = "\n".join(f"    {line}" for line in assigns + [f"result = {expr}", "return result"])
     program = f'def solution():\n    """{question}"""\n{body}'
-    return question, "\n".join(cot), f"{numbers} = {count}", program, str(count), (start, ops)
+    return question, "\n".join(step_lines(start, ops)[0]), f"{numbers} = {count}", program, str(count), (start, ops)
 
 
 def check(records, cot):
