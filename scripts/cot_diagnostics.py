@@ -16,11 +16,13 @@ each predictions file (one line per question, as evaluate.py writes it) it print
 """
 import argparse
 import json
+import operator
 import re
 import sys
 from pathlib import Path
 
 LINE = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+)$")
+APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
 
 def steps(cot):
@@ -52,7 +54,7 @@ def diagnose(predictions, gold):
         c["read_in_order"] += in_order
         c["read_any_order"] += any_order
         c["lines"] += len(got)
-        c["lines_right"] += sum(int(eval(f"{a} {op} {n}")) == int(b) for a, op, n, b in got)
+        c["lines_right"] += sum(APPLY[op](int(a), int(n)) == int(b) for a, op, n, b in got)
     return c, styles
 
 
