@@ -21,6 +21,9 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import reward  # noqa: E402
+
 LINE = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+)$")
 APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
@@ -43,7 +46,7 @@ def diagnose(predictions, gold):
         want, got = steps(gold[p["item_id"]]), steps(p["greedy_completion"])
         in_order = bool(got) and got[0][0] == want[0][0] and ops(got) == ops(want)
         any_order = bool(got) and got[0][0] == want[0][0] and sorted(ops(got)) == sorted(ops(want))
-        body = p["greedy_completion"].split("\nTherefore")[0].strip()
+        body = p["greedy_completion"].split(reward.ANSWER_TRIGGER.strip())[0].strip()
         one_equation = "\n" not in body and len(re.findall(r" [-+*] ", body)) > 1
         style = ("one equation" if one_equation else "question's order" if in_order
                  else "other order" if any_order else "other")
