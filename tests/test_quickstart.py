@@ -73,3 +73,34 @@ def test_pretrain_arithmetic_chains_are_right_and_the_checkpoint_feeds_sft(minig
     run([PY, "sft.py", "--model", out, "--data", minigsm, "--max_steps", 2, "--output_dir", tmp_path / "sft",
          "--no-save_epochs"])
     assert (tmp_path / "sft" / "final" / "config.json").exists()
+
+
+def test_compare_pairs_runs_by_item_id_and_its_interval_matches_a_plain_bootstrap(tmp_path):
+    """scripts/compare.py on two hand-made evaluate.py runs: accuracies, the paired difference, and its interval
+    against an independent numpy bootstrap; mismatched question sets and missing files are refused."""
+    import numpy as np
+    rng = random.Random(0)
+    ids = [f"q{i}" for i in range(400)]
+    a = {i: rng.random() < 0.5 for i in ids}
+    b = {i: (a[i] or rng.random() < 0.3) and rng.random() < 0.95 for i in ids}
+    for name, flags, order in (("a", a, ids), ("b", b, ids[::-1])):  # B's rows in another order: matched by id
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "predictions.jsonl").write_text(
+            "".join(json.dumps({"item_id": i, "greedy_correct": flags[i]}) + "\n" for i in order))
+    p = run([PY, "scripts/compare.py", tmp_path / "a", tmp_path / "b", "--json", tmp_path / "c.json"])
+    out = json.loads((tmp_path / "c.json").read_text())
+    acc_a, acc_b = sum(a.values()) / 400, sum(b.values()) / 400
+    assert out["n"] == 400 and out["greedy"] == [acc_a, acc_b]
+    assert abs(out["greedy_b_minus_a"] - (acc_b - acc_a)) < 1e-12
+    assert f"{100 * (acc_b - acc_a):+.1f} points" in p.stdout
+    d = np.array([b[i] - a[i] for i in ids], dtype=float)
+    means = np.sort(d[np.random.default_rng(1).integers(0, 400, (4000, 400))].mean(1))
+    lo, hi = out["greedy_b_minus_a_ci95"]
+    assert lo < acc_b - acc_a < hi
+    assert abs(lo - means[100]) < 0.01 and abs(hi - means[3899]) < 0.01
+
+    (tmp_path / "b" / "predictions.jsonl").write_text(json.dumps({"item_id": "other", "greedy_correct": True}) + "\n")
+    p = run([PY, "scripts/compare.py", tmp_path / "a", tmp_path / "b"], check=False)
+    assert p.returncode != 0 and "different questions (400 only in A, 1 only in B)" in p.stderr
+    p = run([PY, "scripts/compare.py", tmp_path / "a", tmp_path / "missing"], check=False)
+    assert p.returncode != 0 and "missing/predictions.jsonl not found" in p.stderr
