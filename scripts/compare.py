@@ -5,15 +5,22 @@
 
 Each argument is an evaluate.py --output_dir (its predictions.jsonl). Questions are matched by item_id, so the two
 runs must have evaluated the same questions; the interval comes from resampling questions (the paired bootstrap
-that scripts/quickstart.py reports).
+that scripts/quickstart.py reports, which calls this file).
 """
 import argparse
 import json
+import random
 from pathlib import Path
 
-from quickstart import paired_bootstrap
-
 MODES = ("greedy_correct", "vote_correct", "rerank_correct", "pass_at_k")
+
+
+def paired_bootstrap(a, b, n=2000, seed=0):
+    """95% interval of mean(b) - mean(a) over questions, resampling questions (the two models are paired)."""
+    rng = random.Random(seed)
+    diffs = sorted(sum(b[i] - a[i] for i in idx) / len(a)
+                   for idx in ([rng.randrange(len(a)) for _ in a] for _ in range(n)))
+    return diffs[int(0.025 * n)], diffs[int(0.975 * n) - 1]
 
 
 def load_predictions(run_dir):
@@ -37,7 +44,7 @@ def compare(a, b):
     if a.keys() != b.keys():
         raise SystemExit(f"error: the runs evaluated different questions ({len(a.keys() - b.keys())} only in A, "
                          f"{len(b.keys() - a.keys())} only in B)")
-    ids = sorted(a)
+    ids = list(a)  # A's file order: the bootstrap draws indices, so the order fixes which resamples it sees
     out = {"n": len(ids)}
     for mode in MODES:
         if all(mode in a[i] and mode in b[i] for i in ids):

@@ -20,13 +20,14 @@ import dataclasses
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from compare import compare, load_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,14 +120,6 @@ def best_eval(metrics, key="eval_accuracy"):
     rows = [m for m in metrics if key in m]
     best = max(rows, key=lambda m: m[key])
     return best, best[key]
-
-
-def paired_bootstrap(a, b, n=2000, seed=0):
-    """95% interval of mean(b) - mean(a) over questions, resampling questions (the two models are paired)."""
-    rng = random.Random(seed)
-    diffs = sorted(sum(b[i] - a[i] for i in idx) / len(a)
-                   for idx in ([rng.randrange(len(a)) for _ in a] for _ in range(n)))
-    return diffs[int(0.025 * n)], diffs[int(0.975 * n) - 1]
 
 
 def plots(out, sft_metrics, reft_metrics, table):
@@ -222,9 +215,7 @@ def main(args):
         res = json.loads((ev / "results.json").read_text())
         table[name] = dict(res["accuracy"], k=res["k"], n=res["n"], checkpoint=str(model.relative_to(out)))
 
-    greedy = {name: [p["greedy_correct"] for p in read_jsonl(out / f"eval_{name.lower()}/predictions.jsonl")]
-              for name in table}
-    lo, hi = paired_bootstrap([float(x) for x in greedy["SFT"]], [float(x) for x in greedy["ReFT"]])
+    lo, hi = compare(load_predictions(out / "eval_sft"), load_predictions(out / "eval_reft"))["greedy_b_minus_a_ci95"]
     import torch
     import transformers
     results = {
