@@ -1,11 +1,12 @@
 """Evaluation: greedy top-1 accuracy, majority voting over k samples, and verifier reranking of the same samples.
 
 Modes (the paper's Table 2 reports greedy "value accuracy", Table 4 Voting@100 and Rerank@100):
-  greedy  greedy decoding, one answer per question. The prompt is the plain one (`build_prompt(q, cot)`), so for
-          the python CoT the model writes the `def solution():` header itself, as in the paper's SFT evaluation
-          and in sft.py's per-epoch evaluation.
-  vote    k samples per question (for the python CoT the prompt ends with the function header, as the paper's
-          sampling.py, and the completion is the body). Majority over the extracted answers: no-answer samples
+  greedy  greedy decoding, one answer per question. Every mode uses the rollout prompt (`build_prompt(q, cot,
+          sampling=True)`): for the python CoT it ends with the `def solution():` header and docstring, and the
+          completion is the body, as in the paper's ReFT evaluation and sampling.py. (The paper's SFT script
+          let the model write the header, copying the question, itself; one prompt for both models keeps the
+          comparison fair, and a small model's copying errors out of it. sft.py evaluates the same way.)
+  vote    k samples per question. Majority over the extracted answers: no-answer samples
           are left out, answers that reward.answers_equal calls equal count as one answer (the paper counts
           exact floats), ties go to the answer seen first. Also pass@k: any of the k samples correct.
   rerank  the same k samples scored by a verifier trained with rerank.py; the highest-scoring sample among those
@@ -301,14 +302,13 @@ def main(args):
 
     model, tok = load("AutoModelForCausalLM", args.model, "--model", mesh, device)
     if do_greedy:
-        texts = generate_texts(model, tok, [reward.build_prompt(r["question"], args.cot) for r in mine],
+        texts = generate_texts(model, tok, [reward.build_prompt(r["question"], args.cot, sampling=True) for r in mine],
                                args.batch_size, device, "greedy", rank, do_sample=False,
                                max_new_tokens=args.max_new_tokens)
         answers = reward.extract_answers(texts, args.cot, [r["question"] for r in mine])
         for row, text, answer in zip(rows, texts, answers):
             row.update(greedy_completion=text, greedy_answer=answer, greedy_correct=is_correct(answer, row["gold"]))
     if do_sample:
-        # For the python CoT the sampling prompt ends with the function header and the completion is the body.
         prompts = [reward.build_prompt(r["question"], args.cot, sampling=True) for r in mine for _ in range(args.k)]
         texts = generate_texts(model, tok, prompts, args.batch_size, device, f"sample k={args.k}", rank,
                                do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -86,11 +86,15 @@ def _check_cot(cot):
 
 
 def program_header(question):
-    return f'def solution():\n    """{question.strip()}"""\n'
+    """The rollout prompt's end for python CoTs. It stops before the newline: byte-level BPE tokenizers merge
+    "\n" with the next line's indent into one token, so a prompt ending in "\n" would start the body on a token
+    boundary that SFT never trained (the body then comes out as noise)."""
+    return f'def solution():\n    """{question.strip()}"""'
 
 
 def build_prompt(question, cot, sampling=False):
-    """The model input; for python rollouts (sampling=True) it ends with the program header."""
+    """The model input. sampling=True gives the prompt every generation starts from (rollouts, sampling,
+    evaluation): for the python CoT it ends with the program header, whose tokens SFT trained as target."""
     _check_cot(cot)
     prompt = f"{INSTRUCTION}{question.strip()}{COT_TRIGGER}"
     return prompt + program_header(question) if cot == "python" and sampling else prompt
@@ -195,9 +199,9 @@ def extract_program(completion, question=None):
     from `question` (without a question, only when no line starts with 'def solution')."""
     if not completion.lstrip("\n").startswith("def solution"):
         if question is not None:
-            completion = program_header(question) + completion
+            completion = program_header(question) + "\n" + completion.lstrip("\n")
         elif not re.search(r"^def solution", completion, re.M):
-            completion = "def solution():\n" + completion
+            completion = "def solution():\n" + completion.lstrip("\n")
     lines = completion.split("\n")
     start = next((i for i, line in enumerate(lines) if line.startswith("def solution")), 0)
     end = next((i for i in range(start + 1, len(lines)) if not lines[i].strip()), len(lines))

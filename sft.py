@@ -257,7 +257,8 @@ def lr_lambda(warmup_steps, total_steps):
 
 @torch.no_grad()
 def greedy_accuracy(model, tok, records, cot, max_new_tokens, rank, world, device, batch_size=64):
-    """Greedy top-1 accuracy through reward.py; questions are split across ranks and counts summed."""
+    """Greedy top-1 accuracy through reward.py, from the rollout prompt as reft.py and evaluate.py use (for python
+    CoTs it ends with the program header); questions are split across ranks and counts summed."""
     model.eval()
     mine = records[rank::world]
     n_batches = math.ceil(len(records) / world / batch_size)  # equal on every rank: no rank skips a collective
@@ -266,7 +267,7 @@ def greedy_accuracy(model, tok, records, cot, max_new_tokens, rank, world, devic
     with gathered_for_generation(model):
         for b in range(n_batches):
             chunk = mine[b * batch_size:(b + 1) * batch_size] or mine[:1] or records[:1]
-            enc = tok([reward.build_prompt(r["question"], cot) for r in chunk], return_tensors="pt",
+            enc = tok([reward.build_prompt(r["question"], cot, sampling=True) for r in chunk], return_tensors="pt",
                       padding=True, add_special_tokens=False).to(device)
             out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)

@@ -24,7 +24,7 @@ def test_build_prompt_and_target_exact_strings():
     assert reward.build_prompt(Q, "nl") == f"Question:\n{Q}\nAnswer reasoning:\n"
     assert reward.build_prompt(f"  {Q}\n", "python") == f"Question:\n{Q}\nAnswer reasoning:\n"
     assert reward.build_prompt(Q, "python", sampling=True) == \
-        f'Question:\n{Q}\nAnswer reasoning:\ndef solution():\n    """{Q}"""\n'
+        f'Question:\n{Q}\nAnswer reasoning:\ndef solution():\n    """{Q}"""'
     assert reward.build_prompt(Q, "nl", sampling=True) == reward.build_prompt(Q, "nl")
     record = {"question": Q, "answer_cot": "3 + 4 = 7", "answer_value": "7"}
     assert reward.build_target(record, "nl") == "3 + 4 = 7\nTherefore, the answer is: 7"
@@ -89,6 +89,7 @@ def test_extract_answer_python_full_program_and_body_only():
     assert not body.startswith("def solution")
     assert reward.extract_program(body, Q) == program
     assert reward.extract_answer(body, "python", Q) == 7.0
+    assert reward.extract_program("\n" + body, Q) == program  # as sampled after the header (no newline)
     assert reward.extract_answer("    return 7", "python") == 7.0  # no question: a bare header
     assert reward.extract_answer("some text\n" + program, "python") == 7.0  # no question: find the def line
     # with a question, a completion not starting with "def solution" is a body; a later program is ignored

