@@ -5,9 +5,10 @@
 
 Format (the paper's code): prompt "Question:\\n{q}\\nAnswer reasoning:\\n"; the target is the CoT, then EOS.
   nl      "{answer_cot}\\nTherefore, the answer is: {answer_value}"
-  python  the program 'def solution():\\n    \"\"\"{q}\"\"\"\\n    ...\\n    return result'. For rollouts the prompt
-          ends with that header and the model writes the body: extract_answer rebuilds the header from
-          `question` when the completion does not start with "def solution".
+  python  the program 'def solution():\\n    \"\"\"{q}\"\"\"\\n    ...\\n    return result'. For rollouts and
+          evaluation the prompt ends with that header up to the closing quotes (not the newline after them: see
+          program_header) and the model writes the body: extract_answer rebuilds the header from `question`
+          when the completion does not start with "def solution".
 Extraction
   nl      the text after the LAST "Therefore, the answer is:" (leading newline optional; blanks and newlines
           after the colon skipped) up to the end of that line. No trigger -> None.

@@ -23,6 +23,10 @@ def test_quickstart_fast_runs_end_to_end_and_skips_finished_stages(tmp_path):
     lo, hi = results["reft_minus_sft_top1_ci95"]
     assert lo <= results["reft_minus_sft_top1"] <= hi
     assert "| SFT" in (out / "results.md").read_text()
+    cot = results["args"]["cot"]  # every stage trained and evaluated the same CoT kind
+    for path in ("sft/final/train_args.json", "reft/final/train_args.json", "verifier_sft/final/train_args.json",
+                 "eval_sft/results.json", "eval_reft/results.json"):
+        assert json.loads((out / path).read_text())["cot"] == cot, path
     for png in ("sft.png", "reft.png", "table.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
