@@ -259,7 +259,7 @@ def test_all_svamp_gold_programs_score_one():
     records = reward.load_records(str(DATA / "svamp_python_sdp.json"), cot="python", require_cot=True)
     assert len(records) == 3043
     rewards = reward.compute_rewards([r["answer_cot"] for r in records], [r["answer_value"] for r in records],
-                                     "python", [r["question"] for r in records])
+                                     "python", [r["question"] for r in records], timeout=reward.GOLD_TIMEOUT)
     assert rewards == [1.0] * 3043
 
 
@@ -268,7 +268,7 @@ def test_svamp_gold_program_bodies_with_rebuilt_header():
     records = reward.load_records(str(DATA / "svamp_python_sdp.json"), cot="python")[:200]
     bodies = [r["answer_cot"].split('"""\n', 1)[1] for r in records]
     rewards = reward.compute_rewards(bodies, [r["answer_value"] for r in records], "python",
-                                     [r["question"] for r in records])
+                                     [r["question"] for r in records], timeout=reward.GOLD_TIMEOUT)
     assert rewards == [1.0] * 200
 
 

@@ -251,7 +251,8 @@ def main():
         bad_nl = [r["item_id"] for r in nl
                   if not reward.answers_equal(reward.extract_answer(reward.build_target(r, "nl"), "nl"), r["answer_value"])]
         done = [r for r in py if r]
-        scores = iter(reward.compute_rewards([r["answer_cot"] for r in done], [r["answer_value"] for r in done], "python"))
+        scores = iter(reward.compute_rewards([r["answer_cot"] for r in done], [r["answer_value"] for r in done], "python",
+                                             timeout=reward.GOLD_TIMEOUT))
         py = [r if r and next(scores) == 1.0 else None for r in py]
         for (template, *_), r in zip(items, py):
             tried[template] += 1

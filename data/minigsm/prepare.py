@@ -115,7 +115,7 @@ def check(records, cot):
     if cot == "nl":
         return [i for i, (t, r) in enumerate(zip(targets, records))
                 if not reward.answers_equal(reward.extract_answer(t, cot), r["answer_value"])]
-    scores = reward.compute_rewards(targets, [r["answer_value"] for r in records], cot)
+    scores = reward.compute_rewards(targets, [r["answer_value"] for r in records], cot, timeout=reward.GOLD_TIMEOUT)
     return [i for i, s in enumerate(scores) if s != 1.0]
 
 

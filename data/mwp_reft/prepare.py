@@ -66,7 +66,7 @@ def read(source, name):
 def failing(records, cot):
     """item_ids of training records whose gold target does not score 1.0 through reward.py."""
     targets = [reward.build_target(r, cot) for r in records]
-    scores = reward.compute_rewards(targets, [r["answer_value"] for r in records], cot)
+    scores = reward.compute_rewards(targets, [r["answer_value"] for r in records], cot, timeout=reward.GOLD_TIMEOUT)
     return {r["item_id"] for r, s in zip(records, scores) if s != 1.0}
 
 
