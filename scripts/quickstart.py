@@ -60,7 +60,7 @@ class Args:
     reft_steps: int = 50
     """PPO steps (32 questions each); R is the best of the 10 evaluations on validation. From epoch 24 at lr 1e-4
     validation accuracy peaked at step 50 (51%) and then held at 45-49% to step 100; python rollouts and
-    evaluations cost more than nl, and 50 steps keep the whole run near 30 minutes (31 measured)"""
+    evaluations cost more than nl, and 50 steps keep the whole run within 30 minutes (26.9 measured)"""
     reft_lr: float = 1e-4
     """PPO learning rate. On validation (python, from epoch 24) 2e-4 swung between 34% and 49% from one evaluation
     to the next, 1e-4 less so; (nl, numbers <= 20) 5e-5 rose more slowly and 5e-4 peaked lower, KL at 4-6 nats"""
