@@ -248,12 +248,10 @@ def main():
             record, program = convert(template, idx, item, split, i)
             nl.append(record)
             py.append(dict(record, answer_cot=program) if program else None)
-        bad_nl = [r["item_id"] for r in nl
-                  if not reward.answers_equal(reward.extract_answer(reward.build_target(r, "nl"), "nl"), r["answer_value"])]
+        bad_nl = {nl[i]["item_id"] for i in reward.gold_failures(nl, "nl")}
         done = [r for r in py if r]
-        scores = iter(reward.compute_rewards([r["answer_cot"] for r in done], [r["answer_value"] for r in done], "python",
-                                             timeout=reward.GOLD_TIMEOUT))
-        py = [r if r and next(scores) == 1.0 else None for r in py]
+        bad_py = {done[i]["item_id"] for i in reward.gold_failures(done, "python")}
+        py = [r if r and r["item_id"] not in bad_py else None for r in py]
         for (template, *_), r in zip(items, py):
             tried[template] += 1
             kept[template] += r is not None

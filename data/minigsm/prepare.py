@@ -109,16 +109,6 @@ def make_problem(rng, min_steps, max_steps, max_number):
     return question, "\n".join(step_lines(start, ops)[0]), f"{numbers} = {count}", program, str(count), (start, ops)
 
 
-def check(records, cot):
-    """Indices of records whose gold target does not score 1.0 through reward.py."""
-    targets = [reward.build_target(r, cot) for r in records]
-    if cot == "nl":
-        return [i for i, (t, r) in enumerate(zip(targets, records))
-                if not reward.answers_equal(reward.extract_answer(t, cot), r["answer_value"])]
-    scores = reward.compute_rewards(targets, [r["answer_value"] for r in records], cot, timeout=reward.GOLD_TIMEOUT)
-    return [i for i, s in enumerate(scores) if s != 1.0]
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n_train", type=int, default=400, help="training pool size (small and fixed, as in the paper)")
@@ -164,7 +154,7 @@ def main():
         for cot, col in (("nl", 1), ("python", 2)):
             records = [{"item_id": f"minigsm_{split}_{i}", "question": r[0], "answer_cot": r[col],
                         "answer_value": r[3]} for i, r in enumerate(rows)]
-            bad = set(check(records, cot))
+            bad = set(reward.gold_failures(records, cot))
             with open(out / f"{split}_{cot}.jsonl", "w") as f:
                 for i, r in enumerate(records):
                     if i not in bad:

@@ -63,13 +63,6 @@ def read(source, name):
     return [{k: r[k] for k in fields} for r in rows]
 
 
-def failing(records, cot):
-    """item_ids of training records whose gold target does not score 1.0 through reward.py."""
-    targets = [reward.build_target(r, cot) for r in records]
-    scores = reward.compute_rewards(targets, [r["answer_value"] for r in records], cot, timeout=reward.GOLD_TIMEOUT)
-    return {r["item_id"] for r, s in zip(records, scores) if s != 1.0}
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", required=True, choices=["gsm8k", "svamp", "mathqa", "mathqa-numeric"])
@@ -104,7 +97,7 @@ def main():
     val_ids = set(random.Random(args.seed).sample(common, min(args.n_validation, len(common))))
     val_questions = {r["question"] for rows in train.values() for r in rows if r["item_id"] in val_ids}
     for cot, rows in train.items():
-        bad = failing(rows, cot)
+        bad = {rows[i]["item_id"] for i in reward.gold_failures(rows, cot)}
         kept = [r for r in rows if r["item_id"] not in bad and r["question"] not in test_questions]
         in_val = [r["item_id"] in val_ids or r["question"] in val_questions for r in kept]
         for split, records in (("train", [r for r, v in zip(kept, in_val) if not v]),
