@@ -198,6 +198,17 @@ def test_compute_rewards_mcq_has_no_partial_reward():
         reward.compute_rewards(["a"], ["a", "b"], "nl")
 
 
+def test_gold_failures_flags_exactly_the_wrong_gold_records():
+    nl = {"item_id": "n", "question": Q, "answer_cot": "3 + 4 = 7", "answer_value": "7"}
+    # An nl target ends with its own answer_value, so only values no parser can read fail.
+    assert reward.gold_failures([nl, dict(nl, answer_value="7 apples"), nl, dict(nl, answer_value="")], "nl") == [1, 3]
+    program = f'def solution():\n    """{Q}"""\n    return 3 + 4'
+    py = dict(nl, answer_cot=program)
+    hostile = [dict(py, answer_cot=program.replace("3 + 4", "1 / 0")), dict(py, answer_cot=program + " + 1"),
+               dict(py, answer_cot=program.replace("return 3 + 4", "import os\n    return 7"))]
+    assert reward.gold_failures([py, *hostile, py], "python") == [1, 2, 3]
+
+
 # ---------------------------------------------------------------- load_records and the CLI
 def run_cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, str(ROOT / "reward.py"), *args], cwd=cwd, capture_output=True,
