@@ -1,6 +1,6 @@
 """The offline quickstart: the SFT baseline against ReFT, end to end on a CPU, ending with the paper's table.
 
-    bash run.sh quickstart               # = .venv/bin/python scripts/quickstart.py (about 31 minutes on 2 cores)
+    bash run.sh quickstart               # = .venv/bin/python scripts/quickstart.py (about 28 minutes on 2 cores)
     python scripts/quickstart.py --fast  # a few steps per stage: checks the plumbing (CI runs this)
 
 The pipeline, as in the paper but on the `minigsm` word problems and a tiny Llama trained from scratch:
