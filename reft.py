@@ -25,6 +25,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
+from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 import reward
@@ -68,8 +70,8 @@ class Args:
     """sequences per forward/backward on one process (gradient accumulation inside a minibatch)"""
     ppo_epochs: int = 2
     """optimisation passes over each rollout batch (paper: 2)"""
-    lr: float = 5e-5
-    """constant learning rate (paper for 7B: 3e-7; the tiny CPU model wants far more)"""
+    lr: float = -1.0
+    """constant learning rate; -1 = 5e-5 for a model under 50 M parameters (the tiny CPU one), else the paper's 3e-7"""
     kl_coef: float = -1.0
     """β of the per-token KL penalty; -1 = the paper's value for --cot: 0.05 for nl, 0.01 for python"""
     adaptive_kl: bool = False
@@ -100,14 +102,20 @@ class Args:
     """seed for data order and sampling; a question's sample depends on (seed, step, question), not on ranks"""
     resume: bool = False
     """continue from {output_dir}/checkpoint"""
-    save_steps: int = 50
-    """write the resume state every this many steps (and at each epoch end)"""
+    save_steps: int = 0
+    """also write the resume state every this many steps (0: only at each epoch end and at the end). It holds fp32
+    weights and AdamW's two moments, 12 bytes per parameter: 81 GB for a 7B model, each rank writing its shard"""
+    save_epochs: str = "none"
+    """which epochs get an HF checkpoint epoch_K/ (in the run's dtype): `all`, `none` or a list like `10,20`; a 7B
+    one is 13.5 GB in bf16, so 300 epochs of them would be 4 TB (the paper keeps the best: --save_best)"""
     eval_every: int = 50
     """greedy accuracy on --eval_split every this many steps (0: never)"""
     eval_split: str = "validation"
     """split for the periodic greedy evaluation (never pick settings on test)"""
     eval_limit: int = 500
     """questions in each periodic evaluation (-1: all)"""
+    eval_batch_size: int = 64
+    """questions per generation batch of the periodic evaluation, on one process (its KV cache is the memory)"""
     save_best: bool = False
     """also keep the checkpoint with the best periodic evaluation as {output_dir}/best"""
     gradient_checkpointing: bool = False
@@ -115,13 +123,14 @@ class Args:
 
 
 def parse_args(cls, argv=None):
-    """Build argparse flags from a dataclass: one `--name` per field, the field docstring as help."""
+    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(cls):
+        names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
         if f.type is bool or f.type == "bool":
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+            p.add_argument(*names, type=type(f.default), default=f.default)
     return cls(**vars(p.parse_args(argv)))
 
 
@@ -231,33 +240,38 @@ class PolicyWithValueHead(nn.Module):
 
     With `critic` set, the values come from that separate trunk instead (the paper's ablation). A reference
     model is the same class without a head. forward() returns the logits and values of the response part only:
-    position P-1+t predicts response token t, and V_t is read at the same position."""
+    position P-1+t predicts response token t, and V_t is read at the same position. Any decoder-only family works:
+    the trunk is the LM's `base_model` (Llama's `model`, OPT's `model` with its `decoder`)."""
 
     def __init__(self, lm, value_head=True, critic=None):
         super().__init__()
         self.lm = lm
+        self.config = lm.config
         self.critic = critic
         self.v_head = nn.Linear(lm.config.hidden_size, 1) if value_head else None
 
     def forward(self, input_ids, attention_mask, prompt_len):
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding: count real tokens only
-        h = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids).last_hidden_state[:, prompt_len - 1:-1]  # (B, R, H)
-        logits = self.lm.lm_head(h)  # (B, R, V)
+        h = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids).last_hidden_state[:, prompt_len - 1:-1]  # (B, R, H)
+        logits = self.lm.get_output_embeddings()(h).float()  # (B, R, V); fp32 already: its own FSDP group
         if self.v_head is None:
             return logits, None
         if self.critic is not None:
             h = self.critic(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids).last_hidden_state[:, prompt_len - 1:-1]
-        return logits, self.v_head(h).squeeze(-1).float().clone()  # (B, R); clone: FSDP2 dislikes views
+        return logits, self.v_head(h.float()).squeeze(-1).clone()  # (B, R); clone: FSDP2 dislikes views
 
 
-def disable_dropout(model):
-    """Dropout off in every forward, so rollout, old, new and reference log-probs come from one function."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-    model.lm.config.attention_dropout = 0.0
+def without_dropout(config):
+    """The config with every dropout probability at 0, before the model is built from it: rollout, old, new and
+    reference log-probs must come from one function, or the first PPO ratio is not 1 and clipping acts on noise.
+    Zeroing nn.Dropout modules afterwards is not enough: OPT/Galactica (dropout 0.1, LayerDrop) and Llama's
+    attention_dropout apply it inside their layer code from values copied out of the config."""
+    for k, v in vars(config).items():
+        if "drop" in k and isinstance(v, float):
+            setattr(config, k, 0.0)
+    return config
 
 
 @torch.no_grad()
@@ -290,6 +304,8 @@ def sample(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperat
 
 
 # ----------------------------------------------------------------------------- distributed setup
+# Repeated in sft.py, reft.py, rerank.py and evaluate.py, from here to `gathered_for_generation`: each stage stays one
+# self-contained file, and tests/test_copies.py checks that the copies are identical.
 
 def init_distributed():
     """One process group whether launched by torchrun or by plain python (a 1-process group)."""
@@ -303,29 +319,97 @@ def init_distributed():
         if world == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
-            dist.init_process_group(backend)
+            # Rank 0 alone reads checkpoints and writes them (27 GB for a 7B model in fp32) while the other ranks
+            # wait in a collective: longer than the 10-minute default timeout on slow disks.
+            dist.init_process_group(backend, timeout=timedelta(hours=2))
     mesh = init_device_mesh(device.type, (world,))
     return rank, world, device, mesh
 
 
-def shard(model, mesh, device):
-    """FSDP2: shard each decoder layer (policy trunk, and critic trunk if any), then the whole module."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
-    layers = list(model.lm.model.layers) + (list(model.critic.layers) if model.critic is not None else [])
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
+def compute_dtype(device):
+    """The dtype the trunk computes in: bf16 on GPU (fp32 master weights, gradients and optimizer states), fp32 on
+    CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def decoder_blocks(model):
+    """The repeated decoder blocks of every transformers model inside `model`: the classes its
+    `_no_split_modules` names (LlamaDecoderLayer, OPTDecoderLayer, ...), so any decoder-only family shards."""
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    return [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]  # also once sharded
+
+
+def head_groups(model):
+    """The modules that turn hidden states into log-probs, values or scores: the output embedding (with the input
+    embedding when both share one weight, as one group), reft's value head `v_head`, the verifier's `score`.
+
+    They compute in fp32 even under bf16 mixed precision: bf16 rounds a logit near 20 by up to 0.06 nats and a
+    value near 1 by 0.004, more than the per-token KL rewards (~1e-4) PPO has to resolve, and makes verifier
+    scores tie. Costs: the output embedding is ~2% of a 7B model's FLOPs, now at fp32 speed."""
+    groups = []
+    for m in model.modules():
+        out = m.get_output_embeddings() if isinstance(m, PreTrainedModel) else None
+        if out is not None:
+            inp = m.get_input_embeddings()
+            groups.append([inp, out] if inp.weight is out.weight else [out])
+    return groups + [[m] for name, m in model.named_children() if name in ("v_head", "score")]
+
+
+def shard(model, mesh, dtype):
+    """FSDP2: one group per decoder block and one fp32 group per head, the rest at the root. `dtype` is the
+    trunk's compute dtype (compute_dtype); master weights and gradient reductions stay fp32."""
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in decoder_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    for heads in head_groups(model):
+        fully_shard(heads, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def load_sharded(load, make, mesh, device):
+    """The model that `load()` builds on rank 0, sharded over all ranks without a full copy anywhere else.
+
+    Only rank 0 calls load() (it reads the checkpoint into host memory); every rank builds the same structure on
+    the meta device with `make(config)` (no memory), shards it, allocates just its own shards on `device` and
+    receives them from rank 0. Loading a 7B model then costs one full fp32 copy in rank 0's host memory and a
+    shard per GPU, instead of a full copy per rank on every GPU and 8 in host memory. A SystemExit in load()
+    (a bad checkpoint) reaches every rank instead of leaving the others waiting."""
+    full, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            full = load()
+        except SystemExit as e:
+            error = str(e)
+    msg = [(error, full.config if full is not None else None)]
+    dist.broadcast_object_list(msg, src=0)
+    if msg[0][0] is not None:
+        raise SystemExit(msg[0][0])
+    with torch.device("meta"):
+        model = make(msg[0][1])
+    shard(model, mesh, compute_dtype(device))
+    model.to_empty(device=device)
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    buffers = dict(full.named_buffers()) if full is not None else {}
+    with torch.no_grad():
+        for name, b in model.named_buffers():  # outside the state dict when non-persistent (rotary frequencies)
+            if full is not None:
+                b.copy_(buffers[name])
+            dist.broadcast(b, src=0)
     return model
 
 
 @contextmanager
 def gathered_for_generation(model):
-    """Gather the full parameters once for a whole rollout, then shard them again.
+    """Gather the full parameters once for a whole generation, then shard them again.
 
-    Without this FSDP2 all-gathers every layer for every generated token, and ranks whose responses end at
-    different lengths would deadlock on each other's collectives."""
-    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    Without this FSDP2 all-gathers every block for every generated token, and ranks whose sequences end at
+    different lengths would wait on each other's collectives. A critic (reft.py --separate_value_model) does not
+    generate and stays sharded. Afterwards the root keeps its parameters between forward and backward again (FSDP2's
+    default for the root), and the forward order FSDP2 records for backward prefetching is cleared: only a
+    backward clears it, so inference-only loops would grow it by one entry per block and generated token."""
+    mods = [m for name, m in model.named_modules() if isinstance(m, FSDPModule) and not name.startswith("critic")]
     for m in mods:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
@@ -333,36 +417,68 @@ def gathered_for_generation(model):
         yield
     finally:
         for m in mods:
-            m.set_reshard_after_forward(True, recurse=False)
+            m.set_reshard_after_forward(m is not model, recurse=False)
             m.reshard()
+        state = model._get_fsdp_state()  # private: FSDP2 has no public call for this
+        state._comm_ctx.post_forward_order.clear()
+        for s in state._state_ctx.all_states:
+            groups = s._fsdp_param_groups if hasattr(s, "_fsdp_param_groups") else [s._fsdp_param_group]  # older torch
+            for group in groups:
+                if group is not None:
+                    group._post_forward_indices.clear()
 
 
-def load_models(args, device):
-    """Policy (+ value head) and frozen reference, both from the warm-up checkpoint."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+def load_models(args, mesh, device):
+    """Tokenizer, policy (+ value head) and frozen reference, both from the warm-up checkpoint: sharded, dropout off."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     if not os.path.isdir(args.model):
         raise SystemExit(f"error: --model {args.model}: not a checkpoint folder (make one with sft.py)")
     try:
         tok = AutoTokenizer.from_pretrained(args.model)
-        lm = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-        ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=ref_dtype)
-        critic = AutoModel.from_pretrained(args.model, dtype=torch.float32) if args.separate_value_model else None
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --model {args.model}: cannot load ({str(e).splitlines()[0]})")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         raise SystemExit(f"error: --model {args.model}: needs a pad token distinct from EOS (sft.py adds one)")
-    torch.manual_seed(args.seed)  # the value head's random init must be the same on every rank
-    policy = PolicyWithValueHead(lm, critic=critic)
-    reference = PolicyWithValueHead(ref, value_head=False).requires_grad_(False).eval()
-    disable_dropout(policy)
-    return tok, policy, reference
+
+    def read(value_head):  # rank 0 only (load_sharded)
+        try:
+            config = without_dropout(AutoConfig.from_pretrained(args.model))
+            lm = AutoModelForCausalLM.from_pretrained(args.model, config=config, dtype=torch.float32)
+            critic = AutoModel.from_pretrained(args.model, config=config, dtype=torch.float32) \
+                if value_head and args.separate_value_model else None
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --model {args.model}: cannot load ({str(e).splitlines()[0]})")
+        torch.manual_seed(args.seed)  # the value head's init
+        return PolicyWithValueHead(lm, value_head, critic)
+
+    def make(value_head):
+        return lambda config: PolicyWithValueHead(
+            AutoModelForCausalLM.from_config(config, dtype=torch.float32), value_head,
+            AutoModel.from_config(config, dtype=torch.float32) if value_head and args.separate_value_model else None)
+
+    policy = load_sharded(lambda: read(True), make(True), mesh, device)
+    reference = load_sharded(lambda: read(False), make(False), mesh, device)
+    return tok, policy, reference.requires_grad_(False).eval()
 
 
-def save_checkpoint(model, tok, args, path, rank):
-    """HF policy (loadable by AutoModelForCausalLM) plus value_head.safetensors beside it, from rank 0."""
+def epochs_to_save(spec):
+    """--save_epochs as a test of an epoch number: `all`, `none` or comma-separated epochs such as `2,40`."""
+    if spec in ("all", "none"):
+        return lambda epoch: spec == "all"
+    try:
+        return {int(e) for e in spec.split(",")}.__contains__
+    except ValueError:
+        raise SystemExit(f"error: --save_epochs must be all, none or epoch numbers such as 2,40, not {spec!r}")
+
+
+def save_checkpoint(model, tok, args, path, rank, dtype):
+    """HF policy (loadable by AutoModelForCausalLM) plus value_head.safetensors beside it, from rank 0, in `dtype`,
+    the run's compute dtype: bf16 on GPU halves it, and the fp32 master weights live in the resume state."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
+        for k in sd:
+            sd[k] = sd[k].to(dtype)
+        model.lm.config.dtype = dtype
         model.lm.save_pretrained(path, state_dict={k[3:]: v for k, v in sd.items() if k.startswith("lm.")})
         tok.save_pretrained(path)
         save_file({k: v.contiguous() for k, v in sd.items() if not k.startswith("lm.")},
@@ -424,7 +540,7 @@ def rollout_seeds(seed, step, question_ids, num_samples):
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tok, records, args, rank, world, device, batch_size=64):
+def greedy_accuracy(model, tok, records, args, rank, world, device, batch_size):
     """Greedy top-1 accuracy through reward.py; questions split across ranks and counts summed."""
     mine = records[rank::world]
     correct = 0
@@ -458,7 +574,12 @@ def main(args):
                          f"into minibatches of {mini}, each divisible by the {world} processes")
 
     # The training questions (answers only: ReFT never looks at the annotated CoT) and their prompts.
-    tok, model, ref = load_models(args, device)
+    keep_epochs = epochs_to_save(args.save_epochs)
+    tok, model, ref = load_models(args, mesh, device)
+    n_params = sum(p.numel() for p in model.lm.parameters())
+    if args.lr <= 0:  # the tiny CPU model wants a large rate; the paper's 3e-7 is for its 7B models
+        args.lr = 5e-5 if n_params < 50_000_000 else 3e-7
+    log(f"policy: {n_params:,} params, lr {args.lr:g}")
     records = reward.load_records(args.data, "train", args.cot)
     prompts = [tok(reward.build_prompt(r["question"], args.cot, sampling=True), add_special_tokens=False).input_ids
                for r in records]
@@ -477,10 +598,7 @@ def main(args):
 
     if args.gradient_checkpointing:
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device).train()
-    ref.to(device)
-    shard(model, mesh, device)
-    shard(ref, mesh, device)
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-8, weight_decay=0.0)  # on the sharded params
     with torch.no_grad():  # FSDP2 picks its root at the first forward: run one before any manual unshard()
         model(*left_pad(prompts[:1], tok.pad_token_id, device), len(prompts[0]))
@@ -567,8 +685,7 @@ def main(args):
                                                          args.clip_range)
                     vf, vf_clip = value_loss(values, old_values[idx], returns[idx], mask[idx], args.clip_range_value)
                     loss = (pg + args.vf_coef * vf).sum() * world / mini
-                    model.set_requires_gradient_sync(s + args.micro_batch_size >= len(idx_mb))
-                    loss.backward()
+                    loss.backward()  # reduce-scatters every micro-batch: FSDP2 keeps the accumulated gradient sharded
                     for k, v in (("pg_loss", pg.mean()), ("vf_loss", vf.mean()), ("pg_clipfrac", pg_clip),
                                  ("vf_clipfrac", vf_clip), ("approx_kl", approx_kl),
                                  ("ratio", masked_mean(torch.exp(logprobs - old_logprobs[idx]), mask[idx]))):
@@ -599,21 +716,23 @@ def main(args):
         step += 1
         end_of_epoch = (i + 1) == steps_per_epoch
         if eval_records is not None and (step % args.eval_every == 0 or step == total_steps):
-            m["eval_accuracy"] = greedy_accuracy(model, tok, eval_records, args, rank, world, device)
+            m["eval_accuracy"] = greedy_accuracy(model, tok, eval_records, args, rank, world, device,
+                                                 args.eval_batch_size)
             if args.save_best and m["eval_accuracy"] > best:
                 best = m["eval_accuracy"]
-                save_checkpoint(model, tok, args, os.path.join(args.output_dir, "best"), rank)
+                save_checkpoint(model, tok, args, os.path.join(args.output_dir, "best"), rank, compute_dtype(device))
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
         bar.set_postfix(score=f"{m['score']:.3f}", acc=f"{m['accuracy']:.3f}", kl=f"{m['kl']:.3f}")
         bar.update(1)
-        if end_of_epoch:
-            save_checkpoint(model, tok, args, os.path.join(args.output_dir, f"epoch_{epoch + 1}"), rank)
-        if step % args.save_steps == 0 or end_of_epoch or step == total_steps:
+        if end_of_epoch and keep_epochs(epoch + 1):
+            save_checkpoint(model, tok, args, os.path.join(args.output_dir, f"epoch_{epoch + 1}"), rank,
+                            compute_dtype(device))
+        if (args.save_steps > 0 and step % args.save_steps == 0) or end_of_epoch or step == total_steps:
             save_resume_state(model, opt, {"step": step, "beta": beta, "skipped": skipped, "best": best}, args, rank)
     bar.close()
-    save_checkpoint(model, tok, args, os.path.join(args.output_dir, "final"), rank)
+    save_checkpoint(model, tok, args, os.path.join(args.output_dir, "final"), rank, compute_dtype(device))
     log(f"done: {step} PPO steps; policy in {args.output_dir}/final, metrics in {metrics_path}")
     dist.destroy_process_group()
 

@@ -47,13 +47,15 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
 import reward
 
@@ -109,17 +111,20 @@ class Args:
 
 
 def parse_args(cls, argv=None):
-    """Build argparse flags from a dataclass: one `--name` per field, the field docstring as help."""
+    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(cls):
+        names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
         if f.type is bool or f.type == "bool":
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+            p.add_argument(*names, type=type(f.default), default=f.default)
     return cls(**vars(p.parse_args(argv)))
 
 
-# ----------------------------------------------------------------------------- distributed setup (as sft.py)
+# ----------------------------------------------------------------------------- distributed setup
+# Repeated in sft.py, reft.py, rerank.py and evaluate.py, from here to `gathered_for_generation`: each stage stays one
+# self-contained file, and tests/test_copies.py checks that the copies are identical.
 
 def init_distributed():
     """One process group whether launched by torchrun or by plain python (a 1-process group)."""
@@ -133,25 +138,97 @@ def init_distributed():
         if world == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
-            dist.init_process_group(backend)
+            # Rank 0 alone reads checkpoints and writes them (27 GB for a 7B model in fp32) while the other ranks
+            # wait in a collective: longer than the 10-minute default timeout on slow disks.
+            dist.init_process_group(backend, timeout=timedelta(hours=2))
     mesh = init_device_mesh(device.type, (world,))
     return rank, world, device, mesh
 
 
-def shard(model, mesh, device):
-    """FSDP2: shard each decoder layer, then the root; bf16 compute with fp32 master weights on GPU."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
+def compute_dtype(device):
+    """The dtype the trunk computes in: bf16 on GPU (fp32 master weights, gradients and optimizer states), fp32 on
+    CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def decoder_blocks(model):
+    """The repeated decoder blocks of every transformers model inside `model`: the classes its
+    `_no_split_modules` names (LlamaDecoderLayer, OPTDecoderLayer, ...), so any decoder-only family shards."""
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    return [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]  # also once sharded
+
+
+def head_groups(model):
+    """The modules that turn hidden states into log-probs, values or scores: the output embedding (with the input
+    embedding when both share one weight, as one group), reft's value head `v_head`, the verifier's `score`.
+
+    They compute in fp32 even under bf16 mixed precision: bf16 rounds a logit near 20 by up to 0.06 nats and a
+    value near 1 by 0.004, more than the per-token KL rewards (~1e-4) PPO has to resolve, and makes verifier
+    scores tie. Costs: the output embedding is ~2% of a 7B model's FLOPs, now at fp32 speed."""
+    groups = []
+    for m in model.modules():
+        out = m.get_output_embeddings() if isinstance(m, PreTrainedModel) else None
+        if out is not None:
+            inp = m.get_input_embeddings()
+            groups.append([inp, out] if inp.weight is out.weight else [out])
+    return groups + [[m] for name, m in model.named_children() if name in ("v_head", "score")]
+
+
+def shard(model, mesh, dtype):
+    """FSDP2: one group per decoder block and one fp32 group per head, the rest at the root. `dtype` is the
+    trunk's compute dtype (compute_dtype); master weights and gradient reductions stay fp32."""
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in decoder_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    for heads in head_groups(model):
+        fully_shard(heads, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def load_sharded(load, make, mesh, device):
+    """The model that `load()` builds on rank 0, sharded over all ranks without a full copy anywhere else.
+
+    Only rank 0 calls load() (it reads the checkpoint into host memory); every rank builds the same structure on
+    the meta device with `make(config)` (no memory), shards it, allocates just its own shards on `device` and
+    receives them from rank 0. Loading a 7B model then costs one full fp32 copy in rank 0's host memory and a
+    shard per GPU, instead of a full copy per rank on every GPU and 8 in host memory. A SystemExit in load()
+    (a bad checkpoint) reaches every rank instead of leaving the others waiting."""
+    full, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            full = load()
+        except SystemExit as e:
+            error = str(e)
+    msg = [(error, full.config if full is not None else None)]
+    dist.broadcast_object_list(msg, src=0)
+    if msg[0][0] is not None:
+        raise SystemExit(msg[0][0])
+    with torch.device("meta"):
+        model = make(msg[0][1])
+    shard(model, mesh, compute_dtype(device))
+    model.to_empty(device=device)
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    buffers = dict(full.named_buffers()) if full is not None else {}
+    with torch.no_grad():
+        for name, b in model.named_buffers():  # outside the state dict when non-persistent (rotary frequencies)
+            if full is not None:
+                b.copy_(buffers[name])
+            dist.broadcast(b, src=0)
     return model
 
 
 @contextmanager
 def gathered_for_generation(model):
-    """Gather the full parameters once for a whole generate() call, then shard them again."""
-    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    """Gather the full parameters once for a whole generation, then shard them again.
+
+    Without this FSDP2 all-gathers every block for every generated token, and ranks whose sequences end at
+    different lengths would wait on each other's collectives. A critic (reft.py --separate_value_model) does not
+    generate and stays sharded. Afterwards the root keeps its parameters between forward and backward again (FSDP2's
+    default for the root), and the forward order FSDP2 records for backward prefetching is cleared: only a
+    backward clears it, so inference-only loops would grow it by one entry per block and generated token."""
+    mods = [m for name, m in model.named_modules() if isinstance(m, FSDPModule) and not name.startswith("critic")]
     for m in mods:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
@@ -159,8 +236,15 @@ def gathered_for_generation(model):
         yield
     finally:
         for m in mods:
-            m.set_reshard_after_forward(True, recurse=False)
+            m.set_reshard_after_forward(m is not model, recurse=False)
             m.reshard()
+        state = model._get_fsdp_state()  # private: FSDP2 has no public call for this
+        state._comm_ctx.post_forward_order.clear()
+        for s in state._state_ctx.all_states:
+            groups = s._fsdp_param_groups if hasattr(s, "_fsdp_param_groups") else [s._fsdp_param_group]  # older torch
+            for group in groups:
+                if group is not None:
+                    group._post_forward_indices.clear()
 
 
 def num_calls(n_items, batch_size, device):
@@ -170,20 +254,30 @@ def num_calls(n_items, batch_size, device):
     return int(t.item())
 
 
-def load(cls_name, path, flag, **kw):
-    """(model, tokenizer) from an HF folder; one error line when it cannot be loaded."""
+def load(cls_name, path, flag, mesh, device, **kw):
+    """(model, tokenizer) from an HF folder, sharded over the ranks (only rank 0 reads the weights: load_sharded);
+    one error line when it cannot be loaded."""
     import transformers
     if not os.path.isdir(path):
         raise SystemExit(f"error: {flag} {path!r}: no such checkpoint folder")
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)
-        model = getattr(transformers, cls_name).from_pretrained(path, dtype=torch.float32, **kw)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {flag} {path}: cannot load a checkpoint from this folder ({str(e).splitlines()[0]})")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         raise SystemExit(f"error: {flag} {path}: the tokenizer needs a pad token distinct from EOS (as sft.py makes)")
-    model.config.pad_token_id = tok.pad_token_id  # the verifier head reads the last token that is not this
-    return model, tok
+    cls = getattr(transformers, cls_name)
+
+    def read():
+        try:
+            model = cls.from_pretrained(path, dtype=torch.float32, **kw)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {flag} {path}: cannot load a checkpoint from this folder "
+                             f"({str(e).splitlines()[0]})")
+        model.config.pad_token_id = tok.pad_token_id  # the verifier head reads the last token that is not this
+        return model
+
+    return load_sharded(read, lambda config: cls.from_config(config, dtype=torch.float32), mesh, device), tok
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -234,8 +328,8 @@ def sample(args, path, rank, world, device, mesh, log):
         f"k={args.num_samples}")
     if not todo:
         return
-    model, tok = load("AutoModelForCausalLM", args.model, "--model")
-    shard(model.to(device).eval(), mesh, device)
+    model, tok = load("AutoModelForCausalLM", args.model, "--model", mesh, device)
+    model.eval()
     torch.manual_seed(args.seed + rank)
     tok.padding_side = "left"
     k, bs = args.num_samples, args.gen_batch_size
@@ -373,8 +467,9 @@ def save_verifier(model, tok, args, path, rank):
 def train(args, rows, rank, world, device, mesh, log):
     train_rows, held_rows = split_by_question(rows, args.holdout_fraction, args.seed)
     init = args.init or args.model
-    torch.manual_seed(args.seed)  # the fresh head must start identical on every rank
-    model, tok = load("AutoModelForSequenceClassification", init, "--init" if args.init else "--model", num_labels=1)
+    torch.manual_seed(args.seed)  # the fresh head's init (rank 0 draws it, load_sharded sends it to the others)
+    model, tok = load("AutoModelForSequenceClassification", init, "--init" if args.init else "--model", mesh, device,
+                      num_labels=1)
     examples, cut = encode(tok, train_rows, args.cot, args.max_length)
     held, held_cut = encode(tok, held_rows, args.cot, args.max_length)
     log(f"verifier data: {len(train_rows)} train samples ({sum(r['correct'] for r in train_rows)} correct), "
@@ -388,7 +483,7 @@ def train(args, rows, rank, world, device, mesh, log):
         raise SystemExit(f"error: {len(examples)} training samples are fewer than one --batch_size {args.batch_size}")
     accum, total_steps = args.batch_size // (args.micro_batch_size * world), steps_per_epoch * args.epochs
     model.config.use_cache = False
-    shard(model.to(device).train(), mesh, device)
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total_steps), total_steps))
@@ -418,7 +513,6 @@ def train(args, rows, rank, world, device, mesh, log):
             input_ids, attn, labels = (t.to(device) for t in
                                        collate(mine[m * args.micro_batch_size:(m + 1) * args.micro_batch_size],
                                                tok.pad_token_id))
-            model.set_requires_gradient_sync(m == accum - 1)
             logits = model(input_ids=input_ids, attention_mask=attn).logits[:, 0].float()  # (B,)
             bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
             # Mean over the global batch; FSDP averages gradients over ranks, hence the factor `world`.

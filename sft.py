@@ -26,6 +26,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
+from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 import reward
@@ -61,8 +63,8 @@ class Args:
     """global batch: examples per optimizer step summed over processes and accumulation (paper: 48)"""
     micro_batch_size: int = 32
     """examples per forward/backward on one process; batch_size / (micro_batch_size * world) = accumulation"""
-    lr: float = 2e-3
-    """peak learning rate (paper for 7B models: 1e-5; the tiny model from scratch wants ~1e-3)"""
+    lr: float = -1.0
+    """peak learning rate; -1 = 2e-3 for `tiny` (from scratch it wants ~1e-3), the paper's 1e-5 for a pretrained model"""
     warmup_ratio: float = 0.1
     """fraction of the steps spent on linear warm-up, then linear decay to 0 (paper: 0.1)"""
     weight_decay: float = 0.0
@@ -73,10 +75,12 @@ class Args:
     """seed for the model init, data order and sampling"""
     resume: bool = False
     """continue from {output_dir}/checkpoint: model, optimizer, scheduler, RNG and data position"""
-    save_steps: int = 50
-    """write the resume state every this many steps (and at each epoch end)"""
-    save_epochs: bool = True
-    """write an HF checkpoint epoch_K/ at the end of every epoch (the ReFT warm-up is one of these)"""
+    save_steps: int = 0
+    """also write the resume state every this many steps (0: only at each epoch end and at the end). It holds fp32
+    weights and AdamW's two moments, 12 bytes per parameter: 81 GB for a 7B model, each rank writing its shard"""
+    save_epochs: str = "all"
+    """which epochs get an HF checkpoint epoch_K/ (in the run's dtype): `all`, `none` or a list like `2,40` (paper:
+    the warm-up epoch and the best one; a 7B checkpoint is 13.5 GB in bf16)"""
     eval_every_epoch: bool = False
     """greedy accuracy through reward.py on --eval_split at the end of each epoch"""
     eval_split: str = "validation"
@@ -85,6 +89,8 @@ class Args:
     """questions evaluated per epoch (-1: all)"""
     max_new_tokens: int = 256
     """generation budget of the per-epoch greedy evaluation"""
+    eval_batch_size: int = 64
+    """questions per generation batch of the per-epoch evaluation, on one process (its KV cache is the memory)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory (7B models)"""
     tiny_hidden: int = 192
@@ -100,17 +106,20 @@ class Args:
 
 
 def parse_args(cls, argv=None):
-    """Build argparse flags from a dataclass: one `--name` per field, the field docstring as help."""
+    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(cls):
+        names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
         if f.type is bool or f.type == "bool":
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+            p.add_argument(*names, type=type(f.default), default=f.default)
     return cls(**vars(p.parse_args(argv)))
 
 
 # ----------------------------------------------------------------------------- distributed setup
+# Repeated in sft.py, reft.py, rerank.py and evaluate.py, from here to `gathered_for_generation`: each stage stays one
+# self-contained file, and tests/test_copies.py checks that the copies are identical.
 
 def init_distributed():
     """One process group whether launched by torchrun or by plain python (a 1-process group)."""
@@ -124,28 +133,97 @@ def init_distributed():
         if world == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
-            dist.init_process_group(backend)
+            # Rank 0 alone reads checkpoints and writes them (27 GB for a 7B model in fp32) while the other ranks
+            # wait in a collective: longer than the 10-minute default timeout on slow disks.
+            dist.init_process_group(backend, timeout=timedelta(hours=2))
     mesh = init_device_mesh(device.type, (world,))
     return rank, world, device, mesh
 
 
-def shard(model, mesh, device):
-    """FSDP2: shard each decoder layer, then the root; bf16 compute with fp32 master weights on GPU."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
+def compute_dtype(device):
+    """The dtype the trunk computes in: bf16 on GPU (fp32 master weights, gradients and optimizer states), fp32 on
+    CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def decoder_blocks(model):
+    """The repeated decoder blocks of every transformers model inside `model`: the classes its
+    `_no_split_modules` names (LlamaDecoderLayer, OPTDecoderLayer, ...), so any decoder-only family shards."""
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    return [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]  # also once sharded
+
+
+def head_groups(model):
+    """The modules that turn hidden states into log-probs, values or scores: the output embedding (with the input
+    embedding when both share one weight, as one group), reft's value head `v_head`, the verifier's `score`.
+
+    They compute in fp32 even under bf16 mixed precision: bf16 rounds a logit near 20 by up to 0.06 nats and a
+    value near 1 by 0.004, more than the per-token KL rewards (~1e-4) PPO has to resolve, and makes verifier
+    scores tie. Costs: the output embedding is ~2% of a 7B model's FLOPs, now at fp32 speed."""
+    groups = []
+    for m in model.modules():
+        out = m.get_output_embeddings() if isinstance(m, PreTrainedModel) else None
+        if out is not None:
+            inp = m.get_input_embeddings()
+            groups.append([inp, out] if inp.weight is out.weight else [out])
+    return groups + [[m] for name, m in model.named_children() if name in ("v_head", "score")]
+
+
+def shard(model, mesh, dtype):
+    """FSDP2: one group per decoder block and one fp32 group per head, the rest at the root. `dtype` is the
+    trunk's compute dtype (compute_dtype); master weights and gradient reductions stay fp32."""
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in decoder_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    for heads in head_groups(model):
+        fully_shard(heads, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def load_sharded(load, make, mesh, device):
+    """The model that `load()` builds on rank 0, sharded over all ranks without a full copy anywhere else.
+
+    Only rank 0 calls load() (it reads the checkpoint into host memory); every rank builds the same structure on
+    the meta device with `make(config)` (no memory), shards it, allocates just its own shards on `device` and
+    receives them from rank 0. Loading a 7B model then costs one full fp32 copy in rank 0's host memory and a
+    shard per GPU, instead of a full copy per rank on every GPU and 8 in host memory. A SystemExit in load()
+    (a bad checkpoint) reaches every rank instead of leaving the others waiting."""
+    full, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            full = load()
+        except SystemExit as e:
+            error = str(e)
+    msg = [(error, full.config if full is not None else None)]
+    dist.broadcast_object_list(msg, src=0)
+    if msg[0][0] is not None:
+        raise SystemExit(msg[0][0])
+    with torch.device("meta"):
+        model = make(msg[0][1])
+    shard(model, mesh, compute_dtype(device))
+    model.to_empty(device=device)
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    buffers = dict(full.named_buffers()) if full is not None else {}
+    with torch.no_grad():
+        for name, b in model.named_buffers():  # outside the state dict when non-persistent (rotary frequencies)
+            if full is not None:
+                b.copy_(buffers[name])
+            dist.broadcast(b, src=0)
     return model
 
 
 @contextmanager
 def gathered_for_generation(model):
-    """Gather the full parameters once for a whole generate() call, then shard them again.
+    """Gather the full parameters once for a whole generation, then shard them again.
 
-    Without this FSDP2 all-gathers every layer for every generated token, and ranks whose sequences end at
-    different lengths would wait on each other's collectives."""
-    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    Without this FSDP2 all-gathers every block for every generated token, and ranks whose sequences end at
+    different lengths would wait on each other's collectives. A critic (reft.py --separate_value_model) does not
+    generate and stays sharded. Afterwards the root keeps its parameters between forward and backward again (FSDP2's
+    default for the root), and the forward order FSDP2 records for backward prefetching is cleared: only a
+    backward clears it, so inference-only loops would grow it by one entry per block and generated token."""
+    mods = [m for name, m in model.named_modules() if isinstance(m, FSDPModule) and not name.startswith("critic")]
     for m in mods:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
@@ -153,8 +231,15 @@ def gathered_for_generation(model):
         yield
     finally:
         for m in mods:
-            m.set_reshard_after_forward(True, recurse=False)
+            m.set_reshard_after_forward(m is not model, recurse=False)
             m.reshard()
+        state = model._get_fsdp_state()  # private: FSDP2 has no public call for this
+        state._comm_ctx.post_forward_order.clear()
+        for s in state._state_ctx.all_states:
+            groups = s._fsdp_param_groups if hasattr(s, "_fsdp_param_groups") else [s._fsdp_param_group]  # older torch
+            for group in groups:
+                if group is not None:
+                    group._post_forward_indices.clear()
 
 
 # ----------------------------------------------------------------------------- model and tokenizer
@@ -173,44 +258,81 @@ def train_tiny_tokenizer(texts, vocab_size):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def load_model_and_tokenizer(args, train_texts):
-    """Returns (model, tokenizer) with a pad token distinct from EOS; exits with one line on a bad path."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def load_tokenizer(args, train_texts):
+    """The tokenizer (`tiny`: trained on the training texts) with a pad token distinct from EOS; one error line when
+    --model cannot be read."""
+    from transformers import AutoTokenizer
     if args.model == "tiny":
-        tok = train_tiny_tokenizer(train_texts, args.tiny_vocab)
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=args.tiny_hidden, num_hidden_layers=args.tiny_layers,
-                             num_attention_heads=args.tiny_heads, num_key_value_heads=args.tiny_heads,
-                             intermediate_size=args.tiny_intermediate, max_position_embeddings=1024,
-                             tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, bos_token_id=None)
-        torch.manual_seed(args.seed)
-        return LlamaForCausalLM(config), tok
-    if args.model.endswith(".gguf"):
-        if not os.path.isfile(args.model):
-            raise SystemExit(f"error: --model {args.model}: no such GGUF file")
-        folder, name = os.path.split(os.path.abspath(args.model))
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        # transformers dequantizes GGUF weights to fp32 but keeps the quantizer marks, which make
-        # save_pretrained refuse; the weights are plain tensors now, so drop the marks.
-        model.hf_quantizer = None
-        model.config.__dict__.pop("quantization_config", None)
-        model.__dict__.pop("is_quantized", None)
-    else:
-        try:
-            tok = AutoTokenizer.from_pretrained(args.model)
-            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --model {args.model}: cannot load a model from this folder or hub id "
-                             f"({str(e).splitlines()[0]})")
+        return train_tiny_tokenizer(train_texts, args.tiny_vocab)
+    if args.model.endswith(".gguf") and not os.path.isfile(args.model):
+        raise SystemExit(f"error: --model {args.model}: no such GGUF file")
+    try:
+        tok = AutoTokenizer.from_pretrained(*hf_location(args.model))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --model {args.model}: cannot load a model from this folder or hub id "
+                         f"({str(e).splitlines()[0]})")
     if tok.eos_token_id is None:
         raise SystemExit(f"error: --model {args.model}: the tokenizer has no EOS token")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         # A pad equal to EOS would mask the real EOS out of the loss (and later out of PPO's reward position).
-        tok.add_special_tokens({"pad_token": "<pad>"})
-        model.resize_token_embeddings(len(tok))
-    model.config.pad_token_id, model.config.eos_token_id = tok.pad_token_id, tok.eos_token_id
-    return model, tok
+        # A spare token that exists (Llama's <unk>) keeps the vocabulary, and a 7B model's embeddings, as they are.
+        if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+    return tok
+
+
+def hf_location(model):
+    """from_pretrained's arguments for --model: (folder or hub id, {}) or, for a .gguf file, (folder, {gguf_file})."""
+    if model.endswith(".gguf"):
+        folder, name = os.path.split(os.path.abspath(model))
+        return folder, {"gguf_file": name}
+    return model, {}
+
+
+def tiny_model(args, tok):
+    """A fresh Llama sized by the --tiny_* flags, seeded by --seed, with tied input and output embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=args.tiny_hidden, num_hidden_layers=args.tiny_layers,
+                         num_attention_heads=args.tiny_heads, num_key_value_heads=args.tiny_heads,
+                         intermediate_size=args.tiny_intermediate, max_position_embeddings=1024,
+                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(args.seed)
+    return LlamaForCausalLM(config)
+
+
+def load_model(args, tok, mesh, device):
+    """The causal LM sharded over the ranks (rank 0 reads it, see load_sharded): `tiny` is a fresh seeded Llama
+    sized by the --tiny_* flags, saved to {output_dir}/init so that a resumed run rebuilds the same one."""
+    from transformers import AutoModelForCausalLM
+
+    def load():
+        if args.model == "tiny":
+            model = tiny_model(args, tok)
+            model.save_pretrained(os.path.join(args.output_dir, "init"))
+            tok.save_pretrained(os.path.join(args.output_dir, "init"))
+            return model
+        path, kw = hf_location(args.model)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --model {args.model}: cannot load a model from this folder or hub id "
+                             f"({str(e).splitlines()[0]})")
+        if kw:
+            # transformers dequantizes GGUF weights to fp32 but keeps the quantizer marks, which make
+            # save_pretrained refuse; the weights are plain tensors now, so drop the marks.
+            model.hf_quantizer = None
+            model.config.__dict__.pop("quantization_config", None)
+            model.__dict__.pop("is_quantized", None)
+        if model.get_input_embeddings().num_embeddings < len(tok):  # an added pad token
+            model.resize_token_embeddings(len(tok))
+        model.config.pad_token_id, model.config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+        return model
+
+    return load_sharded(load, lambda config: AutoModelForCausalLM.from_config(config, dtype=torch.float32),
+                        mesh, device)
 
 
 # ----------------------------------------------------------------------------- data
@@ -256,7 +378,7 @@ def lr_lambda(warmup_steps, total_steps):
 # ----------------------------------------------------------------------------- evaluation and saving
 
 @torch.no_grad()
-def greedy_accuracy(model, tok, records, cot, max_new_tokens, rank, world, device, batch_size=64):
+def greedy_accuracy(model, tok, records, cot, max_new_tokens, rank, world, device, batch_size):
     """Greedy top-1 accuracy through reward.py, from the rollout prompt as reft.py and evaluate.py use (for python
     CoTs it ends with the program header); questions are split across ranks and counts summed."""
     model.eval()
@@ -282,10 +404,24 @@ def greedy_accuracy(model, tok, records, cot, max_new_tokens, rank, world, devic
     return (total[0] / total[1]).item()
 
 
-def save_hf(model, tok, args, path, rank):
-    """Gather the full state dict on rank 0 and write a plain HF checkpoint (safetensors + tokenizer + args)."""
+def epochs_to_save(spec):
+    """--save_epochs as a test of an epoch number: `all`, `none` or comma-separated epochs such as `2,40`."""
+    if spec in ("all", "none"):
+        return lambda epoch: spec == "all"
+    try:
+        return {int(e) for e in spec.split(",")}.__contains__
+    except ValueError:
+        raise SystemExit(f"error: --save_epochs must be all, none or epoch numbers such as 2,40, not {spec!r}")
+
+
+def save_hf(model, tok, args, path, rank, dtype):
+    """Gather the full state dict on rank 0 and write a plain HF checkpoint (safetensors + tokenizer + args) in
+    `dtype`, the run's compute dtype: bf16 on GPU halves it, and the fp32 master weights live in the resume state."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
+        for k in sd:
+            sd[k] = sd[k].to(dtype)
+        model.config.dtype = dtype
         model.save_pretrained(path, state_dict=sd)
         tok.save_pretrained(path)
         with open(os.path.join(path, "train_args.json"), "w") as f:
@@ -333,19 +469,18 @@ def main(args):
         raise SystemExit(f"error: --cot must be nl or python, not {args.cot!r}")
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     records = reward.load_records(args.data, "train", args.cot, require_cot=True)
+    if args.lr <= 0:  # the tiny model from scratch wants a large rate; a pretrained 7B one would be wrecked by it
+        args.lr = 2e-3 if args.model == "tiny" else 1e-5
+    keep_epochs = epochs_to_save(args.save_epochs)
     resuming = args.resume and os.path.isdir(os.path.join(args.output_dir, "checkpoint"))
     if resuming and args.model == "tiny":
         # The tiny tokenizer is trained from data: reuse the saved one so resumed token ids are identical.
         args.model = os.path.join(args.output_dir, "init")
     texts = [reward.build_prompt(r["question"], args.cot) + reward.build_target(r, args.cot) for r in records]
-    model, tok = load_model_and_tokenizer(args, texts)
-    if args.model == "tiny" and rank == 0:
-        # Keep the untrained tiny model so a resumed run starts from the same tokenizer and config.
-        model.save_pretrained(os.path.join(args.output_dir, "init"))
-        tok.save_pretrained(os.path.join(args.output_dir, "init"))
+    tok = load_tokenizer(args, texts)
     examples = [e for e in (encode_example(tok, r, args.cot, args.max_length) for r in records) if e is not None]
     log(f"data: {len(records)} records from {args.data}, {len(records) - len(examples)} dropped as longer than "
-        f"--max_length {args.max_length}, {len(examples)} used; model: {sum(p.numel() for p in model.parameters()):,} params")
+        f"--max_length {args.max_length}, {len(examples)} used")
     if not examples:
         raise SystemExit(f"error: --data {args.data}: no training example fits in --max_length {args.max_length}")
 
@@ -360,12 +495,13 @@ def main(args):
         f"accumulation {accum}, world {world}")
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
 
+    os.makedirs(args.output_dir, exist_ok=True)
+    model = load_model(args, tok, mesh, device)
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} params, lr {args.lr:g}")
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
     model.train()
-    shard(model, mesh, device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total_steps), total_steps))
@@ -374,7 +510,6 @@ def main(args):
         eval_records = reward.load_records(args.data, args.eval_split, args.cot)
         eval_records = eval_records[:args.eval_limit] if args.eval_limit > 0 else eval_records
 
-    os.makedirs(args.output_dir, exist_ok=True)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     step = 0
     if resuming:
@@ -403,7 +538,8 @@ def main(args):
         for k in range(accum):
             micro = mine[k * args.micro_batch_size:(k + 1) * args.micro_batch_size]
             input_ids, labels, attn = (t.to(device) for t in collate(micro, tok.pad_token_id))
-            model.set_requires_gradient_sync(k == accum - 1)
+            # Every micro-batch reduce-scatters its gradient, so FSDP2 accumulates sharded gradients; skipping the
+            # sync until the last one would keep a full unsharded fp32 gradient per rank (+27 GB for a 7B model).
             nll = token_nll_sum(model, input_ids, labels, attn)
             (nll * world / n_tokens).backward()
             loss_sum += nll.item()
@@ -424,19 +560,19 @@ def main(args):
         end_of_epoch = (i + 1) == steps_per_epoch
         if end_of_epoch and eval_records is not None:
             row["eval_accuracy"] = greedy_accuracy(model, tok, eval_records, args.cot, args.max_new_tokens,
-                                                   rank, world, device)
+                                                   rank, world, device, args.eval_batch_size)
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.4f}", **({"acc": f"{row['eval_accuracy']:.3f}"} if "eval_accuracy" in row else {}))
         bar.update(1)
-        if end_of_epoch and args.save_epochs:
-            save_hf(model, tok, args, os.path.join(args.output_dir, f"epoch_{epoch + 1}"), rank)
-        if step % args.save_steps == 0 or end_of_epoch or step == total_steps:
+        if end_of_epoch and keep_epochs(epoch + 1):
+            save_hf(model, tok, args, os.path.join(args.output_dir, f"epoch_{epoch + 1}"), rank, compute_dtype(device))
+        if (args.save_steps > 0 and step % args.save_steps == 0) or end_of_epoch or step == total_steps:
             save_resume_state(model, opt, sched, step, args, rank)
         t_last = time.time()
     bar.close()
-    save_hf(model, tok, args, os.path.join(args.output_dir, "final"), rank)
+    save_hf(model, tok, args, os.path.join(args.output_dir, "final"), rank, compute_dtype(device))
     log(f"done: {step} steps; checkpoint in {args.output_dir}/final, metrics in {metrics_path}")
     dist.destroy_process_group()
 

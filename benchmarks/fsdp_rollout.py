@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/fsdp_rollout.py
     (run_all.py launches it that way; --repeats 1 for a smoke test)
 
-The policy is reft.py's: reft.load_models + reft.shard (each decoder layer, then the PolicyWithValueHead root;
+The policy is reft.py's: reft.load_models, sharded by reft.shard (each decoder layer, the heads, the root;
 gloo, fp32) on the `tiny` checkpoint, one warm-up forward through the root as reft.main does. Each rank samples its
 half of a 32-prompt batch for exactly --response_length tokens with reft.sample (EOS id -1, so no row ever ends
 and both ranks run the same number of decode steps; with per-token collectives a rank that stopped early would
@@ -45,13 +45,11 @@ def main():
     if "RANK" not in os.environ:
         raise SystemExit("error: run me under torchrun --standalone --nproc_per_node 2")
     rank, world, device, mesh = reft.init_distributed()
-    tok, model, ref = reft.load_models(reft.Args(model=args.ckpt), device)
+    tok, model, ref = reft.load_models(reft.Args(model=args.ckpt), mesh, device)
     del ref
     records = reward.load_records(args.prompts)[:args.batch_size][rank::world]
     ids, mask = reft.left_pad([tok(reward.build_prompt(r["question"], "nl", sampling=True),
                                    add_special_tokens=False).input_ids for r in records], tok.pad_token_id, device)
-    model.to(device)
-    reft.shard(model, mesh, device)
     with torch.no_grad():  # FSDP2 picks its root at the first forward (as reft.main)
         model(ids[:1], mask[:1], ids.size(1))
     model.eval()

@@ -58,7 +58,7 @@ def measure(name, extra, args):
     from transformers import AutoModelForCausalLM
     out = BENCH_DIR / f"sft_{name}"
     cmd = [sys.executable, "sft.py", "--model", "tiny", "--data", "minigsm", "--output_dir", out, "--max_steps",
-           args.steps, "--batch_size", args.batch_size, "--micro_batch_size", args.batch_size, "--no-save_epochs",
+           args.steps, "--batch_size", args.batch_size, "--micro_batch_size", args.batch_size, "--save_epochs", "none",
            "--save_steps", 10 ** 6, *extra]
     waited, foreign, runs = run_quiet(cmd, args.max_wait, threads=args.threads, retries=args.retries,
                                       log=BENCH_DIR / f"sft_{name}.log")
@@ -97,7 +97,7 @@ def op_profile(init_dir, batch_size, steps=3):
     model.config.use_cache = False
     records = reward.load_records("minigsm", "train", "nl", require_cot=True)[:batch_size]
     input_ids, labels, attn = sft.collate([sft.encode_example(tok, r, "nl", 512) for r in records], tok.pad_token_id)
-    sft.shard(model, mesh, device)
+    sft.shard(model, mesh, sft.compute_dtype(device))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
 
     def step():

@@ -108,14 +108,11 @@ def profile_steps(ckpt, prompt_file, L, args):
     a = reft.Args(model=str(ckpt), data=str(prompt_file), max_length=L + args.response_length,
                   max_prompt_length=L, batch_size=args.batch_size, ppo_epochs=args.ppo_epochs)
     rank, world, device, mesh = reft.init_distributed()
-    tok, model, ref = reft.load_models(a, device)
+    tok, model, ref = reft.load_models(a, mesh, device)
     records = reward.load_records(a.data, "train", a.cot)
     prompts = [tok(reward.build_prompt(r["question"], a.cot, sampling=True), add_special_tokens=False).input_ids
                for r in records]
-    model.to(device).train()
-    ref.to(device)
-    reft.shard(model, mesh, device)
-    reft.shard(ref, mesh, device)
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, eps=1e-8, weight_decay=0.0)
     with torch.no_grad():
         model(*reft.left_pad(prompts[:1], tok.pad_token_id, device), len(prompts[0]))

@@ -58,7 +58,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     records = reward.load_records(args.data, "train", "nl", require_cot=True)
     texts = [reward.build_prompt(r["question"], "nl") + reward.build_target(r, "nl") for r in records]
-    model, tok = sft.load_model_and_tokenizer(sft.Args(model="tiny", seed=args.seed), texts)
+    tiny = sft.Args(model="tiny", seed=args.seed)
+    tok = sft.load_tokenizer(tiny, texts)
+    model = sft.tiny_model(tiny, tok)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)

@@ -45,5 +45,5 @@ def warmup(minigsm, tmp_path_factory):
     """A tiny warm-up checkpoint: sft.py on minigsm long enough that some greedy answers are right."""
     out = tmp_path_factory.mktemp("warmup")
     run([PY, "sft.py", "--data", minigsm, "--epochs", 12, "--batch_size", 32, "--micro_batch_size", 32,
-         "--output_dir", out, "--no-save_epochs", "--save_steps", 1000])
+         "--output_dir", out, "--save_epochs", "none", "--save_steps", 1000])
     return out / "final"

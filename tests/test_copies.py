@@ -1,0 +1,52 @@
+"""Each stage is one self-contained file, so a few setup helpers are repeated in several of them. The copies must
+stay identical: a fix made in one file and forgotten in another is how the stages drifted apart before."""
+import ast
+
+import pytest
+
+from conftest import ROOT
+
+COPIES = {
+    "init_distributed": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "compute_dtype": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "decoder_blocks": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "head_groups": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "shard": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "load_sharded": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "gathered_for_generation": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "parse_args": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "epochs_to_save": ["sft.py", "reft.py"],
+    "lr_lambda": ["sft.py", "rerank.py"],
+    "load": ["rerank.py", "evaluate.py"],
+    "num_calls": ["rerank.py", "evaluate.py"],
+}
+# Same name, different job: not copies.
+DIFFERENT = {"collate", "greedy_accuracy", "sample", "save_resume_state", "load_resume_state"}
+
+
+def function_source(path, name):
+    tree = ast.parse(path.read_text())
+    found = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == name]
+    assert len(found) == 1, f"{path.name} defines {name} {len(found)} times"
+    return ast.get_source_segment(path.read_text(), found[0])
+
+
+@pytest.mark.parametrize("name", sorted(COPIES))
+def test_repeated_helpers_are_identical_copies(name):
+    files = COPIES[name]
+    sources = {f: function_source(ROOT / f, name) for f in files}
+    first = sources[files[0]]
+    assert all(src == first for src in sources.values()), f"{name} differs between {files}"
+
+
+def test_the_copy_list_is_complete():
+    """A helper defined in two stage files and missing from COPIES would drift unchecked."""
+    stages = ["sft.py", "reft.py", "rerank.py", "evaluate.py"]
+    defined = {}
+    for f in stages:
+        for node in ast.parse((ROOT / f).read_text()).body:
+            if isinstance(node, ast.FunctionDef):
+                defined.setdefault(node.name, []).append(f)
+    repeated = {name: files for name, files in defined.items() if len(files) > 1 and name not in DIFFERENT | {"main"}}
+    assert repeated == {name: files for name, files in COPIES.items() if name in repeated}
+    assert set(repeated) == set(COPIES)
