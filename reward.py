@@ -29,7 +29,7 @@ Comparison  numbers are equal when |pred - gold| <= 1e-2 (+1e-9 float slack, so 
 Reward    1.0 correct; PARTIAL_REWARD (0.1) when a number was extracted but is wrong, for numeric gold only (on
           multiple choice any letter would earn it); else 0.0 (nothing extracted, or a letter for numeric gold).
 
-Sandbox. A pool of worker processes (start_pool(workers), default one per usable CPU), each started as
+Sandbox. A pool of worker processes (start_pool(workers), default usable CPUs / LOCAL_WORLD_SIZE), each started as
 `python -I reward.py --worker` (fork+exec: the trainer is never forked, and unlike multiprocessing's spawn the
 trainer's __main__ with torch is not re-imported). Messages are JSON lines, never pickle. A worker is a supervisor
 that never runs model code: after importing what programs may use it points fds 0-2 at /dev/null, drops root to
@@ -614,14 +614,17 @@ _LOCK = threading.RLock()
 
 
 def start_pool(workers=None):
-    """(Re)start the sandbox pool with `workers` processes (default: the usable CPUs)."""
+    """(Re)start the sandbox pool with `workers` processes. The default shares the usable CPUs among the ranks
+    of this node (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun): every rank starts its own pool, and 8 ranks
+    on a 96-core node must start 96 workers in all, not 768 that fight over the cores and the memory."""
     global _POOL
     with _LOCK:
         if _POOL is None:
             atexit.register(shutdown_pool)
         else:
             _POOL.close()
-        _POOL = _Pool(workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        _POOL = _Pool(workers or max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def shutdown_pool():

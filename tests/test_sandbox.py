@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import torchrun
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import reward  # noqa: E402
 
@@ -305,3 +307,16 @@ def test_pool_is_shut_down_at_exit(tmp_path):
     assert answer == "[7.0]" and pids
     time.sleep(0.2)
     assert not {int(p) for p in pids} & set(processes())
+
+
+def test_ranks_of_a_node_share_the_cpus(tmp_path):
+    """Each torchrun rank starts its own pool: together the ranks of a node start one worker per usable CPU."""
+    script = tmp_path / "rank.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(Path(reward.__file__).parent)!r})\nimport reward\n"
+                      f"assert reward.run_programs([{OK!r}]) == [7.0]\n"
+                      f"with open(os.path.join({str(tmp_path)!r}, 'workers_' + os.environ['RANK']), 'w') as f:\n"
+                      "    f.write(str(len(reward.worker_pids())))\n")
+    torchrun(2, script, timeout=120)
+    workers = [int((tmp_path / f"workers_{rank}").read_text()) for rank in (0, 1)]
+    cpus = len(os.sched_getaffinity(0))
+    assert workers == [max(1, cpus // 2)] * 2, (workers, cpus)  # 2 CPUs or more: as many workers as CPUs in all
