@@ -431,8 +431,8 @@ def greedy_accuracy(model, tok, records, args, rank, world, device, batch_size=6
     with gathered_for_generation(model):
         for b in range(0, len(mine), batch_size):
             chunk = mine[b:b + batch_size]
-            prompts = [tok(reward.build_prompt(r["question"], args.cot, sampling=True),
-                           add_special_tokens=False).input_ids for r in chunk]
+            prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True))
+                       for r in chunk]
             ids, mask = left_pad(prompts, tok.pad_token_id, device)
             resp = sample(model.lm, ids, mask, args.max_length - ids.size(1), tok.eos_token_id,
                           tok.pad_token_id, 0.0, [0] * len(chunk))
@@ -460,8 +460,7 @@ def main(args):
     # The training questions (answers only: ReFT never looks at the annotated CoT) and their prompts.
     tok, model, ref = load_models(args, device)
     records = reward.load_records(args.data, "train", args.cot)
-    prompts = [tok(reward.build_prompt(r["question"], args.cot, sampling=True), add_special_tokens=False).input_ids
-               for r in records]
+    prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True)) for r in records]
     keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_length]
     log(f"data: {len(records)} questions from {args.data}, {len(records) - len(keep)} dropped as prompts longer "
         f"than --max_prompt_length {args.max_prompt_length}")
