@@ -313,8 +313,8 @@ def generate_texts(model, tok, prompts, batch_size, device, desc, rank, **gen_kw
     with gathered_for_generation(model):
         for b in tqdm(range(n), desc=desc, disable=rank != 0):
             chunk = prompts[b * batch_size:(b + 1) * batch_size]
-            enc = tok(chunk or [reward.build_prompt("", "nl")], return_tensors="pt", padding=True,
-                      add_special_tokens=False).to(device)
+            ids = [reward.encode_prompt(tok, p) for p in chunk or [reward.build_prompt("", "nl")]]
+            enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device)  # left padding
             out = model.generate(**enc, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **gen_kwargs)
             if chunk:
                 texts += tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
@@ -330,8 +330,8 @@ def verifier_scores(verifier, tok, texts, batch_size, device, rank):
     scores = []
     for b in tqdm(range(num_calls(len(texts), batch_size, device)), desc="verifier", disable=rank != 0):
         chunk = texts[b * batch_size:(b + 1) * batch_size]
-        enc = tok(chunk or ["Question:\n"], return_tensors="pt", padding=True, truncation=True,
-                  add_special_tokens=False).to(device)
+        ids = [reward.encode_prompt(tok, t)[:tok.model_max_length] for t in chunk or ["Question:\n"]]
+        enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device)  # right padding, cut as rerank.encode cuts
         logits = verifier(**enc).logits[:, 0].float()  # (B,)
         if chunk:
             scores += torch.sigmoid(logits).tolist()

@@ -547,8 +547,8 @@ def greedy_accuracy(model, tok, records, args, rank, world, device, batch_size):
     with gathered_for_generation(model):
         for b in range(0, len(mine), batch_size):
             chunk = mine[b:b + batch_size]
-            prompts = [tok(reward.build_prompt(r["question"], args.cot, sampling=True),
-                           add_special_tokens=False).input_ids for r in chunk]
+            prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True))
+                       for r in chunk]
             ids, mask = left_pad(prompts, tok.pad_token_id, device)
             resp = sample(model.lm, ids, mask, args.max_length - ids.size(1), tok.eos_token_id,
                           tok.pad_token_id, 0.0, [0] * len(chunk))
@@ -581,8 +581,7 @@ def main(args):
         args.lr = 5e-5 if n_params < 50_000_000 else 3e-7
     log(f"policy: {n_params:,} params, lr {args.lr:g}")
     records = reward.load_records(args.data, "train", args.cot)
-    prompts = [tok(reward.build_prompt(r["question"], args.cot, sampling=True), add_special_tokens=False).input_ids
-               for r in records]
+    prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True)) for r in records]
     keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_length]
     log(f"data: {len(records)} questions from {args.data}, {len(records) - len(keep)} dropped as prompts longer "
         f"than --max_prompt_length {args.max_prompt_length}")

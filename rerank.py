@@ -8,7 +8,8 @@
    (reward.build_prompt(q, "python", sampling=True)) and the completion is the body.
 2. Training: the LM trunk from --init (default --model; the paper inits from the best SFT or ReFT checkpoint)
    with a scalar head on the hidden state of the last non-pad token, trained with binary cross-entropy on
-   `build_prompt(q, cot, sampling=True) + completion` (no EOS, cut at --max_length). A held-out part of the
+   `build_prompt(q, cot, sampling=True) + completion` (reward.encode_prompt: BOS first where the tokenizer puts
+   one, no EOS; cut at --max_length). A held-out part of the
    questions (--holdout_fraction) gives accuracy, AUC and rerank accuracy at every epoch.
 
 The verifier is saved as a LlamaForSequenceClassification with num_labels=1 (`score` = Linear(hidden, 1, bias=False)
@@ -16,7 +17,8 @@ on the rightmost non-pad token) in {output_dir}/final; its tokenizer's model_max
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     model = AutoModelForSequenceClassification.from_pretrained("runs/rerank/final")
     tok = AutoTokenizer.from_pretrained("runs/rerank/final"); tok.padding_side = "right"
-    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, add_special_tokens=False)
+    ids = [reward.encode_prompt(tok, t)[:tok.model_max_length] for t in texts]  # BOS first where tok has one
+    enc = tok.pad({"input_ids": ids}, return_tensors="pt")
     p_correct = torch.sigmoid(model(**enc).logits[:, 0])
 (this is what evaluate.py --mode rerank does).
 
@@ -344,8 +346,8 @@ def sample(args, path, rank, world, device, mesh, log):
             texts = []
             for c in range(calls):
                 chunk = prompts[c * bs:(c + 1) * bs]
-                enc = tok(chunk or [reward.INSTRUCTION], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(device)
+                ids = [reward.encode_prompt(tok, p) for p in chunk or [reward.INSTRUCTION]]
+                enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device)  # left padding
                 out = model.generate(**enc, do_sample=True, temperature=args.temperature, top_k=args.top_k,
                                      top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -380,7 +382,7 @@ def encode(tok, rows, cot, max_length):
     """[(input_ids, label)] for `build_prompt(q, cot, sampling=True) + completion`, cut to max_length; and the
     number of inputs that were cut."""
     texts = [reward.build_prompt(r["question"], cot, sampling=True) + r["completion"] for r in rows]
-    ids = tok(texts, add_special_tokens=False).input_ids if texts else []
+    ids = [reward.encode_prompt(tok, t) for t in texts]
     return [(x[:max_length], float(r["correct"])) for x, r in zip(ids, rows)], sum(len(x) > max_length for x in ids)
 
 

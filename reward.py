@@ -9,6 +9,9 @@ Format (the paper's code): prompt "Question:\\n{q}\\nAnswer reasoning:\\n"; the 
           evaluation the prompt ends with that header up to the closing quotes (not the newline after them: see
           program_header) and the model writes the body: extract_answer rebuilds the header from `question`
           when the completion does not start with "def solution".
+Tokens    BOS first where the tokenizer puts one, no template EOS inside a prompt, and an SFT example tokenized as
+          one string so that its rollout prompt's ids are a prefix of it: every stage tokenizes through
+          encode_prompt and encode_sft_example.
 Extraction
   nl      the text after the LAST "Therefore, the answer is:" (leading newline optional; blanks and newlines
           after the colon skipped) up to the end of that line. No trigger -> None.
@@ -108,6 +111,39 @@ def build_target(record, cot):
     if cot == "python":
         return record["answer_cot"].strip()
     return f"{record['answer_cot'].strip()}{ANSWER_TRIGGER}{record['answer_value']}"
+
+
+# ---------------------------------------------------------------- tokenization (every stage, one rule)
+def bos_ids(tok):
+    """[BOS] when the tokenizer's own template starts a sequence with it, else []: a model was trained as its
+    tokenizer encodes. Llama/CodeLlama SentencePiece tokenizers put <s> there; GPT-2-style byte BPEs such as
+    SmolLM2's, and the tiny tokenizer, put nothing and so keep exactly the ids they had without special tokens."""
+    bos = tok.bos_token_id
+    return [bos] if bos is not None and tok("a").input_ids[:1] == [bos] else []
+
+
+def encode_prompt(tok, text):
+    """Token ids of a sequence that starts with `text`, as every stage feeds it to a model (rollout, sampling and
+    evaluation prompts, verifier inputs): BOS where the tokenizer puts one, then `text` tokenized as one string,
+    then nothing. The template itself is not used: some append an EOS, which would tell the model the text is over."""
+    return bos_ids(tok) + tok(text, add_special_tokens=False).input_ids
+
+
+def encode_sft_example(tok, prompt, target):
+    """(ids, n_prompt): encode_prompt of `prompt + target` (the caller appends EOS), and how many of its first ids
+    are encode_prompt(prompt), the ids that carry no loss.
+
+    One string, not prompt and target tokenized apart: a SentencePiece tokenizer marks the start of every string
+    with "▁", so a target tokenized alone would start with "▁def" where the python rollout prompt, which ends with
+    the program header (the target's first line), has "def". As one string, the rollout prompt's ids are a prefix of
+    the example's. The prompt ends with a newline, which neither byte-level BPEs nor Llama's SentencePiece merge
+    with what follows, so its ids are a prefix too and byte-level BPEs give the ids of tokenizing apart. A tokenizer
+    that merges across it raises ValueError: the loss would start inside a token that no rollout prompt ends with."""
+    ids, prompt_ids = encode_prompt(tok, prompt + target), encode_prompt(tok, prompt)
+    if ids[:len(prompt_ids)] != prompt_ids:
+        raise ValueError(f"the tokenizer merges the prompt's end with the target's start: {prompt[-20:]!r} + "
+                         f"{target[:20]!r}")
+    return ids, len(prompt_ids)
 
 
 # ---------------------------------------------------------------- parsing and comparison

@@ -338,14 +338,16 @@ def load_model(args, tok, mesh, device):
 # ----------------------------------------------------------------------------- data
 
 def encode_example(tok, record, cot, max_length):
-    """(input_ids, labels) for one record; labels are -100 on the prompt so only CoT + EOS carry loss.
+    """(input_ids, labels) for one record, tokenized by reward.encode_sft_example so that the rollout prompt's ids
+    are a prefix; labels are -100 on the prompt so only CoT + EOS carry loss.
 
     Returns None when the example is longer than max_length (the caller counts and reports those)."""
-    prompt = tok(reward.build_prompt(record["question"], cot), add_special_tokens=False).input_ids
-    target = tok(reward.build_target(record, cot), add_special_tokens=False).input_ids + [tok.eos_token_id]
-    if len(prompt) + len(target) > max_length:
+    ids, n_prompt = reward.encode_sft_example(tok, reward.build_prompt(record["question"], cot),
+                                              reward.build_target(record, cot))
+    ids = ids + [tok.eos_token_id]
+    if len(ids) > max_length:
         return None
-    return prompt + target, [-100] * len(prompt) + target
+    return ids, [-100] * n_prompt + ids[n_prompt:]
 
 
 def collate(examples, pad_id):
@@ -389,8 +391,9 @@ def greedy_accuracy(model, tok, records, cot, max_new_tokens, rank, world, devic
     with gathered_for_generation(model):
         for b in range(n_batches):
             chunk = mine[b * batch_size:(b + 1) * batch_size] or mine[:1] or records[:1]
-            enc = tok([reward.build_prompt(r["question"], cot, sampling=True) for r in chunk], return_tensors="pt",
-                      padding=True, add_special_tokens=False).to(device)
+            prompt_ids = [reward.encode_prompt(tok, reward.build_prompt(r["question"], cot, sampling=True))
+                          for r in chunk]
+            enc = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left padding
             out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             texts = tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small prepared minigsm folder and a tiny SFT warm-up checkpoint, built once per session."""
+"""Shared fixtures, built once per session: a small prepared minigsm folder, a tiny SFT warm-up checkpoint and a
+tiny Llama-style SentencePiece tokenizer."""
 import json
 import os
 import subprocess
@@ -10,6 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 PY = sys.executable
+
+sys.path.insert(0, str(ROOT))
+import reward  # noqa: E402
 
 
 def run(args, check=True, timeout=900, env=None, **kw):
@@ -47,3 +51,32 @@ def warmup(minigsm, tmp_path_factory):
     run([PY, "sft.py", "--data", minigsm, "--epochs", 12, "--batch_size", 32, "--micro_batch_size", 32,
          "--output_dir", out, "--save_epochs", "none", "--save_steps", 1000])
     return out / "final"
+
+
+def train_llama_tokenizer(texts, vocab_size, path):
+    """A tokenizer built as transformers builds Llama/CodeLlama's: BPE over "▁"-marked text (a "▁" put before the
+    first word of every string, none after a newline), byte fallback for characters outside the vocabulary ("\n"
+    among them, as in Llama), digits one by one, <s> put first by the template and <unk>, <s>, </s> at ids 0, 1, 2;
+    no pad token (CodeLlama has none). Trained offline on `texts` line by line (so no token spans a newline and none
+    a "▁" inside it, as SentencePiece trains), saved with save_pretrained to `path`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(prepend_scheme="first"),
+                                                 pre_tokenizers.Digits(individual_digits=True)])
+    bpe.train_from_iterator((line for text in texts for line in text.split("\n")),
+                            trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
+    model = json.loads(bpe.to_str())["model"]
+    tok = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], add_bos_token=True)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(minigsm, tmp_path_factory):
+    """Folder of a tiny Llama-style SentencePiece tokenizer (train_llama_tokenizer) trained on minigsm's nl and
+    python training examples; load it with AutoTokenizer.from_pretrained."""
+    texts = [reward.build_prompt(r["question"], cot) + reward.build_target(r, cot)
+             for cot in ("nl", "python") for r in reward.load_records(str(minigsm / f"train_{cot}.jsonl"))]
+    return train_llama_tokenizer(texts, 1000, tmp_path_factory.mktemp("llama_tokenizer"))

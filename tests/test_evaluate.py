@@ -1,6 +1,8 @@
 """evaluate.py: the selection rules, the three modes end to end, 1-vs-2-process parity, and bad input."""
 import json
+import math
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -8,6 +10,8 @@ from conftest import PY, ROOT, run, torchrun
 
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
+import reward  # noqa: E402
+import rerank  # noqa: E402
 
 SMALL = ["--limit", 12, "-k", 4, "--max_new_tokens", 48, "--batch_size", 16, "--seed", 5]
 
@@ -39,6 +43,51 @@ def test_rerank_skips_samples_without_an_answer():
 
 def test_pass_at_k():
     assert evaluate.pass_at_k([False, True, False]) and not evaluate.pass_at_k([False, False])
+
+
+def test_policy_and_verifier_inputs_follow_the_stages_tokenization(llama_tokenizer, minigsm, monkeypatch):
+    """With a Llama tokenizer, evaluate.py feeds the policy reward.encode_prompt's ids (BOS first, once; left
+    padding), as reft.py samples from, and the verifier the ids rerank.py trains it on (rerank.encode: BOS first,
+    cut at the verifier's max_length; right padding)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    class Recorder(torch.nn.Module):
+        """Keeps the unpadded rows it is given; generates nothing and scores 0."""
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def keep(self, input_ids, attention_mask, padded_on):
+            self.rows += [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
+            assert (attention_mask[:, -1 if padded_on == "left" else 0] == 1).all()
+
+        def generate(self, input_ids, attention_mask, **kwargs):
+            self.keep(input_ids, attention_mask, "left")
+            return input_ids
+
+        def forward(self, input_ids, attention_mask):
+            self.keep(input_ids, attention_mask, "right")
+            return SimpleNamespace(logits=torch.zeros(len(input_ids), 1))
+
+    monkeypatch.setattr(evaluate, "num_calls", lambda n_items, batch_size, device: math.ceil(n_items / batch_size))
+    tok = AutoTokenizer.from_pretrained(llama_tokenizer)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    records = reward.load_records(str(minigsm / "test_python.jsonl"))[:5]
+    prompts = [reward.build_prompt(r["question"], "python", sampling=True) for r in records]
+    policy = Recorder()
+    evaluate.generate_texts(policy, tok, prompts, 2, "cpu", "greedy", 0)
+    assert policy.rows == [reward.encode_prompt(tok, p) for p in prompts]
+    assert all(row[0] == tok.bos_token_id and row.count(tok.bos_token_id) == 1 for row in policy.rows)
+
+    rows = [{"question": r["question"], "completion": reward.build_target(r, "python")[len(reward.program_header(
+        r["question"])):], "correct": True} for r in records]
+    tok.model_max_length = 40  # the verifier's training max_length, as rerank.py saves it
+    verifier = Recorder()
+    evaluate.verifier_scores(verifier, tok, [p + row["completion"] for p, row in zip(prompts, rows)], 2, "cpu", 0)
+    trained, n_cut = rerank.encode(tok, rows, "python", 40)
+    assert verifier.rows == [ids for ids, _ in trained] and n_cut == len(rows)
+    assert all(row[0] == tok.bos_token_id and row.count(tok.bos_token_id) == 1 for row in verifier.rows)
 
 
 @pytest.fixture(scope="module")

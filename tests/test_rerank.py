@@ -86,8 +86,9 @@ def test_verifier_learns_a_learnable_labelling(synthetic_samples, warmup, tmp_pa
     texts = [reward.build_prompt(r["question"], "nl", sampling=True) + r["completion"] for r in rows]
     tok.padding_side = "right"
     with torch.no_grad():
-        batch = model(**tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)).logits[:, 0]
-        alone = [model(**tok(t, return_tensors="pt", add_special_tokens=False)).logits[0, 0] for t in texts]
+        ids = [reward.encode_prompt(tok, t)[:tok.model_max_length] for t in texts]  # as the module docstring says
+        batch = model(**tok.pad({"input_ids": ids}, return_tensors="pt")).logits[:, 0]
+        alone = [model(input_ids=torch.tensor([x])).logits[0, 0] for x in ids]
     assert torch.allclose(batch, torch.stack(alone), atol=1e-4)
     assert ((batch > 0) == torch.tensor([r["correct"] for r in rows])).float().mean() >= 0.8
 

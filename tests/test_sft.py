@@ -36,25 +36,66 @@ def test_prompt_tokens_carry_no_loss_and_eos_does(minigsm):
     assert input_ids.shape == (2, len(ids)) and attn[1].sum() == 5 and (lab[1, 5:] == -100).all()
 
 
-def rollout_prompt_is_a_token_prefix(tok, record):
-    """For python CoTs a rollout prompt ends with the program header: its tokens must be the first tokens of the
-    SFT example (prompt and target tokenised apart, as encode_example does), else sampling starts the body on a
-    token boundary the model never trained."""
-    ids, _ = sft.encode_example(tok, record, "python", 10_000)
-    prompt = tok(reward.build_prompt(record["question"], "python", sampling=True), add_special_tokens=False).input_ids
-    return ids[:len(prompt)] == prompt
+def assert_sft_ids_extend_the_rollout_prompt(tok, record, cot):
+    """The rollout prompt's ids as the tokenizer's own template gives them (BOS first where it puts one; none of
+    these templates appends anything) are the first ids of the SFT example, so sampling continues exactly the
+    sequences SFT trained (for python CoTs the rollout prompt ends with the program header, the target's first
+    line); the stages' rule gives the same ids; labels are -100 exactly over the SFT prompt, then the ids."""
+    ids, labels = sft.encode_example(tok, record, cot, 10_000)
+    rollout_text = reward.build_prompt(record["question"], cot, sampling=True)
+    rollout, prompt = tok(rollout_text).input_ids, tok(reward.build_prompt(record["question"], cot)).input_ids
+    assert ids[:len(rollout)] == rollout and reward.encode_prompt(tok, rollout_text) == rollout
+    assert labels == [-100] * len(prompt) + ids[len(prompt):]
+    assert ids[-1] == tok.eos_token_id and tok.decode(ids[len(prompt):-1]) == reward.build_target(record, cot)
+    return ids
 
 
-def test_python_rollout_prompt_is_a_prefix_of_the_sft_tokens(minigsm):
-    records = reward.load_records(str(minigsm / "train_python.jsonl"))[:50]
-    texts = [reward.build_prompt(r["question"], "python") + reward.build_target(r, "python") for r in records]
-    tok = sft.train_tiny_tokenizer(texts, 300)
-    assert all(rollout_prompt_is_a_token_prefix(tok, r) for r in records)
+def minigsm_records(minigsm, cot):
+    return reward.load_records(str(minigsm / f"train_{cot}.jsonl"))[:50]
+
+
+@pytest.mark.parametrize("cot", ["nl", "python"])
+def test_byte_bpe_sft_ids_extend_the_rollout_prompt_and_are_unchanged(minigsm, cot):
+    """Tokenizers without BOS keep the ids of prompt and target tokenized apart without special tokens."""
+    records = minigsm_records(minigsm, cot)
+    texts = [reward.build_prompt(r["question"], cot) + reward.build_target(r, cot) for r in records]
+    toks = [sft.train_tiny_tokenizer(texts, 300)]
     if GGUF_SPEC is not None:  # a byte-level BPE that merges "\n" with the next indent
         from transformers import AutoTokenizer
-        smol = AutoTokenizer.from_pretrained(os.path.dirname(GGUF_SPEC.origin),
-                                             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-        assert all(rollout_prompt_is_a_token_prefix(smol, r) for r in records)
+        toks.append(AutoTokenizer.from_pretrained(os.path.dirname(GGUF_SPEC.origin),
+                                                  gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
+    for tok in toks:
+        assert reward.bos_ids(tok) == []
+        for r in records:
+            ids = assert_sft_ids_extend_the_rollout_prompt(tok, r, cot)
+            apart = [tok(t, add_special_tokens=False).input_ids
+                     for t in (reward.build_prompt(r["question"], cot), reward.build_target(r, cot))]
+            assert ids == apart[0] + apart[1] + [tok.eos_token_id]
+
+
+@pytest.mark.parametrize("cot", ["nl", "python"])
+def test_sentencepiece_sft_ids_start_with_bos_and_extend_the_rollout_prompt(llama_tokenizer, minigsm, cot):
+    """A Llama tokenizer marks the start of every string with "▁": tokenized apart, the target would start with
+    "▁def" where the rollout prompt has "def"."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(llama_tokenizer)
+    assert tok.bos_token_id is not None and reward.bos_ids(tok) == [tok.bos_token_id]
+    for r in minigsm_records(minigsm, cot):
+        ids = assert_sft_ids_extend_the_rollout_prompt(tok, r, cot)
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+        assert ids.count(tok.eos_token_id) == 1
+
+
+def test_a_tokenizer_that_merges_prompt_and_target_is_refused():
+    """No loss mask can start inside a token: a tokenizer with one token for the prompt's end and the target's start
+    (here "\nd", where real tokenizers split) is refused instead of training on a boundary no rollout has."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<eos>": 0, "a": 1, "\n": 2, "d": 3, "\nd": 4}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab, [("\n", "d")])), eos_token="<eos>")
+    assert reward.encode_sft_example(tok, "a\n", "a") == ([1, 2, 1], 2)
+    with pytest.raises(ValueError, match="merges the prompt's end with the target's start"):
+        reward.encode_sft_example(tok, "a\n", "d")
 
 
 def test_token_nll_sum_matches_a_plain_loop():
