@@ -1,0 +1,815 @@
+"""A prepared one-GPU check of the 7B path: memory per phase, training MFU and rollout speed (est. 3-5 min).
+
+    python benchmarks/gpu_check.py --out $OUT/gpu_check.json          # one GPU (H200), at most ~8 minutes
+    python benchmarks/gpu_check.py --device cpu --small --out x.json   # the same code on tiny models (the tests)
+
+Nothing is downloaded: the models are random-init Llamas of CodeLlama-7B's width (hidden 4096, 32 heads,
+intermediate 11008, vocab 32,016) with 2 and 4 decoder layers instead of 32, and a tiny OPT (Galactica's
+architecture), built from their configs. Everything runs through the stage scripts' own functions (`import sft,
+reft, evaluate`): `init_distributed` (a 1-process NCCL group), `shard` (FSDP2 per decoder block, then the root;
+fp32 master weights, bf16 compute on GPU), `sft.token_nll_sum`, `reft.PolicyWithValueHead`, `reft.sample` inside
+`reft.gathered_for_generation`, the PPO losses, and `model.generate` inside `evaluate.gathered_for_generation`.
+Shapes are the paper's: SFT micro-batch 4 × 1024 tokens; ReFT micro-batch 4 × (300 prompt + 400 response) = 700
+tokens (the response never ends: EOS id -1, the worst case); evaluation batch 50 × (300 + 700 sampled tokens).
+
+Phases, for each (family, layers, gradient checkpointing off/on); each one is timed between
+torch.cuda.synchronize() calls and has its own peak (reset_peak_memory_stats / max_memory_allocated):
+  sft_step              sft.py's step: token_nll_sum, backward, clip, AdamW(foreach).step, zero_grad
+  rollout_compare       (checkpointing off, Llama) batch 4 and 32: reft.sample and HF generate, each on the
+                        FSDP-sharded policy inside reft.gathered_for_generation and on a plain bf16 copy of it
+  reft_rollout          reft.sample of 4 × 400 tokens inside gathered_for_generation
+  reft_old_ref_forward  old log-probs, values and entropy from the policy, reference log-probs (bf16 model)
+  reft_ppo_update       one PPO minibatch: forward, policy + value loss, backward, clip, AdamW step
+  eval_generation       (checkpointing off) evaluate.py's sampling: model.generate, batch 50, 700 new tokens
+The ReFT phases are recorded on their second iteration, when AdamW's state exists (as in a running job). The
+build_* phases record the model build and sharding. After each group its models are freed; anything that
+survives (a model or GPU memory) is listed under `leaks`, since it would inflate the next group's figures.
+
+Robustness: every phase runs in try/except and records its error (an OOM in one phase loses nothing else);
+phases that need a failed one are recorded as skipped; after --budget_s seconds the remaining phases are
+skipped; a watchdog writes the JSON and exits at --budget_s + --grace_s (a hung collective). The JSON is
+rewritten after every phase, so a killed run still leaves everything measured so far.
+
+Memory figures are GB = 1e9 bytes of torch.cuda.memory_allocated (live tensors; the allocator's reserve is
+`peak_reserved_gb`). Extrapolation (`extrapolate`), done per phase from the 2- and 4-layer runs:
+  - each quantity q (resident, grads, peak of forward+backward, peak of the optimizer step) is linear in the
+    layer count: per_layer = (q(4) - q(2)) / 2, q(32) = q(2) + 30 · per_layer. On one GPU the FSDP "shard" is the
+    whole model, so q(32) is what one GPU would need without sharding.
+  - FSDP over N = 8 GPUs: resident = memory allocated when the phase starts = fp32 policy weights + AdamW m, v
+    (+ the bf16 reference for ReFT): all sharded, so ÷ N. grads = the fp32 gradients alive after backward:
+    FSDP reduce-scatters each block's gradient as soon as it is computed and keeps only its shard, so ÷ N too.
+    Everything else at the peak (activations, logits, the bf16 block(s) all-gathered for compute, the whole
+    policy gathered for a rollout, the KV cache) is per GPU: it does not divide.
+        fsdp8      = resident/N + grads/N + max(0, peak_fwd_bwd - resident - grads)
+                     (assumes every gradient is already alive at the peak; then max with peak_optimizer / N,
+                     since the optimizer step touches only sharded tensors)
+        fsdp8_max  = resident/N + grads/N + (peak_fwd_bwd - resident)
+                     (an upper bound: as if no gradient were alive at the peak)
+  - the README's estimate for the same phase (README_GB below) is printed next to it.
+FSDP2 all-gathers and reduce-scatters on one GPU too, so its full-size per-block buffers are in the measured
+peaks; NCCL's own workspace for 8 ranks is not.
+
+Speed: tokens/s of the SFT step and of the PPO update (whole step, optimizer included), and MFU =
+model FLOP/s ÷ the bf16 matmul rate measured in this run (8192 × 8192, `matmul`), and ÷ the H200's nominal
+989 TFLOP/s dense bf16. Model FLOPs per step (PaLM, Chowdhery et al. 2022, appendix B):
+    6 · (trunk matmul weights · tokens + LM-head weights · tokens with logits) + 12 · layers · hidden · seq · tokens
+i.e. 6 N per token plus the attention score and value matmuls, counted in full as PaLM does (causal masking
+would halve them);
+embedding look-ups are not FLOPs; recomputation under gradient checkpointing is not counted (model FLOPs,
+not hardware FLOPs). Rollouts report generated tokens/s (batch × new tokens ÷ seconds) and the FSDP hook cost:
+(ms per decoding step of reft.sample on the sharded, gathered policy, its one gather and reshard included) -
+(the same on the plain bf16 copy, whose parameters alone are cast: buffers such as rotary inv_freq stay fp32, as
+under FSDP's policy, so both sample the same tokens: `same_samples_fsdp_vs_plain`).
+
+Versions: written for torch ≥ 2.11 and transformers ≥ 5.17 (the GPU machine's); nothing newer is used.
+"""
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GB = 1e9
+H200_BF16_DENSE_FLOPS = 989e12  # NVIDIA's H100/H200 SXM datasheet, dense (no sparsity)
+
+# README.md, "Memory per GPU: 7B policy + value head, 7B reference, FSDP2 over 8 × 80 GB" (commit 10a78d5):
+# resident 18 P / N = 15.2 GB; rollout peak ≈ 15.2 + 13.5 (gathered bf16 policy) + 1.5 (KV cache) ≈ 30 GB;
+# PPO peak ≈ 15.2 + 0.8 + 1.1 + 2 ≈ 19 GB with --gradient_checkpointing, ≈ 29 GB without. No SFT or
+# evaluation row. Update these when the README table changes.
+README_GB = {("resident", None): 15.2, ("reft_rollout", None): 30.0,
+             ("reft_ppo_update", True): 19.0, ("reft_ppo_update", False): 29.0}
+
+PHASES = ("sft_step", "rollout_compare", "reft_rollout", "reft_old_ref_forward", "reft_ppo_update",
+          "eval_generation")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--small", action="store_true", help="tiny widths and shapes (for the CPU test)")
+    p.add_argument("--out", default=None, help="JSON path (default: $OUT/gpu_check.json, else runs/gpu_check.json)")
+    p.add_argument("--budget_s", type=float, default=420.0, help="start no phase after this many seconds")
+    p.add_argument("--grace_s", type=float, default=90.0, help="watchdog: write the JSON and exit this much later")
+    p.add_argument("--families", default="llama,opt", help="comma-separated: llama, opt")
+    p.add_argument("--layers", default="2,4", help="comma-separated layer counts (extrapolation needs 2 values)")
+    p.add_argument("--fail_phase", default="", help="raise inside this phase (tests the error isolation)")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join(os.environ["OUT"], "gpu_check.json") if os.environ.get("OUT") \
+            else str(ROOT / "runs" / "gpu_check.json")
+    args.families = [f for f in args.families.split(",") if f]
+    args.layers = [int(x) for x in args.layers.split(",") if x]
+    if set(args.families) - {"llama", "opt"}:
+        raise SystemExit(f"error: --families takes llama and/or opt, not {args.families}")
+    if args.fail_phase and args.fail_phase not in PHASES:
+        raise SystemExit(f"error: --fail_phase must be one of {', '.join(PHASES)}")
+    return args
+
+
+def shapes(small):
+    """Batch and sequence shapes: the paper's on GPU, tiny ones for the CPU test."""
+    if small:
+        return dict(sft_batch=2, sft_len=64, sft_prompt=16, reft_batch=2, prompt=16, response=48,
+                    eval_batch=4, eval_prompt=16, eval_new=32, rollout_batches=(2, 4), rollout_prompt=16,
+                    rollout_new=16, sft_steps=2, reft_iters=2, repeats=1, matmul_n=256)
+    return dict(sft_batch=4, sft_len=1024, sft_prompt=200, reft_batch=4, prompt=300, response=400,
+                eval_batch=50, eval_prompt=300, eval_new=700, rollout_batches=(4, 32), rollout_prompt=300,
+                rollout_new=256, sft_steps=3, reft_iters=2, repeats=2, matmul_n=8192)
+
+
+def model_config(family, layers, small):
+    """A random-init config: CodeLlama-7B's width (or a tiny OPT), every dropout 0, pad 0 (<unk>), EOS 2."""
+    from transformers import LlamaConfig, OPTConfig
+    if family == "llama":
+        width = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+                     vocab_size=512) if small else \
+            dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008,
+                 vocab_size=32016)
+        return LlamaConfig(num_hidden_layers=layers, max_position_embeddings=2048, attention_dropout=0.0,
+                           tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, **width)
+    width = dict(hidden_size=64, num_attention_heads=4, ffn_dim=128, vocab_size=512) if small else \
+        dict(hidden_size=256, num_attention_heads=4, ffn_dim=1024, vocab_size=50272)
+    return OPTConfig(num_hidden_layers=layers, max_position_embeddings=2048, word_embed_proj_dim=width["hidden_size"],
+                     dropout=0.0, attention_dropout=0.0, layerdrop=0.0, pad_token_id=0, bos_token_id=1,
+                     eos_token_id=2, **width)
+
+
+def params_to(model, dtype):
+    """Cast the parameters only, as FSDP's MixedPrecisionPolicy and from_pretrained(dtype=...) do: buffers such as
+    the rotary inv_freq stay fp32 (model.to(bf16) would round them and change every sample)."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
+# ----------------------------------------------------------------------------- arithmetic (pure)
+
+def train_flops(trunk_params, head_params, tokens, logit_tokens, layers, hidden, seq):
+    """Model FLOPs of one forward+backward (PaLM's count, see the module docstring)."""
+    return 6 * (trunk_params * tokens + head_params * logit_tokens) + 12 * layers * hidden * seq * tokens
+
+
+def linear_at(points, x):
+    """Value at x of the line through two (layers, value) points; None if a value is missing."""
+    (x0, y0), (x1, y1) = points
+    if y0 is None or y1 is None:
+        return None
+    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+
+
+def fsdp_estimate(resident, grads, peak_fwd_bwd, peak_opt, world):
+    """(estimate, upper bound) of a phase's peak per GPU under FSDP over `world` GPUs, from one-GPU figures.
+
+    Sharded: resident state and gradients. Not sharded: everything else alive at the peak (activations,
+    gathered bf16 blocks, KV cache, logits). The estimate assumes all gradients are alive at the peak, the bound
+    that none are (see the module docstring)."""
+    grads = grads or 0.0
+    sharded = (resident + grads) / world
+    est = sharded + max(0.0, peak_fwd_bwd - resident - grads)
+    upper = sharded + (peak_fwd_bwd - resident)
+    if peak_opt is not None:
+        est, upper = max(est, peak_opt / world), max(upper, peak_opt / world)
+    return est, upper
+
+
+def extrapolate(by_layers, to_layers=32, world=8):
+    """From {layers: record} of one phase at two layer counts: growth per layer, the figures at `to_layers` on one
+    GPU and per GPU under FSDP over `world` GPUs (GB). Records carry resident_gb, peak_gb and, for training
+    phases, grads_gb, peak_fwd_bwd_gb, peak_opt_gb. Returns None unless exactly two layer counts have numbers."""
+    if len(by_layers) != 2:
+        return None
+    (l0, r0), (l1, r1) = sorted(by_layers.items())
+    if any(r.get(k) is None for r in (r0, r1) for k in ("resident_gb", "peak_gb")):
+        return None
+
+    def at(key, x, default=None):
+        return linear_at([(l0, r0.get(key, default)), (l1, r1.get(key, default))], x)
+
+    res = {"layers": [l0, l1], "to_layers": to_layers, "world": world,
+           "peak_per_layer_gb": (r1["peak_gb"] - r0["peak_gb"]) / (l1 - l0),
+           "resident_per_layer_gb": (r1["resident_gb"] - r0["resident_gb"]) / (l1 - l0)}
+    q = {k: at(k, to_layers) for k in ("resident_gb", "peak_gb", "grads_gb", "peak_fwd_bwd_gb", "peak_opt_gb")}
+    res.update({f"{k[:-3]}_{to_layers}L_gb": v for k, v in q.items() if v is not None})
+    peak_fwd_bwd = q["peak_fwd_bwd_gb"] if q["peak_fwd_bwd_gb"] is not None else q["peak_gb"]
+    est, upper = fsdp_estimate(q["resident_gb"], q["grads_gb"], peak_fwd_bwd, q["peak_opt_gb"], world)
+    res[f"fsdp{world}_gb"], res[f"fsdp{world}_max_gb"] = est, upper
+    res[f"fsdp{world}_resident_gb"] = q["resident_gb"] / world
+    return res
+
+
+def readme_estimate(phase, gc_on):
+    return README_GB.get((phase, gc_on), README_GB.get((phase, None)))
+
+
+def summarize(phases):
+    """(extrapolations, rollout rows) from the recorded phases: one extrapolation per (Llama phase, gc) measured
+    at two layer counts (only the Llama runs have a 7B model's width), and the FSDP-hook figures per batch."""
+    groups = {}
+    for r in phases:
+        if r["status"] == "ok" and r.get("family") == "llama" and r["phase"] in (
+                "sft_step", "reft_rollout", "reft_old_ref_forward", "reft_ppo_update", "eval_generation"):
+            groups.setdefault((r["phase"], r["gc"]), {})[r["layers"]] = r
+    ext = []
+    for (phase, gc_on), by_layers in groups.items():
+        e = extrapolate(by_layers)
+        if e is not None:
+            ext.append(dict(e, phase=phase, gc=gc_on, readme_gb=readme_estimate(phase, gc_on)))
+    rollout = [{k: r[k] for k in ("family", "layers", "batch", "fsdp_hook_ms_per_step",
+                                  "fsdp_hook_ms_per_step_per_layer", "sampler_vs_generate_fsdp",
+                                  "same_samples_fsdp_vs_plain")}
+               for r in phases if r["phase"] == "rollout_compare" and r["status"] == "ok"]
+    return ext, rollout
+
+
+# ----------------------------------------------------------------------------- the check
+
+class Check:
+    """Runs phases in order, each isolated, and keeps the JSON on disk up to date."""
+
+    def __init__(self, args):
+        import torch
+        self.torch, self.args, self.sh = torch, args, shapes(args.small)
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + args.budget_s
+        self.lock = threading.Lock()
+        self.result = {"args": {k: v for k, v in vars(args).items()}, "shapes": self.sh, "env": {}, "matmul": None,
+                       "phases": [], "extrapolation": [], "rollout": [], "leaks": [],
+                       "status": "running"}
+
+    # -- bookkeeping
+    def elapsed(self):
+        return time.monotonic() - self.t0
+
+    def save(self):
+        with self.lock:
+            self.result["elapsed_s"] = round(self.elapsed(), 1)
+            text = json.dumps(self.result, indent=1, default=str)
+        out = Path(self.args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f"{out.name}.tmp{threading.get_ident()}")  # the watchdog may write at the same time
+        tmp.write_text(text)
+        os.replace(tmp, out)
+
+    def watchdog(self):
+        """Write what was measured and exit if the run hangs past budget + grace (e.g. a stuck collective)."""
+        def fire():
+            with self.lock:
+                self.result["status"] = f"watchdog: killed after {self.elapsed():.0f} s"
+            self.save()
+            print(f"watchdog: no end after {self.elapsed():.0f} s; partial JSON in {self.args.out}", flush=True)
+            os._exit(3)
+        t = threading.Timer(self.args.budget_s + self.args.grace_s, fire)
+        t.daemon = True
+        t.start()
+
+    def sync(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def free(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            self.torch.cuda.empty_cache()
+
+    def phase(self, name, fn, needs=True, **labels):
+        """Run fn() -> dict of figures as one recorded phase; returns True if it ran without error."""
+        rec = {"phase": name, **labels}
+        if needs is not True:
+            rec.update(status="skipped", reason=needs)
+        elif time.monotonic() > self.deadline:
+            rec.update(status="skipped", reason=f"budget of {self.args.budget_s:.0f} s spent")
+        else:
+            start = time.monotonic()
+            try:
+                if name == self.args.fail_phase:
+                    raise RuntimeError(f"--fail_phase {name}")
+                rec.update(fn() or {})
+                rec["status"] = "ok"
+            except Exception as e:  # noqa: BLE001 - any failure is a finding: record it and go on
+                rec.update(status="error", error=f"{type(e).__name__}: {e}"[:2000],
+                           traceback=traceback.format_exc()[-2500:])
+            rec["wall_s"] = round(time.monotonic() - start, 2)
+        with self.lock:
+            self.result["phases"].append(rec)
+        if rec["status"] == "error":
+            self.free()  # an OOM's traceback held tensors: return them before the next phase
+        self.save()
+        tag = " ".join(f"{k}={v}" for k, v in labels.items())
+        print(f"[{self.elapsed():6.1f} s] {name:<22} {tag:<32} {rec['status']}"
+              + (f": {rec.get('error', rec.get('reason', ''))[:200]}" if rec["status"] != "ok" else ""), flush=True)
+        return rec["status"] == "ok"
+
+    def end_group(self, group, labels):
+        """Free the group's models (FSDP's hooks make reference cycles: only gc frees them) and record any model or
+        GPU memory that survived it, since it would inflate the next group's figures."""
+        from transformers import PreTrainedModel
+        self.free()
+        with warnings.catch_warnings():  # isinstance on every object wakes deprecated module attributes
+            warnings.simplefilter("ignore")
+            alive = sum(isinstance(o, PreTrainedModel) for o in gc.get_objects())
+        left = self.mem()
+        if alive or (left or 0) > 0.05:
+            with self.lock:
+                self.result["leaks"].append({"after": group, **labels, "models_alive": alive, "allocated_gb": left})
+
+    def after(self, ok, what):
+        """The `needs` value for phases that depend on an earlier one."""
+        return True if ok else f"needs {what}, which did not run"
+
+    def measure(self, fn):
+        """Run fn() once between synchronizations: (its result, seconds, resident GB before, peak GB during)."""
+        cuda = self.device.type == "cuda"
+        self.sync()
+        if cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+        resident = self.torch.cuda.memory_allocated() / GB if cuda else None
+        t = time.perf_counter()
+        out = fn()
+        self.sync()
+        dt = time.perf_counter() - t
+        peak = self.torch.cuda.max_memory_allocated() / GB if cuda else None
+        return out, dt, resident, peak
+
+    def mem(self):
+        return self.torch.cuda.memory_allocated() / GB if self.device.type == "cuda" else None
+
+    def peak_reserved(self):
+        return self.torch.cuda.max_memory_reserved() / GB if self.device.type == "cuda" else None
+
+    # -- setup
+    def setup(self):
+        torch = self.torch
+        import transformers
+        from transformers.utils import logging as hf_logging
+        sys.path.insert(0, str(ROOT))
+        import evaluate
+        import reft
+        import sft
+        self.sft, self.reft, self.evaluate = sft, reft, evaluate
+        hf_logging.set_verbosity_error()
+        self.rank, self.world, self.device, self.mesh = reft.init_distributed()
+        if self.device.type != self.args.device:
+            raise SystemExit(f"error: --device {self.args.device} asked for, init_distributed gave {self.device}")
+        # bf16 compute under FSDP's MixedPrecisionPolicy on GPU, and a bf16 reference (as reft.load_models)
+        self.compute_dtype = self.ref_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        env = {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(self.device),
+               "world": self.world, "python": sys.version.split()[0]}
+        if self.device.type == "cuda":
+            env.update(gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
+                       gpu_memory_gb=torch.cuda.get_device_properties(0).total_memory / GB,
+                       cuda=torch.version.cuda)
+        try:
+            import subprocess
+            env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                               text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            env["git_commit"] = None
+        self.result["env"] = env
+        self.save()
+
+    def matmul(self):
+        """Best-of-3 rate of an n × n matmul in the compute dtype: the denominator of the measured MFU."""
+        torch, n = self.torch, self.sh["matmul_n"]
+        a = torch.randn(n, n, device=self.device, dtype=self.compute_dtype)
+        b = torch.randn(n, n, device=self.device, dtype=self.compute_dtype)
+        for _ in range(3):
+            a @ b
+        reps, best = 20, 0.0
+        for _ in range(3):
+            self.sync()
+            t = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            self.sync()
+            best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
+        self.result["matmul"] = {"n": n, "dtype": str(self.compute_dtype), "flops": best}
+        return {"tflops": best / 1e12}
+
+    # -- models
+    def build_lm(self, family, layers):
+        """A random-init causal LM in fp32 (the master weights), built directly on the device."""
+        from transformers import LlamaForCausalLM, OPTForCausalLM
+        cls = LlamaForCausalLM if family == "llama" else OPTForCausalLM
+        self.torch.manual_seed(0)
+        with self.torch.device(self.device):
+            return cls(model_config(family, layers, self.args.small))
+
+    def matmul_params(self, lm):
+        """(trunk, LM head) weights that take part in matmuls: every nn.Linear but the output layer, and that one."""
+        head = lm.get_output_embeddings()
+        lin = [m for m in lm.modules() if isinstance(m, self.torch.nn.Linear)]
+        return sum(m.weight.numel() for m in lin if m is not head), head.weight.numel()
+
+    def mfu(self, flops, seconds):
+        m = self.result["matmul"]
+        out = {"model_tflops_per_s": flops / seconds / 1e12}
+        if m:
+            out["mfu_vs_matmul"] = flops / seconds / m["flops"]
+        if self.device.type == "cuda":
+            out["mfu_vs_989"] = flops / seconds / H200_BF16_DENSE_FLOPS
+        return out
+
+    def tokens(self, batch, length):
+        """Random token ids above the special ones (0 pad, 1 bos, 2 eos), all real (no padding)."""
+        vocab = self.cfg_vocab
+        ids = self.torch.randint(3, vocab, (batch, length), device=self.device)
+        return ids, self.torch.ones_like(ids)
+
+    # -- SFT
+    def sft_group(self, family, layers, gc_on):
+        torch, sh, labels = self.torch, self.sh, dict(family=family, layers=layers, gc=gc_on)
+        state = {}
+
+        def build():
+            lm = self.build_lm(family, layers)
+            state["flops_params"] = self.matmul_params(lm)
+            lm.config.use_cache = False
+            if gc_on:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            lm.train()
+            self.sft.shard(lm, self.mesh, self.device)
+            state["lm"] = lm
+            state["opt"] = torch.optim.AdamW(lm.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8,
+                                             weight_decay=0.0, foreach=self.device.type == "cuda")
+            return {"params": sum(p.numel() for p in lm.parameters()), "resident_gb": self.mem(),
+                    "attn_implementation": getattr(lm.config, "_attn_implementation", None)}
+
+        def step():
+            lm, opt = state["lm"], state["opt"]
+            ids, attn = self.tokens(sh["sft_batch"], sh["sft_len"])
+            labels_ = ids.clone()
+            labels_[:, :sh["sft_prompt"]] = -100
+            n_tokens = int((labels_[:, 1:] != -100).sum())
+            rec = {}
+
+            def fwd_bwd():
+                nll = self.sft.token_nll_sum(lm, ids, labels_, attn)
+                (nll / n_tokens).backward()
+                return nll.item()
+
+            def update():
+                gn = torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+                gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return gn.item()
+
+            loss, t1, resident, p1 = self.measure(fwd_bwd)
+            grads = self.mem()
+            grad_norm, t2, _, p2 = self.measure(update)
+            rec.update(loss=loss / n_tokens, grad_norm=grad_norm, seconds=t1 + t2, resident_gb=resident,
+                       grads_gb=None if grads is None else grads - resident, peak_fwd_bwd_gb=p1, peak_opt_gb=p2,
+                       peak_gb=None if p1 is None else max(p1, p2))
+            return rec
+
+        def steps():
+            for _ in range(sh["sft_steps"] - 1):  # warm-up: kernels and AdamW's state
+                step()
+            rec = step()
+            tokens = sh["sft_batch"] * sh["sft_len"]
+            trunk, head = state["flops_params"]
+            cfg = state["lm"].config
+            rec.update(tokens=tokens, tokens_per_s=tokens / rec["seconds"], peak_reserved_gb=self.peak_reserved(),
+                       **self.mfu(train_flops(trunk, head, tokens, tokens, cfg.num_hidden_layers, cfg.hidden_size,
+                                              sh["sft_len"]), rec["seconds"]))
+            return rec
+
+        ok = self.phase("build_sft", build, **labels)
+        self.phase("sft_step", steps, needs=self.after(ok, "build_sft"), **labels)
+
+    # -- ReFT (+ rollout comparison)
+    def reft_group(self, family, layers, gc_on, compare):
+        torch, reft, sh, labels = self.torch, self.reft, self.sh, dict(family=family, layers=layers, gc=gc_on)
+        state = {}
+        P, R, B = sh["prompt"], sh["response"], sh["reft_batch"]
+
+        def build():
+            lm = self.build_lm(family, layers)
+            state["flops_params"] = self.matmul_params(lm)
+            ref_lm = params_to(copy.deepcopy(lm), self.ref_dtype)
+            if compare:
+                state["plain"] = params_to(copy.deepcopy(lm), self.compute_dtype).eval()
+            with torch.device(self.device):
+                torch.manual_seed(1)
+                policy = reft.PolicyWithValueHead(lm)
+                ref = reft.PolicyWithValueHead(ref_lm, value_head=False).requires_grad_(False).eval()
+            if gc_on:
+                policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            policy.train()
+            reft.shard(policy, self.mesh, self.device)
+            reft.shard(ref, self.mesh, self.device)
+            state["opt"] = torch.optim.AdamW(policy.parameters(), lr=1e-7, eps=1e-8, weight_decay=0.0,
+                                             foreach=self.device.type == "cuda")
+            ids, attn = self.tokens(1, P)
+            with torch.no_grad():  # FSDP2 picks its root at the first forward (as reft.main)
+                policy(torch.cat([ids, ids[:, :1]], 1), torch.cat([attn, attn[:, :1]], 1), P)
+            state["policy"], state["ref"] = policy, ref
+            return {"params": sum(p.numel() for p in policy.parameters()), "resident_gb": self.mem()}
+
+        ok = self.phase("build_reft", build, **labels)
+        if compare:
+            for b in sh["rollout_batches"]:
+                self.phase("rollout_compare", lambda b=b: self.rollout_compare(state, b),
+                           needs=self.after(ok, "build_reft"), batch=b, **labels)
+            state.pop("plain", None)
+            self.free()  # before the ReFT phases measure their memory
+        needs = self.after(ok, "build_reft")
+        for _ in range(sh["reft_iters"] - 1):  # warm-up iterations: kernels and AdamW's state
+            warm = self.phase("reft_warmup_iteration", lambda: self.reft_iteration(state), needs=needs, **labels)
+            needs = needs if warm or needs is not True else "needs reft_warmup_iteration, which failed"
+        self.reft_iteration(state, record=labels, needs=needs)
+
+    def reft_iteration(self, state, record=None, needs=True):
+        """One iteration of reft.main's loop: rollout (step 1), old/ref log-probs (3), rewards and GAE (4-5) and one
+        PPO minibatch (6). With `record` (the phase labels) each part is a recorded phase."""
+        torch, reft, sh = self.torch, self.reft, self.sh
+        P, R, B = sh["prompt"], sh["response"], sh["reft_batch"]
+        policy, ref, opt = state.get("policy"), state.get("ref"), state.get("opt")
+        data = {}
+        cfg = policy.lm.config if policy is not None else None
+
+        def rollout():
+            prompt_ids, prompt_mask = self.tokens(B, P)
+            policy.eval()
+
+            def run():
+                with reft.gathered_for_generation(policy):
+                    return reft.sample(policy.lm, prompt_ids, prompt_mask, R, -1, 0, 1.0, list(range(B)))
+            responses, dt, resident, peak = self.measure(run)
+            mask = reft.response_mask(responses, -1)  # (B, R), all ones: no EOS id
+            data.update(prompt_ids=prompt_ids, prompt_mask=prompt_mask, responses=responses, mask=mask)
+            n = responses.numel()
+            return {"seconds": dt, "tokens": n, "tokens_per_s": n / dt, "resident_gb": resident, "peak_gb": peak,
+                    "peak_reserved_gb": self.peak_reserved(), "batch": B, "new_tokens": responses.size(1)}
+
+        def old_ref():
+            input_ids = torch.cat([data["prompt_ids"], data["responses"]], 1)  # (B, P+R)
+            attn = torch.cat([data["prompt_mask"], data["mask"].long()], 1)
+            responses = data["responses"]
+
+            def run():
+                with torch.no_grad():
+                    logits, values = policy(input_ids, attn, P)
+                    old_lp = reft.logprobs_of(logits, responses)
+                    logp = torch.log_softmax(logits.float(), -1)
+                    entropy = -(logp.exp() * logp).sum(-1)
+                    del logits, logp
+                    ref_logits, _ = ref(input_ids, attn, P)
+                    ref_lp = reft.logprobs_of(ref_logits, responses)
+                return old_lp, values, ref_lp, entropy
+            (old_lp, values, ref_lp, entropy), dt, resident, peak = self.measure(run)
+            data.update(input_ids=input_ids, attn=attn, old_lp=old_lp, old_values=values, ref_lp=ref_lp)
+            n = input_ids.numel()
+            return {"seconds": dt, "tokens": n, "tokens_per_s": n / dt, "resident_gb": resident, "peak_gb": peak,
+                    "peak_reserved_gb": self.peak_reserved(), "values_dtype": str(values.dtype),
+                    "kl_mean": float(((old_lp - ref_lp) * data["mask"]).sum() / data["mask"].sum()),
+                    "entropy_mean": float(entropy.mean())}
+
+        def ppo():
+            mask = data["mask"]
+            scores = torch.tensor([1.0, 0.1, 0.0, 1.0] * B, device=self.device)[:B]
+            rewards, _ = reft.kl_shaped_rewards(scores, data["old_lp"], data["ref_lp"], mask, 0.01)
+            adv, ret = reft.compute_gae(rewards, data["old_values"], mask, 1.0, 0.95)
+            adv = reft.masked_whiten(adv, mask)
+            policy.train()
+            out = {}
+
+            def fwd_bwd():
+                logits, values = policy(data["input_ids"], data["attn"], P)
+                lp = reft.logprobs_of(logits, data["responses"])
+                pg, _, approx_kl = reft.policy_loss(lp, data["old_lp"], adv, mask, 0.2)
+                vf, _ = reft.value_loss(values, data["old_values"], ret, mask, 0.2)
+                loss = (pg + 5.0 * vf).sum() / B
+                loss.backward()
+                ratio = reft.masked_mean(torch.exp(lp.detach() - data["old_lp"]), mask)
+                return loss.item(), ratio.item(), approx_kl.item()
+
+            def update():
+                gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+                gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return gn.item()
+
+            (loss, ratio, approx_kl), t1, resident, p1 = self.measure(fwd_bwd)
+            grads = self.mem()
+            grad_norm, t2, _, p2 = self.measure(update)
+            seconds = t1 + t2
+            n = data["input_ids"].numel()
+            trunk, head = state["flops_params"]
+            out.update(loss=loss, ratio_mean=ratio, approx_kl=approx_kl, grad_norm=grad_norm, seconds=seconds,
+                       tokens=n, tokens_per_s=n / seconds, resident_gb=resident,
+                       grads_gb=None if grads is None else grads - resident, peak_fwd_bwd_gb=p1, peak_opt_gb=p2,
+                       peak_gb=None if p1 is None else max(p1, p2), peak_reserved_gb=self.peak_reserved(),
+                       **self.mfu(train_flops(trunk, head, n, B * R, cfg.num_hidden_layers, cfg.hidden_size, P + R),
+                                  seconds))
+            return out
+
+        if record is None:
+            for fn in (rollout, old_ref, ppo):
+                fn()
+            return {}
+        ok = self.phase("reft_rollout", rollout, needs=needs, **record)
+        ok = self.phase("reft_old_ref_forward", old_ref, needs=self.after(ok, "reft_rollout"), **record)
+        self.phase("reft_ppo_update", ppo, needs=self.after(ok, "reft_old_ref_forward"), **record)
+        return {}
+
+    def rollout_compare(self, state, batch):
+        """Generated tokens/s of reft.sample and HF generate, on the FSDP policy (gathered) and a plain bf16 copy."""
+        torch, reft, sh = self.torch, self.reft, self.sh
+        policy, plain = state["policy"], state["plain"]
+        policy.eval()
+        ids, mask = self.tokens(batch, sh["rollout_prompt"])
+        seeds = list(range(batch))
+        n_new = sh["rollout_new"]
+
+        def sampler(lm, n):
+            return reft.sample(lm, ids, mask, n, -1, 0, 1.0, seeds)
+
+        def hf(lm, n):
+            out = lm.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                              top_p=1.0, max_new_tokens=n, pad_token_id=0, eos_token_id=2)
+            return out[:, ids.size(1):]
+
+        def fsdp(fn):
+            def run(n):
+                with reft.gathered_for_generation(policy):
+                    return fn(policy.lm, n)
+            return run
+
+        variants = {"sampler_fsdp": fsdp(sampler), "generate_fsdp": fsdp(hf),
+                    "sampler_plain": lambda n: sampler(plain, n), "generate_plain": lambda n: hf(plain, n)}
+        rec, outs = {"batch": batch, "prompt": sh["rollout_prompt"], "new_tokens": n_new}, {}
+        with torch.no_grad():
+            for name, fn in variants.items():
+                fn(4)  # warm-up: kernels for these shapes
+                best = None
+                for _ in range(sh["repeats"]):
+                    out, dt, _, peak = self.measure(lambda: fn(n_new))
+                    best = dt if best is None else min(best, dt)
+                outs[name] = out
+                steps = out.size(1)
+                rec[name] = {"seconds": best, "steps": steps, "tokens_per_s": out.numel() / best,
+                             "ms_per_step": 1e3 * best / steps, "peak_gb": peak}
+        layers = policy.lm.config.num_hidden_layers
+        hook = rec["sampler_fsdp"]["ms_per_step"] - rec["sampler_plain"]["ms_per_step"]
+        rec.update(fsdp_hook_ms_per_step=hook, fsdp_hook_ms_per_step_per_layer=hook / layers,
+                   fsdp_hook_ms_per_token=hook / batch,
+                   sampler_vs_generate_fsdp=rec["sampler_fsdp"]["tokens_per_s"] / rec["generate_fsdp"]["tokens_per_s"],
+                   sampler_vs_generate_plain=rec["sampler_plain"]["tokens_per_s"]
+                   / rec["generate_plain"]["tokens_per_s"],
+                   same_samples_fsdp_vs_plain=bool(torch.equal(outs["sampler_fsdp"], outs["sampler_plain"])))
+        return rec
+
+    # -- evaluate
+    def eval_group(self, family, layers):
+        torch, sh, labels = self.torch, self.sh, dict(family=family, layers=layers, gc=False)
+        state = {}
+
+        def build():
+            lm = self.build_lm(family, layers)
+            lm.eval()
+            self.evaluate.shard(lm, self.mesh, self.device)
+            state["lm"] = lm
+            return {"resident_gb": self.mem()}
+
+        def generate():
+            lm = state["lm"]
+            ids, mask = self.tokens(sh["eval_batch"], sh["eval_prompt"])
+
+            def run():
+                with torch.no_grad(), self.evaluate.gathered_for_generation(lm):
+                    return lm.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                                       top_k=0, top_p=1.0, max_new_tokens=sh["eval_new"], pad_token_id=0,
+                                       eos_token_id=2)
+            out, dt, resident, peak = self.measure(run)
+            n = out[:, ids.size(1):].numel()
+            return {"seconds": dt, "tokens": n, "tokens_per_s": n / dt, "resident_gb": resident, "peak_gb": peak,
+                    "peak_reserved_gb": self.peak_reserved(), "batch": sh["eval_batch"],
+                    "new_tokens": out.size(1) - ids.size(1)}
+
+        ok = self.phase("build_eval", build, **labels)
+        self.phase("eval_generation", generate, needs=self.after(ok, "build_eval"), **labels)
+
+    # -- summary
+    def summarize(self):
+        ext, rollout = summarize(self.result["phases"])
+        with self.lock:
+            self.result["extrapolation"], self.result["rollout"] = ext, rollout
+
+    def run(self):
+        self.watchdog()
+        try:
+            self.setup()
+        except Exception as e:  # noqa: BLE001 - say why in the JSON too
+            self.result.update(status=f"setup failed: {type(e).__name__}: {e}", traceback=traceback.format_exc())
+            self.save()
+            print(self.result["status"], flush=True)
+            return 2
+        self.phase("matmul", self.matmul)
+        for family in self.args.families:
+            self.cfg_vocab = model_config(family, 1, self.args.small).vocab_size
+            for gc_on in (False, True):
+                for layers in self.args.layers:
+                    labels = dict(family=family, layers=layers, gc=gc_on)
+                    self.sft_group(family, layers, gc_on)
+                    self.end_group("sft", labels)
+                    self.reft_group(family, layers, gc_on, compare=family == "llama" and not gc_on)
+                    self.end_group("reft", labels)
+                    if not gc_on:
+                        self.eval_group(family, layers)
+                        self.end_group("eval", labels)
+                    try:
+                        self.summarize()
+                    except Exception as e:  # noqa: BLE001 - the raw phases are still in the JSON
+                        self.result["summary_error"] = f"{type(e).__name__}: {e}"
+                    self.save()
+        counts = {s: sum(r["status"] == s for r in self.result["phases"]) for s in ("ok", "error", "skipped")}
+        self.result["status"] = "done"
+        self.result["counts"] = counts
+        self.save()
+        try:
+            text = report(self.result)
+            Path(self.args.out).with_suffix(".txt").write_text(text + "\n")
+            print(text, flush=True)
+        except Exception as e:  # noqa: BLE001 - the JSON is written; the table is a convenience
+            print(f"the report failed ({type(e).__name__}: {e}); the JSON has every figure", flush=True)
+        print(f"{counts['ok']} phases ok, {counts['error']} failed, {counts['skipped']} skipped in "
+              f"{self.elapsed():.0f} s; JSON in {self.args.out}", flush=True)
+        self.torch.distributed.destroy_process_group()
+        return 1 if counts["error"] else 0
+
+
+# ----------------------------------------------------------------------------- the printed report
+
+def fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def report(result):
+    """The readable tables printed at the end (everything is also in the JSON)."""
+    lines = []
+    m = result.get("matmul")
+    if m:
+        lines.append(f"matmul {m['n']}x{m['n']} {m['dtype']}: {m['flops'] / 1e12:.1f} TFLOP/s")
+    lines.append("")
+    head = f"{'phase':<22}{'family':<7}{'L':>3} {'gc':<4}{'status':<8}{'sec':>8}{'tok/s':>11}{'MFU':>7}" \
+           f"{'MFU989':>8}{'resid GB':>10}{'peak GB':>9}"
+    lines += [head, "-" * len(head)]
+    for r in result["phases"]:
+        if r["phase"] in ("matmul", "rollout_compare") or (r["status"] == "ok" and (
+                r["phase"].startswith("build") or r["phase"] == "reft_warmup_iteration")):
+            continue
+        mfu = r.get("mfu_vs_matmul")
+        mfu9 = r.get("mfu_vs_989")
+        lines.append(f"{r['phase']:<22}{r.get('family', ''):<7}{r.get('layers', ''):>3} "
+                     f"{'on' if r.get('gc') else 'off':<4}{r['status']:<8}{fmt(r.get('seconds'), '.3f'):>8}"
+                     f"{fmt(r.get('tokens_per_s'), ',.0f'):>11}{fmt(None if mfu is None else 100 * mfu, '.1f'):>7}"
+                     f"{fmt(None if mfu9 is None else 100 * mfu9, '.1f'):>8}{fmt(r.get('resident_gb')):>10}"
+                     f"{fmt(r.get('peak_gb')):>9}")
+        if r["status"] != "ok":
+            lines.append(f"    {r.get('error', r.get('reason', ''))[:300]}")
+    rc = [r for r in result["phases"] if r["phase"] == "rollout_compare" and r["status"] == "ok"]
+    if rc:
+        lines += ["", f"{'rollout (generated tok/s)':<28}{'L':>3}{'batch':>6}{'sample FSDP':>13}{'generate FSDP':>15}"
+                      f"{'sample plain':>14}{'generate plain':>16}{'hook ms/step':>14}{'same':>6}"]
+        for r in rc:
+            lines.append(f"{r['family']:<28}{r['layers']:>3}{r['batch']:>6}"
+                         + "".join(f"{r[k]['tokens_per_s']:>{w},.0f}" for k, w in
+                                   (("sampler_fsdp", 13), ("generate_fsdp", 15), ("sampler_plain", 14),
+                                    ("generate_plain", 16)))
+                         + f"{r['fsdp_hook_ms_per_step']:>14.3f}{str(r['same_samples_fsdp_vs_plain']):>6}")
+    if result.get("extrapolation"):
+        lines += ["", f"{'peak GB per GPU':<22}{'gc':<4}{'/layer':>8}{'resid/layer':>12}{'32L 1 GPU':>10}"
+                      f"{'FSDP-8':>8}{'(max)':>8}{'resid/8':>8}{'README':>8}"]
+        for e in result["extrapolation"]:
+            lines.append(f"{e['phase']:<22}{'on' if e['gc'] else 'off':<4}{e['peak_per_layer_gb']:>8.3f}"
+                         f"{e['resident_per_layer_gb']:>12.3f}{fmt(e.get('peak_32L_gb')):>10}"
+                         f"{fmt(e.get('fsdp8_gb')):>8}{fmt(e.get('fsdp8_max_gb')):>8}"
+                         f"{fmt(e.get('fsdp8_resident_gb')):>8}{fmt(e.get('readme_gb'), '.1f'):>8}")
+        lines.append(f"(Llama at CodeLlama-7B width, 2 and 4 layers extrapolated to 32; README's resident 18 P / N = "
+                     f"{README_GB[('resident', None)]} GB counts the gradients, resid/8 does not)")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # init_distributed picks CUDA whenever it sees one
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no GPU (use --device cpu --small for the CPU check)")
+    check = Check(args)
+    return check.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

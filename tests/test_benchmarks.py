@@ -1,0 +1,142 @@
+"""benchmarks/gpu_check.py: its memory arithmetic, and its `--device cpu --small` run, so the prepared GPU check
+cannot rot between the rare occasions a GPU is available."""
+import json
+import math
+import sys
+
+import pytest
+
+from conftest import PY, ROOT, run
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_check  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+def linear_record(layers, **coef):
+    """A one-GPU phase record whose every figure is a + b · layers (GB)."""
+    return {k: a + b * layers for k, (a, b) in coef.items()}
+
+
+def test_extrapolate_a_training_phase_to_32_layers_and_8_gpus():
+    coef = dict(resident_gb=(10, 3), grads_gb=(2, 1), peak_fwd_bwd_gb=(20, 5), peak_opt_gb=(15, 4), peak_gb=(20, 5))
+    e = gpu_check.extrapolate({L: linear_record(L, **coef) for L in (2, 4)}, to_layers=32, world=8)
+    assert e["peak_per_layer_gb"] == 5 and e["resident_per_layer_gb"] == 3
+    assert (e["resident_32L_gb"], e["grads_32L_gb"]) == (106, 34)
+    assert (e["peak_fwd_bwd_32L_gb"], e["peak_opt_32L_gb"]) == (180, 143)
+    # sharded: (106 + 34) / 8 = 17.5; per GPU: 180 - 106 - 34 = 40 (estimate) or 180 - 106 = 74 (bound)
+    assert e["fsdp8_gb"] == pytest.approx(57.5)
+    assert e["fsdp8_max_gb"] == pytest.approx(91.5)
+    assert e["fsdp8_resident_gb"] == pytest.approx(106 / 8)
+
+
+def test_extrapolate_a_generation_phase_and_the_optimizer_peak():
+    # No gradients: everything above the resident state (gathered policy, KV cache) stays on every GPU.
+    e = gpu_check.extrapolate({L: linear_record(L, resident_gb=(4, 2), peak_gb=(10, 3)) for L in (2, 4)})
+    assert e["fsdp8_gb"] == e["fsdp8_max_gb"] == pytest.approx(68 / 8 + 38)
+    # An optimizer step touches sharded tensors only: its peak divides by N, and wins when it is the larger.
+    est, upper = gpu_check.fsdp_estimate(resident=80, grads=20, peak_fwd_bwd=101, peak_opt=400, world=8)
+    assert (est, upper) == (50, 50)
+    assert gpu_check.extrapolate({2: linear_record(2, resident_gb=(1, 1), peak_gb=(1, 1))}) is None
+    assert gpu_check.extrapolate({2: {"resident_gb": None, "peak_gb": 1}, 4: {"resident_gb": 1, "peak_gb": 2}}) is None
+
+
+def test_summarize_and_report_with_gpu_figures():
+    """The GPU-only path of the report (memory, MFU against 989 TFLOP/s, the extrapolation table) on made-up
+    figures: the CPU run below has no memory statistics to feed it."""
+    phases = [{"phase": "reft_ppo_update", "family": fam, "layers": L, "gc": True, "status": "ok", "seconds": 1.0,
+               "tokens_per_s": 2800.0, "mfu_vs_matmul": 0.5, "mfu_vs_989": 0.4,
+               **linear_record(L, resident_gb=(10, 3), grads_gb=(2, 1), peak_fwd_bwd_gb=(20, 5),
+                               peak_opt_gb=(15, 4), peak_gb=(20, 5))}
+              for fam in ("llama", "opt") for L in (2, 4)]
+    phases.append({"phase": "reft_rollout", "family": "llama", "layers": 2, "gc": True, "status": "error",
+                   "error": "OutOfMemoryError: CUDA out of memory"})
+    ext, rollout = gpu_check.summarize(phases)
+    assert [(e["phase"], e["gc"], e["readme_gb"]) for e in ext] == [("reft_ppo_update", True, 19.0)]  # Llama only
+    assert rollout == []
+    text = gpu_check.report({"matmul": {"n": 8192, "dtype": "torch.bfloat16", "flops": 7.9e14}, "phases": phases,
+                             "extrapolation": ext})
+    assert "790.0 TFLOP/s" in text and "57.50" in text and "91.50" in text and "19.0" in text
+    assert "OutOfMemoryError: CUDA out of memory" in text
+    assert any(line.startswith("reft_ppo_update") and "40.0" in line and "50.0" in line for line in text.splitlines())
+
+
+# ----------------------------------------------------------------------------- the CPU run
+
+def check(tmp_path, *flags):
+    out = tmp_path / "gpu_check.json"
+    p = run([PY, "benchmarks/gpu_check.py", "--device", "cpu", "--small", "--out", out, *flags], check=False,
+            timeout=600)
+    assert out.is_file(), f"no JSON written (exit {p.returncode})\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    with open(out) as f:
+        return p, json.load(f), out
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    return check(tmp_path_factory.mktemp("gpu_check"))
+
+
+def phases_of(result, family):
+    return {(r["phase"], r["layers"], r["gc"], r["batch"] if r["phase"] == "rollout_compare" else None): r
+            for r in result["phases"] if r.get("family") == family}
+
+
+def test_small_run_measures_every_llama_phase(small_run):
+    _, result, out = small_run
+    assert result["status"] == "done"
+    llama = phases_of(result, "llama")
+    expected = {(ph, L, gc, None) for L in (2, 4) for gc in (False, True)
+                for ph in ("build_sft", "sft_step", "build_reft", "reft_warmup_iteration", "reft_rollout",
+                           "reft_old_ref_forward", "reft_ppo_update")}
+    expected |= {(ph, L, False, None) for L in (2, 4) for ph in ("build_eval", "eval_generation")}
+    expected |= {("rollout_compare", L, False, b) for L in (2, 4) for b in (2, 4)}
+    assert set(llama) == expected
+    bad = {k: r.get("error", r.get("reason")) for k, r in llama.items() if r["status"] != "ok"}
+    assert not bad
+    assert result["leaks"] == []  # no model outlives its group to inflate the next group's memory
+    for L in (2, 4):
+        sft = llama[("sft_step", L, False, None)]
+        assert abs(sft["loss"] - math.log(512)) < 0.2  # a random-init model over a 512-token vocabulary
+        assert sft["tokens_per_s"] > 0 and 0 < sft["mfu_vs_matmul"] < 1
+        for gc in (False, True):
+            ppo = llama[("reft_ppo_update", L, gc, None)]
+            # old log-probs come from the same weights with dropout 0: the first PPO ratio is exactly 1
+            assert ppo["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and ppo["approx_kl"] < 1e-10
+            assert llama[("reft_rollout", L, gc, None)]["new_tokens"] == 48  # no EOS id: the full response
+        for b in (2, 4):
+            rc = llama[("rollout_compare", L, False, b)]
+            assert all(rc[v]["tokens_per_s"] > 0 and rc[v]["steps"] == 16
+                       for v in ("sampler_fsdp", "generate_fsdp", "sampler_plain", "generate_plain"))
+            assert rc["same_samples_fsdp_vs_plain"]  # same weights and seeds: FSDP must not change the samples
+    assert "rollout (generated tok/s)" in out.with_suffix(".txt").read_text()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 17 item 0: shard() assumes Llama's model.layers; remove this mark "
+                                       "when the stage scripts find OPT's decoder blocks")
+def test_small_run_measures_every_opt_phase(small_run):
+    _, result, _ = small_run
+    opt = phases_of(result, "opt")
+    assert opt and all(r["status"] == "ok" for r in opt.values()), \
+        {k: r.get("error", r.get("reason")) for k, r in opt.items() if r["status"] != "ok"}
+
+
+def test_a_failing_phase_is_recorded_and_the_others_still_run(tmp_path):
+    p, result, _ = check(tmp_path, "--families", "llama", "--layers", "2", "--fail_phase", "reft_rollout")
+    assert p.returncode == 1
+    ph = {(r["phase"], r["gc"]): r for r in result["phases"] if r["phase"] not in ("matmul", "rollout_compare")}
+    assert ph[("reft_rollout", False)]["status"] == "error"
+    assert "--fail_phase reft_rollout" in ph[("reft_rollout", False)]["error"]
+    assert ph[("reft_old_ref_forward", False)]["status"] == "skipped"
+    assert ph[("reft_ppo_update", False)]["status"] == "skipped"
+    assert ph[("eval_generation", False)]["status"] == "ok"  # after the failure
+    assert ph[("sft_step", True)]["status"] == "ok"
+    assert result["status"] == "done"
+
+
+def test_spent_budget_skips_everything_and_still_writes_the_json(tmp_path):
+    p, result, _ = check(tmp_path, "--families", "llama", "--layers", "2", "--budget_s", "0")
+    assert p.returncode == 0
+    assert result["phases"] and all(r["status"] == "skipped" for r in result["phases"])
+    assert all("budget" in r["reason"] for r in result["phases"] if r["phase"] in ("matmul", "build_sft"))
