@@ -82,8 +82,8 @@ class Args:
     """checkpoint the verifier trunk starts from (default: --model; paper: the best SFT or ReFT checkpoint)"""
     epochs: int = 3
     """passes over the training samples (paper: 3)"""
-    lr: float = 1e-4
-    """peak learning rate (paper: 1e-6 for 7B models)"""
+    lr: float = -1.0
+    """peak learning rate; -1 = 1e-4 for a model under 50 M parameters (the tiny CPU one), else the paper's 1e-6"""
     warmup_ratio: float = 0.1
     """fraction of the steps spent on linear warm-up, then linear decay to 0 (paper: 0.1)"""
     weight_decay: float = 0.0
@@ -486,6 +486,10 @@ def train(args, rows, rank, world, device, mesh, log):
     accum, total_steps = args.batch_size // (args.micro_batch_size * world), steps_per_epoch * args.epochs
     model.config.use_cache = False
     model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.lr <= 0:  # the tiny CPU model wants a large rate; a pretrained 7B one would be wrecked by it
+        args.lr = 1e-4 if n_params < 50_000_000 else 1e-6
+    log(f"verifier: {n_params:,} params, lr {args.lr:g}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total_steps), total_steps))

@@ -481,7 +481,10 @@ def main(args):
         args.model = os.path.join(args.output_dir, "init")
     texts = [reward.build_prompt(r["question"], args.cot) + reward.build_target(r, args.cot) for r in records]
     tok = load_tokenizer(args, texts)
-    examples = [e for e in (encode_example(tok, r, args.cot, args.max_length) for r in records) if e is not None]
+    try:
+        examples = [e for e in (encode_example(tok, r, args.cot, args.max_length) for r in records) if e is not None]
+    except ValueError as e:
+        raise SystemExit(f"error: --model {args.model}: {e}")
     log(f"data: {len(records)} records from {args.data}, {len(records) - len(examples)} dropped as longer than "
         f"--max_length {args.max_length}, {len(examples)} used")
     if not examples:

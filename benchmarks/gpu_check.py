@@ -80,12 +80,12 @@ ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
 H200_BF16_DENSE_FLOPS = 989e12  # NVIDIA's H100/H200 SXM datasheet, dense (no sparsity)
 
-# README.md, "Memory per GPU: 7B policy + value head, 7B reference, FSDP2 over 8 × 80 GB" (commit 10a78d5):
-# resident 18 P / N = 15.2 GB; rollout peak ≈ 15.2 + 13.5 (gathered bf16 policy) + 1.5 (KV cache) ≈ 30 GB;
-# PPO peak ≈ 15.2 + 0.8 + 1.1 + 2 ≈ 19 GB with --gradient_checkpointing, ≈ 29 GB without. No SFT or
+# README.md, "Memory per GPU: 7B policy + value head, 7B reference, FSDP2 over 8 × 80 GB":
+# resident 20 P / N = 16.9 GB; rollout peak ≈ 16.9 + 13.8 (gathered policy, fp32 LM head) + 1.5 (KV cache) ≈ 32 GB;
+# PPO peak ≈ 16.9 + 0.8 + 1.3 + 1.1 + 2 ≈ 22 GB with --gradient_checkpointing, ≈ 32 GB without. No SFT or
 # evaluation row. Update these when the README table changes.
-README_GB = {("resident", None): 15.2, ("reft_rollout", None): 30.0,
-             ("reft_ppo_update", True): 19.0, ("reft_ppo_update", False): 29.0}
+README_GB = {("resident", None): 16.9, ("reft_rollout", None): 32.0,
+             ("reft_ppo_update", True): 22.0, ("reft_ppo_update", False): 32.0}
 
 PHASES = ("sft_step", "rollout_compare", "reft_rollout", "reft_old_ref_forward", "reft_ppo_update",
           "eval_generation")
@@ -358,8 +358,10 @@ class Check:
         self.rank, self.world, self.device, self.mesh = reft.init_distributed()
         if self.device.type != self.args.device:
             raise SystemExit(f"error: --device {self.args.device} asked for, init_distributed gave {self.device}")
-        # bf16 compute under FSDP's MixedPrecisionPolicy on GPU, and a bf16 reference (as reft.load_models)
-        self.compute_dtype = self.ref_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        # bf16 compute under FSDP's MixedPrecisionPolicy on GPU; the reference is stored in fp32 like the policy (as
+        # reft.load_models), so that its fp32 heads match the policy's at step 0
+        self.compute_dtype = reft.compute_dtype(self.device)
+        self.ref_dtype = torch.float32
         env = {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(self.device),
                "world": self.world, "python": sys.version.split()[0]}
         if self.device.type == "cuda":
@@ -435,7 +437,7 @@ class Check:
             if gc_on:
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             lm.train()
-            self.sft.shard(lm, self.mesh, self.device)
+            self.sft.shard(lm, self.mesh, self.compute_dtype)
             state["lm"] = lm
             state["opt"] = torch.optim.AdamW(lm.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8,
                                              weight_decay=0.0, foreach=self.device.type == "cuda")
@@ -504,8 +506,8 @@ class Check:
             if gc_on:
                 policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             policy.train()
-            reft.shard(policy, self.mesh, self.device)
-            reft.shard(ref, self.mesh, self.device)
+            reft.shard(policy, self.mesh, self.compute_dtype)
+            reft.shard(ref, self.mesh, self.compute_dtype)
             state["opt"] = torch.optim.AdamW(policy.parameters(), lr=1e-7, eps=1e-8, weight_decay=0.0,
                                              foreach=self.device.type == "cuda")
             ids, attn = self.tokens(1, P)
@@ -677,7 +679,7 @@ class Check:
         def build():
             lm = self.build_lm(family, layers)
             lm.eval()
-            self.evaluate.shard(lm, self.mesh, self.device)
+            self.evaluate.shard(lm, self.mesh, self.compute_dtype)
             state["lm"] = lm
             return {"resident_gb": self.mem()}
 

@@ -113,8 +113,6 @@ def test_small_run_measures_every_llama_phase(small_run):
     assert "rollout (generated tok/s)" in out.with_suffix(".txt").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 0: shard() assumes Llama's model.layers; remove this mark "
-                                       "when the stage scripts find OPT's decoder blocks")
 def test_small_run_measures_every_opt_phase(small_run):
     _, result, _ = small_run
     opt = phases_of(result, "opt")
