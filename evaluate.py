@@ -315,7 +315,10 @@ def generate_texts(model, tok, prompts, batch_size, device, desc, rank, **gen_kw
             chunk = prompts[b * batch_size:(b + 1) * batch_size]
             ids = [reward.encode_prompt(tok, p) for p in chunk or [reward.build_prompt("", "nl")]]
             enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device)  # left padding
-            out = model.generate(**enc, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **gen_kwargs)
+            # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
+            # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
+            out = model.generate(**enc, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                 synced_gpus=False, **gen_kwargs)
             if chunk:
                 texts += tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
     return texts

@@ -348,8 +348,10 @@ def sample(args, path, rank, world, device, mesh, log):
                 chunk = prompts[c * bs:(c + 1) * bs]
                 ids = [reward.encode_prompt(tok, p) for p in chunk or [reward.INSTRUCTION]]
                 enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device)  # left padding
+                # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
+                # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
                 out = model.generate(**enc, do_sample=True, temperature=args.temperature, top_k=args.top_k,
-                                     top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                     top_p=args.top_p, max_new_tokens=args.max_new_tokens, synced_gpus=False,
                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
                 if chunk:
                     texts += tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)

@@ -394,7 +394,9 @@ def greedy_accuracy(model, tok, records, cot, max_new_tokens, rank, world, devic
             prompt_ids = [reward.encode_prompt(tok, reward.build_prompt(r["question"], cot, sampling=True))
                           for r in chunk]
             enc = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left padding
-            out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+            # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
+            # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
+            out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, synced_gpus=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             texts = tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
             scores = reward.compute_rewards(texts, [r["answer_value"] for r in chunk], cot,
