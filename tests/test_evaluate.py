@@ -2,6 +2,7 @@
 import json
 import math
 import sys
+import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -121,6 +122,60 @@ def runs(minigsm, warmup, verifier, tmp_path_factory):
             for mode in ("greedy", "vote", "rerank", "all")}
 
 
+KNOWN_VERIFIER = textwrap.dedent("""
+    import sys, torch
+    from types import SimpleNamespace
+    sys.path.insert(0, sys.argv[1])
+    import evaluate, reward
+    from transformers import AutoTokenizer
+
+    class KnownVerifier(torch.nn.Module):
+        \"\"\"Scores the text it is given by that text's own answer: logit = answer / 100, and 50 (the highest
+        score) for a text without an answer, which rerank must skip for having none.\"\"\"
+        def __init__(self, tok):
+            super().__init__()
+            self.tok = tok
+
+        def forward(self, input_ids, attention_mask):
+            texts = [self.tok.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(input_ids, attention_mask)]
+            answers = [reward.extract_answer(t, "nl") for t in texts]
+            return SimpleNamespace(logits=torch.tensor([[50.0 if a is None else a / 100] for a in answers]))
+
+    real_load = evaluate.load
+
+    def load(cls_name, path, flag, mesh, device, **kw):
+        if cls_name == "AutoModelForSequenceClassification":
+            return KnownVerifier(AutoTokenizer.from_pretrained(path)), AutoTokenizer.from_pretrained(path)
+        return real_load(cls_name, path, flag, mesh, device, **kw)
+
+    evaluate.load = load
+    sys.argv = sys.argv[1:]
+    evaluate.main(evaluate.parse_args(evaluate.Args))
+""")
+
+
+def test_rerank_picks_the_sample_a_known_verifier_scores_highest(minigsm, warmup, verifier, tmp_path):
+    """evaluate.py --mode rerank on 2 ranks with a verifier whose score of a text is known (a function of that
+    text's answer, through the same loading, batching and scoring path): every sample must carry its own score, and
+    each question must pick the sample with the largest answer, recomputed here from the sample answers alone."""
+    script = tmp_path / "known_verifier.py"
+    script.write_text(KNOWN_VERIFIER)
+    torchrun(2, script, ROOT, "--data", minigsm, "--model", warmup, "--verifier", verifier, "--mode", "rerank",
+             "--output_dir", tmp_path / "out", *SMALL)
+    preds = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
+    assert len(preds) == 12
+    for p in preds:
+        want = [1.0 if a is None else 1 / (1 + math.exp(-a / 100)) for a in p["sample_answers"]]
+        assert p["verifier_scores"] == pytest.approx(want, abs=1e-6), p
+        answered = [a for a in p["sample_answers"] if a is not None]
+        assert p["rerank_answer"] == (max(answered) if answered else None), p
+        assert p["rerank_correct"] == (p["rerank_answer"] is not None and reward.answers_equal(p["rerank_answer"],
+                                                                                              p["gold"]))
+    # The check has teeth: most questions' samples disagree, and some samples have no answer.
+    assert sum(len(set(p["sample_answers"])) > 1 for p in preds) >= 6
+    assert any(a is None for p in preds for a in p["sample_answers"])
+
+
 def test_all_modes_write_consistent_results(runs, warmup, minigsm):
     results, preds = runs["all"]
     assert set(results["accuracy"]) == {"greedy", "vote", "rerank", "pass@k"}
@@ -187,12 +242,23 @@ def test_python_cot_warmup_writes_programs_that_run_after_the_header(minigsm, tm
     (["--data", "no_such_dataset"], "unknown dataset 'no_such_dataset'"),
     (["--mode", "rerank"], "--mode rerank needs --verifier"),
     (["--mode", "best"], "--mode must be greedy, vote, rerank or all"),
+    (["--mode", "vote", "-k", 0], "-k must be at least 1, not 0"),
+    (["--mode", "all", "-k", -2], "-k must be at least 1, not -2"),
+    (["--cot", "latex"], "--cot must be nl or python, not 'latex'"),
+    (["--model", ""], "--model is required"),
+    (["--data", "NOCOT"], "no records"),
+    (["--mode", "rerank", "--verifier", "/nonexistent/v"], "--verifier '/nonexistent/v': no such checkpoint folder"),
     (["--mode", "rerank", "--verifier", "WARMUP", "--limit", 1], "not a verifier written by rerank.py"),
 ])
-def test_bad_input_gives_one_error_line(args, message, warmup, minigsm):
-    args = [warmup if a == "WARMUP" else a for a in args]
-    p = run([PY, "evaluate.py", "--model", warmup, "--data", minigsm, *args], check=False, timeout=120)
+def test_bad_input_gives_one_error_line(args, message, warmup, minigsm, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    args = [warmup if a == "WARMUP" else empty if a == "NOCOT" else a for a in args]
+    out = tmp_path / "out"
+    p = run([PY, "evaluate.py", "--model", warmup, "--data", minigsm, "--output_dir", out, *args], check=False,
+            timeout=120)
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], p.stderr[-2000:]
     assert "Traceback" not in p.stderr
+    assert not out.exists()  # nothing written
