@@ -539,9 +539,20 @@ def rollout_seeds(seed, step, question_ids, num_samples):
     return [(seed * 1_000_003 + step) * 1_000_003 + q * 101 + s for q in question_ids for s in range(num_samples)]
 
 
+def greedy_budget(tok, records, args):
+    """New tokens for every question of a greedy evaluation: --max_length minus the longest of their prompts.
+
+    One budget for all: set by each batch's longest prompt, as a rollout's is, it made a question's answer depend
+    on its batch, so on the number of ranks. `evaluate.py --max_new_tokens` with this budget gives the same answers."""
+    return args.max_length - max(len(reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot,
+                                                                                    sampling=True))) for r in records)
+
+
 @torch.no_grad()
 def greedy_accuracy(model, tok, records, args, rank, world, device, batch_size):
-    """Greedy top-1 accuracy through reward.py; questions split across ranks and counts summed."""
+    """Greedy top-1 accuracy through reward.py, with one budget for all questions (greedy_budget); questions split
+    across ranks and counts summed."""
+    budget = greedy_budget(tok, records, args)
     mine = records[rank::world]
     correct = 0
     with gathered_for_generation(model):
@@ -550,8 +561,7 @@ def greedy_accuracy(model, tok, records, args, rank, world, device, batch_size):
             prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True))
                        for r in chunk]
             ids, mask = left_pad(prompts, tok.pad_token_id, device)
-            resp = sample(model.lm, ids, mask, args.max_length - ids.size(1), tok.eos_token_id,
-                          tok.pad_token_id, 0.0, [0] * len(chunk))
+            resp = sample(model.lm, ids, mask, budget, tok.eos_token_id, tok.pad_token_id, 0.0, [0] * len(chunk))
             texts = tok.batch_decode(resp, skip_special_tokens=True)
             scores = reward.compute_rewards(texts, [r["answer_value"] for r in chunk], args.cot,
                                             [r["question"] for r in chunk], partial_reward=False)
@@ -594,6 +604,9 @@ def main(args):
     if args.eval_every > 0:
         eval_records = reward.load_records(args.data, args.eval_split, args.cot)
         eval_records = eval_records[:args.eval_limit] if args.eval_limit > 0 else eval_records
+        if greedy_budget(tok, eval_records, args) < 1:
+            raise SystemExit(f"error: --max_length {args.max_length} leaves no room to generate after the longest "
+                             f"--eval_split {args.eval_split} prompt")
 
     if args.gradient_checkpointing:
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
