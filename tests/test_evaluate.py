@@ -262,3 +262,74 @@ def test_bad_input_gives_one_error_line(args, message, warmup, minigsm, tmp_path
     assert lines[-1].startswith("error: ") and message in lines[-1], p.stderr[-2000:]
     assert "Traceback" not in p.stderr
     assert not out.exists()  # nothing written
+
+
+GREEDY_IN_TRAINING = textwrap.dedent("""
+    import json, sys
+    from types import SimpleNamespace
+    import torch
+    import torch.distributed as dist
+    sys.path.insert(0, sys.argv[1])
+    import reward, reft, sft
+    checkpoint, data, limit, batch_size, max_new_tokens, out = sys.argv[2:]
+    records = reward.load_records(data, "test", "nl")[:int(limit)]
+    completions = {}
+    real = reward.compute_rewards
+
+    def recording(texts, golds, cot, questions, **kw):
+        scores = real(texts, golds, cot, questions, **kw)
+        for q, text, s in zip(questions, texts, scores):
+            completions.setdefault(q, (text, s))  # a rank without questions left repeats one: keep the first
+        return scores
+
+    reward.compute_rewards = recording
+    rank, world, device, mesh = sft.init_distributed()
+    tok = sft.load_tokenizer(SimpleNamespace(model=checkpoint), None)
+    model = sft.load_model(SimpleNamespace(model=checkpoint), tok, mesh, device)
+    result = {"sft": sft.greedy_accuracy(model, tok, records, "nl", int(max_new_tokens), rank, world, device,
+                                         int(batch_size))}
+    result["sft_completions"], completions = completions, {}
+    tok, policy, _ = reft.load_models(SimpleNamespace(model=checkpoint, seed=0, separate_value_model=False), mesh,
+                                      device)
+    prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], "nl", sampling=True)) for r in records]
+    with torch.no_grad():  # as reft.py does before any generation: FSDP2 picks its root at the first forward
+        policy(*reft.left_pad(prompts[:1], tok.pad_token_id, device), len(prompts[0]))
+    longest = max(len(p) for p in prompts)
+    args = SimpleNamespace(cot="nl", max_length=longest + int(max_new_tokens))
+    result["reft"] = reft.greedy_accuracy(policy, tok, records, args, rank, world, device, int(batch_size))
+    result["reft_completions"] = completions
+    parts = [None] * world
+    dist.all_gather_object(parts, result)
+    if rank == 0:
+        for key in ("sft_completions", "reft_completions"):
+            result[key] = {q: c for part in parts for q, c in part[key].items()}
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_greedy_accuracy_of_sft_and_reft_matches_evaluate(world, minigsm, warmup, tmp_path):
+    """The greedy evaluations inside sft.py (it picks the baseline epoch) and reft.py (it picks the best step) give
+    the completions, the correct flags and the accuracy of `evaluate.py --mode greedy` on the same checkpoint and
+    questions: 13 questions (uneven over 2 ranks), batches of 4 (a short last batch), and a budget that cuts some
+    completions (reft.py's budget is --max_length minus the longest prompt)."""
+    common = ["--data", minigsm, "--model", warmup, "--mode", "greedy", "--limit", 13, "--batch_size", 4,
+              "--max_new_tokens", 24]
+    run([PY, "evaluate.py", *common, "--output_dir", tmp_path / "eval"])
+    evaluated = [json.loads(line) for line in open(tmp_path / "eval" / "predictions.jsonl")]
+    questions = [r["question"] for r in reward.load_records(str(minigsm), "test", "nl")[:13]]
+    script = tmp_path / "greedy.py"
+    script.write_text(GREEDY_IN_TRAINING)
+    args = [script, ROOT, warmup, minigsm, 13, 4, 24, tmp_path / "greedy.json"]
+    run([PY, *args]) if world == 1 else torchrun(2, *args)
+    got = json.loads((tmp_path / "greedy.json").read_text())
+    accuracy = sum(p["greedy_correct"] for p in evaluated) / 13
+    for stage in ("sft", "reft"):
+        assert got[stage] == pytest.approx(accuracy, abs=1e-12), stage
+        completions = got[f"{stage}_completions"]
+        assert [completions[q][0] for q in questions] == [p["greedy_completion"] for p in evaluated], stage
+        assert [completions[q][1] == 1.0 for q in questions] == [p["greedy_correct"] for p in evaluated], stage
+    assert 0 < accuracy < 1  # some right, some wrong: the flags are compared on both kinds
+    assert any(p["greedy_answer"] is None for p in evaluated)  # the budget cuts some before their answer
