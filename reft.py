@@ -599,6 +599,9 @@ def main(args):
     steps_per_epoch = len(records) // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(records)} questions are fewer than one --batch_size {args.batch_size}")
+    if max(len(p) for p in prompts) >= args.max_length:
+        raise SystemExit(f"error: --max_length {args.max_length} leaves no room to generate after the longest "
+                         f"training prompt ({max(len(p) for p in prompts)} tokens; see --max_prompt_length)")
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
     eval_records = None
     if args.eval_every > 0:
