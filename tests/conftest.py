@@ -29,6 +29,21 @@ def torchrun(n, script, *args, **kw):
     return run([PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", script, *args], **kw)
 
 
+def main_error(module, argv):
+    """The SystemExit message of `module.main` on `argv`, run in this process: bad input is refused before any
+    training, so a stage's whole bad-input table costs model loads instead of a Python start per case. SystemExit
+    with a message is what the command line prints as its one line, exiting 1 (test_bad_input_on_the_command_line
+    in each stage's tests checks one case there). The process group main() made is destroyed."""
+    import torch.distributed as dist
+    try:
+        with pytest.raises(SystemExit) as e:
+            module.main(module.parse_args(module.Args, [str(a) for a in argv]))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return str(e.value)
+
+
 def read_metrics(path):
     with open(path) as f:
         return [json.loads(line) for line in f]

@@ -1,6 +1,8 @@
 """reft.py: each PPO formula against a plain-loop version, the model plumbing, and whole runs
 (learning, 1-vs-2-process parity, no per-token all-gather under FSDP, kill/resume)."""
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import PY, ROOT, read_metrics, run, torchrun
+from conftest import PY, ROOT, main_error, read_metrics, run, torchrun
 
 sys.path.insert(0, str(ROOT))
 import reft  # noqa: E402
@@ -191,15 +193,33 @@ def test_greedy_sampling_equals_hf_generate():
         assert ours[b, :n].tolist() == theirs[b, :n].tolist()
 
 
-def test_sampling_follows_the_softmax():
-    """Gumbel-max sampling: token frequencies at the first step match softmax(logits / T)."""
+def chi_square(counts, probs):
+    """Pearson's statistic of observed counts against probabilities, the bins expected under 5 merged into one."""
+    expected = probs * counts.sum()
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum(0, keepdim=True)])
+    exp = torch.cat([expected[~small], expected[small].sum(0, keepdim=True)])
+    keep = exp > 0
+    return (((obs - exp) ** 2)[keep] / exp[keep]).sum().item(), int(keep.sum()) - 1
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_sampling_follows_the_softmax(temperature):
+    """Gumbel-max sampling: first-token frequencies of 4000 rows match softmax(logits / T) by a chi-square test, on
+    a model whose lm_head is scaled so that its logits (known from a plain forward) spread over 4 nats: T = 0.5, 1
+    and 2 then put 80%, 51% and 30% on the top token, and each temperature's counts reject the other two."""
     lm = tiny_lm(3, vocab=8)
-    ids, mask = reft.left_pad([[5, 6]] * 4000, 0, "cpu")
-    first = reft.sample(lm, ids, mask, 1, 1, 0, 1.5, list(range(4000)))[:, 0]
     with torch.no_grad():
-        probs = torch.softmax(lm(torch.tensor([[5, 6]])).logits[0, -1] / 1.5, -1)
-    freq = torch.bincount(first, minlength=8).float() / 4000
-    assert (freq - probs).abs().max() < 0.03
+        lm.lm_head.weight.mul_(20)
+        logits = lm(torch.tensor([[5, 6]])).logits[0, -1].double()
+    assert logits.max() - logits.min() > 4
+    ids, mask = reft.left_pad([[5, 6]] * 4000, 0, "cpu")
+    first = reft.sample(lm, ids, mask, 1, 1, 0, temperature, list(range(4000)))[:, 0]
+    counts = torch.bincount(first, minlength=8).double()
+    stat, dof = chi_square(counts, torch.softmax(logits / temperature, -1))
+    assert stat < {5: 20.5, 6: 22.5, 7: 24.3}[dof], (stat, dof)  # p = 0.001
+    for other in {0.5, 1.0, 2.0} - {temperature}:
+        assert chi_square(counts, torch.softmax(logits / other, -1))[0] > 200, other
 
 
 # ----------------------------------------------------------------------------- whole runs
@@ -321,3 +341,57 @@ def test_ppo_raises_the_training_score(minigsm, warmup, tmp_path):
     last = sum(x["accuracy"] for x in m[-5:]) / 5
     print(f"fraction of correct samples: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
     assert last > first + 0.1
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(minigsm, warmup, tmp_path_factory):
+    """Folders for the bad-input cases: an empty one, the warm-up with pad == EOS, and data whose training prompts
+    fit --max_length 80 but whose validation prompt does not."""
+    from transformers import AutoTokenizer
+    root = tmp_path_factory.mktemp("reft_bad")
+    (root / "empty").mkdir()
+    shutil.copytree(warmup, root / "pad_is_eos")
+    tok = AutoTokenizer.from_pretrained(warmup)
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(root / "pad_is_eos")
+    (root / "long_eval").mkdir()
+    train = (minigsm / "train_nl.jsonl").read_text().splitlines()[:32]
+    (root / "long_eval" / "train_nl.jsonl").write_text("\n".join(train) + "\n")
+    long = json.loads(train[0])
+    (root / "long_eval" / "validation_nl.jsonl").write_text(json.dumps(dict(long, question=long["question"] * 4)))
+    return root
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cot", "latex"], "--cot must be nl or python, not 'latex'"),
+    (["--mini_batch_size", 5], "--batch_size 16 × --num_samples 1 must split into minibatches of 5"),
+    (["--num_samples", 3, "--mini_batch_size", 32], "--batch_size 16 × --num_samples 3 must split"),
+    (["--save_epochs", "2,x"], "--save_epochs must be all, none or epoch numbers such as 2,40, not '2,x'"),
+    (["--model", "/no/such/ckpt"], "--model /no/such/ckpt: not a checkpoint folder"),
+    (["--model", "EMPTY"], "cannot load"),
+    (["--model", "PAD_IS_EOS"], "needs a pad token distinct from EOS"),
+    (["--data", "no_such_dataset"], "unknown dataset 'no_such_dataset'"),
+    (["--batch_size", 1024], "256 questions are fewer than one --batch_size 1024"),
+    (["--max_prompt_length", 10], "0 questions are fewer than one --batch_size 16"),
+    (["--max_length", 30], "--max_length 30 leaves no room to generate after the longest training prompt"),
+    (["--data", "LONG_EVAL", "--max_length", 80], "--max_length 80 leaves no room to generate after the longest "
+                                                   "--eval_split validation prompt"),
+])
+def test_bad_input_gives_one_error_line(args, message, minigsm, warmup, bad_inputs, tmp_path):
+    """One `error:` line and no output folder, before any training."""
+    names = {"EMPTY": bad_inputs / "empty", "PAD_IS_EOS": bad_inputs / "pad_is_eos",
+             "LONG_EVAL": bad_inputs / "long_eval"}
+    args = [names.get(a, a) if isinstance(a, str) else a for a in args]
+    out = tmp_path / "out"
+    error = main_error(reft, ["--model", warmup, "--data", minigsm, "--batch_size", 16, "--eval_every", 5,
+                              "--output_dir", out, *args])
+    assert error.startswith("error: ") and message in error and "\n" not in error, error
+    assert not out.exists()
+
+
+def test_bad_input_on_the_command_line(minigsm, warmup, tmp_path):
+    p = run([PY, "reft.py", "--model", warmup, "--data", minigsm, "--max_length", 30, "--output_dir", tmp_path / "o"],
+            check=False, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1].startswith("error: --max_length 30 leaves no room")
+    assert not (tmp_path / "o").exists()
