@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import PY, ROOT, run, torchrun
+from conftest import PY, ROOT, main_error, run, torchrun
 
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
@@ -255,13 +255,17 @@ def test_bad_input_gives_one_error_line(args, message, warmup, minigsm, tmp_path
     empty.write_text("")
     args = [warmup if a == "WARMUP" else empty if a == "NOCOT" else a for a in args]
     out = tmp_path / "out"
-    p = run([PY, "evaluate.py", "--model", warmup, "--data", minigsm, "--output_dir", out, *args], check=False,
-            timeout=120)
-    assert p.returncode != 0
-    lines = p.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and message in lines[-1], p.stderr[-2000:]
-    assert "Traceback" not in p.stderr
+    error = main_error(evaluate, ["--model", warmup, "--data", minigsm, "--output_dir", out, *args])
+    assert error.startswith("error: ") and message in error and "\n" not in error, error
     assert not out.exists()  # nothing written
+
+
+def test_bad_input_on_the_command_line(warmup, minigsm, tmp_path):
+    p = run([PY, "evaluate.py", "--model", warmup, "--data", minigsm, "--mode", "vote", "-k", 0, "--output_dir",
+             tmp_path / "out"], check=False, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines() == ["error: -k must be at least 1, not 0"]
+    assert not (tmp_path / "out").exists()
 
 
 GREEDY_IN_TRAINING = textwrap.dedent("""
