@@ -93,6 +93,7 @@ class Args:
     """sampling seed (each rank uses seed + rank)"""
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def parse_args(cls, argv=None):
     """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names). `--help` shows
     each field's docstring, read from the source (attribute docstrings do not exist at run time), its default, and
@@ -159,6 +160,7 @@ def is_correct(answer, gold):
     return answer is not None and reward.answers_equal(answer, gold)
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def write_run_args(args, world):
     """{output_dir}/args.json: every flag, the world size and the versions, written before the first step (rank 0)
     so that a run folder says how it was made."""
@@ -296,6 +298,7 @@ def gathered_for_generation(model):
                     group._post_forward_indices.clear()
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def num_calls(n_items, batch_size, device):
     """Batches needed by the busiest rank: every rank makes that many (collective) calls, padding with dummies."""
     t = torch.tensor([math.ceil(n_items / batch_size)], device=device)
@@ -303,6 +306,7 @@ def num_calls(n_items, batch_size, device):
     return int(t.item())
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def load(cls_name, path, flag, mesh, device, **kw):
     """(model, tokenizer) from an HF folder, sharded over the ranks (only rank 0 reads the weights: load_sharded);
     one error line when it cannot be loaded."""

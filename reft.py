@@ -129,6 +129,7 @@ class Args:
     """print a one-line summary of the metrics every this many steps (0: never)"""
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def parse_args(cls, argv=None):
     """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names). `--help` shows
     each field's docstring, read from the source (attribute docstrings do not exist at run time), its default, and
@@ -320,6 +321,7 @@ def sample(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperat
     return torch.stack(out, 1)
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def write_run_args(args, world):
     """{output_dir}/args.json: every flag, the world size and the versions, written before the first step (rank 0)
     so that a run folder says how it was made."""
@@ -329,6 +331,7 @@ def write_run_args(args, world):
                    "torch": torch.__version__, "transformers": transformers.__version__}, f, indent=2)
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def summary(row):
     """A metrics row as one log line: the progress bar rewrites a single line, so a log file of a long run would
     otherwise show no numbers."""
@@ -496,6 +499,7 @@ def load_models(args, mesh, device):
     return tok, policy, reference.requires_grad_(False).eval()
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def epochs_to_save(spec):
     """--save_epochs as a test of an epoch number: `all`, `none` or comma-separated epochs such as `2,40`."""
     if spec in ("all", "none"):

@@ -120,6 +120,7 @@ class Args:
     """seed for sampling (seed + rank), the head init, the held-out split and the data order"""
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def parse_args(cls, argv=None):
     """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names). `--help` shows
     each field's docstring, read from the source (attribute docstrings do not exist at run time), its default, and
@@ -142,6 +143,7 @@ def parse_args(cls, argv=None):
     return cls(**vars(p.parse_args(argv)))
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def write_run_args(args, world):
     """{output_dir}/args.json: every flag, the world size and the versions, written before the first step (rank 0)
     so that a run folder says how it was made."""
@@ -151,6 +153,7 @@ def write_run_args(args, world):
                    "torch": torch.__version__, "transformers": transformers.__version__}, f, indent=2)
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def summary(row):
     """A metrics row as one log line: the progress bar rewrites a single line, so a log file of a long run would
     otherwise show no numbers."""
@@ -285,6 +288,7 @@ def gathered_for_generation(model):
                     group._post_forward_indices.clear()
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def num_calls(n_items, batch_size, device):
     """Batches needed by the busiest rank: every rank makes that many (collective) calls, padding with dummies."""
     t = torch.tensor([math.ceil(n_items / batch_size)], device=device)
@@ -292,6 +296,7 @@ def num_calls(n_items, batch_size, device):
     return int(t.item())
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def load(cls_name, path, flag, mesh, device, **kw):
     """(model, tokenizer) from an HF folder, sharded over the ranks (only rank 0 reads the weights: load_sharded);
     one error line when it cannot be loaded."""
@@ -481,6 +486,7 @@ def holdout_metrics(logits, rows):
             "holdout_pass_at_k": sum(any(r["correct"] for _, r in c) for c in by_q.values()) / len(by_q)}
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def lr_lambda(warmup_steps, total_steps):
     """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
     def f(step):

@@ -114,6 +114,7 @@ class Args:
     """tiny model: BPE vocabulary size (digits are always one token each)"""
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def parse_args(cls, argv=None):
     """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names). `--help` shows
     each field's docstring, read from the source (attribute docstrings do not exist at run time), its default, and
@@ -136,6 +137,7 @@ def parse_args(cls, argv=None):
     return cls(**vars(p.parse_args(argv)))
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def write_run_args(args, world):
     """{output_dir}/args.json: every flag, the world size and the versions, written before the first step (rank 0)
     so that a run folder says how it was made."""
@@ -145,6 +147,7 @@ def write_run_args(args, world):
                    "torch": torch.__version__, "transformers": transformers.__version__}, f, indent=2)
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def summary(row):
     """A metrics row as one log line: the progress bar rewrites a single line, so a log file of a long run would
     otherwise show no numbers."""
@@ -405,6 +408,7 @@ def token_nll_sum(model, input_ids, labels, attention_mask):
                                              labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def lr_lambda(warmup_steps, total_steps):
     """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
     def f(step):
@@ -444,6 +448,7 @@ def greedy_accuracy(model, tok, records, cot, max_new_tokens, rank, world, devic
     return (total[0] / total[1]).item()
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def epochs_to_save(spec):
     """--save_epochs as a test of an epoch number: `all`, `none` or comma-separated epochs such as `2,40`."""
     if spec in ("all", "none"):

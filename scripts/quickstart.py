@@ -88,6 +88,7 @@ class Args:
     """torch threads per stage"""
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def parse_args(cls, argv=None):
     """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names). `--help` shows
     each field's docstring, read from the source (attribute docstrings do not exist at run time), its default, and
