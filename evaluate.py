@@ -34,14 +34,19 @@ Questions are split across ranks under torchrun and gathered on rank 0; the mode
 sft.py, with the full parameters gathered once around each generate() call.
 """
 import argparse
+import ast
 import dataclasses
+import inspect
 import json
 import math
 import os
+import sys
+import textwrap
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Literal, get_args, get_origin
 
 import torch
 import torch.distributed as dist
@@ -56,7 +61,7 @@ import reward
 
 @dataclass
 class Args:
-    mode: str = "greedy"
+    mode: Literal["greedy", "vote", "rerank", "all"] = "greedy"
     """greedy | vote | rerank | all"""
     model: str = ""
     """policy checkpoint: an HF folder written by sft.py or reft.py"""
@@ -66,7 +71,7 @@ class Args:
     """a prepared dataset name under data/ or a .jsonl/.json file of {item_id, question, answer_value}"""
     split: str = "test"
     """split of a prepared dataset"""
-    cot: str = "nl"
+    cot: Literal["nl", "python"] = "nl"
     """chain-of-thought kind: `nl` or `python`"""
     k: int = 8
     """samples per question for vote and rerank (paper: 100)"""
@@ -88,15 +93,26 @@ class Args:
     """sampling seed (each rank uses seed + rank)"""
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def parse_args(cls, argv=None):
-    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names). `--help` shows
+    each field's docstring, read from the source (attribute docstrings do not exist at run time), its default, and
+    its choices when the field is a Literal (a value outside them gets argparse's one-line error)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
-        if f.type is bool or f.type == "bool":
-            p.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default)
+        kw = {"default": f.default, "help": docs.get(f.name, "").replace("%", "%%")}
+        if f.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif get_origin(f.type) is Literal:
+            kw["choices"] = get_args(f.type)
         else:
-            p.add_argument(*names, type=type(f.default), default=f.default)
+            kw["type"] = type(f.default)
+        p.add_argument(*names, **kw)
     return cls(**vars(p.parse_args(argv)))
 
 
@@ -142,6 +158,16 @@ def pass_at_k(correct_flags):
 
 def is_correct(answer, gold):
     return answer is not None and reward.answers_equal(answer, gold)
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def write_run_args(args, world):
+    """{output_dir}/args.json: every flag, the world size and the versions, written before the first step (rank 0)
+    so that a run folder says how it was made."""
+    import transformers
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump({**dataclasses.asdict(args), "world_size": world, "python": sys.version.split()[0],
+                   "torch": torch.__version__, "transformers": transformers.__version__}, f, indent=2)
 
 
 # ----------------------------------------------------------------------------- distributed setup
@@ -222,12 +248,15 @@ def load_sharded(load, make, mesh, device):
             full = load()
         except SystemExit as e:
             error = str(e)
-    msg = [(error, full.config if full is not None else None)]
+    msg = [(error, full.config if full is not None else None, getattr(full, "generation_config", None))]
     dist.broadcast_object_list(msg, src=0)
-    if msg[0][0] is not None:
-        raise SystemExit(msg[0][0])
+    error, config, generation_config = msg[0]
+    if error is not None:
+        raise SystemExit(error)
     with torch.device("meta"):
-        model = make(msg[0][1])
+        model = make(config)
+    if generation_config is not None:  # the checkpoint's generation_config.json, which from_config does not read
+        model.generation_config = generation_config
     shard(model, mesh, compute_dtype(device))
     model.to_empty(device=device)
     set_model_state_dict(model, full.state_dict() if full is not None else {},
@@ -269,6 +298,7 @@ def gathered_for_generation(model):
                     group._post_forward_indices.clear()
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def num_calls(n_items, batch_size, device):
     """Batches needed by the busiest rank: every rank makes that many (collective) calls, padding with dummies."""
     t = torch.tensor([math.ceil(n_items / batch_size)], device=device)
@@ -276,6 +306,7 @@ def num_calls(n_items, batch_size, device):
     return int(t.item())
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def load(cls_name, path, flag, mesh, device, **kw):
     """(model, tokenizer) from an HF folder, sharded over the ranks (only rank 0 reads the weights: load_sharded);
     one error line when it cannot be loaded."""
@@ -317,7 +348,7 @@ def generate_texts(model, tok, prompts, batch_size, device, desc, rank, **gen_kw
             enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device)  # left padding
             # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
             # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
-            out = model.generate(**enc, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            out = model.generate(**enc, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True,
                                  synced_gpus=False, **gen_kwargs)
             if chunk:
                 texts += tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
@@ -344,10 +375,6 @@ def verifier_scores(verifier, tok, texts, batch_size, device, rank):
 # ----------------------------------------------------------------------------- main
 
 def check_args(args):
-    if args.mode not in ("greedy", "vote", "rerank", "all"):
-        raise SystemExit(f"error: --mode must be greedy, vote, rerank or all, not {args.mode!r}")
-    if args.cot not in ("nl", "python"):
-        raise SystemExit(f"error: --cot must be nl or python, not {args.cot!r}")
     if not args.model:
         raise SystemExit("error: --model is required (a checkpoint folder written by sft.py or reft.py)")
     if args.mode == "rerank" and not args.verifier:
@@ -391,6 +418,9 @@ def main(args):
         log("no --verifier given: rerank is skipped")
     if do_rerank:
         check_verifier(args.verifier)
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_run_args(args, world)
     t0 = time.time()
     torch.manual_seed(args.seed + rank)  # different samples on each rank
     mine = records[rank::world]

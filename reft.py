@@ -18,14 +18,19 @@ One code path: plain `python reft.py` is a 1-process group; under `torchrun` the
 and the reference are sharded with FSDP2, gloo + fp32 on CPU and NCCL + bf16 mixed precision on GPU.
 """
 import argparse
+import ast
 import dataclasses
+import inspect
 import json
 import os
 import shutil
+import sys
+import textwrap
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Literal, get_args, get_origin
 
 import torch
 import torch.distributed as dist
@@ -52,7 +57,7 @@ class Args:
     """the SFT warm-up checkpoint (HF folder); it initialises the policy and is the frozen KL reference"""
     data: str = "minigsm"
     """a prepared dataset name under data/ or a .jsonl/.json file of {item_id, question, answer_value}"""
-    cot: str = "nl"
+    cot: Literal["nl", "python"] = "nl"
     """chain-of-thought kind: `nl` or `python` (then the prompt ends with the `def solution():` header)"""
     output_dir: str = "runs/reft"
     """where checkpoints (epoch_K/, final/ with value_head.safetensors), the resume state and metrics go"""
@@ -120,17 +125,30 @@ class Args:
     """also keep the checkpoint with the best periodic evaluation as {output_dir}/best"""
     gradient_checkpointing: bool = False
     """recompute activations in the PPO backward to save memory (7B models)"""
+    log_every: int = 10
+    """print a one-line summary of the metrics every this many steps (0: never)"""
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def parse_args(cls, argv=None):
-    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names). `--help` shows
+    each field's docstring, read from the source (attribute docstrings do not exist at run time), its default, and
+    its choices when the field is a Literal (a value outside them gets argparse's one-line error)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
-        if f.type is bool or f.type == "bool":
-            p.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default)
+        kw = {"default": f.default, "help": docs.get(f.name, "").replace("%", "%%")}
+        if f.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif get_origin(f.type) is Literal:
+            kw["choices"] = get_args(f.type)
         else:
-            p.add_argument(*names, type=type(f.default), default=f.default)
+            kw["type"] = type(f.default)
+        p.add_argument(*names, **kw)
     return cls(**vars(p.parse_args(argv)))
 
 
@@ -303,6 +321,23 @@ def sample(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperat
     return torch.stack(out, 1)
 
 
+# a copy kept identical across stage files: tests/test_copies.py
+def write_run_args(args, world):
+    """{output_dir}/args.json: every flag, the world size and the versions, written before the first step (rank 0)
+    so that a run folder says how it was made."""
+    import transformers
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump({**dataclasses.asdict(args), "world_size": world, "python": sys.version.split()[0],
+                   "torch": torch.__version__, "transformers": transformers.__version__}, f, indent=2)
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def summary(row):
+    """A metrics row as one log line: the progress bar rewrites a single line, so a log file of a long run would
+    otherwise show no numbers."""
+    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+
+
 # ----------------------------------------------------------------------------- distributed setup
 # Repeated in sft.py, reft.py, rerank.py and evaluate.py, from here to `gathered_for_generation`: each stage stays one
 # self-contained file, and tests/test_copies.py checks that the copies are identical.
@@ -381,12 +416,15 @@ def load_sharded(load, make, mesh, device):
             full = load()
         except SystemExit as e:
             error = str(e)
-    msg = [(error, full.config if full is not None else None)]
+    msg = [(error, full.config if full is not None else None, getattr(full, "generation_config", None))]
     dist.broadcast_object_list(msg, src=0)
-    if msg[0][0] is not None:
-        raise SystemExit(msg[0][0])
+    error, config, generation_config = msg[0]
+    if error is not None:
+        raise SystemExit(error)
     with torch.device("meta"):
-        model = make(msg[0][1])
+        model = make(config)
+    if generation_config is not None:  # the checkpoint's generation_config.json, which from_config does not read
+        model.generation_config = generation_config
     shard(model, mesh, compute_dtype(device))
     model.to_empty(device=device)
     set_model_state_dict(model, full.state_dict() if full is not None else {},
@@ -461,6 +499,7 @@ def load_models(args, mesh, device):
     return tok, policy, reference.requires_grad_(False).eval()
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def epochs_to_save(spec):
     """--save_epochs as a test of an epoch number: `all`, `none` or comma-separated epochs such as `2,40`."""
     if spec in ("all", "none"):
@@ -574,8 +613,6 @@ def greedy_accuracy(model, tok, records, args, rank, world, device, batch_size):
 def main(args):
     rank, world, device, mesh = init_distributed()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    if args.cot not in ("nl", "python"):
-        raise SystemExit(f"error: --cot must be nl or python, not {args.cot!r}")
     beta = args.kl_coef if args.kl_coef >= 0 else {"nl": 0.05, "python": 0.01}[args.cot]
     n_seq = args.batch_size * args.num_samples  # sequences per rollout batch, all ranks
     mini = n_seq if args.mini_batch_size <= 0 else args.mini_batch_size
@@ -619,6 +656,8 @@ def main(args):
         model(*left_pad(prompts[:1], tok.pad_token_id, device), len(prompts[0]))
 
     os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0:
+        write_run_args(args, world)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     step, skipped, best = 0, 0, -1.0
     if args.resume and os.path.isdir(os.path.join(args.output_dir, "checkpoint")):
@@ -740,6 +779,8 @@ def main(args):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
         bar.set_postfix(score=f"{m['score']:.3f}", acc=f"{m['accuracy']:.3f}", kl=f"{m['kl']:.3f}")
+        if rank == 0 and args.log_every > 0 and step % args.log_every == 0:
+            tqdm.write(summary(m))
         bar.update(1)
         if end_of_epoch and keep_epochs(epoch + 1):
             save_checkpoint(model, tok, args, os.path.join(args.output_dir, f"epoch_{epoch + 1}"), rank,

@@ -41,15 +41,20 @@ Differences from the paper's code (train_reward_model.py), on purpose:
 One code path: plain `python rerank.py` is a 1-process group, `torchrun` gives N, the models are FSDP2-sharded.
 """
 import argparse
+import ast
 import dataclasses
+import inspect
 import itertools
 import json
 import math
 import os
+import sys
+import textwrap
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Literal, get_args, get_origin
 
 import torch
 import torch.distributed as dist
@@ -70,7 +75,7 @@ class Args:
     """a prepared dataset name under data/ or a .jsonl/.json file of {item_id, question, answer_value}"""
     split: str = "train"
     """split whose questions are sampled (paper: train)"""
-    cot: str = "nl"
+    cot: Literal["nl", "python"] = "nl"
     """chain-of-thought kind: `nl` or `python`"""
     output_dir: str = "runs/rerank"
     """where samples.jsonl, metrics.jsonl and the verifier (final/) go"""
@@ -90,8 +95,9 @@ class Args:
     """AdamW weight decay (paper: 0)"""
     batch_size: int = 32
     """global batch: samples per optimizer step summed over processes and accumulation (paper: 24)"""
-    micro_batch_size: int = 32
-    """samples per forward/backward on one process"""
+    micro_batch_size: int = -1
+    """samples per forward/backward on one process; batch_size / (micro_batch_size * world) = accumulation;
+    -1 = batch_size / world (no accumulation), so the same command runs at any number of processes"""
     max_length: int = 256
     """verifier input (prompt + completion) is cut to this many tokens (paper: 700)"""
     holdout_fraction: float = 0.1
@@ -108,20 +114,50 @@ class Args:
     """sequences per generate() call on one process (also the scoring batch of the held-out evaluation)"""
     limit: int = -1
     """sample only the first N questions (-1: all)"""
+    log_every: int = 10
+    """print a one-line summary of the metrics every this many steps (0: never)"""
     seed: int = 42
     """seed for sampling (seed + rank), the head init, the held-out split and the data order"""
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def parse_args(cls, argv=None):
-    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names). `--help` shows
+    each field's docstring, read from the source (attribute docstrings do not exist at run time), its default, and
+    its choices when the field is a Literal (a value outside them gets argparse's one-line error)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
-        if f.type is bool or f.type == "bool":
-            p.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default)
+        kw = {"default": f.default, "help": docs.get(f.name, "").replace("%", "%%")}
+        if f.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif get_origin(f.type) is Literal:
+            kw["choices"] = get_args(f.type)
         else:
-            p.add_argument(*names, type=type(f.default), default=f.default)
+            kw["type"] = type(f.default)
+        p.add_argument(*names, **kw)
     return cls(**vars(p.parse_args(argv)))
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def write_run_args(args, world):
+    """{output_dir}/args.json: every flag, the world size and the versions, written before the first step (rank 0)
+    so that a run folder says how it was made."""
+    import transformers
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump({**dataclasses.asdict(args), "world_size": world, "python": sys.version.split()[0],
+                   "torch": torch.__version__, "transformers": transformers.__version__}, f, indent=2)
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def summary(row):
+    """A metrics row as one log line: the progress bar rewrites a single line, so a log file of a long run would
+    otherwise show no numbers."""
+    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
 
 
 # ----------------------------------------------------------------------------- distributed setup
@@ -202,12 +238,15 @@ def load_sharded(load, make, mesh, device):
             full = load()
         except SystemExit as e:
             error = str(e)
-    msg = [(error, full.config if full is not None else None)]
+    msg = [(error, full.config if full is not None else None, getattr(full, "generation_config", None))]
     dist.broadcast_object_list(msg, src=0)
-    if msg[0][0] is not None:
-        raise SystemExit(msg[0][0])
+    error, config, generation_config = msg[0]
+    if error is not None:
+        raise SystemExit(error)
     with torch.device("meta"):
-        model = make(msg[0][1])
+        model = make(config)
+    if generation_config is not None:  # the checkpoint's generation_config.json, which from_config does not read
+        model.generation_config = generation_config
     shard(model, mesh, compute_dtype(device))
     model.to_empty(device=device)
     set_model_state_dict(model, full.state_dict() if full is not None else {},
@@ -249,6 +288,7 @@ def gathered_for_generation(model):
                     group._post_forward_indices.clear()
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def num_calls(n_items, batch_size, device):
     """Batches needed by the busiest rank: every rank makes that many (collective) calls, padding with dummies."""
     t = torch.tensor([math.ceil(n_items / batch_size)], device=device)
@@ -256,6 +296,7 @@ def num_calls(n_items, batch_size, device):
     return int(t.item())
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def load(cls_name, path, flag, mesh, device, **kw):
     """(model, tokenizer) from an HF folder, sharded over the ranks (only rank 0 reads the weights: load_sharded);
     one error line when it cannot be loaded."""
@@ -350,8 +391,9 @@ def sample(args, path, rank, world, device, mesh, log):
                 enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device)  # left padding
                 # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
                 # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
-                out = model.generate(**enc, do_sample=True, temperature=args.temperature, top_k=args.top_k,
-                                     top_p=args.top_p, max_new_tokens=args.max_new_tokens, synced_gpus=False,
+                out = model.generate(**enc, do_sample=True, use_cache=True, synced_gpus=False,
+                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                     max_new_tokens=args.max_new_tokens,
                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
                 if chunk:
                     texts += tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
@@ -447,6 +489,7 @@ def holdout_metrics(logits, rows):
             "holdout_pass_at_k": sum(any(r["correct"] for _, r in c) for c in by_q.values()) / len(by_q)}
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def lr_lambda(warmup_steps, total_steps):
     """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
     def f(step):
@@ -479,6 +522,8 @@ def train(args, rows, rank, world, device, mesh, log):
     log(f"verifier data: {len(train_rows)} train samples ({sum(r['correct'] for r in train_rows)} correct), "
         f"{len(held_rows)} held out from {len({r['item_id'] for r in held_rows})} questions; "
         f"{cut + held_cut} inputs cut to --max_length {args.max_length}")
+    if args.micro_batch_size <= 0:
+        args.micro_batch_size = max(1, args.batch_size // world)
     if args.batch_size % (args.micro_batch_size * world):
         raise SystemExit(f"error: --batch_size {args.batch_size} is not a multiple of micro_batch_size × world "
                          f"({args.micro_batch_size} × {world})")
@@ -492,6 +537,8 @@ def train(args, rows, rank, world, device, mesh, log):
     if args.lr <= 0:  # the tiny CPU model wants a large rate; a pretrained 7B one would be wrecked by it
         args.lr = 1e-4 if n_params < 50_000_000 else 1e-6
     log(f"verifier: {n_params:,} params, lr {args.lr:g}")
+    if rank == 0:
+        write_run_args(args, world)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total_steps), total_steps))
@@ -540,6 +587,8 @@ def train(args, rows, rank, world, device, mesh, log):
         write(row, evaluate=i + 1 == steps_per_epoch)
         t_last = time.time()
         bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if rank == 0 and args.log_every > 0 and (step + 1) % args.log_every == 0:
+            tqdm.write(summary(row))
         bar.update(1)
     bar.close()
     save_verifier(model, tok, args, os.path.join(args.output_dir, "final"), rank)
@@ -548,8 +597,6 @@ def train(args, rows, rank, world, device, mesh, log):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    if args.cot not in ("nl", "python"):
-        raise SystemExit(f"error: --cot must be nl or python, not {args.cot!r}")
     if not args.samples and not args.model:
         raise SystemExit("error: --model is required to draw samples (or pass --samples FILE)")
     if not (args.init or args.model):

@@ -18,15 +18,20 @@ One code path: plain `python sft.py` is a 1-process group; `torchrun` gives N. T
 FSDP2 (`fully_shard`), on gloo + fp32 on CPU and NCCL + bf16 mixed precision on GPU.
 """
 import argparse
+import ast
 import dataclasses
+import inspect
 import json
 import math
 import os
 import shutil
+import sys
+import textwrap
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Literal, get_args, get_origin
 
 import torch
 import torch.distributed as dist
@@ -51,7 +56,7 @@ class Args:
     """`tiny` (a fresh small Llama + BPE tokenizer trained on the data), an HF folder or hub id, or a .gguf file"""
     data: str = "minigsm"
     """a prepared dataset name under data/ or a .jsonl/.json file of {item_id, question, answer_cot, answer_value}"""
-    cot: str = "nl"
+    cot: Literal["nl", "python"] = "nl"
     """chain-of-thought kind: `nl` (natural language) or `python` (a program whose return value is the answer)"""
     output_dir: str = "runs/sft"
     """where checkpoints (epoch_K/, final/), the resume state and metrics.jsonl go"""
@@ -61,10 +66,12 @@ class Args:
     """stop after this many optimizer steps (overrides epochs when > 0)"""
     batch_size: int = 32
     """global batch: examples per optimizer step summed over processes and accumulation (paper: 48)"""
-    micro_batch_size: int = 32
-    """examples per forward/backward on one process; batch_size / (micro_batch_size * world) = accumulation"""
+    micro_batch_size: int = -1
+    """examples per forward/backward on one process; batch_size / (micro_batch_size * world) = accumulation;
+    -1 = batch_size / world (no accumulation), so the same command runs at any number of processes"""
     lr: float = -1.0
-    """peak learning rate; -1 = 2e-3 for `tiny` (from scratch it wants ~1e-3), the paper's 1e-5 for a pretrained model"""
+    """peak learning rate; -1 = 2e-3 for `tiny` (from scratch it wants ~1e-3), the paper's 1e-5 for a pretrained
+    model"""
     warmup_ratio: float = 0.1
     """fraction of the steps spent on linear warm-up, then linear decay to 0 (paper: 0.1)"""
     weight_decay: float = 0.0
@@ -93,6 +100,8 @@ class Args:
     """questions per generation batch of the per-epoch evaluation, on one process (its KV cache is the memory)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory (7B models)"""
+    log_every: int = 10
+    """print a one-line summary of the metrics every this many steps (0: never)"""
     tiny_hidden: int = 192
     """tiny model: hidden size"""
     tiny_layers: int = 4
@@ -105,16 +114,44 @@ class Args:
     """tiny model: BPE vocabulary size (digits are always one token each)"""
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def parse_args(cls, argv=None):
-    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names). `--help` shows
+    each field's docstring, read from the source (attribute docstrings do not exist at run time), its default, and
+    its choices when the field is a Literal (a value outside them gets argparse's one-line error)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
-        if f.type is bool or f.type == "bool":
-            p.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default)
+        kw = {"default": f.default, "help": docs.get(f.name, "").replace("%", "%%")}
+        if f.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif get_origin(f.type) is Literal:
+            kw["choices"] = get_args(f.type)
         else:
-            p.add_argument(*names, type=type(f.default), default=f.default)
+            kw["type"] = type(f.default)
+        p.add_argument(*names, **kw)
     return cls(**vars(p.parse_args(argv)))
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def write_run_args(args, world):
+    """{output_dir}/args.json: every flag, the world size and the versions, written before the first step (rank 0)
+    so that a run folder says how it was made."""
+    import transformers
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump({**dataclasses.asdict(args), "world_size": world, "python": sys.version.split()[0],
+                   "torch": torch.__version__, "transformers": transformers.__version__}, f, indent=2)
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def summary(row):
+    """A metrics row as one log line: the progress bar rewrites a single line, so a log file of a long run would
+    otherwise show no numbers."""
+    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
 
 
 # ----------------------------------------------------------------------------- distributed setup
@@ -195,12 +232,15 @@ def load_sharded(load, make, mesh, device):
             full = load()
         except SystemExit as e:
             error = str(e)
-    msg = [(error, full.config if full is not None else None)]
+    msg = [(error, full.config if full is not None else None, getattr(full, "generation_config", None))]
     dist.broadcast_object_list(msg, src=0)
-    if msg[0][0] is not None:
-        raise SystemExit(msg[0][0])
+    error, config, generation_config = msg[0]
+    if error is not None:
+        raise SystemExit(error)
     with torch.device("meta"):
-        model = make(msg[0][1])
+        model = make(config)
+    if generation_config is not None:  # the checkpoint's generation_config.json, which from_config does not read
+        model.generation_config = generation_config
     shard(model, mesh, compute_dtype(device))
     model.to_empty(device=device)
     set_model_state_dict(model, full.state_dict() if full is not None else {},
@@ -368,6 +408,7 @@ def token_nll_sum(model, input_ids, labels, attention_mask):
                                              labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def lr_lambda(warmup_steps, total_steps):
     """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
     def f(step):
@@ -396,8 +437,8 @@ def greedy_accuracy(model, tok, records, cot, max_new_tokens, rank, world, devic
             enc = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left padding
             # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
             # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
-            out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, synced_gpus=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True,
+                                 synced_gpus=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             texts = tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
             scores = reward.compute_rewards(texts, [r["answer_value"] for r in chunk], cot,
                                             [r["question"] for r in chunk], partial_reward=False)
@@ -409,6 +450,7 @@ def greedy_accuracy(model, tok, records, cot, max_new_tokens, rank, world, devic
     return (total[0] / total[1]).item()
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 def epochs_to_save(spec):
     """--save_epochs as a test of an epoch number: `all`, `none` or comma-separated epochs such as `2,40`."""
     if spec in ("all", "none"):
@@ -470,8 +512,6 @@ def load_resume_state(model, opt, sched, args, rank):
 
 def main(args):
     rank, world, device, mesh = init_distributed()
-    if args.cot not in ("nl", "python"):
-        raise SystemExit(f"error: --cot must be nl or python, not {args.cot!r}")
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     records = reward.load_records(args.data, "train", args.cot, require_cot=True)
     if args.lr <= 0:  # the tiny model from scratch wants a large rate; a pretrained 7B one would be wrecked by it
@@ -492,6 +532,8 @@ def main(args):
     if not examples:
         raise SystemExit(f"error: --data {args.data}: no training example fits in --max_length {args.max_length}")
 
+    if args.micro_batch_size <= 0:
+        args.micro_batch_size = max(1, args.batch_size // world)
     if args.batch_size % (args.micro_batch_size * world):
         raise SystemExit(f"error: --batch_size {args.batch_size} is not a multiple of micro_batch_size × world "
                          f"({args.micro_batch_size} × {world})")
@@ -506,6 +548,8 @@ def main(args):
     os.makedirs(args.output_dir, exist_ok=True)
     model = load_model(args, tok, mesh, device)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} params, lr {args.lr:g}")
+    if rank == 0:
+        write_run_args(args, world)
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -573,6 +617,8 @@ def main(args):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.4f}", **({"acc": f"{row['eval_accuracy']:.3f}"} if "eval_accuracy" in row else {}))
+        if rank == 0 and args.log_every > 0 and step % args.log_every == 0:
+            tqdm.write(summary(row))
         bar.update(1)
         if end_of_epoch and keep_epochs(epoch + 1):
             save_hf(model, tok, args, os.path.join(args.output_dir, f"epoch_{epoch + 1}"), rank, compute_dtype(device))

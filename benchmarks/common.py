@@ -125,9 +125,17 @@ def run_quiet(cmd, max_wait, threads=2, log=None, retries=2, limit=0.1):
         print(f"other processes used {100 * foreign:.0f}% of the CPUs meanwhile: measuring again", flush=True)
 
 
+def ensure_minigsm():
+    """The prepared minigsm splits every benchmark reads: made with data/minigsm/prepare.py's defaults when a
+    fresh clone has none yet (the prepared files are not in git)."""
+    if not (ROOT / "data" / "minigsm" / "train_nl.jsonl").is_file():
+        run([sys.executable, "data/minigsm/prepare.py"])
+
+
 def ensure_checkpoint(out=BENCH_DIR / "ckpt"):
     """The `tiny` policy both PPO sides start from: `sft.py --model tiny` after 1 step (tokenizer trained on
     minigsm, weights essentially random, so it almost never samples EOS and responses run to the length cap)."""
+    ensure_minigsm()
     final = out / "final"
     if not (final / "config.json").is_file():
         out.mkdir(parents=True, exist_ok=True)

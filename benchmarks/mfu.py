@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_DIR, matmul_gflops, median, run_quiet, write_json  # noqa: E402
+from common import BENCH_DIR, ensure_minigsm, matmul_gflops, median, run_quiet, write_json  # noqa: E402
 
 import reward  # noqa: E402
 import sft  # noqa: E402
@@ -163,6 +163,7 @@ def main():
     p.add_argument("--retries", type=int, default=2, help="reruns of a run measured on a busy machine")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
+    ensure_minigsm()
     peak_before = matmul_gflops(threads=args.threads)
     res = {"tiny": measure("tiny", [], args)}
     if not args.no_wide:

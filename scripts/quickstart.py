@@ -16,16 +16,20 @@ The pipeline, as in the paper but on the `minigsm` word problems and a tiny Llam
 A stage whose output exists is skipped when the command runs again; an interrupted stage resumes (--resume).
 """
 import argparse
+import ast
 import dataclasses
+import inspect
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 from compare import compare, load_predictions
 
@@ -40,7 +44,7 @@ class Args:
     """a few steps per stage and small splits: checks that the pipeline runs (CI), numbers mean nothing"""
     seed: int = 0
     """seed of the data and of every stage"""
-    cot: str = "python"
+    cot: Literal["nl", "python"] = "python"
     """chain-of-thought kind: `python` (a program; the sandbox does the arithmetic) or `nl`. Chosen on validation:
     nl SFT kept rising to its last epoch as its arithmetic slowly improved (52% best), and PPO from its epoch 30
     peaked at 43%; python SFT plateaus from epoch ~24 (43-45%), and PPO from there reached 51%"""
@@ -84,14 +88,32 @@ class Args:
     """torch threads per stage"""
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Args):
-        if f.type is bool or f.type == "bool":
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+# a copy kept identical across stage files: tests/test_copies.py
+def parse_args(cls, argv=None):
+    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names). `--help` shows
+    each field's docstring, read from the source (attribute docstrings do not exist at run time), its default, and
+    its choices when the field is a Literal (a value outside them gets argparse's one-line error)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
+        kw = {"default": f.default, "help": docs.get(f.name, "").replace("%", "%%")}
+        if f.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif get_origin(f.type) is Literal:
+            kw["choices"] = get_args(f.type)
         else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-    args = Args(**vars(p.parse_args(argv)))
+            kw["type"] = type(f.default)
+        p.add_argument(*names, **kw)
+    return cls(**vars(p.parse_args(argv)))
+
+
+def quickstart_args(argv=None):
+    """The flags; --fast shrinks every stage to a smoke test."""
+    args = parse_args(Args, argv)
     if args.fast:
         args = dataclasses.replace(args, n_train=64, sft_epochs=3, warmup_epoch=1, reft_steps=3, k=2,
                                    verifier_samples=2, max_new_tokens=16)
@@ -254,4 +276,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(quickstart_args())

@@ -8,8 +8,8 @@ paper selects checkpoints on test; we never tune on it).
     python data/gsm8k/prepare.py --source /path/to/grade_school_math/data   # local train.jsonl + test.jsonl
     python data/gsm8k/prepare.py                                             # from the Hugging Face hub
 
-The hub path (`datasets.load_dataset("openai/gsm8k", "main")`, needs `pip install datasets` and network access)
-is not exercised by the tests; it yields the same records as the local files.
+The hub path (`datasets.load_dataset("openai/gsm8k", "main")`, `datasets` is in requirements.txt; it needs network
+access) is not exercised by the tests; it yields the same records as the local files.
 """
 import argparse
 import json
@@ -37,12 +37,12 @@ def read_jsonl(path):
 
 
 def load_hub():
+    from datasets import load_dataset
     try:
-        from datasets import load_dataset
-    except ImportError:
-        raise SystemExit("error: no --source given and the `datasets` package is not installed "
-                         "(pip install datasets, or pass --source DIR with train.jsonl and test.jsonl)")
-    ds = load_dataset("openai/gsm8k", "main")
+        ds = load_dataset("openai/gsm8k", "main")
+    except (OSError, ConnectionError) as e:
+        raise SystemExit(f"error: cannot load openai/gsm8k from the hub ({str(e).splitlines()[0]}); offline, pass "
+                         "--source DIR with train.jsonl and test.jsonl")
     return {split: [dict(r) for r in ds[split]] for split in ("train", "test")}
 
 

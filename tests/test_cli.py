@@ -1,0 +1,82 @@
+"""The commands as users type them: `--help` documents every flag, and closed sets of values are enforced."""
+import ast
+import json
+import sys
+
+import pytest
+
+from conftest import PY, ROOT, SHARED_DATA, read_metrics, run, torchrun
+
+sys.path.insert(0, str(ROOT))
+import reward  # noqa: E402
+
+SCRIPTS = ["sft.py", "reft.py", "rerank.py", "evaluate.py", "scripts/quickstart.py"]
+
+
+def documented_fields(path):
+    """(name, default source, docstring) of every field of the script's `Args` dataclass, read independently of
+    parse_args."""
+    tree = ast.parse(path.read_text())
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args").body
+    return [(a.target.id, ast.literal_eval(a.value), b.value.value) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)]
+
+
+def flat(text):
+    """Without whitespace: argparse wraps help text, also after hyphens."""
+    return "".join(text.split())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_every_flag_with_its_docstring_and_default(script):
+    fields = documented_fields(ROOT / script)
+    assert len(fields) >= 10
+    out = flat(run([PY, script, "--help"], timeout=120).stdout)
+    for name, default, doc in fields:
+        assert f"--{name}" in out, f"--{name} missing from {script} --help"
+        assert flat(doc) in out, f"the docstring of --{name} is not in {script} --help"
+        after = out[out.index(flat(doc)) + len(flat(doc)):]
+        assert after.startswith(f"(default:{flat(str(default))})"), f"--{name}'s default {default!r}: {after[:40]}"
+
+
+@pytest.mark.parametrize("script, flag, bad", [("sft.py", "--cot", "latex"), ("reft.py", "--cot", "latex"),
+                                               ("rerank.py", "--cot", "latex"), ("evaluate.py", "--mode", "best")])
+def test_a_value_outside_its_set_is_one_error_line(script, flag, bad):
+    p = run([PY, script, flag, bad], check=False, timeout=120)
+    assert p.returncode == 2 and f"argument {flag}: invalid choice: '{bad}'" in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"{script.split('/')[-1]}: error:")
+
+
+def test_every_stage_runs_with_its_default_batch_flags_under_torchrun(minigsm, warmup, tmp_path):
+    """The command that worked under `python` works under `torchrun --nproc_per_node 2` as typed: no batch flag
+    needs changing with the number of processes."""
+    torchrun(2, "sft.py", "--data", minigsm, "--max_steps", 2, "--save_epochs", "none", "--output_dir",
+             tmp_path / "sft")
+    torchrun(2, "reft.py", "--model", warmup, "--data", minigsm, "--max_steps", 1, "--max_length", 96,
+             "--eval_every", 0, "--output_dir", tmp_path / "reft")
+    records = reward.load_records(str(minigsm), "train", "nl", require_cot=True)[:40]
+    with open(tmp_path / "samples.jsonl", "w") as f:
+        for r in records:
+            for completion, correct in ((reward.build_target(r, "nl"), True), ("I do not know.", False)):
+                f.write(json.dumps({"item_id": r["item_id"], "question": r["question"], "completion": completion,
+                                    "correct": correct}) + "\n")
+    torchrun(2, "rerank.py", "--samples", tmp_path / "samples.jsonl", "--model", warmup, "--data", minigsm,
+             "--epochs", 1, "--output_dir", tmp_path / "verifier")
+    torchrun(2, "evaluate.py", "--model", warmup, "--data", minigsm, "--limit", 6, "--max_new_tokens", 32,
+             "--output_dir", tmp_path / "eval")
+    for stage in ("sft", "reft", "verifier", "eval"):
+        assert json.loads((tmp_path / stage / "args.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "gsm8k").is_dir(), reason="../shared/data/gsm8k not present")
+def test_the_headline_command_on_eight_processes(tmp_path):
+    """`torchrun --nproc_per_node 8 reft.py --data gsm8k` from an sft.py warm-up: 8 CPU processes start, roll out
+    and step (the tiny model; real GSM8K questions)."""
+    data = tmp_path / "gsm8k"
+    run([PY, "data/gsm8k/prepare.py", "--source", SHARED_DATA / "gsm8k", "--out_dir", data])
+    run([PY, "sft.py", "--data", data, "--max_steps", 2, "--save_epochs", "none", "--output_dir", tmp_path / "sft"])
+    torchrun(8, "reft.py", "--data", data, "--model", tmp_path / "sft" / "final", "--max_steps", 2,
+             "--eval_limit", 8, "--max_length", 400, "--output_dir", tmp_path / "reft", timeout=900)
+    m = read_metrics(tmp_path / "reft" / "metrics.jsonl")
+    assert [row["step"] for row in m] == [1, 2] and "eval_accuracy" in m[-1]
+    assert json.loads((tmp_path / "reft" / "args.json").read_text())["world_size"] == 8
