@@ -418,9 +418,6 @@ def main(args):
         log("no --verifier given: rerank is skipped")
     if do_rerank:
         check_verifier(args.verifier)
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        write_run_args(args, world)
     t0 = time.time()
     torch.manual_seed(args.seed + rank)  # different samples on each rank
     mine = records[rank::world]
@@ -428,6 +425,9 @@ def main(args):
 
     model, tok = load("AutoModelForCausalLM", args.model, "--model", mesh, device)
     model.eval()
+    if rank == 0:  # after the checks and the policy's loading: a refused command writes nothing
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_run_args(args, world)
     if do_greedy:
         texts = generate_texts(model, tok, [reward.build_prompt(r["question"], args.cot, sampling=True) for r in mine],
                                args.batch_size, device, "greedy", rank, do_sample=False,
