@@ -137,7 +137,8 @@ KNOWN_VERIFIER = textwrap.dedent("""
             self.tok = tok
 
         def forward(self, input_ids, attention_mask):
-            texts = [self.tok.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(input_ids, attention_mask)]
+            texts = [self.tok.decode(ids[m.bool()], skip_special_tokens=True)
+                     for ids, m in zip(input_ids, attention_mask)]
             answers = [reward.extract_answer(t, "nl") for t in texts]
             return SimpleNamespace(logits=torch.tensor([[50.0 if a is None else a / 100] for a in answers]))
 

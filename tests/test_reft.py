@@ -254,8 +254,17 @@ def test_two_processes_match_one(minigsm, warmup, tmp_path):
             assert abs(a[k] - b[k]) < 1e-4, (k, a[k], b[k])
 
 
-def test_sigkill_and_resume_repeats_the_same_steps(minigsm, warmup, tmp_path):
-    common = [PY, "reft.py", "--model", warmup, "--data", minigsm, "--max_steps", 8, *RUN[:-4], "--save_steps", 2]
+def test_sigkill_and_resume_across_epochs_restores_beta_and_best(minigsm, warmup, tmp_path):
+    """8 PPO steps over a pool of 48 questions (3 steps per epoch) with adaptive β, --save_best and an evaluation
+    every 2 steps, killed after step 3 (resumed from 2, 3 or 4): it crosses the epoch boundaries with the same steps, β
+    and evaluations as the run never killed, and the same epoch and final checkpoints. The best accuracy is restored
+    too: set above any accuracy in the saved state, no later evaluation may write best/ again."""
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join((minigsm / "train_nl.jsonl").read_text().splitlines(keepends=True)[:48]))
+    common = [PY, "reft.py", "--model", warmup, "--data", pool, "--max_steps", 8, "--batch_size", 16,
+              "--max_length", 120, "--save_steps", 2, "--seed", 5, "--adaptive_kl", "--target_kl", 0.5,
+              "--save_best", "--eval_every", 2, "--eval_split", minigsm / "validation_nl.jsonl", "--eval_limit", 8,
+              "--save_epochs", "all"]
     run([*common, "--output_dir", tmp_path / "full"])
     full = read_metrics(tmp_path / "full/metrics.jsonl")
     out = tmp_path / "killed"
@@ -270,12 +279,25 @@ def test_sigkill_and_resume_repeats_the_same_steps(minigsm, warmup, tmp_path):
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    state_path = out / "checkpoint" / "loop_state.json"
+    state = json.loads(state_path.read_text())
+    assert 2 <= state["step"] < 6 and 0 <= state["best"] <= 1 and (out / "best").is_dir(), state
+    state_path.write_text(json.dumps(dict(state, best=2.0)))
+    shutil.rmtree(out / "best")
+
     run([*common, "--output_dir", out, "--resume"])
     resumed = read_metrics(metrics)
     assert [m["step"] for m in resumed] == list(range(1, 9))
     for a, b in zip(full, resumed):
         for k in ("score", "kl", "pg_loss", "vf_loss"):
             assert abs(a[k] - b[k]) < 1e-5, (k, a, b)
+        assert b["beta"] == pytest.approx(a["beta"], rel=1e-9) and a.get("eval_accuracy") == b.get("eval_accuracy")
+    assert full[-1]["beta"] != full[0]["beta"]  # β moved, so a β not restored would show
+    assert not (out / "best").exists() and json.loads(state_path.read_text())["best"] == 2.0
+    from safetensors.torch import load_file
+    for name in ("epoch_2", "final"):
+        want, got = (load_file(d / name / "model.safetensors") for d in (tmp_path / "full", out))
+        assert all(torch.allclose(want[k], got[k], atol=1e-5) for k in want), name
 
 
 COUNT_GATHERS = textwrap.dedent("""
