@@ -2,13 +2,17 @@
 and the sampling path (labels, deduplication, resume)."""
 import itertools
 import json
+import os
 import random
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from conftest import PY, ROOT, read_metrics, run, torchrun
+from conftest import PY, ROOT, main_error, read_metrics, run, torchrun
 
 sys.path.insert(0, str(ROOT))
 import rerank  # noqa: E402
@@ -46,16 +50,20 @@ def test_dedup_keeps_the_first_of_identical_completions_per_question():
                                                                              ("b", "x", True)]
 
 
+ALL_WRONG = 4  # questions i with i % 5 == ALL_WRONG have no correct sample
+
+
 @pytest.fixture(scope="module")
 def synthetic_samples(minigsm, tmp_path_factory):
-    """Samples whose label shows in the text: correct CoTs end with a marker line, wrong ones with another."""
+    """Samples whose label shows in the text: correct CoTs end with a marker line, wrong ones with another. Two of
+    the four samples of a question are correct, none for every fifth question (ALL_WRONG)."""
     rng = random.Random(0)
     path = tmp_path_factory.mktemp("synthetic") / "samples.jsonl"
     with open(path, "w") as f:
-        for r in reward.load_records(str(minigsm), "train", "nl")[:100]:
+        for i, r in enumerate(reward.load_records(str(minigsm), "train", "nl")[:100]):
             gold = int(r["answer_value"])
             for j in range(4):
-                ok = j % 2 == 0
+                ok = j % 2 == 0 and i % 5 != ALL_WRONG
                 value = gold if ok else gold + rng.choice([-2, -1, 1, 3])
                 completion = f"{r['answer_cot']}\nTherefore, the answer is: {value}\n{'verified' if ok else 'unsure'}"
                 f.write(json.dumps({"item_id": r["item_id"], "question": r["question"], "completion": completion,
@@ -73,8 +81,14 @@ def test_verifier_learns_a_learnable_labelling(synthetic_samples, warmup, tmp_pa
     before, after = metrics[0], metrics[-1]
     assert before["step"] == 0 and after["epoch"] == pytest.approx(2.0)
     assert after["holdout_accuracy"] >= 0.8 and after["holdout_auc"] >= 0.9, after
-    assert after["holdout_rerank_accuracy"] >= 0.8 and after["holdout_pass_at_k"] == 1.0
     assert after["holdout_auc"] > before["holdout_auc"]
+    # pass@k from the construction: the held-out questions with a correct sample (all but the ALL_WRONG ones).
+    rows = [json.loads(line) for line in open(synthetic_samples)]
+    order = list(dict.fromkeys(r["item_id"] for r in rows))
+    held = {r["item_id"] for r in rerank.split_by_question(rows, 0.2, seed=3)[1]}
+    pass_at_k = sum(order.index(q) % 5 != ALL_WRONG for q in held) / len(held)
+    assert after["holdout_pass_at_k"] == pytest.approx(pass_at_k) and pass_at_k < 1, (after, pass_at_k)
+    assert pass_at_k - 0.1 <= after["holdout_rerank_accuracy"] <= pass_at_k, after
 
     # The saved verifier is an AutoModelForSequenceClassification reading the last non-pad token.
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -82,7 +96,7 @@ def test_verifier_learns_a_learnable_labelling(synthetic_samples, warmup, tmp_pa
     tok = AutoTokenizer.from_pretrained(tmp_path / "final")
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
     assert tok.model_max_length == 256
-    rows = [json.loads(line) for line in open(synthetic_samples)][:6]
+    rows = rows[:6]
     texts = [reward.build_prompt(r["question"], "nl", sampling=True) + r["completion"] for r in rows]
     tok.padding_side = "right"
     with torch.no_grad():
@@ -103,6 +117,44 @@ def test_two_processes_train_like_one(synthetic_samples, warmup, tmp_path):
         for key in ("loss", "holdout_accuracy", "holdout_auc"):
             if key in a:
                 assert abs(a[key] - b[key]) < 1e-3, (key, a, b)
+
+
+def test_sigkill_and_resume_of_the_verifier_training_repeats_the_same_run(synthetic_samples, warmup, tmp_path):
+    """2 epochs of 8 steps (128 training samples) with the resume state every 3 steps and at each epoch end,
+    killed in epoch 1: the resumed run crosses the epoch boundary with the same losses and held-out metrics, and
+    saves the same verifier, as the run never killed."""
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(synthetic_samples.read_text().splitlines(keepends=True)[:160]))
+    common = [PY, "rerank.py", "--samples", samples, "--init", warmup, *TRAIN, "--epochs", 2, "--save_steps", 3]
+    run([*common, "--output_dir", tmp_path / "full"])
+    full = read_metrics(tmp_path / "full/metrics.jsonl")
+    assert [m["step"] for m in full] == list(range(17))
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([str(a) for a in common] + ["--output_dir", str(out)], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists() and (out / "checkpoint").is_dir()
+
+    p = run([*common, "--output_dir", out, "--resume"])
+    assert "resumed from" in p.stdout
+    resumed = read_metrics(metrics)
+    assert [m["step"] for m in resumed] == list(range(17))
+    for a, b in zip(full, resumed):
+        for key in ("loss", "train_accuracy", "lr", "holdout_accuracy", "holdout_auc", "holdout_rerank_accuracy"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-6), (key, a, b)
+    from safetensors.torch import load_file
+    want, got = (load_file(d / "final" / "model.safetensors") for d in (tmp_path / "full", out))
+    assert all(torch.allclose(want[k], got[k], atol=1e-6) for k in want)
 
 
 SAMPLE = ["--num_samples", 6, "--max_new_tokens", 40, "--gen_batch_size", 8, "--epochs", 1, "--batch_size", 2,
@@ -134,11 +186,42 @@ def test_sampling_labels_dedups_and_resumes(minigsm, warmup, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
+    ([], "--model is required to draw samples"),
+    (["--samples", "GOOD"], "--init (or --model) is required"),
     (["--samples", "/nonexistent.jsonl", "--init", "x"], "--samples '/nonexistent.jsonl': no such file"),
-    ([], "--model is required"),
     (["--model", "/nonexistent/ckpt"], "--model '/nonexistent/ckpt': no such checkpoint folder"),
+    (["--samples", "GOOD", "--init", "/nonexistent/ckpt"], "--init '/nonexistent/ckpt': no such checkpoint folder"),
+    (["--model", "WARMUP", "--holdout_fraction", 1.0], "--holdout_fraction must be in [0, 1), not 1.0"),
+    (["--model", "WARMUP", "--holdout_fraction", -0.1], "--holdout_fraction must be in [0, 1), not -0.1"),
+    (["--model", "WARMUP", "--num_samples", 0], "--num_samples must be at least 1, not 0"),
+    (["--samples", "MALFORMED", "--init", "WARMUP"], "MALFORMED:2: malformed JSON"),
+    (["--samples", "INCOMPLETE", "--init", "WARMUP"], "INCOMPLETE:2: sample has no completion, correct"),
+    (["--samples", "EMPTY", "--init", "WARMUP"], "EMPTY: no samples"),
+    (["--samples", "GOOD", "--init", "WARMUP", "--batch_size", 24, "--micro_batch_size", 16],
+     "--batch_size 24 is not a multiple of micro_batch_size × world (16 × 1)"),
+    (["--samples", "GOOD", "--init", "WARMUP", "--batch_size", 4096],
+     "training samples are fewer than one --batch_size 4096"),
 ])
-def test_bad_input_gives_one_error_line(args, message, minigsm):
-    p = run([PY, "rerank.py", "--data", minigsm, *args], check=False, timeout=120)
-    assert p.returncode != 0 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines()[-1].startswith("error: ") and message in p.stderr, p.stderr[-2000:]
+def test_bad_input_gives_one_error_line(args, message, minigsm, warmup, synthetic_samples, tmp_path):
+    """One `error:` line and no file written, before any sampling or training."""
+    good = synthetic_samples.read_text().splitlines(keepends=True)
+    files = {"GOOD": good[:40], "MALFORMED": good[:1] + ['{"item_id": "q", "question": \n'],
+             "INCOMPLETE": good[:1] + ['{"item_id": "q", "question": "q?"}\n'], "EMPTY": ["\n"]}
+    for name, lines in files.items():
+        (tmp_path / name).write_text("".join(lines))
+    paths = {name: str(tmp_path / name) for name in files}
+    args = [paths.get(a, warmup if a == "WARMUP" else a) if isinstance(a, str) else a for a in args]
+    first = message.split(":")[0]
+    message = paths[first] + message[len(first):] if first in paths else message
+    out = tmp_path / "out"
+    error = main_error(rerank, ["--data", minigsm, "--output_dir", out, *args])
+    assert error.startswith("error: ") and message in error and "\n" not in error, error
+    assert not out.exists()
+
+
+def test_bad_input_on_the_command_line(minigsm, tmp_path):
+    p = run([PY, "rerank.py", "--data", minigsm, "--model", "/nonexistent/ckpt", "--output_dir", tmp_path / "out"],
+            check=False, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == "error: --model '/nonexistent/ckpt': no such checkpoint folder"
+    assert not (tmp_path / "out").exists()
