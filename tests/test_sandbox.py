@@ -1,8 +1,11 @@
 """Hostile programs against reward.py's sandbox: each must score no answer (or a harmless value) within
 timeout + 1 s, leave no file and no process behind, and the pool must go on scoring correct programs."""
+import json
 import os
+import re
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -160,6 +163,48 @@ TAMPER = {
                       '    return 1', 'def solution():\n    import statistics\n    return statistics.mean([6, 8])', True),
     "add_audit_hook": (ESCAPE + '    sys.addaudithook(lambda *a: 1 / 0)\n    return 1', OK, True),
 }
+
+
+ESCAPE_CONTROL = textwrap.dedent("""
+    import json, runpy, sys
+    root, prefix = sys.argv[1], sys.argv[2]
+    worker = runpy.run_path(f"{root}/reward.py", run_name="worker")  # a worker's module: its top-level imports
+    import _thread, builtins, importlib, os, resource, select, types  # noqa: F401  and what _worker_main imports
+    modules = {}
+    for name in worker["ALLOWED_IMPORTS"]:
+        try:
+            modules[name] = __import__(name)
+        except ImportError:
+            pass
+    if "sympy" in modules:
+        worker["_warm_up"](modules["sympy"])
+    namespace = {"__builtins__": {n: getattr(builtins, n) for n in worker["_SAFE_BUILTINS"]}, "__name__": "program"}
+    exec(prefix + "    return sys, os, builtins, importlib\\n", namespace)
+    got = namespace["solution"]()
+    print(json.dumps({"real": [a is b for a, b in zip(got, (sys, os, builtins, importlib))],
+                      "modules": sorted(sys.modules)}))
+""")
+
+
+def test_escape_prefix_reaches_the_real_modules_outside_the_sandbox(tmp_path):
+    """Positive control for ESCAPE, the start of most hostile and tamper programs: run alone outside the sandbox
+    (no audit hook, no limits), in a fresh `python -I` with the modules a worker has loaded and the builtins a
+    program gets, it returns the real sys, os, builtins and importlib, and every module those programs then take
+    from sys.modules is loaded. Should the prefix break (a renamed attribute, a module no longer loaded), the
+    programs would fail inside the sandbox for that reason and the tests above would pass without testing."""
+    script = tmp_path / "control.py"
+    script.write_text(ESCAPE_CONTROL)
+    p = subprocess.run([sys.executable, "-I", str(script), str(Path(reward.__file__).parent), ESCAPE],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout)
+    assert out["real"] == [True] * 4
+    programs = [source for source, _ in HOSTILE.values()] + [tamper for tamper, _, _ in TAMPER.values()]
+    escaping = [source for source in programs if source.startswith(ESCAPE)]
+    assert len(escaping) >= 40
+    taken = {name for source in escaping for name in re.findall(r'sys\.modules\["(\w+)"\]', source)}
+    assert {"signal", "subprocess", "_posixsubprocess", "threading", "_thread", "io", "resource"} <= taken
+    assert taken <= set(out["modules"]), taken - set(out["modules"])
 
 
 def processes():
