@@ -61,10 +61,13 @@ def minigsm(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def warmup(minigsm, tmp_path_factory):
-    """A tiny warm-up checkpoint: sft.py on minigsm long enough that some greedy answers are right."""
-    out = tmp_path_factory.mktemp("warmup")
-    run([PY, "sft.py", "--data", minigsm, "--epochs", 12, "--batch_size", 32, "--micro_batch_size", 32,
-         "--output_dir", out, "--save_epochs", "none", "--save_steps", 1000])
+    """A tiny warm-up checkpoint: sft.py on minigsm long enough that some greedy answers are right. With
+    REFT_TEST_CACHE set to a folder (tests/mutants.py does), it is made there once and reused by later sessions."""
+    cache = os.environ.get("REFT_TEST_CACHE")
+    out = Path(cache) / "warmup" if cache else tmp_path_factory.mktemp("warmup")
+    if not (out / "final" / "config.json").is_file():
+        run([PY, "sft.py", "--data", minigsm, "--epochs", 12, "--batch_size", 32, "--micro_batch_size", 32,
+             "--output_dir", out, "--save_epochs", "none", "--save_steps", 1000])
     return out / "final"
 
 

@@ -1,0 +1,183 @@
+"""Mutation testing: plant deliberate bugs, one at a time, in a temporary copy of the repository and run the tests
+that should catch each. A mutant is killed when those tests fail; one that survives names a test that does not
+bite. Every mutant here must be killed.
+
+    .venv/bin/python tests/mutants.py                          # all of them (about 15 minutes on 2 cores)
+    .venv/bin/python tests/mutants.py sampler_ignores_temperature verifier_scores_shifted   # some of them
+    .venv/bin/python tests/mutants.py --list
+
+First the selected tests run on the unmutated copy (they must pass there, or a "kill" would mean nothing); that
+run also makes the tiny warm-up checkpoint once (REFT_TEST_CACHE) for every later session. Not part of CI: pytest
+does not collect this file (its name does not start with test_), and it reruns test subsets once per mutant.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (name, file, text to replace (exactly once in the file), replacement, the tests that must catch it)
+MUTANTS = [
+    # --- the PPO math
+    ("gae_without_lambda", "reft.py",
+     "next_adv = (delta + gamma * lam * next_adv) * mask[:, t]", "next_adv = (delta + gamma * next_adv) * mask[:, t]",
+     ["tests/test_reft.py::test_gae_matches_a_python_loop"]),
+    ("policy_loss_takes_the_min", "reft.py",
+     "losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(",
+     "losses = torch.min(-advantages * ratio, -advantages * ratio.clamp(",
+     ["tests/test_reft.py::test_policy_loss_by_hand"]),
+    ("kl_with_the_wrong_sign", "reft.py",
+     "kl = (logprobs - ref_logprobs) * mask", "kl = (ref_logprobs - logprobs) * mask",
+     ["tests/test_reft.py::test_kl_shaping_penalises_every_token_and_scores_the_last_one"]),
+    ("value_loss_unclipped", "reft.py",
+     "losses = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)",
+     "losses = 0.5 * (values - returns) ** 2",
+     ["tests/test_reft.py::test_value_loss_by_hand"]),
+    ("whiten_counts_padding", "reft.py",
+     "stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()",
+     "stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), torch.ones_like(mask).sum()]).double()",
+     ["tests/test_reft.py::test_masked_whiten_uses_valid_tokens_only"]),
+    ("dropout_left_on", "reft.py", "            setattr(config, k, 0.0)", "            setattr(config, k, v)",
+     ["tests/test_scale.py::test_llama_with_attention_dropout_has_ratio_one"]),
+    # --- the sampler
+    ("sampler_ignores_temperature", "reft.py",
+     "logits = logits / temperature - torch.log(-torch.log(u))", "logits = logits - torch.log(-torch.log(u))",
+     ["tests/test_reft.py::test_sampling_follows_the_softmax"]),
+    ("sampler_shares_one_noise_stream", "reft.py",
+     "torch.rand(logits.size(1), generator=g, device=device) for g in gens",
+     "torch.rand(logits.size(1), generator=gens[0], device=device) for g in gens",
+     ["tests/test_reft.py::test_sampling_of_a_row_does_not_depend_on_its_batch"]),
+    ("reft_greedy_budget_per_batch", "reft.py",
+     "resp = sample(model.lm, ids, mask, budget,", "resp = sample(model.lm, ids, mask, args.max_length - ids.size(1),",
+     ["tests/test_evaluate.py::test_greedy_accuracy_of_sft_and_reft_matches_evaluate"]),
+    ("sft_greedy_counts_filler_batches", "sft.py",
+     "            if b * batch_size < len(mine):", "            if True:",
+     ["tests/test_evaluate.py::test_greedy_accuracy_of_sft_and_reft_matches_evaluate"]),
+    # --- voting and reranking
+    ("vote_ties_go_to_the_last", "evaluate.py",
+     "return max(groups, key=lambda g: g[1])[0] if groups else None",
+     "return max(reversed(groups), key=lambda g: g[1])[0] if groups else None",
+     ["tests/test_evaluate.py::test_majority_vote_ties_go_to_the_first_answer_seen"]),
+    ("vote_needs_exact_equality", "evaluate.py", "if reward.answers_equal(a, g[0]):", "if a == g[0]:",
+     ["tests/test_evaluate.py::test_numbers_within_tolerance_vote_together"]),
+    ("verifier_scores_shifted", "evaluate.py",
+     'row["verifier_scores"] = [score_of[prompt + t] for t in row["samples"]]',
+     'row["verifier_scores"] = [score_of[prompt + t] for t in row["samples"][1:] + row["samples"][:1]]',
+     ["tests/test_evaluate.py::test_rerank_picks_the_sample_a_known_verifier_scores_highest"]),
+    ("rerank_picks_samples_without_answer", "evaluate.py",
+     "if a is not None and (best is None or s > best[1]):", "if best is None or s > best[1]:",
+     ["tests/test_evaluate.py::test_rerank_skips_samples_without_an_answer",
+      "tests/test_evaluate.py::test_rerank_picks_the_sample_a_known_verifier_scores_highest"]),
+    ("holdout_rerank_picks_the_lowest", "rerank.py",
+     'max(with_answer, key=lambda c: c[0])[1]["correct"]', 'min(with_answer, key=lambda c: c[0])[1]["correct"]',
+     ["tests/test_rerank.py::test_verifier_learns_a_learnable_labelling"]),
+    # --- resume
+    ("sft_scheduler_not_restored", "sft.py", '    sched.load_state_dict(extra["sched"])\n', "",
+     ["tests/test_sft.py::test_sigkill_and_resume_across_epochs_repeats_the_same_run"]),
+    ("reft_beta_not_restored", "reft.py",
+     'step, beta, skipped, best = state["step"], state["beta"], state["skipped"], state["best"]',
+     'step, skipped, best = state["step"], state["skipped"], state["best"]',
+     ["tests/test_reft.py::test_sigkill_and_resume_across_epochs_restores_beta_and_best"]),
+    ("reft_best_not_restored", "reft.py",
+     'step, beta, skipped, best = state["step"], state["beta"], state["skipped"], state["best"]',
+     'step, beta, skipped = state["step"], state["beta"], state["skipped"]',
+     ["tests/test_reft.py::test_sigkill_and_resume_across_epochs_restores_beta_and_best"]),
+    ("rerank_optimizer_not_restored", "rerank.py", '    set_optimizer_state_dict(model, opt, state["optim"])\n', "",
+     ["tests/test_rerank.py::test_sigkill_and_resume_of_the_verifier_training_repeats_the_same_run"]),
+    # --- the sandbox
+    ("sandbox_without_audit_hook", "reward.py", "        sys.addaudithook(_audit_hook(package_dirs, changes))\n", "",
+     ["tests/test_sandbox.py::test_hostile_program[real_builtins_open]",
+      "tests/test_sandbox.py::test_hostile_program[socket]"]),
+    ("sandbox_may_fork", "reward.py", "        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))\n", "",
+     ["tests/test_sandbox.py::test_hostile_program[fork_exec_without_audit_event]"]),
+    ("escape_prefix_broken", "tests/test_sandbox.py",
+     'g = getattr(getattr(c, "__init__", None), "__globals__", None)',
+     'g = getattr(getattr(c, "__init__", None), "__globalz__", None)',
+     ["tests/test_sandbox.py::test_escape_prefix_reaches_the_real_modules_outside_the_sandbox"]),
+    # --- the data
+    ("minigsm_question_states_another_number", "data/minigsm/prepare.py",
+     "sentences.append(template.format(P=subj, o=obj, F=friend, n=n))",
+     "sentences.append(template.format(P=subj, o=obj, F=friend, n=n + 1))",
+     ["tests/test_data.py::test_minigsm_answers_cots_and_programs_follow_from_the_question"]),
+]
+
+
+def copy_repo(dest):
+    """The working tree's tracked and untracked-but-not-ignored files, and ../shared beside it (the real data)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file() and not src.is_symlink():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    if (ROOT.parent / "shared").is_dir():
+        (dest.parent / "shared").symlink_to(ROOT.parent / "shared")
+
+
+def pytest(repo, tests, env, timeout):
+    """(exit code, seconds, last lines) of one pytest session in `repo`."""
+    start = time.time()
+    try:
+        p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=repo,
+                           env=env, capture_output=True, text=True, timeout=timeout)
+        code, out = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired:
+        code, out = -1, "timed out"
+    return code, time.time() - start, "\n".join(out.strip().splitlines()[-3:])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per pytest session")
+    args = p.parse_args()
+    if args.list:
+        for name, path, *_ in MUTANTS:
+            print(f"{name:40s} {path}")
+        return
+    unknown = set(args.names) - {m[0] for m in MUTANTS}
+    if unknown:
+        raise SystemExit(f"error: unknown mutants: {', '.join(sorted(unknown))} (see --list)")
+    mutants = [m for m in MUTANTS if not args.names or m[0] in args.names]
+    with tempfile.TemporaryDirectory(prefix="mutants_") as tmp:
+        repo = Path(tmp) / "repo"
+        copy_repo(repo)
+        env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                   REFT_TEST_CACHE=str(Path(tmp) / "cache"))
+        tests = list(dict.fromkeys(t for m in mutants for t in m[4]))
+        code, seconds, tail = pytest(repo, tests, env, args.timeout * 3)
+        print(f"unmutated: {len(tests)} tests {'pass' if code == 0 else 'FAIL'} ({seconds:.0f} s)", flush=True)
+        if code != 0:
+            raise SystemExit(f"error: the tests fail without any mutant, so no kill would mean anything:\n{tail}")
+        results = []
+        for name, path, old, new, mutant_tests in mutants:
+            target = repo / path
+            original = target.read_text()
+            if original.count(old) != 1:
+                raise SystemExit(f"error: mutant {name}: the text to replace occurs {original.count(old)} times "
+                                 f"in {path}, not once")
+            target.write_text(original.replace(old, new))
+            try:
+                code, seconds, tail = pytest(repo, mutant_tests, env, args.timeout)
+            finally:
+                target.write_text(original)
+            verdict = "killed" if code == 1 else "SURVIVED" if code == 0 else f"ERROR (pytest exit {code})"
+            results.append(verdict)
+            print(f"{verdict:9s} {name:40s} {path:24s} {seconds:5.0f} s", flush=True)
+            if verdict != "killed":
+                print("    " + tail.replace("\n", "\n    "), flush=True)
+    killed = results.count("killed")
+    print(f"\n{killed}/{len(results)} mutants killed")
+    if killed != len(results):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
