@@ -91,8 +91,8 @@ MUTANTS = [
      ["tests/test_rerank.py::test_sigkill_and_resume_of_the_verifier_training_repeats_the_same_run"]),
     # --- the sandbox
     ("sandbox_without_audit_hook", "reward.py", "        sys.addaudithook(_audit_hook(package_dirs, changes))\n", "",
-     ["tests/test_sandbox.py::test_hostile_program[real_builtins_open]",
-      "tests/test_sandbox.py::test_hostile_program[socket]"]),
+     ["tests/test_sandbox.py::test_hostile_program[read_etc_passwd]",
+      "tests/test_sandbox.py::test_hostile_program[sys_getframe]"]),
     ("sandbox_may_fork", "reward.py", "        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))\n", "",
      ["tests/test_sandbox.py::test_hostile_program[fork_exec_without_audit_event]"]),
     ("escape_prefix_broken", "tests/test_sandbox.py",
