@@ -2,7 +2,7 @@
 that should catch each. A mutant is killed when those tests fail; one that survives names a test that does not
 bite. Every mutant here must be killed.
 
-    .venv/bin/python tests/mutants.py                          # all of them (about 15 minutes on 2 cores)
+    .venv/bin/python tests/mutants.py                          # all of them (about 20 minutes on 2 cores)
     .venv/bin/python tests/mutants.py sampler_ignores_temperature verifier_scores_shifted   # some of them
     .venv/bin/python tests/mutants.py --list
 
@@ -44,6 +44,9 @@ MUTANTS = [
      ["tests/test_reft.py::test_masked_whiten_uses_valid_tokens_only"]),
     ("dropout_left_on", "reft.py", "            setattr(config, k, 0.0)", "            setattr(config, k, v)",
      ["tests/test_scale.py::test_llama_with_attention_dropout_has_ratio_one"]),
+    ("reference_is_the_policy", "reft.py", "return tok, policy, reference.requires_grad_(False).eval()",
+     "return tok, policy, policy",
+     ["tests/test_reft.py::test_first_step_has_ratio_one_and_zero_kl"]),
     # --- the sampler
     ("sampler_ignores_temperature", "reft.py",
      "logits = logits / temperature - torch.log(-torch.log(u))", "logits = logits - torch.log(-torch.log(u))",
@@ -99,6 +102,15 @@ MUTANTS = [
      'g = getattr(getattr(c, "__init__", None), "__globals__", None)',
      'g = getattr(getattr(c, "__init__", None), "__globalz__", None)',
      ["tests/test_sandbox.py::test_escape_prefix_reaches_the_real_modules_outside_the_sandbox"]),
+    # --- the pretrained model, the quickstart's report
+    ("gguf_weights_scrambled", "sft.py", "            model.hf_quantizer = None\n",
+     "            model.hf_quantizer = None\n"
+     "            torch.nn.init.normal_(model.get_input_embeddings().weight, std=0.02)\n",
+     ["tests/test_sft.py::test_smollm2_gguf_trains_and_saves_a_loadable_checkpoint"]),
+    ("quickstart_interval_of_reft_minus_sft_reversed", "scripts/quickstart.py",
+     'compare(load_predictions(out / "eval_sft"), load_predictions(out / "eval_reft"))',
+     'compare(load_predictions(out / "eval_reft"), load_predictions(out / "eval_sft"))',
+     ["tests/test_quickstart.py::test_quickstart_fast_runs_end_to_end_and_skips_finished_stages"]),
     # --- the data
     ("minigsm_question_states_another_number", "data/minigsm/prepare.py",
      "sentences.append(template.format(P=subj, o=obj, F=friend, n=n))",
