@@ -10,6 +10,7 @@ import pytest
 from conftest import PY, ROOT, run
 
 sys.path.insert(0, str(ROOT))
+import evaluate  # noqa: E402
 import reward  # noqa: E402
 
 T = "\nTherefore, the answer is: "
@@ -104,6 +105,14 @@ def test_paper_program_is_process_code():
 def test_unknown_scoring_is_refused():
     with pytest.raises(ValueError, match="scoring"):
         reward.compute_rewards(["7"], ["7"], "nl", scoring="strict")
+
+
+def test_paper_votes_count_exact_values_and_mathqa_candidates_are_single_characters():
+    answers = [3.0, 3.001, 3.001]
+    assert evaluate.majority_vote(answers, "paper") == 3.001 and evaluate.majority_vote(answers) == 3.0
+    sampled = ["c", "(c)", "5", "none", 7.0]
+    assert evaluate.paper_candidates(sampled, letters_only=False) == ["c", None, "5", None, 7.0]  # sampling.py
+    assert evaluate.paper_candidates(sampled, letters_only=True) == ["c", None, None, None, 7.0]  # its rerank
 
 
 @pytest.mark.parametrize("max_new_tokens", [48, 1])
