@@ -321,3 +321,36 @@ def test_ppo_raises_the_training_score(minigsm, warmup, tmp_path):
     last = sum(x["accuracy"] for x in m[-5:]) / 5
     print(f"fraction of correct samples: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
     assert last > first + 0.1
+
+
+def test_adaptive_beta_is_zieglers_proportional_controller():
+    # KL twice the target: the error clips at +0.2, and 32 sequences move β by 0.2 × 32 / 10,000.
+    assert reft.adaptive_beta(0.05, 2.0, 1.0, 32) == pytest.approx(0.05 * (1 + 0.2 * 32 / 10_000))
+    # KL 10% under the target: β shrinks by 0.1 × n / horizon; on target it stays.
+    assert reft.adaptive_beta(0.05, 0.9, 1.0, 1000) == pytest.approx(0.05 * (1 - 0.1 * 1000 / 10_000))
+    assert reft.adaptive_beta(0.05, 1.0, 1.0, 1000) == 0.05
+
+
+def test_rollout_forwards_match_per_sequence_forwards():
+    """Micro-batched step 3 against one sequence at a time: log-probs as logprobs_of gives them, entropy from a
+    separate log-softmax, values, and the reference's log-probs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, pad_token_id=0, eos_token_id=1)
+    model, ref = reft.PolicyWithValueHead(LlamaForCausalLM(config)), reft.PolicyWithValueHead(
+        LlamaForCausalLM(config), value_head=False)
+    ids = torch.randint(2, 40, (5, 9))
+    attn = torch.ones_like(ids)
+    attn[0, :2] = 0  # a left-padded row
+    responses = ids[:, 4:]
+    out = reft.rollout_forwards(model, ref, ids, attn, responses, 4, 2, 0.7)
+    for b in range(5):
+        with torch.no_grad():
+            logits, values = model(ids[b:b + 1], attn[b:b + 1], 4)
+            ref_logits, _ = ref(ids[b:b + 1], attn[b:b + 1], 4)
+        p = torch.softmax(logits / 0.7, -1)
+        expected = (reft.logprobs_of(logits, responses[b:b + 1], 0.7), values,
+                    reft.logprobs_of(ref_logits, responses[b:b + 1], 0.7), -(p * p.log()).sum(-1))
+        for got, want in zip(out, expected):
+            torch.testing.assert_close(got[b:b + 1], want, atol=1e-5, rtol=1e-5)
