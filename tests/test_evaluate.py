@@ -186,7 +186,6 @@ def test_python_cot_warmup_writes_programs_that_run_after_the_header(minigsm, tm
     (["--model", "/nonexistent/ckpt"], "--model '/nonexistent/ckpt': no such checkpoint folder"),
     (["--data", "no_such_dataset"], "unknown dataset 'no_such_dataset'"),
     (["--mode", "rerank"], "--mode rerank needs --verifier"),
-    (["--mode", "best"], "argument --mode: invalid choice: 'best'"),
     (["--mode", "rerank", "--verifier", "WARMUP", "--limit", 1], "not a verifier written by rerank.py"),
 ])
 def test_bad_input_gives_one_error_line(args, message, warmup, minigsm):
