@@ -314,8 +314,9 @@ def load_tokenizer(args, train_texts):
         return train_tiny_tokenizer(train_texts, args.tiny_vocab)
     if args.model.endswith(".gguf") and not os.path.isfile(args.model):
         raise SystemExit(f"error: --model {args.model}: no such GGUF file")
+    path, kw = hf_location(args.model)
     try:
-        tok = AutoTokenizer.from_pretrained(*hf_location(args.model))
+        tok = AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --model {args.model}: cannot load a model from this folder or hub id "
                          f"({str(e).splitlines()[0]})")

@@ -47,7 +47,7 @@ def two_nodes(logs, *args, timeout=300):
 
 def test_sft_on_two_nodes_matches_one_process(minigsm, tmp_path):
     common = ["sft.py", "--data", minigsm, "--max_steps", 6, "--batch_size", 16, "--micro_batch_size", 8,
-              "--no-save_epochs", "--seed", 3]
+              "--save_epochs", "none", "--seed", 3]
     run([PY, *common, "--output_dir", tmp_path / "one"])
     out = two_nodes(tmp_path, *common, "--output_dir", tmp_path / "two")
     assert "world 2" in out  # one 2-rank run, not two 1-rank runs sharing an output folder
