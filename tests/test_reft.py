@@ -258,6 +258,45 @@ def test_sigkill_and_resume_repeats_the_same_steps(minigsm, warmup, tmp_path):
             assert abs(a[k] - b[k]) < 1e-5, (k, a, b)
 
 
+THREADS_AROUND_RESUME_STATE = textwrap.dedent("""
+    import os, sys, types
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, sys.argv[1])
+    import reft
+    rank, world, device, mesh = reft.init_distributed()
+    # 32 layers: enough tensors that DCP's plans are large enough for gloo to copy them with OpenMP
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=32,
+                                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, eos_token_id=1))
+    model = reft.shard(reft.PolicyWithValueHead(lm), mesh, device)
+    opt = torch.optim.AdamW(model.parameters())
+    ids, mask = reft.left_pad([[5, 6, 7]], 0, device)
+    sum(t.sum() for t in model(ids, mask, 2)).backward()
+    opt.step()
+    args = types.SimpleNamespace(output_dir=sys.argv[2])
+    before = len(os.listdir("/proc/self/task"))
+    if sys.argv[3] == "save":
+        reft.save_resume_state(model, opt, {"step": 1}, args, rank)
+    else:
+        assert reft.load_resume_state(model, opt, args) == {"step": 1}
+    print(before, len(os.listdir("/proc/self/task")))
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts the process's threads in /proc")
+def test_resume_state_leaves_no_thread_behind(tmp_path):
+    """With OMP_NUM_THREADS > 1, DCP on the default gloo group left gloo workers holding OpenMP teams of their own;
+    libgomp then saw more threads than cores and stopped spin-waiting, and every later step ran ~10-25% slower."""
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_AROUND_RESUME_STATE)
+    for what in ("save", "load"):  # a fresh process each: a save's leftover threads would hide the load's
+        p = subprocess.run([PY, str(script), str(ROOT), str(tmp_path), what], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
+        assert p.returncode == 0, p.stderr[-3000:]
+        before, after = (int(n) for n in p.stdout.split()[-2:])
+        assert after == before, f"{what}: {after - before} threads left behind"
+
+
 COUNT_GATHERS = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     sys.path.insert(0, sys.argv[1])
