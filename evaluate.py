@@ -21,6 +21,11 @@ The paper's setting (8 GPUs; 100 samples at temperature 1.0, prompt + CoT at mos
     torchrun --nproc_per_node 8 evaluate.py --mode all -k 100 --data gsm8k --cot python \\
         --model runs/reft/best --verifier runs/rerank/final --max_new_tokens 700 --batch_size 50
 
+Scoring: --scoring lenient (the default) extracts and compares answers by reward.py's rules; --scoring paper by the
+paper code's, exactly (reward.extract_answers_paper, reward.paper_correct): votes then count exact values, and on
+MathQA only one-character answers vote and one-letter answers are rerank candidates, as its sampling.py and
+train_reward_model.py do. Use it for numbers to set beside the paper's.
+
 Sampling defaults: temperature 1.0 with pure sampling (top_k 0, top_p 1), the distribution the policy is trained
 on in ReFT's rollouts. The paper's sampling.py left transformers' default top_k=50 in place; pass --top_k 50 to
 reproduce that. Defaults here are sized for the CPU (k=8; paper: k=100).
@@ -91,6 +96,9 @@ class Args:
     """where predictions.jsonl and results.json go"""
     seed: int = 42
     """sampling seed (each rank uses seed + rank)"""
+    scoring: Literal["lenient", "paper"] = "lenient"
+    """answer extraction and comparison: `lenient` (reward.py's rules) or `paper` (the paper code's, exactly, for
+    numbers to set beside the paper's: README, "Deviations from the paper's code")"""
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -118,17 +126,18 @@ def parse_args(cls, argv=None):
 
 # ----------------------------------------------------------------------------- selection rules (pure)
 
-def vote_counts(answers):
+def vote_counts(answers, scoring="lenient"):
     """[[representative, count], ...] in order of first appearance; None answers are left out.
 
     An answer that reward.answers_equal calls equal to an earlier group's representative (|a-b| <= 1e-2 for
-    numbers) joins that group; the first answer of a group represents it."""
+    numbers) joins that group; the first answer of a group represents it. scoring="paper": only equal values
+    vote together (sampling.py counts exact floats with a Counter)."""
     groups = []
     for a in answers:
         if a is None:
             continue
         for g in groups:
-            if reward.answers_equal(a, g[0]):
+            if a == g[0] if scoring == "paper" else reward.answers_equal(a, g[0]):
                 g[1] += 1
                 break
         else:
@@ -136,9 +145,9 @@ def vote_counts(answers):
     return groups
 
 
-def majority_vote(answers):
+def majority_vote(answers, scoring="lenient"):
     """The representative of the largest answer group (the first seen among equals), or None if no answer."""
-    groups = vote_counts(answers)
+    groups = vote_counts(answers, scoring)
     return max(groups, key=lambda g: g[1])[0] if groups else None  # max keeps the first of equal counts
 
 
@@ -156,8 +165,25 @@ def pass_at_k(correct_flags):
     return any(correct_flags)
 
 
-def is_correct(answer, gold):
+def is_correct(answer, gold, scoring="lenient"):
+    if scoring == "paper":
+        return reward.paper_correct(answer, gold)
     return answer is not None and reward.answers_equal(answer, gold)
+
+
+def extract(texts, cot, records, scoring):
+    """The answer of each completion (records[i] is the question of texts[i]), by the --scoring rules."""
+    questions = [r["question"] for r in records]
+    if scoring == "paper":
+        return reward.extract_answers_paper(texts, cot, [r["answer_value"] for r in records], questions)
+    return reward.extract_answers(texts, cot, questions)
+
+
+def paper_candidates(answers, letters_only):
+    """The paper's MathQA filter on sampled answers (numbers pass): sampling.py's vote counts an answer of one
+    character, train_reward_model.py's rerank one of one letter; any other text counts as no answer."""
+    return [a if not isinstance(a, str) or len(a) == 1 and (a.isalpha() or not letters_only) else None
+            for a in answers]
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -289,13 +315,14 @@ def gathered_for_generation(model):
         for m in mods:
             m.set_reshard_after_forward(m is not model, recurse=False)
             m.reshard()
-        state = model._get_fsdp_state()  # private: FSDP2 has no public call for this
-        state._comm_ctx.post_forward_order.clear()
-        for s in state._state_ctx.all_states:
-            groups = s._fsdp_param_groups if hasattr(s, "_fsdp_param_groups") else [s._fsdp_param_group]  # older torch
-            for group in groups:
-                if group is not None:
-                    group._post_forward_indices.clear()
+        if isinstance(model, FSDPModule):  # private: FSDP2 has no public call for this
+            state = model._get_fsdp_state()
+            state._comm_ctx.post_forward_order.clear()
+            for s in state._state_ctx.all_states:
+                groups = s._fsdp_param_groups if hasattr(s, "_fsdp_param_groups") else [s._fsdp_param_group]
+                for group in groups:  # (older torch: one group per module)
+                    if group is not None:
+                        group._post_forward_indices.clear()
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -432,20 +459,23 @@ def main(args):
         texts = generate_texts(model, tok, [reward.build_prompt(r["question"], args.cot, sampling=True) for r in mine],
                                args.batch_size, device, "greedy", rank, do_sample=False,
                                max_new_tokens=args.max_new_tokens)
-        answers = reward.extract_answers(texts, args.cot, [r["question"] for r in mine])
+        answers = extract(texts, args.cot, mine, args.scoring)
         for row, text, answer in zip(rows, texts, answers):
-            row.update(greedy_completion=text, greedy_answer=answer, greedy_correct=is_correct(answer, row["gold"]))
+            row.update(greedy_completion=text, greedy_answer=answer,
+                       greedy_correct=is_correct(answer, row["gold"], args.scoring))
     if do_sample:
         prompts = [reward.build_prompt(r["question"], args.cot, sampling=True) for r in mine for _ in range(args.k)]
         texts = generate_texts(model, tok, prompts, args.batch_size, device, f"sample k={args.k}", rank,
                                do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                max_new_tokens=args.max_new_tokens)
-        all_answers = reward.extract_answers(texts, args.cot, [r["question"] for r in mine for _ in range(args.k)])
+        all_answers = extract(texts, args.cot, [r for r in mine for _ in range(args.k)], args.scoring)
         for i, row in enumerate(rows):
             row["samples"], answers = texts[i * args.k:(i + 1) * args.k], all_answers[i * args.k:(i + 1) * args.k]
-            row.update(sample_answers=answers, sample_correct=[is_correct(a, row["gold"]) for a in answers],
-                       votes=vote_counts(answers), vote_answer=majority_vote(answers))
-            row.update(vote_correct=is_correct(row["vote_answer"], row["gold"]),
+            voters = paper_candidates(answers, False) if args.scoring == "paper" else answers
+            row.update(sample_answers=answers,
+                       sample_correct=[is_correct(a, row["gold"], args.scoring) for a in answers],
+                       votes=vote_counts(voters, args.scoring), vote_answer=majority_vote(voters, args.scoring))
+            row.update(vote_correct=is_correct(row["vote_answer"], row["gold"], args.scoring),
                        pass_at_k=pass_at_k(row["sample_correct"]))
     del model
     if do_rerank:
@@ -458,8 +488,10 @@ def main(args):
         for row, r in zip(rows, mine):
             prompt = reward.build_prompt(r["question"], args.cot, sampling=True)
             row["verifier_scores"] = [score_of[prompt + t] for t in row["samples"]]
-            row["rerank_answer"] = rerank_choice(row["sample_answers"], row["verifier_scores"])
-            row["rerank_correct"] = is_correct(row["rerank_answer"], row["gold"])
+            candidates = row["sample_answers"]
+            candidates = paper_candidates(candidates, True) if args.scoring == "paper" else candidates
+            row["rerank_answer"] = rerank_choice(candidates, row["verifier_scores"])
+            row["rerank_correct"] = is_correct(row["rerank_answer"], row["gold"], args.scoring)
         del verifier
     for row in rows:
         row.pop("samples", None)  # k full texts per question would dwarf everything else in predictions.jsonl
@@ -488,7 +520,7 @@ def write_outputs(args, rows, do_greedy, do_sample, do_rerank, world, seconds):
                "model": args.model, "verifier": args.verifier if do_rerank else None, "data": args.data,
                "split": args.split, "cot": args.cot, "temperature": args.temperature, "top_k": args.top_k,
                "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed, "world_size": world,
-               "seconds": round(seconds, 1)}
+               "seconds": round(seconds, 1), "scoring": args.scoring}
     if do_sample:
         results["sample_accuracy"] = sum(sum(r["sample_correct"]) for r in rows) / (n * args.k)
         results["no_answer_rate"] = sum(a is None for r in rows for a in r["sample_answers"]) / (n * args.k)
@@ -500,7 +532,7 @@ def write_outputs(args, rows, do_greedy, do_sample, do_rerank, world, seconds):
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     labels = {"greedy": "greedy", "vote": f"vote@{args.k}", "rerank": f"rerank@{args.k}", "pass@k": f"pass@{args.k}"}
-    print(f"\n{args.data} {args.split} ({args.cot}), n={n}, model {args.model}")
+    print(f"\n{args.data} {args.split} ({args.cot}), n={n}, model {args.model}, {args.scoring} scoring")
     for name, acc in accuracy.items():
         print(f"  {labels[name]:<12} {100 * acc:6.2f}%")
     if do_sample:

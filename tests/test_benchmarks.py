@@ -53,11 +53,12 @@ def test_summarize_and_report_with_gpu_figures():
     phases.append({"phase": "reft_rollout", "family": "llama", "layers": 2, "gc": True, "status": "error",
                    "error": "OutOfMemoryError: CUDA out of memory"})
     ext, rollout = gpu_check.summarize(phases)
-    assert [(e["phase"], e["gc"], e["readme_gb"]) for e in ext] == [("reft_ppo_update", True, 19.0)]  # Llama only
+    readme = gpu_check.README_GB[("reft_ppo_update", True)]
+    assert [(e["phase"], e["gc"], e["readme_gb"]) for e in ext] == [("reft_ppo_update", True, readme)]  # Llama only
     assert rollout == []
     text = gpu_check.report({"matmul": {"n": 8192, "dtype": "torch.bfloat16", "flops": 7.9e14}, "phases": phases,
                              "extrapolation": ext})
-    assert "790.0 TFLOP/s" in text and "57.50" in text and "91.50" in text and "19.0" in text
+    assert "790.0 TFLOP/s" in text and "57.50" in text and "91.50" in text and f"{readme:.1f}" in text
     assert "OutOfMemoryError: CUDA out of memory" in text
     assert any(line.startswith("reft_ppo_update") and "40.0" in line and "50.0" in line for line in text.splitlines())
 

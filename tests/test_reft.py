@@ -300,6 +300,45 @@ def test_sigkill_and_resume_across_epochs_restores_beta_and_best(minigsm, warmup
         assert all(torch.allclose(want[k], got[k], atol=1e-5) for k in want), name
 
 
+THREADS_AROUND_RESUME_STATE = textwrap.dedent("""
+    import os, sys, types
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, sys.argv[1])
+    import reft
+    rank, world, device, mesh = reft.init_distributed()
+    # 32 layers: enough tensors that DCP's plans are large enough for gloo to copy them with OpenMP
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=32,
+                                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, eos_token_id=1))
+    model = reft.shard(reft.PolicyWithValueHead(lm), mesh, device)
+    opt = torch.optim.AdamW(model.parameters())
+    ids, mask = reft.left_pad([[5, 6, 7]], 0, device)
+    sum(t.sum() for t in model(ids, mask, 2)).backward()
+    opt.step()
+    args = types.SimpleNamespace(output_dir=sys.argv[2])
+    before = len(os.listdir("/proc/self/task"))
+    if sys.argv[3] == "save":
+        reft.save_resume_state(model, opt, {"step": 1}, args, rank)
+    else:
+        assert reft.load_resume_state(model, opt, args) == {"step": 1}
+    print(before, len(os.listdir("/proc/self/task")))
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts the process's threads in /proc")
+def test_resume_state_leaves_no_thread_behind(tmp_path):
+    """With OMP_NUM_THREADS > 1, DCP on the default gloo group left gloo workers holding OpenMP teams of their own;
+    libgomp then saw more threads than cores and stopped spin-waiting, and every later step ran ~10-25% slower."""
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_AROUND_RESUME_STATE)
+    for what in ("save", "load"):  # a fresh process each: a save's leftover threads would hide the load's
+        p = subprocess.run([PY, str(script), str(ROOT), str(tmp_path), what], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
+        assert p.returncode == 0, p.stderr[-3000:]
+        before, after = (int(n) for n in p.stdout.split()[-2:])
+        assert after == before, f"{what}: {after - before} threads left behind"
+
+
 COUNT_GATHERS = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     sys.path.insert(0, sys.argv[1])
@@ -416,3 +455,36 @@ def test_bad_input_on_the_command_line(minigsm, warmup, tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert p.stderr.strip().splitlines()[-1].startswith("error: --max_length 30 leaves no room")
     assert not (tmp_path / "o").exists()
+
+
+def test_adaptive_beta_is_zieglers_proportional_controller():
+    # KL twice the target: the error clips at +0.2, and 32 sequences move β by 0.2 × 32 / 10,000.
+    assert reft.adaptive_beta(0.05, 2.0, 1.0, 32) == pytest.approx(0.05 * (1 + 0.2 * 32 / 10_000))
+    # KL 10% under the target: β shrinks by 0.1 × n / horizon; on target it stays.
+    assert reft.adaptive_beta(0.05, 0.9, 1.0, 1000) == pytest.approx(0.05 * (1 - 0.1 * 1000 / 10_000))
+    assert reft.adaptive_beta(0.05, 1.0, 1.0, 1000) == 0.05
+
+
+def test_rollout_forwards_match_per_sequence_forwards():
+    """Micro-batched step 3 against one sequence at a time: log-probs as logprobs_of gives them, entropy from a
+    separate log-softmax, values, and the reference's log-probs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, pad_token_id=0, eos_token_id=1)
+    model, ref = reft.PolicyWithValueHead(LlamaForCausalLM(config)), reft.PolicyWithValueHead(
+        LlamaForCausalLM(config), value_head=False)
+    ids = torch.randint(2, 40, (5, 9))
+    attn = torch.ones_like(ids)
+    attn[0, :2] = 0  # a left-padded row
+    responses = ids[:, 4:]
+    out = reft.rollout_forwards(model, ref, ids, attn, responses, 4, 2, 0.7)
+    for b in range(5):
+        with torch.no_grad():
+            logits, values = model(ids[b:b + 1], attn[b:b + 1], 4)
+            ref_logits, _ = ref(ids[b:b + 1], attn[b:b + 1], 4)
+        p = torch.softmax(logits / 0.7, -1)
+        expected = (reft.logprobs_of(logits, responses[b:b + 1], 0.7), values,
+                    reft.logprobs_of(ref_logits, responses[b:b + 1], 0.7), -(p * p.log()).sum(-1))
+        for got, want in zip(out, expected):
+            torch.testing.assert_close(got[b:b + 1], want, atol=1e-5, rtol=1e-5)

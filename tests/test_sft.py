@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -201,6 +202,46 @@ def bad_tokenizers(minigsm, tmp_path_factory):
     tok.add_tokens(["\n1"])
     tok.save_pretrained(root / "merges")
     return root
+
+
+THREADS_AROUND_RESUME_STATE = textwrap.dedent("""
+    import os, sys, types
+    import torch
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, sys.argv[1])
+    import sft
+    rank, world, device, mesh = sft.init_distributed()
+    # 32 layers: enough tensors that DCP's plans are large enough for gloo to copy them with OpenMP
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=32,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    sft.shard(model, mesh, device)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model(torch.randint(64, (2, 8))).logits.sum().backward()
+    opt.step()
+    args = types.SimpleNamespace(output_dir=sys.argv[2])
+    before = len(os.listdir("/proc/self/task"))
+    if sys.argv[3] == "save":
+        sft.save_resume_state(model, opt, sched, 1, args, rank)
+    else:
+        assert sft.load_resume_state(model, opt, sched, args, rank) == 1
+    print(before, len(os.listdir("/proc/self/task")))
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts the process's threads in /proc")
+def test_resume_state_leaves_no_thread_behind(tmp_path):
+    """With OMP_NUM_THREADS > 1, DCP on the default gloo group left gloo workers holding OpenMP teams of their own;
+    libgomp then saw more threads than cores and stopped spin-waiting, and every later step ran ~10-25% slower."""
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_AROUND_RESUME_STATE)
+    for what in ("save", "load"):  # a fresh process each: a save's leftover threads would hide the load's
+        p = subprocess.run([PY, str(script), str(ROOT), str(tmp_path), what], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
+        assert p.returncode == 0, p.stderr[-3000:]
+        before, after = (int(n) for n in p.stdout.split()[-2:])
+        assert after == before, f"{what}: {after - before} threads left behind"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -17,7 +17,13 @@ The training split is a fixed small pool (the paper's regime). Each split has it
 test set does not change with --n_train; a question is kept only in the first split (test, validation, train)
 that draws it. Every record is checked through reward.py before it is written.
 
+Two out-of-distribution test sets from the same generator measure generalization beyond the pool, each with a shift
+no training question shows (evaluate.py --split test_longer): test_longer has --max_steps + 1 steps, test_larger
+at least one stated number above --max_number (all up to 2 × --max_number). They are drawn after the other splits,
+from streams of their own, so those do not change with them.
+
     python data/minigsm/prepare.py                       # writes data/minigsm/{train,validation,test}_{nl,python}.jsonl
+                                                         # and test_{longer,larger}_{nl,python}.jsonl
     python data/minigsm/prepare.py --max_steps 4 --max_number 30 --n_train 200
     python data/minigsm/prepare.py --max_number 10 --one_line_fraction 0.5    # half the CoTs as one equation
     python data/minigsm/prepare.py --max_number 10 --any_order_fraction 1     # steps in a random valid order
@@ -109,6 +115,12 @@ def make_problem(rng, min_steps, max_steps, max_number):
     return question, "\n".join(step_lines(start, ops)[0]), f"{numbers} = {count}", program, str(count), (start, ops)
 
 
+def stated_numbers(steps):
+    """The numbers a question states: the starting count and each +/- step's number (a doubling states none)."""
+    start, ops = steps
+    return [start] + [n for sign, n in ops if sign != "*"]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n_train", type=int, default=400, help="training pool size (small and fixed, as in the paper)")
@@ -121,6 +133,8 @@ def main():
                    help="share of nl CoTs written as one equation ('14 + 13 - 3 = 24') instead of step by step")
     p.add_argument("--any_order_fraction", type=float, default=0.0,
                    help="share of nl CoTs (of those not one equation) doing the steps in a random valid order")
+    p.add_argument("--n_shifted", type=int, default=None,
+                   help="size of each shifted test set, test_longer and test_larger (default: --n_test; 0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))
     args = p.parse_args()
@@ -131,8 +145,16 @@ def main():
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seen = set()
-    for k, (split, n) in enumerate([("test", args.n_test), ("validation", args.n_validation),
-                                    ("train", args.n_train)]):
+    n_shifted = args.n_test if args.n_shifted is None else args.n_shifted
+    in_pool = (args.min_steps, args.max_steps, args.max_number, lambda steps: True)
+    longer = (args.max_steps + 1, args.max_steps + 1, args.max_number, lambda steps: True)
+    larger = (args.min_steps, args.max_steps, 2 * args.max_number,
+              lambda steps: max(stated_numbers(steps)) > args.max_number)
+    for k, (split, n, (min_steps, max_steps, max_number, shifted)) in enumerate([
+            ("test", args.n_test, in_pool), ("validation", args.n_validation, in_pool), ("train", args.n_train, in_pool),
+            ("test_longer", n_shifted, longer), ("test_larger", n_shifted, larger)]):
+        if n == 0 and split.startswith("test_"):
+            continue
         # The CoT style has its own stream, so the questions do not depend on --one_line_fraction.
         rng, style_rng = random.Random(args.seed * 1000 + k), random.Random(args.seed * 1000 + k + 100)
         rows, dup, tries = [], 0, 0
@@ -141,7 +163,9 @@ def main():
             if tries > 100 * n + 1000:
                 raise SystemExit(f"error: {split}: only {len(rows)} distinct questions of {n} after {tries} "
                                  f"draws; widen --max_number/--max_steps")
-            q, nl, one_line, py, value, steps = make_problem(rng, args.min_steps, args.max_steps, args.max_number)
+            q, nl, one_line, py, value, steps = make_problem(rng, min_steps, max_steps, max_number)
+            if not shifted(steps):
+                continue
             if q in seen:
                 dup += 1
                 continue
