@@ -371,7 +371,7 @@ def generate_texts(model, tok, prompts, batch_size, device, desc, rank, **gen_kw
     with gathered_for_generation(model):
         for b in tqdm(range(n), desc=desc, disable=rank != 0):
             chunk = prompts[b * batch_size:(b + 1) * batch_size]
-            ids = [reward.encode_prompt(tok, p) for p in chunk or [reward.build_prompt("", "nl")]]
+            ids = [reward.encode_prompt(tok, p) for p in chunk or [reward.INSTRUCTION]]  # a rank done early
             enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device)  # left padding
             # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
             # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
@@ -391,7 +391,7 @@ def verifier_scores(verifier, tok, texts, batch_size, device, rank):
     scores = []
     for b in tqdm(range(num_calls(len(texts), batch_size, device)), desc="verifier", disable=rank != 0):
         chunk = texts[b * batch_size:(b + 1) * batch_size]
-        ids = [reward.encode_prompt(tok, t)[:tok.model_max_length] for t in chunk or ["Question:\n"]]
+        ids = [reward.encode_prompt(tok, t)[:tok.model_max_length] for t in chunk or [reward.INSTRUCTION]]
         enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device)  # right padding, cut as rerank.encode cuts
         logits = verifier(**enc).logits[:, 0].float()  # (B,)
         if chunk:
@@ -402,10 +402,12 @@ def verifier_scores(verifier, tok, texts, batch_size, device, rank):
 # ----------------------------------------------------------------------------- main
 
 def check_args(args):
-    if not args.model:
-        raise SystemExit("error: --model is required (a checkpoint folder written by sft.py or reft.py)")
-    if args.mode == "rerank" and not args.verifier:
-        raise SystemExit("error: --mode rerank needs --verifier (a checkpoint folder written by rerank.py)")
+    """One line naming every missing flag, so `python evaluate.py --mode rerank` says all it needs at once."""
+    missing = ([] if args.model else ["--model (a checkpoint folder written by sft.py or reft.py)"]) + \
+        (["--verifier (a checkpoint folder written by rerank.py)"] if args.mode == "rerank" and not args.verifier
+         else [])
+    if missing:
+        raise SystemExit(f"error: --mode {args.mode} needs " + " and ".join(missing))
     if args.mode != "greedy" and args.k < 1:
         raise SystemExit(f"error: -k must be at least 1, not {args.k}")
 

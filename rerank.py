@@ -400,7 +400,7 @@ def sample(args, path, rank, world, device, mesh, log):
             texts = []
             for c in range(calls):
                 chunk = prompts[c * bs:(c + 1) * bs]
-                ids = [reward.encode_prompt(tok, p) for p in chunk or [reward.INSTRUCTION]]
+                ids = [reward.encode_prompt(tok, p) for p in chunk or [reward.INSTRUCTION]]  # a rank done early
                 enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device)  # left padding
                 # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
                 # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.

@@ -80,3 +80,11 @@ def test_the_headline_command_on_eight_processes(tmp_path):
     m = read_metrics(tmp_path / "reft" / "metrics.jsonl")
     assert [row["step"] for row in m] == [1, 2] and "eval_accuracy" in m[-1]
     assert json.loads((tmp_path / "reft" / "args.json").read_text())["world_size"] == 8
+
+
+def test_rerank_mode_without_flags_names_them_all_in_one_line(tmp_path):
+    p = run([PY, "evaluate.py", "--mode", "rerank", "--output_dir", tmp_path / "eval"], check=False, timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    line, = p.stderr.strip().splitlines()
+    assert line.startswith("error: --mode rerank needs --model") and "and --verifier" in line
+    assert not (tmp_path / "eval").exists()
