@@ -403,11 +403,11 @@ def verifier_scores(verifier, tok, texts, batch_size, device, rank):
 
 def check_args(args):
     """One line naming every missing flag, so `python evaluate.py --mode rerank` says all it needs at once."""
-    missing = ([] if args.model else ["--model (a checkpoint folder written by sft.py or reft.py)"]) + \
-        (["--verifier (a checkpoint folder written by rerank.py)"] if args.mode == "rerank" and not args.verifier
-         else [])
+    missing = ([] if args.model else ["--model is required (a checkpoint folder written by sft.py or reft.py)"]) + \
+        (["--mode rerank needs --verifier (a checkpoint folder written by rerank.py)"]
+         if args.mode == "rerank" and not args.verifier else [])
     if missing:
-        raise SystemExit(f"error: --mode {args.mode} needs " + " and ".join(missing))
+        raise SystemExit("error: " + "; ".join(missing))
     if args.mode != "greedy" and args.k < 1:
         raise SystemExit(f"error: -k must be at least 1, not {args.k}")
 

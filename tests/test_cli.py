@@ -86,5 +86,5 @@ def test_rerank_mode_without_flags_names_them_all_in_one_line(tmp_path):
     p = run([PY, "evaluate.py", "--mode", "rerank", "--output_dir", tmp_path / "eval"], check=False, timeout=120)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     line, = p.stderr.strip().splitlines()
-    assert line.startswith("error: --mode rerank needs --model") and "and --verifier" in line
+    assert line.startswith("error: --model is required") and "; --mode rerank needs --verifier" in line
     assert not (tmp_path / "eval").exists()
