@@ -16,7 +16,9 @@ tokens, and each step's wall time covers forward, backward, clipping, AdamW and 
   of the measured steps (recomputed with sft.py's own batching), and `mfu_padded` counts the pad tokens too,
   i.e. how busy the matmuls really were.
 - sft.py saves its resume state at each epoch end (12 steps on minigsm): MFU before and after that first save
-  is reported apart, since the steps after it run slower.
+  is reported apart, so a save that slows the later steps shows. One did (tiny 10-25%): DCP's collectives on the
+  default gloo group left gloo's worker threads with OpenMP teams of their own, and libgomp, seeing more threads
+  than cores, stopped spin-waiting (save_resume_state now gives DCP a group of its own and destroys it).
 - op_profile: one replayed tiny step under torch.profiler, self time by kind of op (matmul, attention,
   optimizer, FSDP, everything else): what keeps tiny below the target.
 """
@@ -67,8 +69,8 @@ def measure(name, extra, args):
     model = AutoModelForCausalLM.from_pretrained(str(out / "init"))
     n_all = sum(p.numel() for p in model.parameters())  # parameters() yields the tied weight once
     pad_eff, per_epoch = padding_efficiency(out / "init", [r["step"] - 1 for r in rows], args.batch_size)
-    # sft.py writes its resume state (torch.distributed.checkpoint) at each epoch end; the steps after the first
-    # one have been seen to run slower, so the two stretches are reported apart as well.
+    # sft.py writes its resume state (torch.distributed.checkpoint) at each epoch end; the two stretches are
+    # reported apart as well, so a save that slows the later steps shows.
     before = [r["tokens_per_s"] for r in rows if r["step"] <= per_epoch]
     after = [r["tokens_per_s"] for r in rows if r["step"] > per_epoch]
     c = model.config
