@@ -16,7 +16,7 @@ tokens, and each step's wall time covers forward, backward, clipping, AdamW and 
   of the measured steps (recomputed with sft.py's own batching), and `mfu_padded` counts the pad tokens too,
   i.e. how busy the matmuls really were.
 - sft.py saves its resume state at each epoch end (12 steps on minigsm): MFU before and after that first save
-  is reported apart, so a save that slows the later steps shows. One did, by 15-25%: DCP's collectives on the
+  is reported apart, so a save that slows the later steps shows. One did (tiny 10-25%): DCP's collectives on the
   default gloo group left gloo's worker threads with OpenMP teams of their own, and libgomp, seeing more threads
   than cores, stopped spin-waiting (save_resume_state now gives DCP a group of its own and destroys it).
 - op_profile: one replayed tiny step under torch.profiler, self time by kind of op (matmul, attention,
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_DIR, ensure_minigsm, matmul_gflops, median, run_quiet, write_json  # noqa: E402
+from common import BENCH_DIR, matmul_gflops, median, run_quiet, write_json  # noqa: E402
 
 import reward  # noqa: E402
 import sft  # noqa: E402
@@ -60,7 +60,7 @@ def measure(name, extra, args):
     from transformers import AutoModelForCausalLM
     out = BENCH_DIR / f"sft_{name}"
     cmd = [sys.executable, "sft.py", "--model", "tiny", "--data", "minigsm", "--output_dir", out, "--max_steps",
-           args.steps, "--batch_size", args.batch_size, "--micro_batch_size", args.batch_size, "--save_epochs", "none",
+           args.steps, "--batch_size", args.batch_size, "--micro_batch_size", args.batch_size, "--no-save_epochs",
            "--save_steps", 10 ** 6, *extra]
     waited, foreign, runs = run_quiet(cmd, args.max_wait, threads=args.threads, retries=args.retries,
                                       log=BENCH_DIR / f"sft_{name}.log")
@@ -99,7 +99,7 @@ def op_profile(init_dir, batch_size, steps=3):
     model.config.use_cache = False
     records = reward.load_records("minigsm", "train", "nl", require_cot=True)[:batch_size]
     input_ids, labels, attn = sft.collate([sft.encode_example(tok, r, "nl", 512) for r in records], tok.pad_token_id)
-    sft.shard(model, mesh, sft.compute_dtype(device))
+    sft.shard(model, mesh, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
 
     def step():
@@ -165,7 +165,6 @@ def main():
     p.add_argument("--retries", type=int, default=2, help="reruns of a run measured on a busy machine")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
-    ensure_minigsm()
     peak_before = matmul_gflops(threads=args.threads)
     res = {"tiny": measure("tiny", [], args)}
     if not args.no_wide:
