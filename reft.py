@@ -644,32 +644,41 @@ def step_metrics(scores, kl, entropy, mask, ended, returns, old_values, stats, w
 def greedy_budget(tok, records, args):
     """New tokens for every question of a greedy evaluation: --max_length minus the longest of their prompts.
 
-    One budget for all: set by each batch's longest prompt, as a rollout's is, it made a question's answer depend
-    on its batch, so on the number of ranks. `evaluate.py --max_new_tokens` with this budget gives the same answers."""
+    One budget for all: set by each batch's longest prompt, as a rollout's is, it would make a question's answer
+    depend on its batch, so on the number of ranks. `evaluate.py --max_new_tokens` with it gives the same answers."""
     return args.max_length - max(len(reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot,
                                                                                     sampling=True))) for r in records)
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 @torch.no_grad()
-def greedy_accuracy(model, tok, records, args, rank, world, device, batch_size):
-    """Greedy top-1 accuracy through reward.py, with one budget for all questions (greedy_budget); questions split
-    across ranks and counts summed."""
-    budget = greedy_budget(tok, records, args)
+def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size):
+    """Greedy top-1 accuracy through reward.py, computed as `evaluate.py --mode greedy` computes it: transformers'
+    generate from the rollout prompt (for python CoTs it ends with the program header), the same budget of new tokens
+    for every question, questions split across ranks and counts summed. `model` is the sharded root, gathered once;
+    `lm` the causal LM inside it that generates (sft.py: the model itself; reft.py: the policy's `lm`)."""
+    training = model.training
+    model.eval()
     mine = records[rank::world]
     correct = 0
+    tok.padding_side = "left"
     with gathered_for_generation(model):
         for b in range(0, len(mine), batch_size):
             chunk = mine[b:b + batch_size]
-            prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True))
-                       for r in chunk]
-            ids, mask = left_pad(prompts, tok.pad_token_id, device)
-            resp = sample(model.lm, ids, mask, budget, tok.eos_token_id, tok.pad_token_id, 0.0, [0] * len(chunk))
-            texts = tok.batch_decode(resp, skip_special_tokens=True)
-            scores = reward.compute_rewards(texts, [r["answer_value"] for r in chunk], args.cot,
+            prompt_ids = [reward.encode_prompt(tok, reward.build_prompt(r["question"], cot, sampling=True))
+                          for r in chunk]
+            enc = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left padding
+            # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
+            # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
+            out = lm.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True, synced_gpus=False,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            texts = tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
+            scores = reward.compute_rewards(texts, [r["answer_value"] for r in chunk], cot,
                                             [r["question"] for r in chunk], partial_reward=False)
             correct += sum(s == 1.0 for s in scores)
     total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
     dist.all_reduce(total)
+    model.train(training)
     return (total[0] / total[1]).item()
 
 
@@ -707,7 +716,8 @@ def main(args):
     if args.eval_every > 0:
         eval_records = reward.load_records(args.data, args.eval_split, args.cot)
         eval_records = eval_records[:args.eval_limit] if args.eval_limit > 0 else eval_records
-        if greedy_budget(tok, eval_records, args) < 1:
+        eval_budget = greedy_budget(tok, eval_records, args)
+        if eval_budget < 1:
             raise SystemExit(f"error: --max_length {args.max_length} leaves no room to generate after the longest "
                              f"--eval_split {args.eval_split} prompt")
 
@@ -818,8 +828,8 @@ def main(args):
         step += 1
         end_of_epoch = (i + 1) == steps_per_epoch
         if eval_records is not None and (step % args.eval_every == 0 or step == total_steps):
-            m["eval_accuracy"] = greedy_accuracy(model, tok, eval_records, args, rank, world, device,
-                                                 args.eval_batch_size)
+            m["eval_accuracy"] = greedy_accuracy(model, model.lm, tok, eval_records, args.cot, eval_budget, rank, world,
+                                                 device, args.eval_batch_size)
             if args.save_best and m["eval_accuracy"] > best:
                 best = m["eval_accuracy"]
                 save_checkpoint(model, tok, args, os.path.join(args.output_dir, "best"), rank, compute_dtype(device))

@@ -289,7 +289,7 @@ GREEDY_IN_TRAINING = textwrap.dedent("""
     rank, world, device, mesh = sft.init_distributed()
     tok = sft.load_tokenizer(SimpleNamespace(model=checkpoint), None)
     model = sft.load_model(SimpleNamespace(model=checkpoint), tok, mesh, device)
-    result = {"sft": sft.greedy_accuracy(model, tok, records, "nl", int(max_new_tokens), rank, world, device,
+    result = {"sft": sft.greedy_accuracy(model, model, tok, records, "nl", int(max_new_tokens), rank, world, device,
                                          int(batch_size))}
     result["sft_completions"], completions = completions, {}
     tok, policy, _ = reft.load_models(SimpleNamespace(model=checkpoint, seed=0, separate_value_model=False), mesh,
@@ -299,7 +299,8 @@ GREEDY_IN_TRAINING = textwrap.dedent("""
         policy(*reft.left_pad(prompts[:1], tok.pad_token_id, device), len(prompts[0]))
     longest = max(len(p) for p in prompts)
     args = SimpleNamespace(cot="nl", max_length=longest + int(max_new_tokens))
-    result["reft"] = reft.greedy_accuracy(policy, tok, records, args, rank, world, device, int(batch_size))
+    result["reft"] = reft.greedy_accuracy(policy, policy.lm, tok, records, "nl", reft.greedy_budget(tok, records, args),
+                                          rank, world, device, int(batch_size))
     result["reft_completions"] = completions
     parts = [None] * world
     dist.all_gather_object(parts, result)
@@ -316,7 +317,7 @@ GREEDY_IN_TRAINING = textwrap.dedent("""
 def test_greedy_accuracy_of_sft_and_reft_matches_evaluate(world, minigsm, warmup, tmp_path):
     """The greedy evaluations inside sft.py (it picks the baseline epoch) and reft.py (it picks the best step) give
     the completions, the correct flags and the accuracy of `evaluate.py --mode greedy` on the same checkpoint and
-    questions: 9 questions (5 and 4 over 2 ranks, so one rank makes a filler call), batches of 4 (a short last
+    questions: 9 questions (5 and 4 over 2 ranks), batches of 4 (a short last
     batch), and a budget that cuts some completions (reft.py's budget is --max_length minus the longest prompt)."""
     common = ["--data", minigsm, "--model", warmup, "--mode", "greedy", "--limit", 9, "--batch_size", 4,
               "--max_new_tokens", 24]
