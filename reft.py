@@ -95,6 +95,9 @@ class Args:
     """weight of the value loss (paper: 5)"""
     partial_reward: bool = True
     """0.1 for an extracted but wrong answer on numeric datasets (paper); off gives 1/0 rewards"""
+    reward: str = "reward:compute_rewards"
+    """the reward as `module:function`, a callable with reward.compute_rewards' signature (module from sys.path or
+    the current directory); it scores rollouts, and its 1.0 counts as correct in `accuracy` and `eval_accuracy`"""
     separate_value_model: bool = False
     """give the value head its own trunk, a copy of the warm-up model (the paper's ablation) instead of sharing"""
     temperature: float = 1.0
@@ -348,6 +351,45 @@ def summary(row):
     """A metrics row as one log line: the progress bar rewrites a single line, so a log file of a long run would
     otherwise show no numbers."""
     return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def load_reward(spec):
+    """The function that --reward names as `module:function`: a callable with reward.compute_rewards' signature
+    (`reward:compute_rewards` names that one). The module is looked up on sys.path, then in the current directory.
+    main() calls this before loading any model, so a bad spec costs one error line and nothing else."""
+    import importlib
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise SystemExit(f"error: --reward {spec!r}: expected module:function, such as reward:compute_rewards")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # whatever the user's module raises on import
+        raise SystemExit(f"error: --reward {spec}: cannot import {module_name} ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())})")
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise SystemExit(f"error: --reward {spec}: {getattr(module, '__file__', None) or module_name} has no "
+                         f"function {name}")
+    return fn
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def score_completions(reward_fn, texts, answers, records, cot, partial_reward):
+    """The --reward of each completion: texts[i] answers records[i], and answers[i] is its reward.extract_answers.
+    reward.py's own reward scores those answers (reward.rewards_of_answers), so no program runs twice in the
+    sandbox; any other function gets the texts."""
+    golds = [r["answer_value"] for r in records]
+    if reward_fn is reward.compute_rewards:
+        return reward.rewards_of_answers(answers, golds, partial_reward)
+    scores = [float(s) for s in reward_fn(texts, golds, cot, [r["question"] for r in records],
+                                          partial_reward=partial_reward)]
+    if len(scores) != len(texts):
+        raise SystemExit(f"error: --reward {reward_fn.__module__}:{reward_fn.__qualname__} returned {len(scores)} "
+                         f"rewards for {len(texts)} completions")
+    return scores
 
 
 # ----------------------------------------------------------------------------- distributed setup
@@ -625,18 +667,20 @@ def rollout_forwards(model, ref, input_ids, attn, responses, P, micro_batch_size
     return tuple(torch.cat(x) for x in (old_logprobs, values, ref_logprobs, entropy))
 
 
-def step_metrics(scores, kl, entropy, mask, ended, returns, old_values, stats, world, device):
+def step_metrics(scores, no_answer, kl, entropy, mask, ended, returns, old_values, stats, world, device):
     """The logged means of one PPO step over all ranks' sequences and tokens, from one all-reduce of sums. `stats`
     holds this rank's per-micro-batch losses; every rank runs as many micro-batches, so their mean of means is
-    the mean over the step."""
-    sums = dict(n=len(scores), score=scores.sum(), correct=(scores == 1.0).sum(), kl=kl.sum(),
-                entropy=masked_mean(entropy, mask, 1).sum(), tokens=mask.sum(), ended=ended.sum(),
+    the mean over the step. `no_answer` (b,) flags the sequences without an extractable answer, so that
+    "unparseable" is told apart from "wrong" whatever --reward gives them."""
+    sums = dict(n=len(scores), score=scores.sum(), correct=(scores == 1.0).sum(), no_answer=no_answer.sum(),
+                kl=kl.sum(), entropy=masked_mean(entropy, mask, 1).sum(), tokens=mask.sum(), ended=ended.sum(),
                 err=((returns - old_values) * mask).sum(), err2=((returns - old_values) ** 2 * mask).sum(),
                 ret=returns.sum(), ret2=(returns ** 2).sum(), **{k: sum(v) / len(v) for k, v in stats.items()})
     t = dict(zip(sums, global_sums(sums.values(), device)))
     n = t["n"]
-    return dict(score=t["score"] / n, accuracy=t["correct"] / n, kl=t["kl"] / n, entropy=t["entropy"] / n,
-                response_length=t["tokens"] / n, eos_fraction=t["ended"] / n, tokens=t["tokens"],
+    return dict(score=t["score"] / n, accuracy=t["correct"] / n, no_answer=t["no_answer"] / n, kl=t["kl"] / n,
+                entropy=t["entropy"] / n, response_length=t["tokens"] / n, eos_fraction=t["ended"] / n,
+                tokens=t["tokens"],
                 explained_variance=explained_variance(t["err"], t["err2"], t["ret"], t["ret2"], t["tokens"]),
                 **{k: t[k] / world for k in stats})
 
@@ -652,11 +696,12 @@ def greedy_budget(tok, records, args):
 
 # a copy kept identical across stage files: tests/test_copies.py
 @torch.no_grad()
-def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size):
-    """Greedy top-1 accuracy through reward.py, computed as `evaluate.py --mode greedy` computes it: transformers'
-    generate from the rollout prompt (for python CoTs it ends with the program header), the same budget of new tokens
-    for every question, questions split across ranks and counts summed. `model` is the sharded root, gathered once;
-    `lm` the causal LM inside it that generates (sft.py: the model itself; reft.py: the policy's `lm`)."""
+def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size, reward_fn):
+    """Greedy top-1 accuracy computed as `evaluate.py --mode greedy` computes it: transformers' generate from the
+    rollout prompt (for python CoTs it ends with the program header), the same budget of new tokens for every
+    question, correct where `reward_fn` gives 1.0 (reft.py: its --reward; sft.py: reward.py's), questions split
+    across ranks and counts summed. `model` is the sharded root, gathered once; `lm` the causal LM inside it that
+    generates (sft.py: the model itself; reft.py: the policy's `lm`)."""
     training = model.training
     model.eval()
     mine = records[rank::world]
@@ -673,8 +718,8 @@ def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, d
             out = lm.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True, synced_gpus=False,
                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             texts = tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
-            scores = reward.compute_rewards(texts, [r["answer_value"] for r in chunk], cot,
-                                            [r["question"] for r in chunk], partial_reward=False)
+            scores = reward_fn(texts, [r["answer_value"] for r in chunk], cot, [r["question"] for r in chunk],
+                               partial_reward=False)
             correct += sum(s == 1.0 for s in scores)
     total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
     dist.all_reduce(total)
@@ -694,6 +739,7 @@ def main(args):
 
     # The training questions (answers only: ReFT never looks at the annotated CoT) and their prompts.
     keep_epochs = epochs_to_save(args.save_epochs)
+    reward_fn = load_reward(args.reward)
     tok, model, ref = load_models(args, mesh, device)
     n_params = sum(p.numel() for p in model.lm.parameters())
     if args.lr <= 0:  # the tiny CPU model wants a large rate; the paper's 3e-7 is for its 7B models
@@ -765,11 +811,13 @@ def main(args):
         responses = torch.where(mask.bool(), responses, tok.pad_token_id)
         t1 = time.time()
 
-        # 2. Score: extract each answer and compare with the gold one (1 / 0.1 / 0), in the sandbox pool.
+        # 2. Score: extract each answer (programs run in the sandbox pool) and reward it with --reward; reward.py's
+        #    compares it with the gold one (1 / 0.1 / 0).
         texts = tok.batch_decode(responses, skip_special_tokens=True)
-        scores = torch.tensor(reward.compute_rewards(texts, [records[q]["answer_value"] for q in rows], args.cot,
-                                                     [records[q]["question"] for q in rows], args.partial_reward),
-                              device=device)
+        answers = reward.extract_answers(texts, args.cot, [records[q]["question"] for q in rows])
+        scores = torch.tensor(score_completions(reward_fn, texts, answers, [records[q] for q in rows], args.cot,
+                                                args.partial_reward), device=device)  # (b,)
+        no_answer = torch.tensor([a is None for a in answers], dtype=torch.float32, device=device)  # (b,)
         t2 = time.time()
 
         # 3. Old log-probs and values from the training forward (so the first PPO ratio is exactly 1),
@@ -818,8 +866,8 @@ def main(args):
 
         # 7. Log: means over all ranks' sequences and tokens.
         m = dict(step=step + 1, epoch=epoch + (i + 1) / steps_per_epoch,
-                 **step_metrics(scores, kl, entropy, mask, (responses == tok.eos_token_id).any(1), returns,
-                                old_values, stats, world, device))
+                 **step_metrics(scores, no_answer, kl, entropy, mask, (responses == tok.eos_token_id).any(1),
+                                returns, old_values, stats, world, device))
         m.update(kl_penalty=-beta * m["kl"], beta=beta, skipped_steps=skipped, ratio_first=stats["ratio"][0],
                  tokens_per_s=m.pop("tokens") / (t1 - t0), time_generation=t1 - t0, time_scoring=t2 - t1,
                  time_training=t3 - t2)
@@ -829,7 +877,7 @@ def main(args):
         end_of_epoch = (i + 1) == steps_per_epoch
         if eval_records is not None and (step % args.eval_every == 0 or step == total_steps):
             m["eval_accuracy"] = greedy_accuracy(model, model.lm, tok, eval_records, args.cot, eval_budget, rank, world,
-                                                 device, args.eval_batch_size)
+                                                 device, args.eval_batch_size, reward_fn)
             if args.save_best and m["eval_accuracy"] > best:
                 best = m["eval_accuracy"]
                 save_checkpoint(model, tok, args, os.path.join(args.output_dir, "best"), rank, compute_dtype(device))

@@ -490,11 +490,12 @@ def lr_lambda(warmup_steps, total_steps):
 
 # a copy kept identical across stage files: tests/test_copies.py
 @torch.no_grad()
-def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size):
-    """Greedy top-1 accuracy through reward.py, computed as `evaluate.py --mode greedy` computes it: transformers'
-    generate from the rollout prompt (for python CoTs it ends with the program header), the same budget of new tokens
-    for every question, questions split across ranks and counts summed. `model` is the sharded root, gathered once;
-    `lm` the causal LM inside it that generates (sft.py: the model itself; reft.py: the policy's `lm`)."""
+def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size, reward_fn):
+    """Greedy top-1 accuracy computed as `evaluate.py --mode greedy` computes it: transformers' generate from the
+    rollout prompt (for python CoTs it ends with the program header), the same budget of new tokens for every
+    question, correct where `reward_fn` gives 1.0 (reft.py: its --reward; sft.py: reward.py's), questions split
+    across ranks and counts summed. `model` is the sharded root, gathered once; `lm` the causal LM inside it that
+    generates (sft.py: the model itself; reft.py: the policy's `lm`)."""
     training = model.training
     model.eval()
     mine = records[rank::world]
@@ -511,8 +512,8 @@ def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, d
             out = lm.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True, synced_gpus=False,
                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             texts = tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
-            scores = reward.compute_rewards(texts, [r["answer_value"] for r in chunk], cot,
-                                            [r["question"] for r in chunk], partial_reward=False)
+            scores = reward_fn(texts, [r["answer_value"] for r in chunk], cot, [r["question"] for r in chunk],
+                               partial_reward=False)
             correct += sum(s == 1.0 for s in scores)
     total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
     dist.all_reduce(total)
@@ -700,7 +701,7 @@ def main(args):
         end_of_epoch = (i + 1) == steps_per_epoch
         if end_of_epoch and eval_records is not None:
             row["eval_accuracy"] = greedy_accuracy(model, model, tok, eval_records, args.cot, args.max_new_tokens,
-                                                   rank, world, device, args.eval_batch_size)
+                                                   rank, world, device, args.eval_batch_size, reward.compute_rewards)
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
