@@ -4,7 +4,8 @@ For every batch of training questions: sample a chain of thought per question fr
 answer with reward.py (1 correct / 0.1 wrong / 0 no answer, on the token that emits EOS), subtract a per-token
 KL penalty against the frozen warm-up model, estimate advantages with GAE on a value head that shares the
 policy's trunk, and take clipped PPO steps. The PPO formulas are the small pure functions below, each named
-after its equation; `main()` reads top to bottom like Algorithm 1.
+after its equation; `main()` reads top to bottom like Algorithm 1. Variants: critic-free advantages (--advantage
+grpo|rloo), the KL in the loss (--kl_in_loss) and the paper's online self-training baseline (--objective online_st).
 
 Run it (CPU, the offline default: a tiny warm-up checkpoint made by sft.py on `minigsm`):
     python reft.py --model runs/warmup/final --data minigsm --cot nl --output_dir runs/reft
@@ -254,12 +255,9 @@ def rloo_advantages(rewards, group, mask):
 
 
 def k3_kl(logprobs, ref_logprobs):
-    """Per-token estimate of KL(π ‖ π_ref) for --kl_in_loss, k3 of Schulman's "Approximating KL divergence" (2020)
-    as GRPO uses it (Shao et al. 2024, eq. 4): unbiased and never negative,
-
-        k3 = π_ref/π - log(π_ref/π) - 1
-
-    with log(π_ref/π) bounded by ±MAX_LOG_RATIO so that exp() stays finite. (B, R)"""
+    """KL(π ‖ π_ref) per token for --kl_in_loss: k3 = π_ref/π - log(π_ref/π) - 1, unbiased and never negative
+    (Schulman 2020, "Approximating KL divergence"; GRPO's eq. 4, Shao et al. 2024); the log bounded as in policy_loss.
+    (B, R)"""
     log_ratio = (ref_logprobs - logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     return torch.exp(log_ratio) - log_ratio - 1
 
@@ -726,16 +724,14 @@ def sequence_nll(model, examples, pad_id, device):
 
 
 def online_st_update(model, opt, examples, pad_id, mini, world, step, args, device):
-    """The paper's online self-training baseline (its train_rl_sl.py) in place of PPO's steps 3-6: per minibatch of
-    rollout rows, one optimizer step on
+    """The paper's online self-training (its train_rl_sl.py) instead of PPO's steps 3-6: per minibatch of rows, a step
 
         L = ½ NLL(the rows' sampled CoTs that scored 1) + ½ NLL(the rows' gold CoTs)
 
-    each NLL a mean over its target tokens on all ranks (one all-reduce of the two counts), so N processes take one
-    process's step. A minibatch without a correct sample takes the gold half alone, as in the paper's code.
-    `examples` holds per row (gold, sample), each (ids, n_prompt), the sample None unless it scored 1. A micro-batch
-    of rows is one forward of both (up to 2 × --micro_batch_size sequences): every rank then runs as many forwards,
-    as FSDP needs. Returns ({"loss": [...]} for step_metrics, optimizer steps skipped)."""
+    each NLL a mean over its target tokens on all ranks, so N processes take one process's step; without a correct
+    sample, the gold half alone (as the paper's code). `examples`: per row (gold, sample), each (ids, n_prompt), the
+    sample None unless it scored 1. A micro-batch of rows is one forward of both (≤ 2 × --micro_batch_size
+    sequences), so every rank runs as many forwards, as FSDP needs. Returns (stats, optimizer steps skipped)."""
     model.train()
     loss_sum, n_steps, skipped = 0.0, 0, 0
     for micro_batches in minibatches(len(examples), mini // world, args, step):
@@ -919,10 +915,9 @@ def main(args):
                 model, ref, input_ids, attn, responses, P, args.micro_batch_size, args.temperature)
 
             # 4. Shape the rewards with the KL penalty (--kl_in_loss: β k3 in the loss instead, with any advantage as
-            #    verl's use_kl_loss). 5. GAE advantages and returns, whitened over all ranks; or GRPO's or RLOO's from
-            #    each sample's summed reward, score - β Σ_t kl_t (as TRL's RLOOTrainer), with no all-reduce (`rows`
-            #    puts all samples of a question on one rank) and no whitening (GRPO's are normalised already; RLOO's
-            #    stay in reward units, TRL's RLOOTrainer default).
+            #    verl's use_kl_loss). 5. GAE advantages and returns, whitened over all ranks; or GRPO's or RLOO's of
+            #    the summed reward score - β Σ_t kl_t (as TRL's RLOOTrainer), with no all-reduce (`rows` keeps a
+            #    question's samples on one rank) nor whitening (GRPO normalises; RLOO stays in reward units, as TRL).
             rewards, kl = kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, 0.0 if args.kl_in_loss else beta)
             if args.advantage == "gae":
                 advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.lam)
@@ -993,7 +988,7 @@ def main(args):
             save_resume_state(model, opt, {"step": step, "beta": beta, "skipped": skipped, "best": best}, args, rank)
     bar.close()
     save_checkpoint(model, tok, args, os.path.join(args.output_dir, "final"), rank, compute_dtype(device))
-    log(f"done: {step} PPO steps; policy in {args.output_dir}/final, metrics in {metrics_path}")
+    log(f"done: {step} {args.objective} steps; policy in {args.output_dir}/final, metrics in {metrics_path}")
     dist.destroy_process_group()
 
 
