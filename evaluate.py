@@ -194,7 +194,7 @@ def correct_flags(texts, answers, records, args, reward_fn):
     rules): --scoring paper compares the answer as the paper's code does; else --reward decides, 1.0 is correct."""
     if args.scoring == "paper":
         return [reward.paper_correct(a, r["answer_value"]) for a, r in zip(answers, records)]
-    return [s == 1.0 for s in score_completions(reward_fn, texts, answers, records, args.cot, partial_reward=False)]
+    return [s == 1.0 for s in reward.score_completions(reward_fn, texts, answers, records, args.cot, False)]
 
 
 def paper_candidates(answers, letters_only):
@@ -212,45 +212,6 @@ def write_run_args(args, world):
     with open(os.path.join(args.output_dir, "args.json"), "w") as f:
         json.dump({**dataclasses.asdict(args), "world_size": world, "python": sys.version.split()[0],
                    "torch": torch.__version__, "transformers": transformers.__version__}, f, indent=2)
-
-
-# a copy kept identical across stage files: tests/test_copies.py
-def load_reward(spec):
-    """The function that --reward names as `module:function`: a callable with reward.compute_rewards' signature
-    (`reward:compute_rewards` names that one). The module is looked up on sys.path, then in the current directory.
-    main() calls this before loading any model, so a bad spec costs one error line and nothing else."""
-    import importlib
-    module_name, _, name = spec.partition(":")
-    if not module_name or not name:
-        raise SystemExit(f"error: --reward {spec!r}: expected module:function, such as reward:compute_rewards")
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # whatever the user's module raises on import
-        raise SystemExit(f"error: --reward {spec}: cannot import {module_name} ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())})")
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise SystemExit(f"error: --reward {spec}: {getattr(module, '__file__', None) or module_name} has no "
-                         f"function {name}")
-    return fn
-
-
-# a copy kept identical across stage files: tests/test_copies.py
-def score_completions(reward_fn, texts, answers, records, cot, partial_reward):
-    """The --reward of each completion: texts[i] answers records[i], and answers[i] is its reward.extract_answers.
-    reward.py's own reward scores those answers (reward.rewards_of_answers), so no program runs twice in the
-    sandbox; any other function gets the texts."""
-    golds = [r["answer_value"] for r in records]
-    if reward_fn is reward.compute_rewards:
-        return reward.rewards_of_answers(answers, golds, partial_reward)
-    scores = [float(s) for s in reward_fn(texts, golds, cot, [r["question"] for r in records],
-                                          partial_reward=partial_reward)]
-    if len(scores) != len(texts):
-        raise SystemExit(f"error: --reward {reward_fn.__module__}:{reward_fn.__qualname__} returned {len(scores)} "
-                         f"rewards for {len(texts)} completions")
-    return scores
 
 
 # ----------------------------------------------------------------------------- distributed setup
@@ -495,7 +456,7 @@ def load_questions(args):
 
 def main(args):
     check_args(args)
-    reward_fn = load_reward(args.reward)
+    reward_fn = reward.load_reward(args.reward)
     if args.scoring == "paper" and reward_fn is not reward.compute_rewards:
         raise SystemExit(f"error: --scoring paper judges answers by the paper code's rule, --reward {args.reward} by "
                          f"its own: pass one of them")

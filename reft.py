@@ -405,45 +405,6 @@ def summary(row):
     return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
 
 
-# a copy kept identical across stage files: tests/test_copies.py
-def load_reward(spec):
-    """The function that --reward names as `module:function`: a callable with reward.compute_rewards' signature
-    (`reward:compute_rewards` names that one). The module is looked up on sys.path, then in the current directory.
-    main() calls this before loading any model, so a bad spec costs one error line and nothing else."""
-    import importlib
-    module_name, _, name = spec.partition(":")
-    if not module_name or not name:
-        raise SystemExit(f"error: --reward {spec!r}: expected module:function, such as reward:compute_rewards")
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # whatever the user's module raises on import
-        raise SystemExit(f"error: --reward {spec}: cannot import {module_name} ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())})")
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise SystemExit(f"error: --reward {spec}: {getattr(module, '__file__', None) or module_name} has no "
-                         f"function {name}")
-    return fn
-
-
-# a copy kept identical across stage files: tests/test_copies.py
-def score_completions(reward_fn, texts, answers, records, cot, partial_reward):
-    """The --reward of each completion: texts[i] answers records[i], and answers[i] is its reward.extract_answers.
-    reward.py's own reward scores those answers (reward.rewards_of_answers), so no program runs twice in the
-    sandbox; any other function gets the texts."""
-    golds = [r["answer_value"] for r in records]
-    if reward_fn is reward.compute_rewards:
-        return reward.rewards_of_answers(answers, golds, partial_reward)
-    scores = [float(s) for s in reward_fn(texts, golds, cot, [r["question"] for r in records],
-                                          partial_reward=partial_reward)]
-    if len(scores) != len(texts):
-        raise SystemExit(f"error: --reward {reward_fn.__module__}:{reward_fn.__qualname__} returned {len(scores)} "
-                         f"rewards for {len(texts)} completions")
-    return scores
-
-
 # ----------------------------------------------------------------------------- distributed setup
 # Repeated in sft.py, reft.py, rerank.py and evaluate.py, from here to `gathered_for_generation`: each stage stays one
 # self-contained file, and tests/test_copies.py checks that the copies are identical.
@@ -876,7 +837,7 @@ def main(args):
 
     # The training questions (answers only: ReFT never looks at the annotated CoT; Online-ST trains on it) and prompts.
     keep_epochs = epochs_to_save(args.save_epochs)
-    reward_fn = load_reward(args.reward)
+    reward_fn = reward.load_reward(args.reward)
     tok, model, ref = load_models(args, mesh, device)
     n_params = sum(p.numel() for p in model.lm.parameters())
     if args.lr <= 0:  # the tiny CPU model wants a large rate; the paper's 3e-7 is for its 7B models
@@ -953,8 +914,8 @@ def main(args):
         #    compares it with the gold one (1 / 0.1 / 0).
         texts = tok.batch_decode(responses, skip_special_tokens=True)
         answers = reward.extract_answers(texts, args.cot, [records[q]["question"] for q in rows])
-        scores = torch.tensor(score_completions(reward_fn, texts, answers, [records[q] for q in rows], args.cot,
-                                                args.partial_reward), device=device)  # (b,)
+        scores = torch.tensor(reward.score_completions(reward_fn, texts, answers, [records[q] for q in rows],
+                                                       args.cot, args.partial_reward), device=device)  # (b,)
         no_answer = torch.tensor([a is None for a in answers], dtype=torch.float32, device=device)  # (b,)
         t2 = time.time()
 

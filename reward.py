@@ -293,6 +293,43 @@ def rewards_of_answers(answers, gold_answers, partial_reward=True):
             for p, g in zip(answers, gold_answers)]
 
 
+def load_reward(spec):
+    """The function that a stage's --reward names as `module:function`: a callable with compute_rewards' signature
+    (`reward:compute_rewards` names that one). The module is looked up on sys.path, then in the current directory.
+    The stages call this before loading any model, so a bad spec costs one error line and nothing else."""
+    import importlib
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise SystemExit(f"error: --reward {spec!r}: expected module:function, such as reward:compute_rewards")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # whatever the user's module raises on import
+        raise SystemExit(f"error: --reward {spec}: cannot import {module_name} ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())})")
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise SystemExit(f"error: --reward {spec}: {getattr(module, '__file__', None) or module_name} has no "
+                         f"function {name}")
+    return fn
+
+
+def score_completions(reward_fn, texts, answers, records, cot, partial_reward):
+    """The --reward of each completion: texts[i] answers records[i], and answers[i] is its extract_answers.
+    This file's own reward scores those answers (rewards_of_answers), so no program runs twice in the sandbox;
+    any other function gets the texts."""
+    golds = [r["answer_value"] for r in records]
+    if reward_fn is compute_rewards:
+        return rewards_of_answers(answers, golds, partial_reward)
+    scores = [float(s) for s in reward_fn(texts, golds, cot, [r["question"] for r in records],
+                                          partial_reward=partial_reward)]
+    if len(scores) != len(texts):
+        raise SystemExit(f"error: --reward {reward_fn.__module__}:{reward_fn.__qualname__} returned {len(scores)} "
+                         f"rewards for {len(texts)} completions")
+    return scores
+
+
 def gold_failures(records, cot):
     """Indices of records whose gold target (build_target) does not score 1.0: the check every prepare.py runs
     before writing a record, and the gold-data tests run on what they wrote.

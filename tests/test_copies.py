@@ -24,8 +24,6 @@ COPIES = {
     "load_resume_state": ["sft.py", "rerank.py"],
     "load": ["rerank.py", "evaluate.py"],
     "num_calls": ["rerank.py", "evaluate.py"],
-    "load_reward": ["reft.py", "rerank.py", "evaluate.py"],
-    "score_completions": ["reft.py", "rerank.py", "evaluate.py"],
 }
 # Same name, different job: not copies. Files that define a name of COPIES outside its list are named here.
 DIFFERENT = {"collate": ["sft.py", "rerank.py"],

@@ -60,9 +60,9 @@ def test_load_reward_finds_a_module_in_the_current_directory(tmp_path, monkeypat
                                                     "    return [1.0] * len(completions)\n")
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.chdir(tmp_path)
-    fn = reft.load_reward("binary_reward_here:binary")
+    fn = reward.load_reward("binary_reward_here:binary")
     assert fn(["a", "b"], ["1", "2"], "nl") == [1.0, 1.0]
-    assert reft.load_reward("reward:compute_rewards") is reward.compute_rewards
+    assert reward.load_reward("reward:compute_rewards") is reward.compute_rewards
 
 
 def test_the_default_reward_scores_extracted_answers_without_running_programs_again(monkeypatch):
@@ -79,7 +79,7 @@ def test_the_default_reward_scores_extracted_answers_without_running_programs_ag
         with monkeypatch.context() as m:
             m.setattr(reward, "run_programs", lambda *a, **k: pytest.fail("a program ran twice"))
             for partial in (True, False):
-                assert reft.score_completions(reward.compute_rewards, texts[cot], answers, records, cot,
+                assert reward.score_completions(reward.compute_rewards, texts[cot], answers, records, cot,
                                               partial) == want[partial]
 
 
@@ -88,7 +88,7 @@ def test_a_reward_giving_the_wrong_number_of_values_is_one_error_line():
         return [1.0]
     records = [{"question": "q", "answer_value": "1"}] * 2
     with pytest.raises(SystemExit, match=r"^error: --reward .*short returned 1 rewards for 2 completions$"):
-        evaluate.score_completions(short, ["a", "b"], [None, None], records, "nl", False)
+        reward.score_completions(short, ["a", "b"], [None, None], records, "nl", False)
 
 
 BROKEN = "x = 1 / 0\n"
