@@ -47,6 +47,11 @@ MUTANTS = [
     ("reference_is_the_policy", "reft.py", "return tok, policy, reference.requires_grad_(False).eval()",
      "return tok, policy, policy",
      ["tests/test_reft.py::test_first_step_has_ratio_one_and_zero_kl"]),
+    # --- the critic-free variants
+    ("grpo_without_eps", "reft.py", "return (centred / (std + eps))[:, None] * mask",
+     "return (centred / std)[:, None] * mask", ["tests/test_reft_variants.py::test_grpo_matches_a_python_loop"]),
+    ("kl_in_loss_with_the_wrong_sign", "reft.py", "loss = loss + beta * kl_loss", "loss = loss - beta * kl_loss",
+     ["tests/test_reft_variants.py::test_kl_in_loss_pulls_the_policy_towards_the_reference"]),
     # --- the sampler
     ("sampler_ignores_temperature", "reft.py",
      "logits = logits / temperature - torch.log(-torch.log(u))", "logits = logits - torch.log(-torch.log(u))",
