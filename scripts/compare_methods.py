@@ -121,7 +121,7 @@ def markdown(agg):
     k, seeds = agg["k"], agg["seeds"]
     per_seed = len(seeds) > 1
     head = {"greedy": "top-1", "vote": f"voting@{k}", "pass@k": f"pass@{k}"}
-    lines = [f"Seeds {', '.join(map(str, seeds))}. Cells: accuracy (%) as the mean over seeds"
+    lines = [f"Seed{'s' if per_seed else ''} {', '.join(map(str, seeds))}. Cells: accuracy (%) as the mean over seeds"
              + (" (each seed's after it, in seed order)" if per_seed else "")
              + "; method − SFT in points with its 95% paired bootstrap interval over the test questions"
              + (" of all seeds" if per_seed else "") + ". Checkpoints selected on validation."]
