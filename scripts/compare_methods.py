@@ -143,7 +143,8 @@ def markdown(agg):
             lines.append(f"| {name} ({checkpoints(entry['checkpoints'])}) | " + " | ".join(acc + diff) + " |")
     lines += ["", f"Wall time per seed (minutes, mean over seeds). Every method but Offline-ST starts from W, epoch "
                   f"{agg['warmup_epoch']} of the SFT run; Offline-ST's training includes drawing its samples from W.",
-              "", "| method | best validation accuracy (%, each seed) | training | evaluation (3 splits) |", "|---|---|---|---|"]
+              "", "| method | best validation accuracy (%, each seed) | training | evaluation (3 splits) |",
+              "|---|---|---|---|"]
     for name, entry in agg["methods"].items():
         lines.append(f"| {name} | {' / '.join(points(v) for v in entry['validation'])} | "
                      f"{minutes(entry['train_minutes'])} | {minutes(entry['eval_minutes'])} |")
