@@ -25,6 +25,9 @@ Scoring: --scoring lenient (the default) extracts and compares answers by reward
 paper code's, exactly (reward.extract_answers_paper, reward.paper_correct): votes then count exact values, and on
 MathQA only one-character answers vote and one-letter answers are rerank candidates, as its sampling.py and
 train_reward_model.py do. Use it for numbers to set beside the paper's.
+With --reward module:function (a callable with reward.compute_rewards' signature; lenient scoring only) the
+completions it gives 1.0 (called with partial_reward=False) are the correct ones. Votes are still over the answers
+reward.py extracts, and a vote or a rerank choice is correct when the sample it picked is.
 
 Sampling defaults: temperature 1.0 with pure sampling (top_k 0, top_p 1), the distribution the policy is trained
 on in ReFT's rollouts. The paper's sampling.py left transformers' default top_k=50 in place; pass --top_k 50 to
@@ -34,7 +37,9 @@ On a CPU shared with other jobs, OMP_NUM_THREADS=1 can make generation several t
 
 Outputs: {output_dir}/predictions.jsonl (one row per question: item_id, gold, greedy completion/answer/correct,
 sample answers and correct flags, votes, verifier scores, the chosen answers and their correct flags) and
-{output_dir}/results.json ({"accuracy": {"greedy", "vote", "rerank", "pass@k"}, "k", "n", "model", ...}).
+{output_dir}/results.json ({"accuracy": {"greedy", "vote", "rerank", "pass@k"}, "no_answer": {"greedy", "samples"},
+"k", "n", "model", ...}); no_answer is the fraction of completions without an extractable answer (None), so that
+"unparseable" is not mixed with "wrong".
 Questions are split across ranks under torchrun and gathered on rank 0; the models are wrapped in FSDP2 as in
 sft.py, with the full parameters gathered once around each generate() call.
 """
@@ -99,6 +104,10 @@ class Args:
     scoring: Literal["lenient", "paper"] = "lenient"
     """answer extraction and comparison: `lenient` (reward.py's rules) or `paper` (the paper code's, exactly, for
     numbers to set beside the paper's: README, "Deviations from the paper's code")"""
+    reward: str = "reward:compute_rewards"
+    """what is correct: a completion its `module:function` gives 1.0 (partial_reward=False), a callable with
+    reward.compute_rewards' signature (module from sys.path or the current directory); votes stay over the answers
+    reward.py extracts. Any other than the default needs --scoring lenient"""
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -126,49 +135,50 @@ def parse_args(cls, argv=None):
 
 # ----------------------------------------------------------------------------- selection rules (pure)
 
-def vote_counts(answers, scoring="lenient"):
-    """[[representative, count], ...] in order of first appearance; None answers are left out.
+def vote_groups(answers, scoring="lenient"):
+    """[[index of the group's first answer, count], ...] in order of first appearance; None answers are left out.
 
-    An answer that reward.answers_equal calls equal to an earlier group's representative (|a-b| <= 1e-2 for
-    numbers) joins that group; the first answer of a group represents it. scoring="paper": only equal values
-    vote together (sampling.py counts exact floats with a Counter)."""
+    An answer that reward.answers_equal calls equal to an earlier group's first answer (|a-b| <= 1e-2 for
+    numbers) joins that group; the first answer represents it. scoring="paper": only equal values vote together
+    (sampling.py counts exact floats with a Counter)."""
     groups = []
-    for a in answers:
+    for i, a in enumerate(answers):
         if a is None:
             continue
         for g in groups:
-            if a == g[0] if scoring == "paper" else reward.answers_equal(a, g[0]):
+            if a == answers[g[0]] if scoring == "paper" else reward.answers_equal(a, answers[g[0]]):
                 g[1] += 1
                 break
         else:
-            groups.append([a, 1])
+            groups.append([i, 1])
     return groups
 
 
-def majority_vote(answers, scoring="lenient"):
-    """The representative of the largest answer group (the first seen among equals), or None if no answer."""
-    groups = vote_counts(answers, scoring)
+def vote_counts(answers, scoring="lenient"):
+    """[[representative, count], ...] of vote_groups, as predictions.jsonl shows them."""
+    return [[answers[i], n] for i, n in vote_groups(answers, scoring)]
+
+
+def majority_index(answers, scoring="lenient"):
+    """The sample whose answer wins the vote: the first of the largest answer group (the first group among equal
+    counts), or None when no sample has an answer. The vote is correct when that sample is: under reward.py's rules
+    that is judging the answer; a --reward that reads the text judges the text that gave the answer first."""
+    groups = vote_groups(answers, scoring)
     return max(groups, key=lambda g: g[1])[0] if groups else None  # max keeps the first of equal counts
 
 
-def rerank_choice(answers, scores):
-    """The answer of the highest-scoring sample that has an answer (first of equal scores), or None."""
+def rerank_index(answers, scores):
+    """The highest-scoring sample that has an answer (first of equal scores), or None."""
     best = None
-    for a, s in zip(answers, scores):
-        if a is not None and (best is None or s > best[1]):
-            best = (a, s)
-    return None if best is None else best[0]
+    for i, (a, s) in enumerate(zip(answers, scores)):
+        if a is not None and (best is None or s > scores[best]):
+            best = i
+    return best
 
 
 def pass_at_k(correct_flags):
     """True when any of the k samples is correct (the paper's rerank "upper bound")."""
     return any(correct_flags)
-
-
-def is_correct(answer, gold, scoring="lenient"):
-    if scoring == "paper":
-        return reward.paper_correct(answer, gold)
-    return answer is not None and reward.answers_equal(answer, gold)
 
 
 def extract(texts, cot, records, scoring):
@@ -177,6 +187,14 @@ def extract(texts, cot, records, scoring):
     if scoring == "paper":
         return reward.extract_answers_paper(texts, cot, [r["answer_value"] for r in records], questions)
     return reward.extract_answers(texts, cot, questions)
+
+
+def correct_flags(texts, answers, records, args, reward_fn):
+    """Whether each completion is correct (texts[i] answers records[i]; answers[i] extracted by the --scoring
+    rules): --scoring paper compares the answer as the paper's code does; else --reward decides, 1.0 is correct."""
+    if args.scoring == "paper":
+        return [reward.paper_correct(a, r["answer_value"]) for a, r in zip(answers, records)]
+    return [s == 1.0 for s in score_completions(reward_fn, texts, answers, records, args.cot, partial_reward=False)]
 
 
 def paper_candidates(answers, letters_only):
@@ -194,6 +212,45 @@ def write_run_args(args, world):
     with open(os.path.join(args.output_dir, "args.json"), "w") as f:
         json.dump({**dataclasses.asdict(args), "world_size": world, "python": sys.version.split()[0],
                    "torch": torch.__version__, "transformers": transformers.__version__}, f, indent=2)
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def load_reward(spec):
+    """The function that --reward names as `module:function`: a callable with reward.compute_rewards' signature
+    (`reward:compute_rewards` names that one). The module is looked up on sys.path, then in the current directory.
+    main() calls this before loading any model, so a bad spec costs one error line and nothing else."""
+    import importlib
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise SystemExit(f"error: --reward {spec!r}: expected module:function, such as reward:compute_rewards")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # whatever the user's module raises on import
+        raise SystemExit(f"error: --reward {spec}: cannot import {module_name} ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())})")
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise SystemExit(f"error: --reward {spec}: {getattr(module, '__file__', None) or module_name} has no "
+                         f"function {name}")
+    return fn
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def score_completions(reward_fn, texts, answers, records, cot, partial_reward):
+    """The --reward of each completion: texts[i] answers records[i], and answers[i] is its reward.extract_answers.
+    reward.py's own reward scores those answers (reward.rewards_of_answers), so no program runs twice in the
+    sandbox; any other function gets the texts."""
+    golds = [r["answer_value"] for r in records]
+    if reward_fn is reward.compute_rewards:
+        return reward.rewards_of_answers(answers, golds, partial_reward)
+    scores = [float(s) for s in reward_fn(texts, golds, cot, [r["question"] for r in records],
+                                          partial_reward=partial_reward)]
+    if len(scores) != len(texts):
+        raise SystemExit(f"error: --reward {reward_fn.__module__}:{reward_fn.__qualname__} returned {len(scores)} "
+                         f"rewards for {len(texts)} completions")
+    return scores
 
 
 # ----------------------------------------------------------------------------- distributed setup
@@ -438,6 +495,10 @@ def load_questions(args):
 
 def main(args):
     check_args(args)
+    reward_fn = load_reward(args.reward)
+    if args.scoring == "paper" and reward_fn is not reward.compute_rewards:
+        raise SystemExit(f"error: --scoring paper judges answers by the paper code's rule, --reward {args.reward} by "
+                         f"its own: pass one of them")
     records = load_questions(args)
     rank, world, device, mesh = init_distributed()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
@@ -462,22 +523,24 @@ def main(args):
                                args.batch_size, device, "greedy", rank, do_sample=False,
                                max_new_tokens=args.max_new_tokens)
         answers = extract(texts, args.cot, mine, args.scoring)
-        for row, text, answer in zip(rows, texts, answers):
-            row.update(greedy_completion=text, greedy_answer=answer,
-                       greedy_correct=is_correct(answer, row["gold"], args.scoring))
+        for row, text, answer, correct in zip(rows, texts, answers, correct_flags(texts, answers, mine, args,
+                                                                                  reward_fn)):
+            row.update(greedy_completion=text, greedy_answer=answer, greedy_correct=correct)
     if do_sample:
         prompts = [reward.build_prompt(r["question"], args.cot, sampling=True) for r in mine for _ in range(args.k)]
         texts = generate_texts(model, tok, prompts, args.batch_size, device, f"sample k={args.k}", rank,
                                do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                max_new_tokens=args.max_new_tokens)
-        all_answers = extract(texts, args.cot, [r for r in mine for _ in range(args.k)], args.scoring)
+        repeated = [r for r in mine for _ in range(args.k)]
+        all_answers = extract(texts, args.cot, repeated, args.scoring)
+        all_correct = correct_flags(texts, all_answers, repeated, args, reward_fn)
         for i, row in enumerate(rows):
             row["samples"], answers = texts[i * args.k:(i + 1) * args.k], all_answers[i * args.k:(i + 1) * args.k]
             voters = paper_candidates(answers, False) if args.scoring == "paper" else answers
-            row.update(sample_answers=answers,
-                       sample_correct=[is_correct(a, row["gold"], args.scoring) for a in answers],
-                       votes=vote_counts(voters, args.scoring), vote_answer=majority_vote(voters, args.scoring))
-            row.update(vote_correct=is_correct(row["vote_answer"], row["gold"], args.scoring),
+            chosen = majority_index(voters, args.scoring)
+            row.update(sample_answers=answers, sample_correct=all_correct[i * args.k:(i + 1) * args.k],
+                       votes=vote_counts(voters, args.scoring), vote_answer=None if chosen is None else answers[chosen])
+            row.update(vote_correct=chosen is not None and row["sample_correct"][chosen],
                        pass_at_k=pass_at_k(row["sample_correct"]))
     del model
     if do_rerank:
@@ -492,8 +555,9 @@ def main(args):
             row["verifier_scores"] = [score_of[prompt + t] for t in row["samples"]]
             candidates = row["sample_answers"]
             candidates = paper_candidates(candidates, True) if args.scoring == "paper" else candidates
-            row["rerank_answer"] = rerank_choice(candidates, row["verifier_scores"])
-            row["rerank_correct"] = is_correct(row["rerank_answer"], row["gold"], args.scoring)
+            chosen = rerank_index(candidates, row["verifier_scores"])
+            row["rerank_answer"] = None if chosen is None else row["sample_answers"][chosen]
+            row["rerank_correct"] = chosen is not None and row["sample_correct"][chosen]
         del verifier
     for row in rows:
         row.pop("samples", None)  # k full texts per question would dwarf everything else in predictions.jsonl
@@ -522,10 +586,13 @@ def write_outputs(args, rows, do_greedy, do_sample, do_rerank, world, seconds):
                "model": args.model, "verifier": args.verifier if do_rerank else None, "data": args.data,
                "split": args.split, "cot": args.cot, "temperature": args.temperature, "top_k": args.top_k,
                "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed, "world_size": world,
-               "seconds": round(seconds, 1), "scoring": args.scoring}
+               "seconds": round(seconds, 1), "scoring": args.scoring, "reward": args.reward}
+    if do_greedy:
+        results["no_answer"] = {"greedy": sum(r["greedy_answer"] is None for r in rows) / n}
     if do_sample:
         results["sample_accuracy"] = sum(sum(r["sample_correct"]) for r in rows) / (n * args.k)
-        results["no_answer_rate"] = sum(a is None for r in rows for a in r["sample_answers"]) / (n * args.k)
+        results.setdefault("no_answer", {})["samples"] = sum(a is None for r in rows
+                                                             for a in r["sample_answers"]) / (n * args.k)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "predictions.jsonl"), "w") as f:
         for r in rows:
@@ -534,12 +601,14 @@ def write_outputs(args, rows, do_greedy, do_sample, do_rerank, world, seconds):
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     labels = {"greedy": "greedy", "vote": f"vote@{args.k}", "rerank": f"rerank@{args.k}", "pass@k": f"pass@{args.k}"}
-    print(f"\n{args.data} {args.split} ({args.cot}), n={n}, model {args.model}, {args.scoring} scoring")
+    print(f"\n{args.data} {args.split} ({args.cot}), n={n}, model {args.model}, {args.scoring} scoring, "
+          f"reward {args.reward}")
     for name, acc in accuracy.items():
-        print(f"  {labels[name]:<12} {100 * acc:6.2f}%")
+        note = f"   (no answer: {100 * results['no_answer']['greedy']:.1f}%)" if name == "greedy" else ""
+        print(f"  {labels[name]:<12} {100 * acc:6.2f}%{note}")
     if do_sample:
         print(f"  {'per sample':<12} {100 * results['sample_accuracy']:6.2f}%   (no answer: "
-              f"{100 * results['no_answer_rate']:.1f}%)")
+              f"{100 * results['no_answer']['samples']:.1f}%)")
     print(f"  {seconds:.0f} s on {world} process(es); {args.output_dir}/results.json")
 
 

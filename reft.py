@@ -4,7 +4,8 @@ For every batch of training questions: sample a chain of thought per question fr
 answer with reward.py (1 correct / 0.1 wrong / 0 no answer, on the token that emits EOS), subtract a per-token
 KL penalty against the frozen warm-up model, estimate advantages with GAE on a value head that shares the
 policy's trunk, and take clipped PPO steps. The PPO formulas are the small pure functions below, each named
-after its equation; `main()` reads top to bottom like Algorithm 1.
+after its equation; `main()` reads top to bottom like Algorithm 1. Variants: critic-free advantages (--advantage
+grpo|rloo), the KL in the loss (--kl_in_loss) and the paper's online self-training baseline (--objective online_st).
 
 Run it (CPU, the offline default: a tiny warm-up checkpoint made by sft.py on `minigsm`):
     python reft.py --model runs/warmup/final --data minigsm --cot nl --output_dir runs/reft
@@ -75,6 +76,13 @@ class Args:
     """sequences per forward/backward on one process (gradient accumulation inside a minibatch)"""
     ppo_epochs: int = 2
     """optimisation passes over each rollout batch (paper: 2)"""
+    objective: Literal["ppo", "online_st"] = "ppo"
+    """`ppo` (ReFT) or `online_st`, the paper's online self-training baseline: the same rollouts, then NLL steps on
+    ½ the samples that scored 1 + ½ the questions' gold CoTs (needs them in --data; no value head, KL or reference)"""
+    advantage: Literal["gae", "grpo", "rloo"] = "gae"
+    """PPO's advantage: `gae` on a value head (paper), or one value per sample for all its tokens, from the
+    --num_samples (≥ 2) samples of its question, with no value head: `grpo` (Shao et al. 2024) or `rloo` (Ahmadian
+    et al. 2024)"""
     lr: float = -1.0
     """constant learning rate; -1 = 5e-5 for a model under 50 M parameters (the tiny CPU one), else the paper's 3e-7"""
     kl_coef: float = -1.0
@@ -83,6 +91,10 @@ class Args:
     """adapt β towards --target_kl (Ziegler et al. 2019) instead of keeping it fixed (paper: fixed)"""
     target_kl: float = 1.0
     """with --adaptive_kl: the per-sequence KL (nats) to steer towards"""
+    kl_in_loss: bool = False
+    """move the KL term from the reward (per-token shaping: the paper's code, TRL's PPOTrainer and RLOOTrainer, verl's
+    use_kl_in_reward) into the loss, as β × the k3 estimator per token (DeepSeekMath's GRPO, TRL's GRPOTrainer, verl's
+    use_kl_loss)"""
     gamma: float = 1.0
     """GAE discount γ (paper's code: 1.0)"""
     lam: float = 0.95
@@ -95,6 +107,9 @@ class Args:
     """weight of the value loss (paper: 5)"""
     partial_reward: bool = True
     """0.1 for an extracted but wrong answer on numeric datasets (paper); off gives 1/0 rewards"""
+    reward: str = "reward:compute_rewards"
+    """the reward as `module:function`, a callable with reward.compute_rewards' signature (module from sys.path or
+    the current directory); it scores rollouts, and its 1.0 counts as correct in `accuracy` and `eval_accuracy`"""
     separate_value_model: bool = False
     """give the value head its own trunk, a copy of the warm-up model (the paper's ablation) instead of sharing"""
     temperature: float = 1.0
@@ -208,6 +223,46 @@ def compute_gae(rewards, values, mask, gamma, lam):
         adv[:, t] = next_adv
         next_value = values[:, t]
     return adv, (adv + values) * mask
+
+
+def group_sums(x, group):
+    """Per row, the sum of x over the rows of its group (the same id) and their number. (B,), (B,) -> (B,), (B,)"""
+    _, inverse, counts = torch.unique(group, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(counts), dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
+    return sums[inverse], counts[inverse].to(x.dtype)
+
+
+def grpo_advantages(rewards, group, mask, eps=1e-4):
+    """GRPO's outcome-supervised advantage (Shao et al. 2024, DeepSeekMath, sec. 4.1.2), on every response token:
+
+        A_i = (r_i - mean(r_group)) / (std(r_group) + ε)
+
+    over the samples of one question: the rows with the same `group` id, at least 2, groups of any sizes. std with
+    n - 1 and ε = 1e-4 as TRL's GRPOTrainer: a group whose rewards are all equal gets 0, not 0/0. (B,), (B,),
+    (B, R) -> (B, R)"""
+    total, n = group_sums(rewards, group)
+    centred = rewards - total / n
+    std = (group_sums(centred ** 2, group)[0] / (n - 1)).sqrt()
+    return (centred / (std + eps))[:, None] * mask
+
+
+def rloo_advantages(rewards, group, mask):
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024, "Back to Basics"), on every response token:
+
+        A_i = r_i - 1/(k-1) Σ_{j≠i} r_j
+
+    the baseline being the mean reward of the k - 1 other samples of the question (rows with the same `group` id,
+    k ≥ 2, groups of any sizes). (B,), (B,), (B, R) -> (B, R)"""
+    total, n = group_sums(rewards, group)
+    return (rewards - (total - rewards) / (n - 1))[:, None] * mask
+
+
+def k3_kl(logprobs, ref_logprobs):
+    """KL(π ‖ π_ref) per token for --kl_in_loss: k3 = π_ref/π - log(π_ref/π) - 1, unbiased and never negative
+    (Schulman 2020, "Approximating KL divergence"; GRPO's eq. 4, Shao et al. 2024); the log bounded as in policy_loss.
+    (B, R)"""
+    log_ratio = (ref_logprobs - logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    return torch.exp(log_ratio) - log_ratio - 1
 
 
 MAX_LOG_RATIO = 20.0  # exp(20) ≈ 5e8: a ratio beyond it is clipped by ε anyway; the bound only keeps exp() finite
@@ -350,6 +405,45 @@ def summary(row):
     return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
 
 
+# a copy kept identical across stage files: tests/test_copies.py
+def load_reward(spec):
+    """The function that --reward names as `module:function`: a callable with reward.compute_rewards' signature
+    (`reward:compute_rewards` names that one). The module is looked up on sys.path, then in the current directory.
+    main() calls this before loading any model, so a bad spec costs one error line and nothing else."""
+    import importlib
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise SystemExit(f"error: --reward {spec!r}: expected module:function, such as reward:compute_rewards")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # whatever the user's module raises on import
+        raise SystemExit(f"error: --reward {spec}: cannot import {module_name} ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())})")
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise SystemExit(f"error: --reward {spec}: {getattr(module, '__file__', None) or module_name} has no "
+                         f"function {name}")
+    return fn
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def score_completions(reward_fn, texts, answers, records, cot, partial_reward):
+    """The --reward of each completion: texts[i] answers records[i], and answers[i] is its reward.extract_answers.
+    reward.py's own reward scores those answers (reward.rewards_of_answers), so no program runs twice in the
+    sandbox; any other function gets the texts."""
+    golds = [r["answer_value"] for r in records]
+    if reward_fn is reward.compute_rewards:
+        return reward.rewards_of_answers(answers, golds, partial_reward)
+    scores = [float(s) for s in reward_fn(texts, golds, cot, [r["question"] for r in records],
+                                          partial_reward=partial_reward)]
+    if len(scores) != len(texts):
+        raise SystemExit(f"error: --reward {reward_fn.__module__}:{reward_fn.__qualname__} returned {len(scores)} "
+                         f"rewards for {len(texts)} completions")
+    return scores
+
+
 # ----------------------------------------------------------------------------- distributed setup
 # Repeated in sft.py, reft.py, rerank.py and evaluate.py, from here to `gathered_for_generation`: each stage stays one
 # self-contained file, and tests/test_copies.py checks that the copies are identical.
@@ -480,7 +574,8 @@ def gathered_for_generation(model):
 
 
 def load_models(args, mesh, device):
-    """Tokenizer, policy (+ value head) and frozen reference, both from the warm-up checkpoint: sharded, dropout off."""
+    """Tokenizer, policy (+ value head with GAE) and frozen reference (none for Online-ST, which has no KL), both from
+    the warm-up checkpoint: sharded, dropout off."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     if not os.path.isdir(args.model):
         raise SystemExit(f"error: --model {args.model}: not a checkpoint folder (make one with sft.py)")
@@ -507,7 +602,10 @@ def load_models(args, mesh, device):
             AutoModelForCausalLM.from_config(config, dtype=torch.float32), value_head,
             AutoModel.from_config(config, dtype=torch.float32) if value_head and args.separate_value_model else None)
 
-    policy = load_sharded(lambda: read(True), make(True), mesh, device)
+    value_head = args.objective == "ppo" and args.advantage == "gae"
+    policy = load_sharded(lambda: read(value_head), make(value_head), mesh, device)
+    if args.objective == "online_st":
+        return tok, policy, None
     reference = load_sharded(lambda: read(False), make(False), mesh, device)
     return tok, policy, reference.requires_grad_(False).eval()
 
@@ -524,8 +622,9 @@ def epochs_to_save(spec):
 
 
 def save_checkpoint(model, tok, args, path, rank, dtype):
-    """HF policy (loadable by AutoModelForCausalLM) plus value_head.safetensors beside it, from rank 0, in `dtype`,
-    the run's compute dtype: bf16 on GPU halves it, and the fp32 master weights live in the resume state."""
+    """HF policy (loadable by AutoModelForCausalLM) plus value_head.safetensors beside it when there is a value head,
+    from rank 0, in `dtype`, the run's compute dtype: bf16 on GPU halves it, and the fp32 master weights live in the
+    resume state."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         for k in sd:
@@ -533,8 +632,9 @@ def save_checkpoint(model, tok, args, path, rank, dtype):
         model.lm.config.dtype = dtype
         model.lm.save_pretrained(path, state_dict={k[3:]: v for k, v in sd.items() if k.startswith("lm.")})
         tok.save_pretrained(path)
-        save_file({k: v.contiguous() for k, v in sd.items() if not k.startswith("lm.")},
-                  os.path.join(path, "value_head.safetensors"))
+        head = {k: v.contiguous() for k, v in sd.items() if not k.startswith("lm.")}
+        if head:
+            save_file(head, os.path.join(path, "value_head.safetensors"))
         with open(os.path.join(path, "train_args.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=2)
     dist.barrier()
@@ -608,7 +708,8 @@ def rollout_seeds(seed, step, question_ids, num_samples):
 @torch.no_grad()
 def rollout_forwards(model, ref, input_ids, attn, responses, P, micro_batch_size, temperature):
     """Step 3 of Algorithm 1, micro-batch by micro-batch: the policy's log-probs and values and the reference's
-    log-probs of the sampled responses, and the policy's entropy per token. (b, P + R) -> four (b, R)
+    log-probs of the sampled responses, and the policy's entropy per token. (b, P + R) -> four (b, R); the values are
+    None without a value head (--advantage grpo or rloo).
 
     The policy's log-probs take exactly the steps of logprobs_of, which the PPO update uses, so the first ratio is
     exactly 1; the entropy reuses that log-softmax instead of computing a second one over the vocabulary."""
@@ -622,54 +723,136 @@ def rollout_forwards(model, ref, input_ids, attn, responses, P, micro_batch_size
         values.append(v)
         ref_logits, _ = ref(input_ids[sl], attn[sl], P)
         ref_logprobs.append(logprobs_of(ref_logits, responses[sl], temperature))
-    return tuple(torch.cat(x) for x in (old_logprobs, values, ref_logprobs, entropy))
+    return tuple(None if x[0] is None else torch.cat(x) for x in (old_logprobs, values, ref_logprobs, entropy))
 
 
-def step_metrics(scores, kl, entropy, mask, ended, returns, old_values, stats, world, device):
-    """The logged means of one PPO step over all ranks' sequences and tokens, from one all-reduce of sums. `stats`
+def minibatches(n_rows, local_mini, args, step):
+    """This rank's rows as optimizer steps, each a tuple of micro-batches (index tensors): --ppo_epochs passes, each in
+    an order of its own seed per (step, pass), so a resumed run repeats it (1000 > ppo_epochs)."""
+    for e in range(args.ppo_epochs):
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(args.seed + step * 1000 + e))
+        for mb in range(0, n_rows, local_mini):
+            yield perm[mb:mb + local_mini].split(args.micro_batch_size)
+
+
+def clipped_step(model, opt):
+    """Clip the gradient norm to 1 and take the optimizer step, unless the norm is not finite: one bad minibatch must
+    not poison the weights (every rank sees the same norm). Returns whether it stepped."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return finite
+
+
+def gold_example(tok, record, cot):
+    """(ids, n_prompt) of a question's gold CoT + EOS, tokenized as sft.py's encode_example does it (one string through
+    reward.encode_sft_example), so that Online-ST's gold half is SFT's loss on the same tokens."""
+    ids, n_prompt = reward.encode_sft_example(tok, reward.build_prompt(record["question"], cot),
+                                              reward.build_target(record, cot))
+    return ids + [tok.eos_token_id], n_prompt
+
+
+def sequence_nll(model, examples, pad_id, device):
+    """Σ -log π(token) over each example's tokens after its first n_prompt, at temperature 1 as in SFT: examples
+    (ids, n_prompt) left-padded into one forward. (n,)"""
+    ids, attn = left_pad([e for e, _ in examples], pad_id, device)  # (n, T)
+    logits, _ = model(ids, attn, 1)  # (n, T-1, V): column c predicts ids[:, c + 1]
+    first = torch.tensor([ids.size(1) - len(e) + k for e, k in examples], device=device)  # first target column
+    target = (torch.arange(1, ids.size(1), device=device)[None] >= first[:, None]).float()  # (n, T-1)
+    return -(logprobs_of(logits, ids[:, 1:]) * target).sum(1)
+
+
+def online_st_update(model, opt, examples, pad_id, mini, world, step, args, device):
+    """The paper's online self-training (its train_rl_sl.py) instead of PPO's steps 3-6: per minibatch of rows, a step
+
+        L = ½ NLL(the rows' sampled CoTs that scored 1) + ½ NLL(the rows' gold CoTs)
+
+    each NLL a mean over its target tokens on all ranks, so N processes take one process's step; without a correct
+    sample, the gold half alone (as the paper's code). `examples`: per row (gold, sample), each (ids, n_prompt), the
+    sample None unless it scored 1. A micro-batch of rows is one forward of both (≤ 2 × --micro_batch_size
+    sequences), so every rank runs as many forwards, as FSDP needs. Returns (stats, optimizer steps skipped)."""
+    model.train()
+    loss_sum, n_steps, skipped = 0.0, 0, 0
+    for micro_batches in minibatches(len(examples), mini // world, args, step):
+        rows = [examples[i] for i in torch.cat(micro_batches).tolist()]
+        n_tokens = global_sums([sum(len(r[h][0]) - r[h][1] for r in rows if r[h] is not None) for h in (0, 1)], device)
+        weights = [0.5 * world / max(n, 1.0) for n in n_tokens]  # × world: FSDP averages gradients over ranks
+        for idx in micro_batches:
+            batch = [(e, weights[h]) for i in idx.tolist() for h, e in enumerate(examples[i]) if e is not None]
+            nll = sequence_nll(model, [e for e, _ in batch], pad_id, device)
+            loss = (nll * torch.tensor([w for _, w in batch], device=device)).sum()
+            loss.backward()
+            loss_sum += loss.item()
+        skipped += not clipped_step(model, opt)
+        n_steps += 1
+    return {"loss": [loss_sum / n_steps]}, skipped  # step_metrics sums over ranks and divides by world: the mean loss
+
+
+def step_metrics(scores, no_answer, kl, entropy, mask, ended, returns, old_values, stats, world, device):
+    """The logged means of one step over all ranks' sequences and tokens, from one all-reduce of sums. `stats`
     holds this rank's per-micro-batch losses; every rank runs as many micro-batches, so their mean of means is
-    the mean over the step."""
-    sums = dict(n=len(scores), score=scores.sum(), correct=(scores == 1.0).sum(), kl=kl.sum(),
-                entropy=masked_mean(entropy, mask, 1).sum(), tokens=mask.sum(), ended=ended.sum(),
-                err=((returns - old_values) * mask).sum(), err2=((returns - old_values) ** 2 * mask).sum(),
-                ret=returns.sum(), ret2=(returns ** 2).sum(), **{k: sum(v) / len(v) for k, v in stats.items()})
+    the mean over the step. `no_answer` (b,) flags the sequences without an extractable answer, so that
+    "unparseable" is told apart from "wrong" whatever --reward gives them. Metrics of what a variant lacks are
+    absent: KL and entropy without a reference (Online-ST), the values' explained variance without GAE's returns."""
+    sums = dict(n=len(scores), score=scores.sum(), correct=(scores == 1.0).sum(), no_answer=no_answer.sum(),
+                tokens=mask.sum(), ended=ended.sum(), **{k: sum(v) / len(v) for k, v in stats.items()})
+    if kl is not None:
+        sums.update(kl=kl.sum(), entropy=masked_mean(entropy, mask, 1).sum())
+    if returns is not None:
+        sums.update(err=((returns - old_values) * mask).sum(), err2=((returns - old_values) ** 2 * mask).sum(),
+                    ret=returns.sum(), ret2=(returns ** 2).sum())
     t = dict(zip(sums, global_sums(sums.values(), device)))
     n = t["n"]
-    return dict(score=t["score"] / n, accuracy=t["correct"] / n, kl=t["kl"] / n, entropy=t["entropy"] / n,
-                response_length=t["tokens"] / n, eos_fraction=t["ended"] / n, tokens=t["tokens"],
-                explained_variance=explained_variance(t["err"], t["err2"], t["ret"], t["ret2"], t["tokens"]),
-                **{k: t[k] / world for k in stats})
+    m = dict(score=t["score"] / n, accuracy=t["correct"] / n, no_answer=t["no_answer"] / n,
+             **{k: t[k] / n for k in ("kl", "entropy") if k in t}, response_length=t["tokens"] / n,
+             eos_fraction=t["ended"] / n, tokens=t["tokens"])
+    if returns is not None:
+        m["explained_variance"] = explained_variance(t["err"], t["err2"], t["ret"], t["ret2"], t["tokens"])
+    return dict(m, **{k: t[k] / world for k in stats})
 
 
 def greedy_budget(tok, records, args):
     """New tokens for every question of a greedy evaluation: --max_length minus the longest of their prompts.
 
-    One budget for all: set by each batch's longest prompt, as a rollout's is, it made a question's answer depend
-    on its batch, so on the number of ranks. `evaluate.py --max_new_tokens` with this budget gives the same answers."""
+    One budget for all: set by each batch's longest prompt, as a rollout's is, it would make a question's answer
+    depend on its batch, so on the number of ranks. `evaluate.py --max_new_tokens` with it gives the same answers."""
     return args.max_length - max(len(reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot,
                                                                                     sampling=True))) for r in records)
 
 
+# a copy kept identical across stage files: tests/test_copies.py
 @torch.no_grad()
-def greedy_accuracy(model, tok, records, args, rank, world, device, batch_size):
-    """Greedy top-1 accuracy through reward.py, with one budget for all questions (greedy_budget); questions split
-    across ranks and counts summed."""
-    budget = greedy_budget(tok, records, args)
+def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size, reward_fn):
+    """Greedy top-1 accuracy computed as `evaluate.py --mode greedy` computes it: transformers' generate from the
+    rollout prompt (for python CoTs it ends with the program header), the same budget of new tokens for every
+    question, correct where `reward_fn` gives 1.0 (reft.py: its --reward; sft.py: reward.py's), questions split
+    across ranks and counts summed. `model` is the sharded root, gathered once; `lm` the causal LM inside it that
+    generates (sft.py: the model itself; reft.py: the policy's `lm`)."""
+    training = model.training
+    model.eval()
     mine = records[rank::world]
     correct = 0
+    tok.padding_side = "left"
     with gathered_for_generation(model):
         for b in range(0, len(mine), batch_size):
             chunk = mine[b:b + batch_size]
-            prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True))
-                       for r in chunk]
-            ids, mask = left_pad(prompts, tok.pad_token_id, device)
-            resp = sample(model.lm, ids, mask, budget, tok.eos_token_id, tok.pad_token_id, 0.0, [0] * len(chunk))
-            texts = tok.batch_decode(resp, skip_special_tokens=True)
-            scores = reward.compute_rewards(texts, [r["answer_value"] for r in chunk], args.cot,
-                                            [r["question"] for r in chunk], partial_reward=False)
+            prompt_ids = [reward.encode_prompt(tok, reward.build_prompt(r["question"], cot, sampling=True))
+                          for r in chunk]
+            enc = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left padding
+            # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
+            # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
+            out = lm.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True, synced_gpus=False,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            texts = tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
+            scores = reward_fn(texts, [r["answer_value"] for r in chunk], cot, [r["question"] for r in chunk],
+                               partial_reward=False)
             correct += sum(s == 1.0 for s in scores)
     total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
     dist.all_reduce(total)
+    model.train(training)
     return (total[0] / total[1]).item()
 
 
@@ -682,20 +865,30 @@ def main(args):
     if args.batch_size % world or n_seq % mini or mini % world:
         raise SystemExit(f"error: --batch_size {args.batch_size} × --num_samples {args.num_samples} must split "
                          f"into minibatches of {mini}, each divisible by the {world} processes")
+    if args.advantage != "gae" and args.num_samples < 2:
+        raise SystemExit(f"error: --advantage {args.advantage} compares the samples of a question: it needs "
+                         f"--num_samples 2 or more (a group of one has no baseline)")
+    if args.separate_value_model and (args.advantage != "gae" or args.objective != "ppo"):
+        raise SystemExit("error: --separate_value_model needs a value head: --advantage gae and --objective ppo")
+    if args.objective == "online_st" and (args.advantage != "gae" or args.kl_in_loss or args.adaptive_kl):
+        raise SystemExit("error: --objective online_st has no advantages and no KL: drop --advantage, --kl_in_loss "
+                         "and --adaptive_kl")
 
-    # The training questions (answers only: ReFT never looks at the annotated CoT) and their prompts.
+    # The training questions (answers only: ReFT never looks at the annotated CoT; Online-ST trains on it) and prompts.
     keep_epochs = epochs_to_save(args.save_epochs)
+    reward_fn = load_reward(args.reward)
     tok, model, ref = load_models(args, mesh, device)
     n_params = sum(p.numel() for p in model.lm.parameters())
     if args.lr <= 0:  # the tiny CPU model wants a large rate; the paper's 3e-7 is for its 7B models
         args.lr = 5e-5 if n_params < 50_000_000 else 3e-7
     log(f"policy: {n_params:,} params, lr {args.lr:g}")
-    records = reward.load_records(args.data, "train", args.cot)
+    records = reward.load_records(args.data, "train", args.cot, require_cot=args.objective == "online_st")
     prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True)) for r in records]
     keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_length]
     log(f"data: {len(records)} questions from {args.data}, {len(records) - len(keep)} dropped as prompts longer "
         f"than --max_prompt_length {args.max_prompt_length}")
     records, prompts = [records[i] for i in keep], [prompts[i] for i in keep]
+    gold = [gold_example(tok, r, args.cot) for r in records] if args.objective == "online_st" else None
     steps_per_epoch = len(records) // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(records)} questions are fewer than one --batch_size {args.batch_size}")
@@ -707,7 +900,8 @@ def main(args):
     if args.eval_every > 0:
         eval_records = reward.load_records(args.data, args.eval_split, args.cot)
         eval_records = eval_records[:args.eval_limit] if args.eval_limit > 0 else eval_records
-        if greedy_budget(tok, eval_records, args) < 1:
+        eval_budget = greedy_budget(tok, eval_records, args)
+        if eval_budget < 1:
             raise SystemExit(f"error: --max_length {args.max_length} leaves no room to generate after the longest "
                              f"--eval_split {args.eval_split} prompt")
 
@@ -755,78 +949,93 @@ def main(args):
         responses = torch.where(mask.bool(), responses, tok.pad_token_id)
         t1 = time.time()
 
-        # 2. Score: extract each answer and compare with the gold one (1 / 0.1 / 0), in the sandbox pool.
+        # 2. Score: extract each answer (programs run in the sandbox pool) and reward it with --reward; reward.py's
+        #    compares it with the gold one (1 / 0.1 / 0).
         texts = tok.batch_decode(responses, skip_special_tokens=True)
-        scores = torch.tensor(reward.compute_rewards(texts, [records[q]["answer_value"] for q in rows], args.cot,
-                                                     [records[q]["question"] for q in rows], args.partial_reward),
-                              device=device)
+        answers = reward.extract_answers(texts, args.cot, [records[q]["question"] for q in rows])
+        scores = torch.tensor(score_completions(reward_fn, texts, answers, [records[q] for q in rows], args.cot,
+                                                args.partial_reward), device=device)  # (b,)
+        no_answer = torch.tensor([a is None for a in answers], dtype=torch.float32, device=device)  # (b,)
         t2 = time.time()
 
-        # 3. Old log-probs and values from the training forward (so the first PPO ratio is exactly 1),
-        #    reference log-probs from the frozen warm-up model.
-        input_ids = torch.cat([prompt_ids, responses], 1)
-        attn = torch.cat([prompt_mask, mask.long()], 1)
-        old_logprobs, old_values, ref_logprobs, entropy = rollout_forwards(
-            model, ref, input_ids, attn, responses, P, args.micro_batch_size, args.temperature)
+        if args.objective == "online_st":  # the paper's baseline: NLL steps instead of steps 3-6
+            examples = [(gold[q], (prompts[q] + responses[b, :int(mask[b].sum())].tolist(), len(prompts[q]))
+                         if scores[b] == 1.0 else None) for b, q in enumerate(rows)]
+            stats, n_skipped = online_st_update(model, opt, examples, tok.pad_token_id, mini, world, step, args, device)
+            skipped += n_skipped
+            kl = entropy = returns = old_values = None
+        else:
+            # 3. Old log-probs and values from the training forward (so the first PPO ratio is exactly 1),
+            #    reference log-probs from the frozen warm-up model.
+            input_ids = torch.cat([prompt_ids, responses], 1)
+            attn = torch.cat([prompt_mask, mask.long()], 1)
+            old_logprobs, old_values, ref_logprobs, entropy = rollout_forwards(
+                model, ref, input_ids, attn, responses, P, args.micro_batch_size, args.temperature)
 
-        # 4. Shape the rewards with the KL penalty, 5. GAE advantages and returns, whitened over all ranks.
-        rewards, kl = kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
-        advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.lam)
-        advantages = masked_whiten(advantages, mask)
+            # 4. Shape the rewards with the KL penalty (--kl_in_loss: β k3 in the loss instead, with any advantage as
+            #    verl's use_kl_loss). 5. GAE advantages and returns, whitened over all ranks; or GRPO's or RLOO's of
+            #    the summed reward score - β Σ_t kl_t (as TRL's RLOOTrainer), with no all-reduce (`rows` keeps a
+            #    question's samples on one rank) nor whitening (GRPO normalises; RLOO stays in reward units, as TRL).
+            rewards, kl = kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, 0.0 if args.kl_in_loss else beta)
+            if args.advantage == "gae":
+                advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.lam)
+                advantages = masked_whiten(advantages, mask)
+            else:
+                returns = None
+                advantages = {"grpo": grpo_advantages, "rloo": rloo_advantages}[args.advantage](
+                    rewards.sum(1), torch.tensor(rows, device=device), mask)
 
-        # 6. PPO epochs: each minibatch is one optimizer step; the loss is a mean over the *global* number of
-        #    sequences in the minibatch (× world, since FSDP averages gradients over ranks).
-        model.train()
-        local_mini = mini // world
-        stats = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approx_kl", "ratio")}
-        for e in range(args.ppo_epochs):
-            # Its own seed per (step, PPO epoch), so the minibatch order of a resumed run repeats; 1000 > ppo_epochs.
-            perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed + step * 1000 + e))
-            for mb in range(0, len(rows), local_mini):
-                idx_mb = perm[mb:mb + local_mini]
-                for s in range(0, len(idx_mb), args.micro_batch_size):
-                    idx = idx_mb[s:s + args.micro_batch_size]
+            # 6. PPO epochs: each minibatch is one optimizer step; the loss is a mean over the *global* number of
+            #    sequences in the minibatch (× world, since FSDP averages gradients over ranks).
+            model.train()
+            stats = {}
+            for micro_batches in minibatches(len(rows), mini // world, args, step):
+                for idx in micro_batches:
                     logits, values = model(input_ids[idx], attn[idx], P)
                     logprobs = logprobs_of(logits, responses[idx], args.temperature)
                     pg, pg_clip, approx_kl = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask[idx],
                                                          args.clip_range)
-                    vf, vf_clip = value_loss(values, old_values[idx], returns[idx], mask[idx], args.clip_range_value)
-                    loss = (pg + args.vf_coef * vf).sum() * world / mini
-                    loss.backward()  # reduce-scatters every micro-batch: FSDP2 keeps the accumulated gradient sharded
-                    for k, v in (("pg_loss", pg.mean()), ("vf_loss", vf.mean()), ("pg_clipfrac", pg_clip),
-                                 ("vf_clipfrac", vf_clip), ("approx_kl", approx_kl),
-                                 ("ratio", masked_mean(torch.exp(logprobs - old_logprobs[idx]), mask[idx]))):
-                        stats[k].append(v.item())
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                if torch.isfinite(grad_norm):
-                    opt.step()
-                else:  # one bad minibatch must not poison the weights (every rank sees the same norm)
-                    skipped += 1
-                opt.zero_grad(set_to_none=True)
+                    loss, st = pg, dict(pg_loss=pg.mean(), pg_clipfrac=pg_clip, approx_kl=approx_kl,
+                                        ratio=masked_mean(torch.exp(logprobs - old_logprobs[idx]), mask[idx]))
+                    if values is not None:  # GAE's value head
+                        vf, vf_clip = value_loss(values, old_values[idx], returns[idx], mask[idx],
+                                                 args.clip_range_value)
+                        loss = loss + args.vf_coef * vf
+                        st.update(vf_loss=vf.mean(), vf_clipfrac=vf_clip)
+                    if args.kl_in_loss:  # aggregated as the policy loss
+                        kl_loss = masked_mean(k3_kl(logprobs, ref_logprobs[idx]), mask[idx], 1)
+                        loss = loss + beta * kl_loss
+                        st.update(kl_loss=kl_loss.mean())
+                    # reduce-scatters every micro-batch: FSDP2 keeps the accumulated gradient sharded
+                    (loss.sum() * world / mini).backward()
+                    for k, v in st.items():
+                        stats.setdefault(k, []).append(v.item())
+                skipped += not clipped_step(model, opt)
         t3 = time.time()
 
         # 7. Log: means over all ranks' sequences and tokens.
         m = dict(step=step + 1, epoch=epoch + (i + 1) / steps_per_epoch,
-                 **step_metrics(scores, kl, entropy, mask, (responses == tok.eos_token_id).any(1), returns,
-                                old_values, stats, world, device))
-        m.update(kl_penalty=-beta * m["kl"], beta=beta, skipped_steps=skipped, ratio_first=stats["ratio"][0],
-                 tokens_per_s=m.pop("tokens") / (t1 - t0), time_generation=t1 - t0, time_scoring=t2 - t1,
-                 time_training=t3 - t2)
+                 **step_metrics(scores, no_answer, kl, entropy, mask, (responses == tok.eos_token_id).any(1),
+                                returns, old_values, stats, world, device))
+        if args.objective == "ppo":
+            m.update({} if args.kl_in_loss else {"kl_penalty": -beta * m["kl"]}, beta=beta,
+                     ratio_first=stats["ratio"][0])
+        m.update(skipped_steps=skipped, tokens_per_s=m.pop("tokens") / (t1 - t0), time_generation=t1 - t0,
+                 time_scoring=t2 - t1, time_training=t3 - t2)
         if args.adaptive_kl:
             beta = adaptive_beta(beta, m["kl"], args.target_kl, n_seq)
         step += 1
         end_of_epoch = (i + 1) == steps_per_epoch
         if eval_records is not None and (step % args.eval_every == 0 or step == total_steps):
-            m["eval_accuracy"] = greedy_accuracy(model, tok, eval_records, args, rank, world, device,
-                                                 args.eval_batch_size)
+            m["eval_accuracy"] = greedy_accuracy(model, model.lm, tok, eval_records, args.cot, eval_budget, rank, world,
+                                                 device, args.eval_batch_size, reward_fn)
             if args.save_best and m["eval_accuracy"] > best:
                 best = m["eval_accuracy"]
                 save_checkpoint(model, tok, args, os.path.join(args.output_dir, "best"), rank, compute_dtype(device))
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
-        bar.set_postfix(score=f"{m['score']:.3f}", acc=f"{m['accuracy']:.3f}", kl=f"{m['kl']:.3f}")
+        bar.set_postfix({k: f"{m[k]:.3f}" for k in ("score", "accuracy", "kl") if k in m})
         if rank == 0 and args.log_every > 0 and step % args.log_every == 0:
             tqdm.write(summary(m))
         bar.update(1)
@@ -837,7 +1046,7 @@ def main(args):
             save_resume_state(model, opt, {"step": step, "beta": beta, "skipped": skipped, "best": best}, args, rank)
     bar.close()
     save_checkpoint(model, tok, args, os.path.join(args.output_dir, "final"), rank, compute_dtype(device))
-    log(f"done: {step} PPO steps; policy in {args.output_dir}/final, metrics in {metrics_path}")
+    log(f"done: {step} {args.objective} steps; policy in {args.output_dir}/final, metrics in {metrics_path}")
     dist.destroy_process_group()
 
 

@@ -1,7 +1,7 @@
 """Stage 3 of ReFT's evaluation: train a verifier (reward model) that scores sampled chains of thought for reranking.
 
 1. Sampling: k CoTs per training question from a policy checkpoint (--model; the paper samples 100 per
-   question from the warm-up SFT checkpoint), each labelled correct/incorrect through reward.py, exact
+   question from the warm-up SFT checkpoint), each labelled correct/incorrect through reward.py (or --reward), exact
    duplicates removed per question, written to {output_dir}/samples.jsonl as rows
    {item_id, question, completion, answer, correct}. A re-run skips the questions already in the file;
    --samples FILE skips sampling altogether. For the python CoT the prompt ends with the function header
@@ -88,6 +88,9 @@ class Args:
     """k: samples per question (paper: 100)"""
     samples: str = ""
     """an existing samples JSONL ({item_id, question, completion, correct}); skips sampling"""
+    reward: str = "reward:compute_rewards"
+    """labels the samples: correct when this `module:function` gives 1.0 (partial_reward=False), a callable with
+    reward.compute_rewards' signature (module from sys.path or the current directory)"""
     init: str = ""
     """checkpoint the verifier trunk starts from (default: --model; paper: the best SFT or ReFT checkpoint)"""
     epochs: int = 3
@@ -169,6 +172,45 @@ def summary(row):
     """A metrics row as one log line: the progress bar rewrites a single line, so a log file of a long run would
     otherwise show no numbers."""
     return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def load_reward(spec):
+    """The function that --reward names as `module:function`: a callable with reward.compute_rewards' signature
+    (`reward:compute_rewards` names that one). The module is looked up on sys.path, then in the current directory.
+    main() calls this before loading any model, so a bad spec costs one error line and nothing else."""
+    import importlib
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise SystemExit(f"error: --reward {spec!r}: expected module:function, such as reward:compute_rewards")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # whatever the user's module raises on import
+        raise SystemExit(f"error: --reward {spec}: cannot import {module_name} ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())})")
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise SystemExit(f"error: --reward {spec}: {getattr(module, '__file__', None) or module_name} has no "
+                         f"function {name}")
+    return fn
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def score_completions(reward_fn, texts, answers, records, cot, partial_reward):
+    """The --reward of each completion: texts[i] answers records[i], and answers[i] is its reward.extract_answers.
+    reward.py's own reward scores those answers (reward.rewards_of_answers), so no program runs twice in the
+    sandbox; any other function gets the texts."""
+    golds = [r["answer_value"] for r in records]
+    if reward_fn is reward.compute_rewards:
+        return reward.rewards_of_answers(answers, golds, partial_reward)
+    scores = [float(s) for s in reward_fn(texts, golds, cot, [r["question"] for r in records],
+                                          partial_reward=partial_reward)]
+    if len(scores) != len(texts):
+        raise SystemExit(f"error: --reward {reward_fn.__module__}:{reward_fn.__qualname__} returned {len(scores)} "
+                         f"rewards for {len(texts)} completions")
+    return scores
 
 
 # ----------------------------------------------------------------------------- distributed setup
@@ -355,6 +397,16 @@ def read_samples(path):
     return rows
 
 
+def samples_summary(rows):
+    """The log line on the samples: how many, the fraction correct and the fraction without an extractable answer
+    (`answer` None), so that "unparseable" is not mixed with "wrong" (not known for a --samples file whose rows
+    have no `answer`)."""
+    no_answer = (f", {sum(r['answer'] is None for r in rows) / len(rows):.1%} with no answer"
+                 if all("answer" in r for r in rows) else "")
+    return (f"samples: {len(rows)} distinct from {len({r['item_id'] for r in rows})} questions, "
+            f"{sum(bool(r['correct']) for r in rows) / len(rows):.1%} correct{no_answer}")
+
+
 def dedup_rows(records, texts, answers, correct, k):
     """One row per distinct completion of each question (texts are grouped k per record, in order)."""
     rows = []
@@ -369,8 +421,9 @@ def dedup_rows(records, texts, answers, correct, k):
 
 
 @torch.no_grad()
-def sample(args, path, rank, world, device, mesh, log):
-    """Append k labelled, deduplicated samples per not-yet-sampled question to `path` (rank 0 writes)."""
+def sample(args, path, rank, world, device, mesh, log, reward_fn):
+    """Append k samples per not-yet-sampled question to `path`, labelled by `reward_fn` and deduplicated (rank 0
+    writes)."""
     records = reward.load_records(args.data, args.split, args.cot)
     records = records[:args.limit] if args.limit > 0 else records
     if rank == 0 and os.path.exists(path):
@@ -412,8 +465,8 @@ def sample(args, path, rank, world, device, mesh, log):
                     texts += tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
             golds = [r for r in group for _ in range(k)]
             answers = reward.extract_answers(texts, args.cot, [r["question"] for r in golds])
-            # Correct exactly when compute_rewards(..., partial_reward=False) gives 1.0; the answer is kept too.
-            correct = [a is not None and reward.answers_equal(a, r["answer_value"]) for a, r in zip(answers, golds)]
+            # Correct exactly when --reward (partial_reward=False) gives 1.0; the answer is kept too.
+            correct = [s == 1.0 for s in score_completions(reward_fn, texts, answers, golds, args.cot, False)]
             parts = [None] * world if rank == 0 else None
             dist.gather_object((len(group), dedup_rows(group, texts, answers, correct, k)), parts, dst=0)
             if rank == 0:
@@ -675,16 +728,19 @@ def main(args):
         raise SystemExit(f"error: --holdout_fraction must be in [0, 1), not {args.holdout_fraction}")
     if args.num_samples < 1:
         raise SystemExit(f"error: --num_samples must be at least 1, not {args.num_samples}")
+    reward_fn = load_reward(args.reward)
+    if args.samples and reward_fn is not reward.compute_rewards:
+        raise SystemExit(f"error: --reward {args.reward} labels the samples rerank.py draws; --samples "
+                         f"{args.samples} brings its own labels")
     rank, world, device, mesh = init_distributed()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     path = args.samples or os.path.join(args.output_dir, "samples.jsonl")
     if not args.samples:
-        sample(args, path, rank, world, device, mesh, log)
+        sample(args, path, rank, world, device, mesh, log, reward_fn)
     rows = read_samples(path)
     if not rows:
         raise SystemExit(f"error: {path}: no samples")
-    log(f"samples: {len(rows)} distinct from {len({r['item_id'] for r in rows})} questions, "
-        f"{sum(bool(r['correct']) for r in rows) / len(rows):.1%} correct")
+    log(samples_summary(rows))
     train(args, rows, rank, world, device, mesh, log)
     log(f"done: verifier in {args.output_dir}/final, metrics in {args.output_dir}/metrics.jsonl")
     dist.destroy_process_group()

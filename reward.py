@@ -280,10 +280,17 @@ def compute_rewards(completions, gold_answers, cot, questions=None, partial_rewa
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     if scoring == "paper":
         return paper_rewards(completions, gold_answers, cot, questions, partial_reward, timeout)
-    preds = extract_answers(completions, cot, questions, timeout)
+    return rewards_of_answers(extract_answers(completions, cot, questions, timeout), gold_answers, partial_reward)
+
+
+def rewards_of_answers(answers, gold_answers, partial_reward=True):
+    """compute_rewards of answers already extracted (extract_answers). The stages extract once, to log which
+    completions have no answer, and score those same answers: a program does not run twice in the sandbox."""
+    if len(gold_answers) != len(answers):
+        raise ValueError(f"{len(answers)} answers but {len(gold_answers)} gold answers")
     return [1.0 if answers_equal(p, g) else
             PARTIAL_REWARD if partial_reward and isinstance(p, float) and isinstance(_gold(g), float) else 0.0
-            for p, g in zip(preds, gold_answers)]
+            for p, g in zip(answers, gold_answers)]
 
 
 def gold_failures(records, cot):

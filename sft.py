@@ -26,7 +26,6 @@ import ast
 import dataclasses
 import inspect
 import json
-import math
 import os
 import shutil
 import sys
@@ -489,33 +488,36 @@ def lr_lambda(warmup_steps, total_steps):
 
 # ----------------------------------------------------------------------------- evaluation and saving
 
+# a copy kept identical across stage files: tests/test_copies.py
 @torch.no_grad()
-def greedy_accuracy(model, tok, records, cot, max_new_tokens, rank, world, device, batch_size):
-    """Greedy top-1 accuracy through reward.py, from the rollout prompt as reft.py and evaluate.py use (for python
-    CoTs it ends with the program header); questions are split across ranks and counts summed."""
+def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size, reward_fn):
+    """Greedy top-1 accuracy computed as `evaluate.py --mode greedy` computes it: transformers' generate from the
+    rollout prompt (for python CoTs it ends with the program header), the same budget of new tokens for every
+    question, correct where `reward_fn` gives 1.0 (reft.py: its --reward; sft.py: reward.py's), questions split
+    across ranks and counts summed. `model` is the sharded root, gathered once; `lm` the causal LM inside it that
+    generates (sft.py: the model itself; reft.py: the policy's `lm`)."""
+    training = model.training
     model.eval()
     mine = records[rank::world]
-    n_batches = math.ceil(len(records) / world / batch_size)  # equal on every rank: no rank skips a collective
     correct = 0
     tok.padding_side = "left"
     with gathered_for_generation(model):
-        for b in range(n_batches):
-            chunk = mine[b * batch_size:(b + 1) * batch_size] or mine[:1] or records[:1]
+        for b in range(0, len(mine), batch_size):
+            chunk = mine[b:b + batch_size]
             prompt_ids = [reward.encode_prompt(tok, reward.build_prompt(r["question"], cot, sampling=True))
                           for r in chunk]
             enc = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left padding
             # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
             # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
-            out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True,
-                                 synced_gpus=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            out = lm.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True, synced_gpus=False,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             texts = tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
-            scores = reward.compute_rewards(texts, [r["answer_value"] for r in chunk], cot,
-                                            [r["question"] for r in chunk], partial_reward=False)
-            if b * batch_size < len(mine):
-                correct += sum(s == 1.0 for s in scores)
+            scores = reward_fn(texts, [r["answer_value"] for r in chunk], cot, [r["question"] for r in chunk],
+                               partial_reward=False)
+            correct += sum(s == 1.0 for s in scores)
     total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
     dist.all_reduce(total)
-    model.train()
+    model.train(training)
     return (total[0] / total[1]).item()
 
 
@@ -698,8 +700,8 @@ def main(args):
         t_last = now
         end_of_epoch = (i + 1) == steps_per_epoch
         if end_of_epoch and eval_records is not None:
-            row["eval_accuracy"] = greedy_accuracy(model, tok, eval_records, args.cot, args.max_new_tokens,
-                                                   rank, world, device, args.eval_batch_size)
+            row["eval_accuracy"] = greedy_accuracy(model, model, tok, eval_records, args.cot, args.max_new_tokens,
+                                                   rank, world, device, args.eval_batch_size, reward.compute_rewards)
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")

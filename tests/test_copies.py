@@ -16,6 +16,7 @@ COPIES = {
     "gathered_for_generation": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "parse_args": ["sft.py", "reft.py", "rerank.py", "evaluate.py", "scripts/quickstart.py"],
     "epochs_to_save": ["sft.py", "reft.py"],
+    "greedy_accuracy": ["sft.py", "reft.py"],
     "write_run_args": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "summary": ["sft.py", "reft.py", "rerank.py"],
     "lr_lambda": ["sft.py", "rerank.py"],
@@ -23,9 +24,11 @@ COPIES = {
     "load_resume_state": ["sft.py", "rerank.py"],
     "load": ["rerank.py", "evaluate.py"],
     "num_calls": ["rerank.py", "evaluate.py"],
+    "load_reward": ["reft.py", "rerank.py", "evaluate.py"],
+    "score_completions": ["reft.py", "rerank.py", "evaluate.py"],
 }
 # Same name, different job: not copies. Files that define a name of COPIES outside its list are named here.
-DIFFERENT = {"collate": ["sft.py", "rerank.py"], "greedy_accuracy": ["sft.py", "reft.py"],
+DIFFERENT = {"collate": ["sft.py", "rerank.py"],
              "sample": ["reft.py", "rerank.py"], "save_resume_state": ["reft.py"], "load_resume_state": ["reft.py"]}
 
 

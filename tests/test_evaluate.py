@@ -18,28 +18,29 @@ SMALL = ["--limit", 12, "-k", 4, "--max_new_tokens", 48, "--batch_size", 16, "--
 
 
 def test_majority_vote_ties_go_to_the_first_answer_seen():
-    assert evaluate.majority_vote([7.0, 4.0, 4.0, 7.0]) == 7.0
-    assert evaluate.majority_vote([None, 4.0, 7.0]) == 4.0
-    assert evaluate.majority_vote([2.0, 9.0, 9.0, 2.0, 9.0]) == 9.0
+    assert evaluate.majority_index([7.0, 4.0, 4.0, 7.0]) == 0
+    assert evaluate.majority_index([None, 4.0, 7.0]) == 1
+    assert evaluate.majority_index([2.0, 9.0, 9.0, 2.0, 9.0]) == 1
 
 
 def test_majority_vote_without_any_answer_is_none():
-    assert evaluate.majority_vote([None, None]) is None
-    assert evaluate.majority_vote([]) is None
-    assert evaluate.majority_vote([None, None, 3.0]) == 3.0  # no-answer samples do not vote
+    assert evaluate.majority_index([None, None]) is None
+    assert evaluate.majority_index([]) is None
+    assert evaluate.majority_index([None, None, 3.0]) == 2  # no-answer samples do not vote
 
 
 def test_numbers_within_tolerance_vote_together():
     answers = [5.0, 3.0, 3.001, 5.0, 2.999]
-    assert evaluate.majority_vote(answers) == 3.0
+    assert evaluate.majority_index(answers) == 1  # the group's first sample represents it
     assert evaluate.vote_counts(answers) == [[5.0, 2], [3.0, 3]]
-    assert evaluate.majority_vote(["b", "c", "B"]) == "b"  # letters compare case-insensitively
+    assert evaluate.majority_index(["b", "c", "B"]) == 0  # letters compare case-insensitively
 
 
 def test_rerank_skips_samples_without_an_answer():
-    assert evaluate.rerank_choice([None, 4.0, 6.0], [0.99, 0.2, 0.7]) == 6.0
-    assert evaluate.rerank_choice([None, None], [0.9, 0.8]) is None
-    assert evaluate.rerank_choice([1.0, 2.0], [0.5, 0.5]) == 1.0  # equal scores: the first
+    assert evaluate.rerank_index([None, 4.0, 6.0], [0.99, 0.2, 0.7]) == 2
+    assert evaluate.rerank_index([None, None], [0.9, 0.8]) is None
+    assert evaluate.rerank_index([1.0, 2.0], [0.5, 0.5]) == 0  # equal scores: the first
+    assert evaluate.rerank_index([1.0, 1.0, 1.0], [0.1, 0.7, 0.3]) == 1  # the best sample, not the first of its answer
 
 
 def test_pass_at_k():
@@ -189,14 +190,22 @@ def test_all_modes_write_consistent_results(runs, warmup, minigsm):
         assert results["accuracy"][mode] == pytest.approx(sum(p[key] for p in preds) / len(preds))
     for p in preds:
         assert len(p["sample_answers"]) == len(p["sample_correct"]) == len(p["verifier_scores"]) == 4
-        assert p["vote_answer"] == evaluate.majority_vote(p["sample_answers"])
-        assert p["rerank_answer"] == evaluate.rerank_choice(p["sample_answers"], p["verifier_scores"])
+        vote, best = (evaluate.majority_index(p["sample_answers"]),
+                      evaluate.rerank_index(p["sample_answers"], p["verifier_scores"]))
+        assert p["vote_answer"] == (None if vote is None else p["sample_answers"][vote])
+        assert p["rerank_answer"] == (None if best is None else p["sample_answers"][best])
+        assert p["vote_correct"] == (vote is not None and p["sample_correct"][vote])
+        assert p["rerank_correct"] == (best is not None and p["sample_correct"][best])
+        assert p["sample_correct"] == [a is not None and reward.answers_equal(a, p["gold"])
+                                       for a in p["sample_answers"]]
         assert p["pass_at_k"] == any(p["sample_correct"])
         assert p["pass_at_k"] >= p["vote_correct"] and p["pass_at_k"] >= p["rerank_correct"]
         assert all(p["pass_at_k"] >= c for c in p["sample_correct"])
         assert all(0.0 <= s <= 1.0 for s in p["verifier_scores"])
     acc = results["accuracy"]
     assert acc["pass@k"] >= max(acc["vote"], acc["rerank"], results["sample_accuracy"])
+    assert results["no_answer"] == {"greedy": sum(p["greedy_answer"] is None for p in preds) / 12,
+                                    "samples": sum(a is None for p in preds for a in p["sample_answers"]) / 48}
 
 
 def test_each_mode_alone_matches_all(runs):
@@ -285,12 +294,11 @@ GREEDY_IN_TRAINING = textwrap.dedent("""
             completions.setdefault(q, (text, s))  # a rank without questions left repeats one: keep the first
         return scores
 
-    reward.compute_rewards = recording
     rank, world, device, mesh = sft.init_distributed()
     tok = sft.load_tokenizer(SimpleNamespace(model=checkpoint), None)
     model = sft.load_model(SimpleNamespace(model=checkpoint), tok, mesh, device)
-    result = {"sft": sft.greedy_accuracy(model, tok, records, "nl", int(max_new_tokens), rank, world, device,
-                                         int(batch_size))}
+    result = {"sft": sft.greedy_accuracy(model, model, tok, records, "nl", int(max_new_tokens), rank, world, device,
+                                         int(batch_size), recording)}
     result["sft_completions"], completions = completions, {}
     tok, policy, _ = reft.load_models(SimpleNamespace(model=checkpoint, seed=0, separate_value_model=False), mesh,
                                       device)
@@ -299,7 +307,8 @@ GREEDY_IN_TRAINING = textwrap.dedent("""
         policy(*reft.left_pad(prompts[:1], tok.pad_token_id, device), len(prompts[0]))
     longest = max(len(p) for p in prompts)
     args = SimpleNamespace(cot="nl", max_length=longest + int(max_new_tokens))
-    result["reft"] = reft.greedy_accuracy(policy, tok, records, args, rank, world, device, int(batch_size))
+    result["reft"] = reft.greedy_accuracy(policy, policy.lm, tok, records, "nl", reft.greedy_budget(tok, records, args),
+                                          rank, world, device, int(batch_size), recording)
     result["reft_completions"] = completions
     parts = [None] * world
     dist.all_gather_object(parts, result)
@@ -316,7 +325,7 @@ GREEDY_IN_TRAINING = textwrap.dedent("""
 def test_greedy_accuracy_of_sft_and_reft_matches_evaluate(world, minigsm, warmup, tmp_path):
     """The greedy evaluations inside sft.py (it picks the baseline epoch) and reft.py (it picks the best step) give
     the completions, the correct flags and the accuracy of `evaluate.py --mode greedy` on the same checkpoint and
-    questions: 9 questions (5 and 4 over 2 ranks, so one rank makes a filler call), batches of 4 (a short last
+    questions: 9 questions (5 and 4 over 2 ranks), batches of 4 (a short last
     batch), and a budget that cuts some completions (reft.py's budget is --max_length minus the longest prompt)."""
     common = ["--data", minigsm, "--model", warmup, "--mode", "greedy", "--limit", 9, "--batch_size", 4,
               "--max_new_tokens", 24]

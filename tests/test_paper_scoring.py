@@ -109,7 +109,7 @@ def test_unknown_scoring_is_refused():
 
 def test_paper_votes_count_exact_values_and_mathqa_candidates_are_single_characters():
     answers = [3.0, 3.001, 3.001]
-    assert evaluate.majority_vote(answers, "paper") == 3.001 and evaluate.majority_vote(answers) == 3.0
+    assert evaluate.majority_index(answers, "paper") == 1 and evaluate.majority_index(answers) == 0
     sampled = ["c", "(c)", "5", "none", 7.0]
     assert evaluate.paper_candidates(sampled, letters_only=False) == ["c", None, "5", None, 7.0]  # sampling.py
     assert evaluate.paper_candidates(sampled, letters_only=True) == ["c", None, None, None, 7.0]  # its rerank

@@ -13,7 +13,9 @@ dropped and counted.
     python data/mwp_reft/prepare.py --dataset gsm8k                                    # download from GitHub
 
 The download path fetches raw.githubusercontent.com/lqtrung1998/mwp_ReFT/main/data/<file> (needs network
-access; not exercised by the tests). The GSM8K and MathQA training files are 4-20 MB each.
+access; not exercised by the tests). The GSM8K and MathQA training files are 4-20 MB each. It uses urllib, not
+`datasets`: the files are plain JSON on GitHub, not a hub dataset, and `load_dataset("json", data_files=<url>)`
+needs aiohttp and requests (fsspec's HTTP filesystem), which are not dependencies of this project.
 """
 import argparse
 import json
