@@ -72,20 +72,40 @@ def flags(path, field):
     return [float(json.loads(line)[field]) for line in open(path)]
 
 
+def scramble(ev_dir, rng):
+    """Random right/wrong flags in an evaluation's predictions.jsonl, and results.json's accuracies to match."""
+    rows = [json.loads(line) for line in open(ev_dir / "predictions.jsonl")]
+    for r in rows:
+        r.update(greedy_correct=rng.random() < 0.4, vote_correct=rng.random() < 0.5, pass_at_k=rng.random() < 0.7)
+    (ev_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = json.loads((ev_dir / "results.json").read_text())
+    res["accuracy"].update({m: sum(r[f] for r in rows) / len(rows) for m, f in
+                            (("greedy", "greedy_correct"), ("vote", "vote_correct"), ("pass@k", "pass_at_k"))})
+    (ev_dir / "results.json").write_text(json.dumps(res))
+
+
 def test_compare_fast_evaluates_every_method_on_every_split(fast_quickstart, tmp_path, capsys):
     """compare_methods.py --fast for seed 0, whose quickstart stages the fixture has run: quickstart.py --compare adds
     its stages to that folder. Asserts: the quickstart's stages are reused, not rerun; each method's checkpoint is the
     one its own validation metrics select and was trained with its method's flags from W; every method is evaluated
     on every split (test, test_longer, test_larger: model, split, all questions); compare.json's accuracies and each
     method − SFT difference and interval equal a recomputation from the predictions.jsonl files (plain_bootstrap);
-    the tables have a row per method and split; a second call skips the finished seed; --seed_dirs aggregates a folder
-    given explicitly into the same numbers. (--fast models may get every answer wrong, so the numbers' arithmetic is
-    checked on hand-made predictions by test_compare_methods_aggregates_seeds_as_a_plain_recomputation.)"""
+    the tables have a row per method and split; a finished seed is skipped; --seed_dirs aggregates a folder given
+    explicitly into the same numbers. --fast models get (nearly) every answer wrong, so before the numbers are checked
+    every evaluation's flags are replaced by random ones and the report is made again from them (with every stage
+    skipped: a seed resumes)."""
     seed_dir, _ = fast_quickstart
     out = seed_dir.parent
     p = run([PY, "scripts/compare_methods.py", "--fast", "--seeds", "0", "--out_dir", out], timeout=1500)
     for name in ("data", "sft", "reft", "verifier_sft", "verifier_reft", "evaluate_sft", "evaluate_reft"):
         assert f"[{name}] done already" in p.stdout, name
+    rng = random.Random(0)
+    for row in json.loads((seed_dir / "compare.json").read_text())["methods"].values():
+        for cell in row["splits"].values():
+            scramble(seed_dir / cell["eval_dir"], rng)
+    (seed_dir / "compare.json").unlink()
+    p = run([PY, "scripts/compare_methods.py", "--fast", "--seeds", "0", "--out_dir", out], timeout=600)
+    assert p.stdout.count("done already") == 7 + 4 + 18  # the quickstart's, the 4 methods', every evaluation
     report = json.loads((seed_dir / "compare.json").read_text())
     assert [m for m, _ in compare_methods.METHODS] == list(report["methods"]) and report["k"] == 2
     W = str(seed_dir / "sft/epoch_1")
