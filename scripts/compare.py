@@ -1,4 +1,4 @@
-"""Compare two evaluate.py runs on the same questions: each run's accuracies and the paired top-1 difference.
+"""Compare two evaluate.py runs on the same questions: each run's accuracies and the paired difference per mode.
 
     python scripts/compare.py runs/eval_sft runs/eval_reft                 # B - A, with a 95% interval
     python scripts/compare.py runs/eval_sft runs/eval_reft --json out.json  # also write the numbers
@@ -8,19 +8,40 @@ runs must have evaluated the same questions; the interval comes from resampling 
 that scripts/quickstart.py reports, which calls this file).
 """
 import argparse
+import functools
 import json
 import random
 from pathlib import Path
 
-MODES = ("greedy_correct", "vote_correct", "rerank_correct", "pass_at_k")
+import numpy as np
+
+FIELDS = {"greedy": "greedy_correct", "vote": "vote_correct", "rerank": "rerank_correct", "pass_at_k": "pass_at_k"}
+
+
+@functools.lru_cache(maxsize=16)
+def bootstrap_indices(size, n, seed):
+    """(n, size) question indices of the n resamples, drawn one by one with random.Random(seed).randrange, as the
+    first version of this file drew them (its intervals in the README stay reproducible). Cached: every mode and every
+    model compared on the same questions resamples them the same way. (n, size)"""
+    rng = random.Random(seed)
+    return np.array([[rng.randrange(size) for _ in range(size)] for _ in range(n)], dtype=np.int64)
+
+
+def pooled_paired_bootstrap(groups, n=2000, seed=0):
+    """95% interval of the mean over groups of mean(b) - mean(a), resampling questions within each group.
+
+    A group is one seed's (a, b) lists of per-question 0/1 flags of two models on the same questions, so the
+    models are paired; seeds draw different questions, so each is resampled on its own (group g with seed + g).
+    The training runs are held fixed: the interval covers which questions were drawn, not a new training run."""
+    means = sum((np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64))[
+        bootstrap_indices(len(a), n, seed + g)].sum(1) / len(a) for g, (a, b) in enumerate(groups)) / len(groups)
+    diffs = np.sort(means)
+    return float(diffs[int(0.025 * n)]), float(diffs[int(0.975 * n) - 1])
 
 
 def paired_bootstrap(a, b, n=2000, seed=0):
     """95% interval of mean(b) - mean(a) over questions, resampling questions (the two models are paired)."""
-    rng = random.Random(seed)
-    diffs = sorted(sum(b[i] - a[i] for i in idx) / len(a)
-                   for idx in ([rng.randrange(len(a)) for _ in a] for _ in range(n)))
-    return diffs[int(0.025 * n)], diffs[int(0.975 * n) - 1]
+    return pooled_paired_bootstrap([(a, b)], n, seed)
 
 
 def load_predictions(run_dir):
@@ -39,21 +60,26 @@ def load_predictions(run_dir):
     return rows
 
 
-def compare(a, b):
-    """Accuracies of both runs per mode they share, and B - A on greedy top-1 with its 95% paired interval."""
+def paired_flags(a, b, field):
+    """The two runs' 0/1 values of `field`, question by question in A's file order (the bootstrap draws indices, so
+    the order fixes which resamples it sees); one error line when they evaluated different questions."""
     if a.keys() != b.keys():
         raise SystemExit(f"error: the runs evaluated different questions ({len(a.keys() - b.keys())} only in A, "
                          f"{len(b.keys() - a.keys())} only in B)")
-    ids = list(a)  # A's file order: the bootstrap draws indices, so the order fixes which resamples it sees
-    out = {"n": len(ids)}
-    for mode in MODES:
-        if all(mode in a[i] and mode in b[i] for i in ids):
-            out[mode.removesuffix("_correct")] = [sum(run[i][mode] for i in ids) / len(ids) for run in (a, b)]
-    if "greedy" not in out:
+    return [float(a[i][field]) for i in a], [float(b[i][field]) for i in a]
+
+
+def compare(a, b):
+    """Accuracies of both runs per mode they share, and per mode B - A with its 95% paired interval."""
+    flags = {mode: paired_flags(a, b, field) for mode, field in FIELDS.items()
+             if all(field in row for run in (a, b) for row in run.values())}
+    if "greedy" not in flags:
         raise SystemExit("error: both runs need greedy predictions (evaluate.py --mode greedy or all)")
-    ga, gb = ([float(run[i]["greedy_correct"]) for i in ids] for run in (a, b))
-    out["greedy_b_minus_a"] = out["greedy"][1] - out["greedy"][0]
-    out["greedy_b_minus_a_ci95"] = list(paired_bootstrap(ga, gb))
+    out = {"n": len(a)}
+    for mode, (fa, fb) in flags.items():
+        out[mode] = [sum(fa) / len(fa), sum(fb) / len(fb)]
+        out[f"{mode}_b_minus_a"] = out[mode][1] - out[mode][0]
+        out[f"{mode}_b_minus_a_ci95"] = list(paired_bootstrap(fa, fb))
     return out
 
 
@@ -65,12 +91,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = compare(load_predictions(args.a), load_predictions(args.b))
     print(f"n = {out['n']} questions;  A = {args.a}  B = {args.b}")
-    for mode in ("greedy", "vote", "rerank", "pass_at_k"):
+    for mode in FIELDS:
         if mode in out:
-            print(f"  {mode:<10} A {100 * out[mode][0]:6.2f}%   B {100 * out[mode][1]:6.2f}%")
-    lo, hi = out["greedy_b_minus_a_ci95"]
-    print(f"  top-1 B - A: {100 * out['greedy_b_minus_a']:+.1f} points (95% paired bootstrap {100 * lo:+.1f} … "
-          f"{100 * hi:+.1f})")
+            lo, hi = out[f"{mode}_b_minus_a_ci95"]
+            print(f"  {mode:<10} A {100 * out[mode][0]:6.2f}%   B {100 * out[mode][1]:6.2f}%   B - A "
+                  f"{100 * out[f'{mode}_b_minus_a']:+.1f} points (95% paired bootstrap {100 * lo:+.1f} … "
+                  f"{100 * hi:+.1f})")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(out, a=args.a, b=args.b), indent=2) + "\n")
     return out

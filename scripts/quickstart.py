@@ -14,6 +14,21 @@ The pipeline, as in the paper but on the `minigsm` word problems and a tiny Llam
   5. evaluate  S and R on the held-out test split: greedy top-1, voting@k and rerank@k (evaluate.py --mode all).
   6. report    {out_dir}/results.json, the table (printed and in results.md) and PNG plots.
 A stage whose output exists is skipped when the command runs again; an interrupted stage resumes (--resume).
+
+    python scripts/quickstart.py --compare   # the above, then the paper's baselines and variants (~1.6 h in all)
+
+--compare adds, in the same out_dir and from the same W (scripts/compare_methods.py runs it for several seeds):
+  7. offline_st   the paper's Offline-ST: SFT from scratch (as the paper's code starts from the base model) for
+                  --offline_st_epochs on the gold CoTs plus the correct, distinct samples that stage 4 drew from W
+                  (verifier_sft/samples.jsonl; sft.py --extra_samples); its best epoch on validation
+  8. online_st    the paper's Online-ST from W (reft.py --objective online_st), with ReFT's steps, lr and samples
+     reft_grpo    ReFT with GRPO's group-normalised advantage instead of GAE (reft.py --advantage grpo)
+     reft_binary  ReFT with a 1/0 reward instead of the paper's 0.1 partial reward (reft.py --no-partial_reward)
+                  each the best evaluation on validation (--save_best)
+  9. evaluate     every method's selected checkpoint on test, test_longer and test_larger: greedy top-1, voting@k
+                  and pass@k (evaluate.py --mode all without a verifier; SFT's and ReFT's test runs are stage 5's)
+ 10. report       {out_dir}/compare.json (accuracies, each method − SFT with its paired bootstrap interval per split
+                  and metric, stage times) and compare.md.
 """
 import argparse
 import ast
@@ -21,7 +36,6 @@ import dataclasses
 import inspect
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +46,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from compare import compare, load_predictions
+from compare_methods import METHODS, METRICS, SPLITS, aggregate, markdown, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +83,8 @@ class Args:
     reft_lr: float = 1e-4
     """PPO learning rate. On validation (python, from epoch 24) 2e-4 swung between 34% and 49% from one evaluation
     to the next, 1e-4 less so; (nl, numbers <= 20) 5e-5 rose more slowly and 5e-4 peaked lower, KL at 4-6 nats"""
+    reft_batch_size: int = 32
+    """questions per PPO step (the paper: 32, 8 GPUs × 4)"""
     num_samples: int = 4
     """CoTs per question per PPO step"""
     kl_coef: float = 0.05
@@ -86,6 +103,11 @@ class Args:
     """generation budget everywhere (minigsm CoTs are ~20 tokens; an untrained model rambles to the limit)"""
     threads: int = 2
     """torch threads per stage"""
+    compare: bool = False
+    """after the quickstart, the paper's comparison: Offline-ST, Online-ST, ReFT with GRPO and ReFT with a 1/0 reward
+    from the same W, and every method on test and the two shifted test splits (compare.json, compare.md)"""
+    offline_st_epochs: int = 20
+    """--compare: epochs of the Offline-ST run (the paper's code: 20, against SFT's 40)"""
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -115,8 +137,8 @@ def quickstart_args(argv=None):
     """The flags; --fast shrinks every stage to a smoke test."""
     args = parse_args(Args, argv)
     if args.fast:
-        args = dataclasses.replace(args, n_train=64, sft_epochs=3, warmup_epoch=1, reft_steps=3, k=2,
-                                   verifier_samples=2, max_new_tokens=16)
+        args = dataclasses.replace(args, n_train=64, sft_epochs=3, warmup_epoch=1, reft_steps=3, reft_batch_size=8,
+                                   k=2, verifier_samples=2, max_new_tokens=16, offline_st_epochs=1)
     return args
 
 
@@ -135,6 +157,26 @@ def stage(name, done, cmd, timings, resume_flag="--resume"):
     if p.returncode != 0:
         raise SystemExit(f"error: stage {name} failed (exit {p.returncode}); run the command again to resume")
     timings[name] = timings.get(name, 0.0) + time.time() - t0
+
+
+def rl_flags(args, key):
+    """reft.py's flags that make each reinforcement-learning method what it is: ReFT's PPO coefficients, Online-ST's
+    objective (no value head, no KL), GRPO's advantage (no value head, so no value-loss weight or λ), or the 1/0
+    reward (--no-partial_reward: 0.1 for a wrong but extractable answer is the paper's)."""
+    ppo = ["--kl_coef", args.kl_coef, "--vf_coef", args.vf_coef, "--lam", args.lam]
+    return {"reft": ppo, "online_st": ["--objective", "online_st"],
+            "reft_grpo": ["--advantage", "grpo", "--kl_coef", args.kl_coef],
+            "reft_binary": ppo + ["--no-partial_reward"]}[key]
+
+
+def rl_command(py, common, args, W, key, out):
+    """reft.py from W for method `key`: the quickstart's steps, lr, samples per question, lengths and 10 validation
+    evaluations for every method, so that they differ only by rl_flags; the best evaluation is kept (--save_best)."""
+    every = max(1, args.reft_steps // 10)
+    return [py, "reft.py", *common, "--model", W, "--max_steps", args.reft_steps, "--lr", args.reft_lr,
+            "--batch_size", args.reft_batch_size, "--num_samples", args.num_samples, *rl_flags(args, key),
+            "--max_length", 96 + args.max_new_tokens, "--max_prompt_length", 96, "--eval_every", every,
+            "--save_steps", every, "--save_best", "--output_dir", out / key]
 
 
 def read_jsonl(path):
@@ -186,6 +228,68 @@ def plots(out, sft_metrics, reft_metrics, table):
     fig.savefig(out / "table.png", dpi=110)
 
 
+def evaluation(key, split):
+    """(stage name, folder) of a method's evaluation on a split. SFT's and ReFT's on test are the quickstart's own
+    (stage 5: --mode all with a verifier, whose greedy and sampled answers are those of --mode all without one)."""
+    name = key if split == "test" and key in ("sft", "reft") else f"{key}_{split}"
+    return f"evaluate_{name}", f"eval_{name}"
+
+
+def compare_stages(args, out, run, timings, common, W, chosen):
+    """--compare's stages 7-10 after the quickstart's. `chosen` holds the quickstart's (checkpoint, best validation
+    accuracy) of "sft" and "reft"; the other methods' are added here, each selected on validation."""
+    py, data = sys.executable, out / "data"
+    samples = out / "verifier_sft/samples.jsonl"
+    run("offline_st", out / "offline_st/final/config.json",
+        [py, "sft.py", *common, "--model", "tiny", "--epochs", args.offline_st_epochs, "--lr", args.sft_lr,
+         "--eval_every_epoch", "--max_new_tokens", args.max_new_tokens, "--extra_samples", samples,
+         "--output_dir", out / "offline_st"])
+    best, value = best_eval(read_jsonl(out / "offline_st/metrics.jsonl"))
+    chosen["offline_st"] = (out / f"offline_st/epoch_{round(best['epoch'])}", value)
+    for key in ("online_st", "reft_grpo", "reft_binary"):
+        run(key, out / f"{key}/final/config.json", rl_command(py, common, args, W, key, out))
+        chosen[key] = (out / f"{key}/best", best_eval(read_jsonl(out / f"{key}/metrics.jsonl"))[1])
+
+    for _, key in METHODS:
+        for split in SPLITS:
+            name, folder = evaluation(key, split)
+            run(name, out / folder / "results.json",
+                [py, "evaluate.py", "--mode", "all", "--model", chosen[key][0], "--data", data, "--cot", args.cot,
+                 "--split", split, "-k", args.k, "--max_new_tokens", args.max_new_tokens, "--seed", args.seed,
+                 "--output_dir", out / folder], resume_flag="")
+
+    def seconds(*stages):
+        return sum(timings[s] for s in stages) if all(s in timings for s in stages) else None
+
+    methods = {}
+    for method, key in METHODS:
+        cells = {}
+        for split in SPLITS:
+            folder = evaluation(key, split)[1]
+            res = json.loads((out / folder / "results.json").read_text())
+            cells[split] = dict({m: res["accuracy"][m] for m in METRICS}, n=res["n"], k=res["k"], eval_dir=folder)
+            if key != "sft":
+                c = compare(load_predictions(out / evaluation("sft", split)[1]), load_predictions(out / folder))
+                cells[split]["minus_sft"] = {m: {"diff": c[f"{mode}_b_minus_a"], "ci95": c[f"{mode}_b_minus_a_ci95"]}
+                                             for m, mode in METRICS.items()}
+        train = seconds(key)
+        if key == "offline_st":  # + drawing its samples, in the SFT verifier's stage: the ReFT verifier's is the same
+            # training without the sampling, so the difference of the two is the sampling's time
+            train = None if seconds(key, "verifier_sft", "verifier_reft") is None else \
+                train + max(0.0, timings["verifier_sft"] - timings["verifier_reft"])
+        methods[method] = {"checkpoint": str(chosen[key][0].relative_to(out)), "validation": chosen[key][1],
+                           "train_seconds": train, "eval_seconds": seconds(*(evaluation(key, s)[0] for s in SPLITS)),
+                           "splits": cells}
+    report = {"seed": args.seed, "k": args.k, "splits": list(SPLITS), "methods": methods,
+              "warmup_epoch": args.warmup_epoch, "stage_seconds": timings, "args": dataclasses.asdict(args),
+              **provenance()}
+    (out / "compare.json").write_text(json.dumps(report, indent=2))
+    table = markdown(aggregate([out]))
+    (out / "compare.md").write_text(table)
+    print("\n" + table)
+    print(f"comparison: {out / 'compare.json'}, table: {out / 'compare.md'}")
+
+
 def main(args):
     out = (ROOT / args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -200,9 +304,10 @@ def main(args):
         timings_path.write_text(json.dumps(timings, indent=1))
 
     data = out / "data"
-    sizes = ["--n_validation", 64, "--n_test", 64] if args.fast else []
-    run("data", data / "test_nl.jsonl", [py, "data/minigsm/prepare.py", "--out_dir", data, "--n_train", args.n_train,
-                                          "--max_number", args.max_number, "--seed", args.seed, *sizes], resume_flag="")
+    sizes = ["--n_validation", 64, "--n_test", 64, "--n_shifted", 32] if args.fast else []
+    run("data", data / "test_larger_python.jsonl",  # prepare.py's last file: a killed run leaves it unwritten
+        [py, "data/minigsm/prepare.py", "--out_dir", data, "--n_train", args.n_train, "--max_number", args.max_number,
+         "--seed", args.seed, *sizes], resume_flag="")
 
     common = ["--data", data, "--cot", args.cot, "--seed", args.seed]
     run("sft", out / "sft/final/config.json",
@@ -213,13 +318,7 @@ def main(args):
     S = out / f"sft/epoch_{round(best_sft['epoch'])}"
     W = out / f"sft/epoch_{args.warmup_epoch}"
 
-    reft_every = max(1, args.reft_steps // 10)
-    run("reft", out / "reft/final/config.json",
-        [py, "reft.py", *common, "--model", W, "--max_steps", args.reft_steps, "--lr", args.reft_lr,
-         "--num_samples", args.num_samples, "--kl_coef", args.kl_coef, "--vf_coef", args.vf_coef, "--lam", args.lam,
-         "--max_length", 96 + args.max_new_tokens, "--max_prompt_length", 96, "--eval_every", reft_every,
-         "--save_steps", reft_every, "--save_best",
-         "--output_dir", out / "reft"])
+    run("reft", out / "reft/final/config.json", rl_command(py, common, args, W, "reft", out))
     reft_metrics = read_jsonl(out / "reft/metrics.jsonl")
     R = out / "reft/best"
 
@@ -243,8 +342,6 @@ def main(args):
         table[name] = dict(res["accuracy"], k=res["k"], n=res["n"], checkpoint=str(model.relative_to(out)))
 
     lo, hi = compare(load_predictions(out / "eval_sft"), load_predictions(out / "eval_reft"))["greedy_b_minus_a_ci95"]
-    import torch
-    import transformers
     results = {
         "table": table,
         "reft_minus_sft_top1": table["ReFT"]["greedy"] - table["SFT"]["greedy"],
@@ -255,10 +352,7 @@ def main(args):
                                   if round(m["epoch"], 6) == args.warmup_epoch and "eval_accuracy" in m),
         "reft_best_validation": best_eval(reft_metrics)[1],
         "args": dataclasses.asdict(args),
-        "stage_seconds": timings, "wall_seconds_this_call": time.time() - t_start,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
+        "stage_seconds": timings, "wall_seconds_this_call": time.time() - t_start, **provenance(),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     k = table["SFT"]["k"]
@@ -273,6 +367,9 @@ def main(args):
     plots(out, sft_metrics, reft_metrics, table)
     print("\n".join(lines))
     print(f"\nresults: {out / 'results.json'}, table: {out / 'results.md'}, plots: {out}/{{sft,reft,table}}.png")
+    if args.compare:
+        compare_stages(args, out, run, timings, common, W, {"sft": (S, best_sft["eval_accuracy"]),
+                                                            "reft": (R, results["reft_best_validation"])})
 
 
 if __name__ == "__main__":
