@@ -22,7 +22,8 @@ A stage whose output exists is skipped when the command runs again; an interrupt
                   --offline_st_epochs on the gold CoTs plus the correct, distinct samples that stage 4 drew from W
                   (verifier_sft/samples.jsonl; sft.py --extra_samples); its best epoch on validation
   8. online_st    the paper's Online-ST from W (reft.py --objective online_st), with ReFT's steps, lr and samples
-     reft_grpo    ReFT with GRPO's group-normalised advantage instead of GAE (reft.py --advantage grpo)
+     reft_grpo    ReFT with GRPO's group-normalised advantage instead of GAE and the KL in the loss, as DeepSeekMath
+                  (reft.py --advantage grpo --kl_in_loss)
      reft_binary  ReFT with a 1/0 reward instead of the paper's 0.1 partial reward (reft.py --no-partial_reward)
                   each the best evaluation on validation (--save_best)
   9. evaluate     every method's selected checkpoint on test, test_longer and test_larger: greedy top-1, voting@k
@@ -161,11 +162,13 @@ def stage(name, done, cmd, timings, resume_flag="--resume"):
 
 def rl_flags(args, key):
     """reft.py's flags that make each reinforcement-learning method what it is: ReFT's PPO coefficients, Online-ST's
-    objective (no value head, no KL), GRPO's advantage (no value head, so no value-loss weight or λ), or the 1/0
-    reward (--no-partial_reward: 0.1 for a wrong but extractable answer is the paper's)."""
+    objective (no value head, no KL), GRPO as DeepSeekMath runs it (the group-normalised advantage and the KL as a
+    k3 term in the loss: with the per-token KL in the reward, the normalisation would blow a group's tiny KL
+    differences up to advantages of ±1 whenever its samples score alike; no value head, so no value-loss weight or
+    λ), or the 1/0 reward (--no-partial_reward: 0.1 for a wrong but extractable answer is the paper's)."""
     ppo = ["--kl_coef", args.kl_coef, "--vf_coef", args.vf_coef, "--lam", args.lam]
     return {"reft": ppo, "online_st": ["--objective", "online_st"],
-            "reft_grpo": ["--advantage", "grpo", "--kl_coef", args.kl_coef],
+            "reft_grpo": ["--advantage", "grpo", "--kl_in_loss", "--kl_coef", args.kl_coef],
             "reft_binary": ppo + ["--no-partial_reward"]}[key]
 
 

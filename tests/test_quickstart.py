@@ -120,12 +120,12 @@ def test_compare_fast_evaluates_every_method_on_every_split(fast_quickstart, tmp
     offline = json.loads((seed_dir / "offline_st/final/train_args.json").read_text())
     assert offline["model"] == "tiny" and offline["epochs"] == 1
     assert offline["extra_samples"] == str(seed_dir / "verifier_sft/samples.jsonl")
-    for key, objective, advantage, partial in (("online_st", "online_st", "gae", True),
-                                               ("reft_grpo", "ppo", "grpo", True), ("reft_binary", "ppo", "gae", False),
-                                               ("reft", "ppo", "gae", True)):
+    for key, objective, advantage, kl_in_loss, partial in (
+            ("online_st", "online_st", "gae", False, True), ("reft_grpo", "ppo", "grpo", True, True),
+            ("reft_binary", "ppo", "gae", False, False), ("reft", "ppo", "gae", False, True)):
         trained = json.loads((seed_dir / key / "best/train_args.json").read_text())
-        assert (trained["model"], trained["objective"], trained["advantage"], trained["partial_reward"]) == \
-            (W, objective, advantage, partial), key
+        assert (trained["model"], trained["objective"], trained["advantage"], trained["kl_in_loss"],
+                trained["partial_reward"]) == (W, objective, advantage, kl_in_loss, partial), key
         assert (trained["max_steps"], trained["batch_size"], trained["num_samples"]) == (3, 8, 4), key
 
     for method, row in report["methods"].items():
