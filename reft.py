@@ -257,15 +257,15 @@ def rloo_advantages(rewards, group, mask):
     return (rewards - (total - rewards) / (n - 1))[:, None] * mask
 
 
+MAX_LOG_RATIO = 20.0  # exp(20) ≈ 5e8: a ratio beyond it is clipped by ε anyway; the bound only keeps exp() finite
+
+
 def k3_kl(logprobs, ref_logprobs):
     """KL(π ‖ π_ref) per token for --kl_in_loss: k3 = π_ref/π - log(π_ref/π) - 1, unbiased and never negative
     (Schulman 2020, "Approximating KL divergence"; GRPO's eq. 4, Shao et al. 2024); the log bounded as in policy_loss.
     (B, R)"""
     log_ratio = (ref_logprobs - logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     return torch.exp(log_ratio) - log_ratio - 1
-
-
-MAX_LOG_RATIO = 20.0  # exp(20) ≈ 5e8: a ratio beyond it is clipped by ε anyway; the bound only keeps exp() finite
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
