@@ -8,7 +8,6 @@ programs of the same shape. Times compute_rewards (program extraction, sandboxed
 one warm-up pass, so worker start-up is not counted. Target: >= 500 programs/s on 2 cores.
 """
 import argparse
-import json
 import os
 import platform
 import random
