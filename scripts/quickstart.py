@@ -15,7 +15,7 @@ The pipeline, as in the paper but on the `minigsm` word problems and a tiny Llam
   6. report    {out_dir}/results.json, the table (printed and in results.md) and PNG plots.
 A stage whose output exists is skipped when the command runs again; an interrupted stage resumes (--resume).
 
-    python scripts/quickstart.py --compare   # the above, then the paper's baselines and variants (~1.6 h in all)
+    python scripts/quickstart.py --compare   # the above, then the paper's baselines and variants (~2 h on 2 cores)
 
 --compare adds, in the same out_dir and from the same W (scripts/compare_methods.py runs it for several seeds):
   7. offline_st   the paper's Offline-ST: SFT from scratch (as the paper's code starts from the base model) for
