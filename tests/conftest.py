@@ -71,6 +71,22 @@ def warmup(minigsm, tmp_path_factory):
     return out / "final"
 
 
+@pytest.fixture(scope="session")
+def verifier(warmup, tmp_path_factory):
+    """A verifier checkpoint as rerank.py saves it (trunk from the warm-up, untrained head): enough to run rerank."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    out = tmp_path_factory.mktemp("verifier")
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(warmup)
+    model = AutoModelForSequenceClassification.from_pretrained(warmup, num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.model_max_length = 256
+    tok.save_pretrained(out)
+    return out
+
+
 def train_llama_tokenizer(texts, vocab_size, path):
     """A tokenizer built as transformers builds Llama/CodeLlama's: BPE over "▁"-marked text (a "▁" put before the
     first word of every string, none after a newline), byte fallback for characters outside the vocabulary ("\n"

@@ -191,22 +191,6 @@ def test_rerank_labels_samples_with_the_custom_reward(parity, minigsm, warmup, t
             in p.stdout), p.stdout
 
 
-@pytest.fixture
-def verifier(warmup, tmp_path):
-    """A verifier checkpoint as rerank.py saves it (trunk from the warm-up, untrained head)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    out = tmp_path / "verifier"
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(warmup)
-    model = AutoModelForSequenceClassification.from_pretrained(warmup, num_labels=1)
-    model.config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    tok.model_max_length = 256
-    tok.save_pretrained(out)
-    return out
-
-
 def test_evaluate_judges_correctness_with_the_custom_reward(parity, minigsm, warmup, verifier, tmp_path):
     """Greedy and sample flags are the parity reward's 1.0s; the vote and the rerank choice are correct when the
     sample they picked is (not another sample with the same answer); no_answer counts the greedy completions and

@@ -92,22 +92,6 @@ def test_policy_and_verifier_inputs_follow_the_stages_tokenization(llama_tokeniz
     assert all(row[0] == tok.bos_token_id and row.count(tok.bos_token_id) == 1 for row in verifier.rows)
 
 
-@pytest.fixture(scope="module")
-def verifier(warmup, tmp_path_factory):
-    """A verifier checkpoint as rerank.py saves it (trunk from the warm-up, untrained head): enough to run rerank."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    out = tmp_path_factory.mktemp("verifier")
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(warmup)
-    model = AutoModelForSequenceClassification.from_pretrained(warmup, num_labels=1)
-    model.config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    tok.model_max_length = 256
-    tok.save_pretrained(out)
-    return out
-
-
 def evaluation(minigsm, model, out, *extra):
     run([PY, "evaluate.py", "--data", minigsm, "--model", model, "--output_dir", out, *SMALL, *extra])
     with open(out / "results.json") as f:
