@@ -79,10 +79,11 @@ class Args:
     """verifier checkpoint written by rerank.py (`{output_dir}/final`); required by --mode rerank"""
     data: str = "minigsm"
     """a prepared dataset name under data/ or a .jsonl/.json file of {item_id, question, answer_value}"""
-    split: str = "test"
-    """split of a prepared dataset"""
-    cot: Literal["nl", "python"] = "nl"
-    """chain-of-thought kind: `nl` or `python`"""
+    split: str = ""
+    """split of a prepared dataset or folder (default: test); a --data file is evaluated as it is, with no --split"""
+    cot: Literal["auto", "nl", "python"] = "auto"
+    """chain-of-thought kind: `nl` or `python`; `auto` = the kind --model (and --verifier) were trained on (their
+    train_args.json)"""
     k: int = 8
     """samples per question for vote and rerank (paper: 100)"""
     temperature: float = 1.0
@@ -204,14 +205,79 @@ def paper_candidates(answers, letters_only):
             for a in answers]
 
 
+# ----------------------------------------------------------------------------- run folders and checks
+# Repeated in the stage files that use them (tests/test_copies.py): every check runs before any model loads, and a
+# run folder is never reused or overwritten without a word.
+
 # a copy kept identical across stage files: tests/test_copies.py
-def write_run_args(args, world):
-    """{output_dir}/args.json: every flag, the world size and the versions, written before the first step (rank 0)
-    so that a run folder says how it was made."""
+def check_ranges(args, rules):
+    """One error line for the first flag outside its range; `rules` holds (flag, test, the range in words)."""
+    for name, ok, words in rules:
+        value = getattr(args, name)
+        if not ok(value):
+            raise SystemExit(f"error: {'-' if len(name) == 1 else '--'}{name} must be {words}, not {value}")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def check_output_dir(path, flag="--output_dir"):
+    """One error line, before any model loads, when the output folder is a file or cannot be created."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path}: a file of that name is in the way (it must be a folder)")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: {flag} {path}: cannot be created ({parent} is not a writable folder)")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def check_checkpoint(path, flag):
+    """One error line, before any model loads, when a checkpoint folder is missing or holds no model; for a run
+    folder, the checkpoints inside it are suggested (`runs/w/final` for `runs/w`)."""
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path!r}: no such checkpoint folder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        inside = sorted((d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "config.json"))),
+                        key=lambda d: (d != "final", d != "best", d))
+        hint = f"; did you mean {os.path.join(path, inside[0])}?" if inside else " (no config.json)"
+        raise SystemExit(f"error: {flag} {path}: not a checkpoint folder{hint}")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def resolve_cot(args, checkpoints):
+    """--cot from the checkpoints the stage reads ({flag: folder}): each one this project writes names the CoT kind it
+    was trained on in its train_args.json. `auto` takes that kind (nl when none names one); an explicit --cot of
+    the other kind, or two checkpoints of different kinds, is one error line: a model trained on one kind scores
+    near 0 prompted with the other."""
+    found = {}
+    for flag, path in checkpoints.items():
+        try:
+            with open(os.path.join(path, "train_args.json")) as f:
+                cot = json.load(f).get("cot")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if cot in ("nl", "python"):
+            found[flag] = cot
+    if len(set(found.values())) > 1:
+        raise SystemExit("error: the checkpoints were trained on different CoT kinds: " +
+                         ", ".join(f"{flag} {checkpoints[flag]} on {cot}" for flag, cot in found.items()))
+    flag = next(iter(found), None)
+    if args.cot == "auto":
+        args.cot = found[flag] if flag else "nl"
+    elif flag and args.cot != found[flag]:
+        raise SystemExit(f"error: --cot {args.cot}, but {flag} {checkpoints[flag]} was trained on {found[flag]} CoTs "
+                         f"(its train_args.json): drop --cot or pass --cot {found[flag]}")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def write_run_args(flags, world):
+    """{output_dir}/args.json: every flag as the run started with it, the world size and the versions, written
+    before the first step (rank 0) so that a run folder says how it was made."""
     import transformers
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump({**dataclasses.asdict(args), "world_size": world, "python": sys.version.split()[0],
-                   "torch": torch.__version__, "transformers": transformers.__version__}, f, indent=2)
+    with open(os.path.join(flags["output_dir"], "args.json"), "w") as f:
+        json.dump({**flags, "world_size": world, "python": sys.version.split()[0], "torch": torch.__version__,
+                   "transformers": transformers.__version__}, f, indent=2)
+
 
 
 # ----------------------------------------------------------------------------- distributed setup
@@ -419,8 +485,14 @@ def verifier_scores(verifier, tok, texts, batch_size, device, rank):
 
 # ----------------------------------------------------------------------------- main
 
+RANGES = [("temperature", lambda v: v > 0, "above 0"), ("top_k", lambda v: v >= 0, "at least 0"),
+          ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"), ("limit", lambda v: v == -1 or v >= 1, "-1 (all) or at least 1"),
+          ("batch_size", lambda v: v >= 1, "at least 1"), ("max_new_tokens", lambda v: v >= 1, "at least 1")]
+
+
 def check_args(args):
-    """One line naming every missing flag, so `python evaluate.py --mode rerank` says all it needs at once."""
+    """One line naming every missing flag, so `python evaluate.py --mode rerank` says all it needs at once; then each
+    flag's range, the checkpoints, the CoT kind they were trained on and the output folder."""
     missing = ([] if args.model else ["--model is required (a checkpoint folder written by sft.py or reft.py)"]) + \
         (["--mode rerank needs --verifier (a checkpoint folder written by rerank.py)"]
          if args.mode == "rerank" and not args.verifier else [])
@@ -428,13 +500,17 @@ def check_args(args):
         raise SystemExit("error: " + "; ".join(missing))
     if args.mode != "greedy" and args.k < 1:
         raise SystemExit(f"error: -k must be at least 1, not {args.k}")
+    check_ranges(args, RANGES)
+    check_checkpoint(args.model, "--model")
+    if args.verifier:
+        check_checkpoint(args.verifier, "--verifier")
+    resolve_cot(args, {flag: path for flag, path in (("--model", args.model), ("--verifier", args.verifier)) if path})
+    check_output_dir(args.output_dir)
 
 
 def check_verifier(path):
     """Fail before any generation when --verifier is not a one-label classifier folder (as rerank.py saves)."""
     from transformers import AutoConfig
-    if not os.path.isdir(path):
-        raise SystemExit(f"error: --verifier {path!r}: no such checkpoint folder")
     try:
         num_labels = AutoConfig.from_pretrained(path).num_labels
     except (OSError, ValueError) as e:
@@ -444,13 +520,20 @@ def check_verifier(path):
 
 
 def load_questions(args):
+    """The questions: --split of a prepared dataset or folder (test when not given), or a --data file as it is, which
+    is then named as itself in results.json (`split` null) and the printed table."""
+    if reward.is_data_file(args.data) and args.split:
+        raise SystemExit(f"error: --data {args.data} is one file, evaluated as it is: drop --split {args.split} (or "
+                         f"pass a prepared dataset or folder)")
+    split = None if reward.is_data_file(args.data) else args.split or "test"
     try:
-        records = reward.load_records(args.data, args.split, args.cot)
+        records = reward.load_records(args.data, split, args.cot)
     except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"error: --data {args.data} --split {args.split}: cannot load it ({e})")
+        raise SystemExit(f"error: --data {args.data} --split {split}: cannot load it ({e})")
+    args.split = split
     records = records[:args.limit] if args.limit > 0 else records
     if not records:
-        raise SystemExit(f"error: --data {args.data} --split {args.split}: no questions")
+        raise SystemExit(f"error: --data {args.data}: no questions")
     return records
 
 
@@ -477,8 +560,10 @@ def main(args):
     model, tok = load("AutoModelForCausalLM", args.model, "--model", mesh, device)
     model.eval()
     if rank == 0:  # after the checks and the policy's loading: a refused command writes nothing
+        if os.path.exists(os.path.join(args.output_dir, "results.json")):
+            log(f"overwriting the results in {args.output_dir} (evaluate.py keeps only its latest)")
         os.makedirs(args.output_dir, exist_ok=True)
-        write_run_args(args, world)
+        write_run_args(dataclasses.asdict(args), world)
     if do_greedy:
         texts = generate_texts(model, tok, [reward.build_prompt(r["question"], args.cot, sampling=True) for r in mine],
                                args.batch_size, device, "greedy", rank, do_sample=False,
@@ -562,7 +647,7 @@ def write_outputs(args, rows, do_greedy, do_sample, do_rerank, world, seconds):
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     labels = {"greedy": "greedy", "vote": f"vote@{args.k}", "rerank": f"rerank@{args.k}", "pass@k": f"pass@{args.k}"}
-    print(f"\n{args.data} {args.split} ({args.cot}), n={n}, model {args.model}, {args.scoring} scoring, "
+    print(f"\n{args.data} {args.split or '(the file)'} ({args.cot}), n={n}, model {args.model}, {args.scoring} scoring, "
           f"reward {args.reward}")
     for name, acc in accuracy.items():
         note = f"   (no answer: {100 * results['no_answer']['greedy']:.1f}%)" if name == "greedy" else ""

@@ -58,8 +58,9 @@ class Args:
     """the SFT warm-up checkpoint (HF folder); it initialises the policy and is the frozen KL reference"""
     data: str = "minigsm"
     """a prepared dataset name under data/ or a .jsonl/.json file of {item_id, question, answer_value}"""
-    cot: Literal["nl", "python"] = "nl"
-    """chain-of-thought kind: `nl` or `python` (then the prompt ends with the `def solution():` header)"""
+    cot: Literal["auto", "nl", "python"] = "auto"
+    """chain-of-thought kind: `nl` or `python` (then the prompt ends with the `def solution():` header); `auto` = the
+    kind --model was trained on (its train_args.json)"""
     output_dir: str = "runs/reft"
     """where checkpoints (epoch_K/, final/ with value_head.safetensors), the resume state and metrics go"""
     epochs: int = 10
@@ -84,7 +85,8 @@ class Args:
     --num_samples (≥ 2) samples of its question, with no value head: `grpo` (Shao et al. 2024) or `rloo` (Ahmadian
     et al. 2024)"""
     lr: float = -1.0
-    """constant learning rate; -1 = 5e-5 for a model under 50 M parameters (the tiny CPU one), else the paper's 3e-7"""
+    """constant learning rate; -1 (the default) = automatic: 5e-5 for a model under 50 M parameters (the tiny CPU
+    one), else the paper's 3e-7; 0 trains at 0 (a frozen-policy control)"""
     kl_coef: float = -1.0
     """β of the per-token KL penalty; -1 = the paper's value for --cot: 0.05 for nl, 0.01 for python"""
     adaptive_kl: bool = False
@@ -121,7 +123,11 @@ class Args:
     seed: int = 42
     """seed for data order and sampling; a question's sample depends on (seed, step, question), not on ranks"""
     resume: bool = False
-    """continue from {output_dir}/checkpoint"""
+    """continue the run in --output_dir from its resume state, with the flags it was started with (only those of
+    MAY_CHANGE may differ); with no resume state there, start at step 0"""
+    overwrite: bool = False
+    """start over in an --output_dir that holds a run, removing it (without --resume or --overwrite such a folder is
+    refused)"""
     save_steps: int = 0
     """also write the resume state every this many steps (0: only at each epoch end and at the end). It holds fp32
     weights and AdamW's two moments, 12 bytes per parameter: 81 GB for a 7B model, each rank writing its shard"""
@@ -131,7 +137,10 @@ class Args:
     eval_every: int = 50
     """greedy accuracy on --eval_split every this many steps (0: never)"""
     eval_split: str = "validation"
-    """split for the periodic greedy evaluation (never pick settings on test)"""
+    """split of --data for the periodic greedy evaluation (never pick settings on test)"""
+    eval_data: str = ""
+    """questions of the periodic evaluation from elsewhere: a prepared dataset or folder (its --eval_split) or a file
+    (all of it); needed when --data is a file, which is training data only"""
     eval_limit: int = 500
     """questions in each periodic evaluation (-1: all)"""
     eval_batch_size: int = 64
@@ -142,6 +151,25 @@ class Args:
     """recompute activations in the PPO backward to save memory (7B models)"""
     log_every: int = 10
     """print a one-line summary of the metrics every this many steps (0: never)"""
+
+
+# Flags a resumed run may change: how long, how often, in how much memory (plan_run).
+MAY_CHANGE = ("output_dir", "resume", "overwrite", "epochs", "max_steps", "save_steps", "save_epochs", "save_best",
+              "eval_every", "eval_batch_size", "micro_batch_size", "gradient_checkpointing", "log_every")
+RANGES = [("epochs", lambda v: v >= 1, "at least 1"), ("batch_size", lambda v: v >= 1, "at least 1"),
+          ("num_samples", lambda v: v >= 1, "at least 1"),
+          ("mini_batch_size", lambda v: v == -1 or v >= 1, "-1 (the whole batch) or at least 1"),
+          ("micro_batch_size", lambda v: v >= 1, "at least 1"), ("ppo_epochs", lambda v: v >= 1, "at least 1"),
+          ("lr", lambda v: v == -1 or v >= 0, "-1 (automatic) or at least 0"),
+          ("kl_coef", lambda v: v == -1 or v >= 0, "-1 (the paper's) or at least 0"),
+          ("target_kl", lambda v: v > 0, "above 0"), ("gamma", lambda v: 0 <= v <= 1, "in [0, 1]"),
+          ("lam", lambda v: 0 <= v <= 1, "in [0, 1]"), ("clip_range", lambda v: v > 0, "above 0"),
+          ("clip_range_value", lambda v: v > 0, "above 0"), ("vf_coef", lambda v: v >= 0, "at least 0"),
+          ("temperature", lambda v: v > 0, "above 0"), ("max_prompt_length", lambda v: v >= 1, "at least 1"),
+          ("max_length", lambda v: v >= 2, "at least 2"), ("save_steps", lambda v: v >= 0, "at least 0"),
+          ("eval_every", lambda v: v >= 0, "at least 0"), ("eval_limit", lambda v: v == -1 or v >= 1,
+                                                           "-1 (all) or at least 1"),
+          ("eval_batch_size", lambda v: v >= 1, "at least 1"), ("log_every", lambda v: v >= 0, "at least 0")]
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -389,13 +417,178 @@ def sample(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperat
 
 
 # a copy kept identical across stage files: tests/test_copies.py
-def write_run_args(args, world):
-    """{output_dir}/args.json: every flag, the world size and the versions, written before the first step (rank 0)
-    so that a run folder says how it was made."""
+def check_ranges(args, rules):
+    """One error line for the first flag outside its range; `rules` holds (flag, test, the range in words)."""
+    for name, ok, words in rules:
+        value = getattr(args, name)
+        if not ok(value):
+            raise SystemExit(f"error: {'-' if len(name) == 1 else '--'}{name} must be {words}, not {value}")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def check_output_dir(path, flag="--output_dir"):
+    """One error line, before any model loads, when the output folder is a file or cannot be created."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path}: a file of that name is in the way (it must be a folder)")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: {flag} {path}: cannot be created ({parent} is not a writable folder)")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def check_checkpoint(path, flag):
+    """One error line, before any model loads, when a checkpoint folder is missing or holds no model; for a run
+    folder, the checkpoints inside it are suggested (`runs/w/final` for `runs/w`)."""
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path!r}: no such checkpoint folder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        inside = sorted((d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "config.json"))),
+                        key=lambda d: (d != "final", d != "best", d))
+        hint = f"; did you mean {os.path.join(path, inside[0])}?" if inside else " (no config.json)"
+        raise SystemExit(f"error: {flag} {path}: not a checkpoint folder{hint}")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def resolve_cot(args, checkpoints):
+    """--cot from the checkpoints the stage reads ({flag: folder}): each one this project writes names the CoT kind it
+    was trained on in its train_args.json. `auto` takes that kind (nl when none names one); an explicit --cot of
+    the other kind, or two checkpoints of different kinds, is one error line: a model trained on one kind scores
+    near 0 prompted with the other."""
+    found = {}
+    for flag, path in checkpoints.items():
+        try:
+            with open(os.path.join(path, "train_args.json")) as f:
+                cot = json.load(f).get("cot")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if cot in ("nl", "python"):
+            found[flag] = cot
+    if len(set(found.values())) > 1:
+        raise SystemExit("error: the checkpoints were trained on different CoT kinds: " +
+                         ", ".join(f"{flag} {checkpoints[flag]} on {cot}" for flag, cot in found.items()))
+    flag = next(iter(found), None)
+    if args.cot == "auto":
+        args.cot = found[flag] if flag else "nl"
+    elif flag and args.cot != found[flag]:
+        raise SystemExit(f"error: --cot {args.cot}, but {flag} {checkpoints[flag]} was trained on {found[flag]} CoTs "
+                         f"(its train_args.json): drop --cot or pass --cot {found[flag]}")
+
+
+def find_resume_state(output_dir):
+    """(folder, step) of the resume state in output_dir, or None."""
+    path = os.path.join(output_dir, "checkpoint")
+    return (path, "?") if os.path.isdir(path) else None
+
+
+RUN_FILES = ("args.json", "launches.jsonl", "metrics.jsonl", "samples.jsonl", "final", "best", "init")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def run_entries(output_dir):
+    """What a run leaves in its folder: args.json, the logs, samples, checkpoints and resume states (other files
+    are not the run's, and --overwrite leaves them)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(e for e in os.listdir(output_dir) if e in RUN_FILES or e.startswith(("checkpoint", "epoch_")))
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def run_progress(output_dir):
+    """How far the run in `output_dir` got, in words for an error line (None when the folder holds no run)."""
+    entries = run_entries(output_dir)
+    if not entries:
+        return None
+    said = []
+    for name, unit in (("metrics.jsonl", "steps logged"), ("samples.jsonl", "samples drawn")):
+        if name in entries:
+            with open(os.path.join(output_dir, name), "rb") as f:
+                lines = f.read().splitlines()
+            last = [line for line in lines if line.strip()][-1:]
+            try:
+                step = json.loads(last[0]).get("step") if last and name == "metrics.jsonl" else None
+            except ValueError:
+                step = None
+            said.append(f"{step if step is not None else len(lines)} {unit} in {name}")
+    state = find_resume_state(output_dir)
+    if state is not None:
+        said.append(f"a resume state at step {state[1]}")
+    said += [f"{e}/" for e in entries if e in ("final", "best")]
+    return ", ".join(said) or ", ".join(entries)
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def plan_run(args, flags, may_change, resumable=()):
+    """The run-folder rule, checked before any model loads; returns whether the run continues (else it starts at
+    step 0).
+
+    A folder that holds a run is never written over by accident: without --resume (continue it) or --overwrite
+    (start over) the command stops with one line and the folder stays as it was. --resume continues only the run
+    that was started: every flag but those in `may_change` (how long, how often, in how much memory) must equal
+    the saved args.json. --resume with nothing to resume (no resume state, nor a `resumable` file) starts at step
+    0 and says so, so that a requeued job works the first time too."""
+    check_output_dir(args.output_dir)
+    if args.resume and args.overwrite:
+        raise SystemExit("error: --resume continues the run in --output_dir and --overwrite starts it over: pass one")
+    progress = run_progress(args.output_dir)
+    if progress is not None and not (args.resume or args.overwrite):
+        raise SystemExit(f"error: --output_dir {args.output_dir} holds a run ({progress}): pass --resume to continue "
+                         f"it or --overwrite to start over")
+    has_state = find_resume_state(args.output_dir) is not None or any(
+        os.path.exists(os.path.join(args.output_dir, f)) for f in resumable)
+    if not args.resume:
+        return False
+    if not has_state:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"no resume state in {args.output_dir}: starting at step 0", flush=True)
+        return False
+    try:
+        with open(os.path.join(args.output_dir, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --resume: cannot read the flags the run in {args.output_dir} was started with "
+                         f"({e.__class__.__name__}); pass --overwrite to start over")
+    differ = [f"--{k} {v} (the run's: {saved.get(k, 'absent')})" for k, v in flags.items()
+              if k not in may_change and saved.get(k) != v]
+    if differ:
+        raise SystemExit(f"error: --resume in {args.output_dir}: flags differ from the run's args.json: "
+                         f"{', '.join(differ)}; pass the run's values, or --overwrite to start over")
+    return True
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def begin_run(args, flags, world, resuming):
+    """Rank 0, once the checks passed and before the first step. A run that starts at step 0 first removes what an
+    earlier run left (--overwrite, or --resume with nothing to resume) and writes args.json, the flags it starts
+    with (before any automatic value is filled in); a resumed run keeps its args.json. Every launch appends its time,
+    world size and the flags that changed to launches.jsonl beside it."""
+    if not resuming:
+        for entry in run_entries(args.output_dir):
+            path = os.path.join(args.output_dir, entry)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.makedirs(args.output_dir, exist_ok=True)
+    changed = {}
+    if resuming:
+        with open(os.path.join(args.output_dir, "args.json")) as f:
+            saved = json.load(f)
+        changed = {k: [saved.get(k), v] for k, v in flags.items()
+                   if saved.get(k) != v and k not in ("resume", "overwrite")}
+    else:
+        write_run_args(flags, world)
+    with open(os.path.join(args.output_dir, "launches.jsonl"), "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": world, "resumed": resuming,
+                            "changed": changed, "argv": sys.argv[1:]}) + "\n")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def write_run_args(flags, world):
+    """{output_dir}/args.json: every flag as the run started with it, the world size and the versions, written
+    before the first step (rank 0) so that a run folder says how it was made."""
     import transformers
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump({**dataclasses.asdict(args), "world_size": world, "python": sys.version.split()[0],
-                   "torch": torch.__version__, "transformers": transformers.__version__}, f, indent=2)
+    with open(os.path.join(flags["output_dir"], "args.json"), "w") as f:
+        json.dump({**flags, "world_size": world, "python": sys.version.split()[0], "torch": torch.__version__,
+                   "transformers": transformers.__version__}, f, indent=2)
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -534,18 +727,24 @@ def gathered_for_generation(model):
                         group._post_forward_indices.clear()
 
 
-def load_models(args, mesh, device):
-    """Tokenizer, policy (+ value head with GAE) and frozen reference (none for Online-ST, which has no KL), both from
-    the warm-up checkpoint: sharded, dropout off."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-    if not os.path.isdir(args.model):
-        raise SystemExit(f"error: --model {args.model}: not a checkpoint folder (make one with sft.py)")
+def load_tokenizer(args):
+    """The warm-up checkpoint's tokenizer, with one error line when it cannot serve: PPO needs a pad token distinct
+    from EOS (the EOS token carries the reward)."""
+    from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(args.model)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --model {args.model}: cannot load ({str(e).splitlines()[0]})")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         raise SystemExit(f"error: --model {args.model}: needs a pad token distinct from EOS (sft.py adds one)")
+    return tok
+
+
+def load_models(args, mesh, device):
+    """Tokenizer, policy (+ value head with GAE) and frozen reference (none for Online-ST, which has no KL), both from
+    the warm-up checkpoint: sharded, dropout off."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    tok = load_tokenizer(args)
 
     def read(value_head):  # rank 0 only (load_sharded)
         try:
@@ -785,6 +984,22 @@ def greedy_budget(tok, records, args):
 
 
 # a copy kept identical across stage files: tests/test_copies.py
+def eval_questions(args):
+    """The questions of the evaluation during training: --eval_data (a file as it is, or the --eval_split of a
+    prepared dataset or folder), else the --eval_split of --data. A --data file is training data only: evaluating
+    it would report (and --save_best select on) the training questions as validation."""
+    if args.eval_data:
+        records = reward.load_records(args.eval_data, None if reward.is_data_file(args.eval_data) else args.eval_split,
+                                      args.cot)
+    elif reward.is_data_file(args.data):
+        raise SystemExit(f"error: --data {args.data} is a file, training data only: the evaluation during training "
+                         f"needs --eval_data (a file or a prepared dataset), a prepared --data, or to be turned off")
+    else:
+        records = reward.load_records(args.data, args.eval_split, args.cot)
+    return records[:args.eval_limit] if args.eval_limit > 0 else records
+
+
+# a copy kept identical across stage files: tests/test_copies.py
 @torch.no_grad()
 def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size, reward_fn):
     """Greedy top-1 accuracy computed as `evaluate.py --mode greedy` computes it: transformers' generate from the
@@ -818,14 +1033,11 @@ def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, d
 
 
 def main(args):
-    rank, world, device, mesh = init_distributed()
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    beta = args.kl_coef if args.kl_coef >= 0 else {"nl": 0.05, "python": 0.01}[args.cot]
-    n_seq = args.batch_size * args.num_samples  # sequences per rollout batch, all ranks
-    mini = n_seq if args.mini_batch_size <= 0 else args.mini_batch_size
-    if args.batch_size % world or n_seq % mini or mini % world:
-        raise SystemExit(f"error: --batch_size {args.batch_size} × --num_samples {args.num_samples} must split "
-                         f"into minibatches of {mini}, each divisible by the {world} processes")
+    # Every check before any model loads: flags, --model, the data, the output folder.
+    check_ranges(args, RANGES)
+    check_checkpoint(args.model, "--model")
+    resolve_cot(args, {"--model": args.model})
+    flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
     if args.advantage != "gae" and args.num_samples < 2:
         raise SystemExit(f"error: --advantage {args.advantage} compares the samples of a question: it needs "
                          f"--num_samples 2 or more (a group of one has no baseline)")
@@ -834,38 +1046,46 @@ def main(args):
     if args.objective == "online_st" and (args.advantage != "gae" or args.kl_in_loss or args.adaptive_kl):
         raise SystemExit("error: --objective online_st has no advantages and no KL: drop --advantage, --kl_in_loss "
                          "and --adaptive_kl")
-
-    # The training questions (answers only: ReFT never looks at the annotated CoT; Online-ST trains on it) and prompts.
     keep_epochs = epochs_to_save(args.save_epochs)
     reward_fn = reward.load_reward(args.reward)
-    tok, model, ref = load_models(args, mesh, device)
-    n_params = sum(p.numel() for p in model.lm.parameters())
-    if args.lr <= 0:  # the tiny CPU model wants a large rate; the paper's 3e-7 is for its 7B models
-        args.lr = 5e-5 if n_params < 50_000_000 else 3e-7
-    log(f"policy: {n_params:,} params, lr {args.lr:g}")
+    # The training questions (answers only: ReFT never looks at the annotated CoT; Online-ST trains on it).
     records = reward.load_records(args.data, "train", args.cot, require_cot=args.objective == "online_st")
+    eval_records = eval_questions(args) if args.eval_every > 0 else None
+    resuming = plan_run(args, flags, MAY_CHANGE)
+
+    rank, world, device, mesh = init_distributed()
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    beta = args.kl_coef if args.kl_coef >= 0 else {"nl": 0.05, "python": 0.01}[args.cot]
+    n_seq = args.batch_size * args.num_samples  # sequences per rollout batch, all ranks
+    mini = n_seq if args.mini_batch_size <= 0 else args.mini_batch_size
+    if args.batch_size % world or n_seq % mini or mini % world:
+        raise SystemExit(f"error: --batch_size {args.batch_size} × --num_samples {args.num_samples} must split "
+                         f"into minibatches of {mini}, each divisible by the {world} processes")
+    tok = load_tokenizer(args)
     prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True)) for r in records]
     keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_length]
     log(f"data: {len(records)} questions from {args.data}, {len(records) - len(keep)} dropped as prompts longer "
         f"than --max_prompt_length {args.max_prompt_length}")
     records, prompts = [records[i] for i in keep], [prompts[i] for i in keep]
-    gold = [gold_example(tok, r, args.cot) for r in records] if args.objective == "online_st" else None
     steps_per_epoch = len(records) // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(records)} questions are fewer than one --batch_size {args.batch_size}")
     if max(len(p) for p in prompts) >= args.max_length:
         raise SystemExit(f"error: --max_length {args.max_length} leaves no room to generate after the longest "
                          f"training prompt ({max(len(p) for p in prompts)} tokens; see --max_prompt_length)")
+    gold = [gold_example(tok, r, args.cot) for r in records] if args.objective == "online_st" else None
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
-    eval_records = None
-    if args.eval_every > 0:
-        eval_records = reward.load_records(args.data, args.eval_split, args.cot)
-        eval_records = eval_records[:args.eval_limit] if args.eval_limit > 0 else eval_records
+    if eval_records is not None:
         eval_budget = greedy_budget(tok, eval_records, args)
         if eval_budget < 1:
             raise SystemExit(f"error: --max_length {args.max_length} leaves no room to generate after the longest "
                              f"--eval_split {args.eval_split} prompt")
 
+    tok, model, ref = load_models(args, mesh, device)
+    n_params = sum(p.numel() for p in model.lm.parameters())
+    if args.lr < 0:  # the tiny CPU model wants a large rate; the paper's 3e-7 is for its 7B models
+        args.lr = 5e-5 if n_params < 50_000_000 else 3e-7
+    log(f"policy: {n_params:,} params, lr {args.lr:g}")
     if args.gradient_checkpointing:
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -873,12 +1093,12 @@ def main(args):
     with torch.no_grad():  # FSDP2 picks its root at the first forward: run one before any manual unshard()
         model(*left_pad(prompts[:1], tok.pad_token_id, device), len(prompts[0]))
 
-    os.makedirs(args.output_dir, exist_ok=True)
     if rank == 0:
-        write_run_args(args, world)
+        begin_run(args, flags, world, resuming)
+    dist.barrier()
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     step, skipped, best = 0, 0, -1.0
-    if args.resume and os.path.isdir(os.path.join(args.output_dir, "checkpoint")):
+    if resuming:
         state = load_resume_state(model, opt, args)
         step, beta, skipped, best = state["step"], state["beta"], state["skipped"], state["best"]
         log(f"resumed from {args.output_dir}/checkpoint at step {step}")
@@ -887,8 +1107,6 @@ def main(args):
                 kept = [line for line in f if json.loads(line)["step"] <= step]
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
-    elif rank == 0:
-        open(metrics_path, "w").close()
 
     bar = tqdm(total=total_steps, initial=step, desc="reft", disable=rank != 0)
     while step < total_steps:

@@ -80,8 +80,9 @@ class Args:
     """a prepared dataset name under data/ or a .jsonl/.json file of {item_id, question, answer_value}"""
     split: str = "train"
     """split whose questions are sampled (paper: train)"""
-    cot: Literal["nl", "python"] = "nl"
-    """chain-of-thought kind: `nl` or `python`"""
+    cot: Literal["auto", "nl", "python"] = "auto"
+    """chain-of-thought kind: `nl` or `python`; `auto` = the kind --model and --init were trained on (their
+    train_args.json)"""
     output_dir: str = "runs/rerank"
     """where samples.jsonl, metrics.jsonl and the verifier (final/) go"""
     num_samples: int = 16
@@ -96,7 +97,8 @@ class Args:
     epochs: int = 3
     """passes over the training samples (paper: 3)"""
     lr: float = -1.0
-    """peak learning rate; -1 = 1e-4 for a model under 50 M parameters (the tiny CPU one), else the paper's 1e-6"""
+    """peak learning rate; -1 (the default) = automatic: 1e-4 for a model under 50 M parameters (the tiny CPU one),
+    else the paper's 1e-6; 0 trains at 0"""
     warmup_ratio: float = 0.1
     """fraction of the steps spent on linear warm-up, then linear decay to 0 (paper: 0.1)"""
     weight_decay: float = 0.0
@@ -127,11 +129,32 @@ class Args:
     seed: int = 42
     """seed for sampling (seed + rank), the head init, the held-out split and the data order"""
     resume: bool = False
-    """continue the verifier training from {output_dir}/checkpoint: model, optimizer, scheduler, RNG and data
-    position (sampling always continues where samples.jsonl ends)"""
+    """continue the run in --output_dir, with the flags it was started with (only those of MAY_CHANGE may differ):
+    the sampling where samples.jsonl ends, the verifier training from its resume state (model, optimizer,
+    scheduler, RNG, data position); with neither there, start afresh"""
+    overwrite: bool = False
+    """start over in an --output_dir that holds a run (samples included), removing it (without --resume or
+    --overwrite such a folder is refused)"""
     save_steps: int = 0
     """also write the training's resume state every this many steps (0: only at each epoch end). It holds fp32
     weights and AdamW's two moments, 12 bytes per parameter: 81 GB for a 7B model"""
+
+
+# Flags a resumed run may change: how long, how often, in how much memory (plan_run). --limit may grow to sample more
+# questions; the samples already drawn stay.
+MAY_CHANGE = ("output_dir", "resume", "overwrite", "epochs", "save_steps", "log_every", "micro_batch_size",
+              "gen_batch_size", "limit")
+RANGES = [("num_samples", lambda v: v >= 1, "at least 1"), ("epochs", lambda v: v >= 1, "at least 1"),
+          ("lr", lambda v: v == -1 or v >= 0, "-1 (automatic) or at least 0"),
+          ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"), ("weight_decay", lambda v: v >= 0, "at least 0"),
+          ("batch_size", lambda v: v >= 1, "at least 1"),
+          ("micro_batch_size", lambda v: v == -1 or v >= 1, "-1 (automatic) or at least 1"),
+          ("max_length", lambda v: v >= 2, "at least 2"), ("holdout_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+          ("temperature", lambda v: v > 0, "above 0"), ("top_k", lambda v: v >= 0, "at least 0"),
+          ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"), ("max_new_tokens", lambda v: v >= 1, "at least 1"),
+          ("gen_batch_size", lambda v: v >= 1, "at least 1"), ("limit", lambda v: v == -1 or v >= 1,
+                                                                 "-1 (all) or at least 1"),
+          ("log_every", lambda v: v >= 0, "at least 0"), ("save_steps", lambda v: v >= 0, "at least 0")]
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -158,13 +181,178 @@ def parse_args(cls, argv=None):
 
 
 # a copy kept identical across stage files: tests/test_copies.py
-def write_run_args(args, world):
-    """{output_dir}/args.json: every flag, the world size and the versions, written before the first step (rank 0)
-    so that a run folder says how it was made."""
+def check_ranges(args, rules):
+    """One error line for the first flag outside its range; `rules` holds (flag, test, the range in words)."""
+    for name, ok, words in rules:
+        value = getattr(args, name)
+        if not ok(value):
+            raise SystemExit(f"error: {'-' if len(name) == 1 else '--'}{name} must be {words}, not {value}")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def check_output_dir(path, flag="--output_dir"):
+    """One error line, before any model loads, when the output folder is a file or cannot be created."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path}: a file of that name is in the way (it must be a folder)")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: {flag} {path}: cannot be created ({parent} is not a writable folder)")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def check_checkpoint(path, flag):
+    """One error line, before any model loads, when a checkpoint folder is missing or holds no model; for a run
+    folder, the checkpoints inside it are suggested (`runs/w/final` for `runs/w`)."""
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path!r}: no such checkpoint folder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        inside = sorted((d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "config.json"))),
+                        key=lambda d: (d != "final", d != "best", d))
+        hint = f"; did you mean {os.path.join(path, inside[0])}?" if inside else " (no config.json)"
+        raise SystemExit(f"error: {flag} {path}: not a checkpoint folder{hint}")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def resolve_cot(args, checkpoints):
+    """--cot from the checkpoints the stage reads ({flag: folder}): each one this project writes names the CoT kind it
+    was trained on in its train_args.json. `auto` takes that kind (nl when none names one); an explicit --cot of
+    the other kind, or two checkpoints of different kinds, is one error line: a model trained on one kind scores
+    near 0 prompted with the other."""
+    found = {}
+    for flag, path in checkpoints.items():
+        try:
+            with open(os.path.join(path, "train_args.json")) as f:
+                cot = json.load(f).get("cot")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if cot in ("nl", "python"):
+            found[flag] = cot
+    if len(set(found.values())) > 1:
+        raise SystemExit("error: the checkpoints were trained on different CoT kinds: " +
+                         ", ".join(f"{flag} {checkpoints[flag]} on {cot}" for flag, cot in found.items()))
+    flag = next(iter(found), None)
+    if args.cot == "auto":
+        args.cot = found[flag] if flag else "nl"
+    elif flag and args.cot != found[flag]:
+        raise SystemExit(f"error: --cot {args.cot}, but {flag} {checkpoints[flag]} was trained on {found[flag]} CoTs "
+                         f"(its train_args.json): drop --cot or pass --cot {found[flag]}")
+
+
+def find_resume_state(output_dir):
+    """(folder, step) of the resume state in output_dir, or None."""
+    path = os.path.join(output_dir, "checkpoint")
+    return (path, "?") if os.path.isdir(path) else None
+
+
+RUN_FILES = ("args.json", "launches.jsonl", "metrics.jsonl", "samples.jsonl", "final", "best", "init")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def run_entries(output_dir):
+    """What a run leaves in its folder: args.json, the logs, samples, checkpoints and resume states (other files
+    are not the run's, and --overwrite leaves them)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(e for e in os.listdir(output_dir) if e in RUN_FILES or e.startswith(("checkpoint", "epoch_")))
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def run_progress(output_dir):
+    """How far the run in `output_dir` got, in words for an error line (None when the folder holds no run)."""
+    entries = run_entries(output_dir)
+    if not entries:
+        return None
+    said = []
+    for name, unit in (("metrics.jsonl", "steps logged"), ("samples.jsonl", "samples drawn")):
+        if name in entries:
+            with open(os.path.join(output_dir, name), "rb") as f:
+                lines = f.read().splitlines()
+            last = [line for line in lines if line.strip()][-1:]
+            try:
+                step = json.loads(last[0]).get("step") if last and name == "metrics.jsonl" else None
+            except ValueError:
+                step = None
+            said.append(f"{step if step is not None else len(lines)} {unit} in {name}")
+    state = find_resume_state(output_dir)
+    if state is not None:
+        said.append(f"a resume state at step {state[1]}")
+    said += [f"{e}/" for e in entries if e in ("final", "best")]
+    return ", ".join(said) or ", ".join(entries)
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def plan_run(args, flags, may_change, resumable=()):
+    """The run-folder rule, checked before any model loads; returns whether the run continues (else it starts at
+    step 0).
+
+    A folder that holds a run is never written over by accident: without --resume (continue it) or --overwrite
+    (start over) the command stops with one line and the folder stays as it was. --resume continues only the run
+    that was started: every flag but those in `may_change` (how long, how often, in how much memory) must equal
+    the saved args.json. --resume with nothing to resume (no resume state, nor a `resumable` file) starts at step
+    0 and says so, so that a requeued job works the first time too."""
+    check_output_dir(args.output_dir)
+    if args.resume and args.overwrite:
+        raise SystemExit("error: --resume continues the run in --output_dir and --overwrite starts it over: pass one")
+    progress = run_progress(args.output_dir)
+    if progress is not None and not (args.resume or args.overwrite):
+        raise SystemExit(f"error: --output_dir {args.output_dir} holds a run ({progress}): pass --resume to continue "
+                         f"it or --overwrite to start over")
+    has_state = find_resume_state(args.output_dir) is not None or any(
+        os.path.exists(os.path.join(args.output_dir, f)) for f in resumable)
+    if not args.resume:
+        return False
+    if not has_state:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"no resume state in {args.output_dir}: starting at step 0", flush=True)
+        return False
+    try:
+        with open(os.path.join(args.output_dir, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --resume: cannot read the flags the run in {args.output_dir} was started with "
+                         f"({e.__class__.__name__}); pass --overwrite to start over")
+    differ = [f"--{k} {v} (the run's: {saved.get(k, 'absent')})" for k, v in flags.items()
+              if k not in may_change and saved.get(k) != v]
+    if differ:
+        raise SystemExit(f"error: --resume in {args.output_dir}: flags differ from the run's args.json: "
+                         f"{', '.join(differ)}; pass the run's values, or --overwrite to start over")
+    return True
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def begin_run(args, flags, world, resuming):
+    """Rank 0, once the checks passed and before the first step. A run that starts at step 0 first removes what an
+    earlier run left (--overwrite, or --resume with nothing to resume) and writes args.json, the flags it starts
+    with (before any automatic value is filled in); a resumed run keeps its args.json. Every launch appends its time,
+    world size and the flags that changed to launches.jsonl beside it."""
+    if not resuming:
+        for entry in run_entries(args.output_dir):
+            path = os.path.join(args.output_dir, entry)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.makedirs(args.output_dir, exist_ok=True)
+    changed = {}
+    if resuming:
+        with open(os.path.join(args.output_dir, "args.json")) as f:
+            saved = json.load(f)
+        changed = {k: [saved.get(k), v] for k, v in flags.items()
+                   if saved.get(k) != v and k not in ("resume", "overwrite")}
+    else:
+        write_run_args(flags, world)
+    with open(os.path.join(args.output_dir, "launches.jsonl"), "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": world, "resumed": resuming,
+                            "changed": changed, "argv": sys.argv[1:]}) + "\n")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def write_run_args(flags, world):
+    """{output_dir}/args.json: every flag as the run started with it, the world size and the versions, written
+    before the first step (rank 0) so that a run folder says how it was made."""
     import transformers
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump({**dataclasses.asdict(args), "world_size": world, "python": sys.version.split()[0],
-                   "torch": torch.__version__, "transformers": transformers.__version__}, f, indent=2)
+    with open(os.path.join(flags["output_dir"], "args.json"), "w") as f:
+        json.dump({**flags, "world_size": world, "python": sys.version.split()[0], "torch": torch.__version__,
+                   "transformers": transformers.__version__}, f, indent=2)
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -398,7 +586,6 @@ def sample(args, path, rank, world, device, mesh, log, reward_fn):
     if not todo:
         return
     model, tok = load("AutoModelForCausalLM", args.model, "--model", mesh, device)
-    os.makedirs(args.output_dir, exist_ok=True)  # after the checks: a refused command writes nothing
     model.eval()
     torch.manual_seed(args.seed + rank)
     tok.padding_side = "left"
@@ -580,7 +767,27 @@ def load_resume_state(model, opt, sched, args, rank):
     return extra["step"]
 
 
-def train(args, rows, rank, world, device, mesh, log):
+def check_samples(args, rows, path, world):
+    """Before the verifier loads: the samples can train it (both kinds among the training part: a verifier trained on
+    one kind learns a constant) and the batch flags split them; fills in an automatic --micro_batch_size."""
+    if not rows:
+        raise SystemExit(f"error: {path}: no samples")
+    train_rows = split_by_question(rows, args.holdout_fraction, args.seed)[0]
+    kinds = {bool(r["correct"]) for r in train_rows}
+    if len(kinds) < 2:
+        kind = "correct" if True in kinds else "wrong"
+        raise SystemExit(f"error: {path}: all {len(train_rows)} training samples are {kind}, and a verifier needs both "
+                         f"kinds: draw more (--num_samples, --limit), sample another --model or at another --temperature")
+    if args.micro_batch_size <= 0:
+        args.micro_batch_size = max(1, args.batch_size // world)
+    if args.batch_size % (args.micro_batch_size * world):
+        raise SystemExit(f"error: --batch_size {args.batch_size} is not a multiple of micro_batch_size × world "
+                         f"({args.micro_batch_size} × {world})")
+    if len(train_rows) < args.batch_size:
+        raise SystemExit(f"error: {len(train_rows)} training samples are fewer than one --batch_size {args.batch_size}")
+
+
+def train(args, rows, resuming, rank, world, device, mesh, log):
     train_rows, held_rows = split_by_question(rows, args.holdout_fraction, args.seed)
     init = args.init or args.model
     torch.manual_seed(args.seed)  # the fresh head's init (rank 0 draws it, load_sharded sends it to the others)
@@ -591,31 +798,27 @@ def train(args, rows, rank, world, device, mesh, log):
     log(f"verifier data: {len(train_rows)} train samples ({sum(r['correct'] for r in train_rows)} correct), "
         f"{len(held_rows)} held out from {len({r['item_id'] for r in held_rows})} questions; "
         f"{cut + held_cut} inputs cut to --max_length {args.max_length}")
-    if args.micro_batch_size <= 0:
-        args.micro_batch_size = max(1, args.batch_size // world)
-    if args.batch_size % (args.micro_batch_size * world):
-        raise SystemExit(f"error: --batch_size {args.batch_size} is not a multiple of micro_batch_size × world "
-                         f"({args.micro_batch_size} × {world})")
     steps_per_epoch = len(examples) // args.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(examples)} training samples are fewer than one --batch_size {args.batch_size}")
     accum, total_steps = args.batch_size // (args.micro_batch_size * world), steps_per_epoch * args.epochs
     model.config.use_cache = False
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    if args.lr <= 0:  # the tiny CPU model wants a large rate; a pretrained 7B one would be wrecked by it
+    if args.lr < 0:  # the tiny CPU model wants a large rate; a pretrained 7B one would be wrecked by it
         args.lr = 1e-4 if n_params < 50_000_000 else 1e-6
     log(f"verifier: {n_params:,} params, lr {args.lr:g}")
-    os.makedirs(args.output_dir, exist_ok=True)
-    if rank == 0:
-        write_run_args(args, world)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total_steps), total_steps))
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
 
+    # Accuracy and AUC on held-out samples of one kind say nothing (an untrained head scores 1.0 or 0.0 on them).
+    both_kinds = len({bool(r["correct"]) for r in held_rows}) == 2
+    if held_rows and not both_kinds:
+        log(f"held-out samples: all {len(held_rows)} {'correct' if held_rows[0]['correct'] else 'wrong'}, so no "
+            f"holdout metrics (they need both kinds)")
+
     def write(row, evaluate):
-        if evaluate and held:
+        if evaluate and held and both_kinds:
             row.update(holdout_metrics(score(model, held, args.gen_batch_size, tok.pad_token_id, rank, world,
                                              device), held_rows))
             log(f"epoch {row['epoch']:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
@@ -625,7 +828,7 @@ def train(args, rows, rank, world, device, mesh, log):
                 f.write(json.dumps(row) + "\n")
 
     start = 0
-    if args.resume and os.path.isdir(os.path.join(args.output_dir, "checkpoint")):
+    if resuming and find_resume_state(args.output_dir) is not None:
         start = load_resume_state(model, opt, sched, args, rank)
         log(f"resumed from {args.output_dir}/checkpoint at step {start}")
         if rank == 0 and os.path.exists(metrics_path):  # drop lines logged after the saved state
@@ -679,30 +882,42 @@ def train(args, rows, rank, world, device, mesh, log):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
+    # Every check before any model loads: flags, checkpoints, the samples or the questions, the output folder.
+    check_ranges(args, RANGES)
     if not args.samples and not args.model:
         raise SystemExit("error: --model is required to draw samples (or pass --samples FILE)")
     if not (args.init or args.model):
         raise SystemExit("error: --init (or --model) is required: the checkpoint the verifier trunk starts from")
     if args.samples and not os.path.isfile(args.samples):
         raise SystemExit(f"error: --samples {args.samples!r}: no such file")
-    if not 0 <= args.holdout_fraction < 1:
-        raise SystemExit(f"error: --holdout_fraction must be in [0, 1), not {args.holdout_fraction}")
-    if args.num_samples < 1:
-        raise SystemExit(f"error: --num_samples must be at least 1, not {args.num_samples}")
+    checkpoints = {flag: path for flag, path in (("--model", args.model), ("--init", args.init)) if path}
+    for flag, path in checkpoints.items():
+        check_checkpoint(path, flag)
+    resolve_cot(args, checkpoints)
+    flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
     reward_fn = reward.load_reward(args.reward)
     if args.samples and reward_fn is not reward.compute_rewards:
         raise SystemExit(f"error: --reward {args.reward} labels the samples rerank.py draws; --samples "
                          f"{args.samples} brings its own labels")
+    rows = read_samples(args.samples) if args.samples else None
+    if not args.samples:
+        reward.load_records(args.data, args.split, args.cot)  # the questions to sample exist
+    resuming = plan_run(args, flags, MAY_CHANGE, resumable=("samples.jsonl",))
+
     rank, world, device, mesh = init_distributed()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     path = args.samples or os.path.join(args.output_dir, "samples.jsonl")
-    if not args.samples:
+    if rows is not None:
+        check_samples(args, rows, path, world)
+    if rank == 0:
+        begin_run(args, flags, world, resuming)
+    dist.barrier()
+    if rows is None:
         sample(args, path, rank, world, device, mesh, log, reward_fn)
-    rows = read_samples(path)
-    if not rows:
-        raise SystemExit(f"error: {path}: no samples")
+        rows = read_samples(path)
+        check_samples(args, rows, path, world)
     log(samples_summary(rows))
-    train(args, rows, rank, world, device, mesh, log)
+    train(args, rows, resuming, rank, world, device, mesh, log)
     log(f"done: verifier in {args.output_dir}/final, metrics in {args.output_dir}/metrics.jsonl")
     dist.destroy_process_group()
 

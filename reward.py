@@ -453,28 +453,56 @@ def _read_items(path):
     return items
 
 
-def _resolve(data, split, cot):
+def is_data_file(data):
+    """Whether --data names one file (.json/.jsonl, or any file that exists) rather than a prepared dataset or folder.
+    A file is one split: the training data of a training stage, the evaluated questions of evaluate.py."""
     path = Path(data)
-    if path.is_dir():  # a prepared folder anywhere, e.g. made with prepare.py --out_dir
-        path = path / f"{split}_{cot}.jsonl"
-    if path.suffix in (".json", ".jsonl") or os.sep in str(data) or path.is_file():
+    return not path.is_dir() and (path.suffix in (".json", ".jsonl") or path.is_file())
+
+
+def _splits(folder, cot):
+    """The splits a prepared folder holds for `cot`, as a phrase for an error line."""
+    found = sorted(p.name[:-len(f"_{cot}.jsonl")] for p in folder.glob(f"*_{cot}.jsonl"))
+    return f"its {cot} splits: {', '.join(found)}" if found else f"it holds no {cot} split"
+
+
+def _resolve(data, split, cot):
+    """The file of `split` (and `cot`) in --data: a prepared dataset name under data/, a prepared folder, or one file.
+    A file is its own single split: asking it for another (a validation or test split) is an error, so that no
+    evaluation scores the training file under another split's name. split None takes a file as it is."""
+    path = Path(data)
+    if is_data_file(data):
+        if split not in (None, "train"):
+            raise SystemExit(f"error: --data {data} is one file, the training data: it has no {split} split (pass a "
+                             f"prepared dataset or folder, or the questions to evaluate as a file of their own)")
         if not path.is_file():
             raise SystemExit(f"error: data file not found: {path}")
         return path
+    if split is None:
+        raise SystemExit(f"error: --data {data} is not a .json/.jsonl file")
     root = Path(__file__).resolve().parent / "data"
-    path = root / str(data) / f"{split}_{cot}.jsonl"
-    if path.is_file():
-        return path
-    if (root / str(data) / "prepare.py").is_file():
-        raise SystemExit(f"error: {path} not found; run `python data/{data}/prepare.py` first")
+    folder = path if path.is_dir() else root / str(data)  # a prepared folder anywhere, e.g. prepare.py --out_dir
+    if not folder.is_dir() and os.sep in str(data):
+        raise SystemExit(f"error: --data {data}: no such folder or file")
+    if (folder / f"{split}_{cot}.jsonl").is_file():
+        return folder / f"{split}_{cot}.jsonl"
+    if folder.is_dir() and any(folder.glob("*.jsonl")):
+        raise SystemExit(f"error: --data {data}: no {split} split for {cot} CoTs ({folder / f'{split}_{cot}.jsonl'} "
+                         f"not found; {_splits(folder, cot)})")
+    if (folder / "prepare.py").is_file():
+        raise SystemExit(f"error: {folder / f'{split}_{cot}.jsonl'} not found; run `python data/{data}/prepare.py` "
+                         f"first")
+    if path.is_dir():
+        raise SystemExit(f"error: --data {data}: a folder without prepared splits (*_{cot}.jsonl)")
     prepared = ", ".join(sorted({p.parent.name for p in root.glob("*/*.jsonl")})) or "none"
     raise SystemExit(f"error: unknown dataset {data!r} (prepared datasets: {prepared}); "
                      f"pass a .jsonl/.json file or a folder name under {root}")
 
 
 def load_records(data, split="train", cot="nl", require_cot=False):
-    """Records {item_id, question, answer_cot?, answer_value} from a file, a folder or a prepared dataset name.
-    Bad input raises SystemExit("error: ...") naming the file and the line or record."""
+    """Records {item_id, question, answer_cot?, answer_value} of `split` from a prepared dataset name or folder, or
+    from a file (which is the train split, or with split None just the file). Bad input raises
+    SystemExit("error: ...") naming the file and the line or record."""
     _check_cot(cot)
     path = _resolve(data, split, cot)
     fields = ("question", "answer_value") + (("answer_cot",) if require_cot else ())

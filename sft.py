@@ -59,8 +59,9 @@ class Args:
     """`tiny` (a fresh small Llama + BPE tokenizer trained on the data), an HF folder or hub id, or a .gguf file"""
     data: str = "minigsm"
     """a prepared dataset name under data/ or a .jsonl/.json file of {item_id, question, answer_cot, answer_value}"""
-    cot: Literal["nl", "python"] = "nl"
-    """chain-of-thought kind: `nl` (natural language) or `python` (a program whose return value is the answer)"""
+    cot: Literal["auto", "nl", "python"] = "auto"
+    """chain-of-thought kind: `nl` (natural language) or `python` (a program whose return value is the answer); `auto`
+    = the kind --model was trained on (its train_args.json), else nl"""
     output_dir: str = "runs/sft"
     """where checkpoints (epoch_K/, final/), the resume state and metrics.jsonl go"""
     epochs: int = 20
@@ -73,8 +74,8 @@ class Args:
     """examples per forward/backward on one process; batch_size / (micro_batch_size * world) = accumulation;
     -1 = batch_size / world (no accumulation), so the same command runs at any number of processes"""
     lr: float = -1.0
-    """peak learning rate; -1 = 2e-3 for `tiny` (from scratch it wants ~1e-3), the paper's 1e-5 for a pretrained
-    model"""
+    """peak learning rate; -1 (the default) = automatic: 2e-3 for `tiny` (from scratch it wants ~1e-3), the paper's
+    1e-5 for a pretrained model; 0 trains at 0"""
     warmup_ratio: float = 0.1
     """fraction of the steps spent on linear warm-up, then linear decay to 0 (paper: 0.1)"""
     weight_decay: float = 0.0
@@ -84,7 +85,11 @@ class Args:
     seed: int = 42
     """seed for the model init, data order and sampling"""
     resume: bool = False
-    """continue from {output_dir}/checkpoint: model, optimizer, scheduler, RNG and data position"""
+    """continue the run in --output_dir from its resume state (model, optimizer, scheduler, RNG, data position), with
+    the flags it was started with (only those of MAY_CHANGE may differ); with no resume state there, start at 0"""
+    overwrite: bool = False
+    """start over in an --output_dir that holds a run, removing it (without --resume or --overwrite such a folder is
+    refused)"""
     save_steps: int = 0
     """also write the resume state every this many steps (0: only at each epoch end and at the end). It holds fp32
     weights and AdamW's two moments, 12 bytes per parameter: 81 GB for a 7B model, each rank writing its shard"""
@@ -94,7 +99,10 @@ class Args:
     eval_every_epoch: bool = False
     """greedy accuracy through reward.py on --eval_split at the end of each epoch"""
     eval_split: str = "validation"
-    """split used for the per-epoch evaluation (pick the best epoch on validation, never on test)"""
+    """split of --data for the per-epoch evaluation (pick the best epoch on validation, never on test)"""
+    eval_data: str = ""
+    """questions of the per-epoch evaluation from elsewhere: a prepared dataset or folder (its --eval_split) or a
+    file (all of it); needed when --data is a file, which is training data only"""
     eval_limit: int = 500
     """questions evaluated per epoch (-1: all)"""
     max_new_tokens: int = 256
@@ -118,6 +126,21 @@ class Args:
     extra_samples: str = ""
     """offline self-training: a samples JSONL of training questions as rerank.py writes it (item_id, question,
     completion, correct); its correct samples join the gold CoTs as training examples, duplicates dropped"""
+
+
+# Flags a resumed run may change: how long, how often, in how much memory (plan_run).
+MAY_CHANGE = ("output_dir", "resume", "overwrite", "epochs", "max_steps", "save_steps", "save_epochs", "eval_every_epoch",
+              "eval_batch_size", "micro_batch_size", "gradient_checkpointing", "log_every")
+RANGES = [("epochs", lambda v: v >= 1, "at least 1"), ("batch_size", lambda v: v >= 1, "at least 1"),
+          ("micro_batch_size", lambda v: v == -1 or v >= 1, "-1 (automatic) or at least 1"),
+          ("lr", lambda v: v == -1 or v >= 0, "-1 (automatic) or at least 0"),
+          ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"), ("weight_decay", lambda v: v >= 0, "at least 0"),
+          ("max_length", lambda v: v >= 2, "at least 2"), ("save_steps", lambda v: v >= 0, "at least 0"),
+          ("eval_limit", lambda v: v == -1 or v >= 1, "-1 (all) or at least 1"),
+          ("max_new_tokens", lambda v: v >= 1, "at least 1"), ("eval_batch_size", lambda v: v >= 1, "at least 1"),
+          ("log_every", lambda v: v >= 0, "at least 0"), ("tiny_hidden", lambda v: v >= 1, "at least 1"),
+          ("tiny_layers", lambda v: v >= 1, "at least 1"), ("tiny_heads", lambda v: v >= 1, "at least 1"),
+          ("tiny_intermediate", lambda v: v >= 1, "at least 1"), ("tiny_vocab", lambda v: v >= 8, "at least 8")]
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -144,13 +167,178 @@ def parse_args(cls, argv=None):
 
 
 # a copy kept identical across stage files: tests/test_copies.py
-def write_run_args(args, world):
-    """{output_dir}/args.json: every flag, the world size and the versions, written before the first step (rank 0)
-    so that a run folder says how it was made."""
+def check_ranges(args, rules):
+    """One error line for the first flag outside its range; `rules` holds (flag, test, the range in words)."""
+    for name, ok, words in rules:
+        value = getattr(args, name)
+        if not ok(value):
+            raise SystemExit(f"error: {'-' if len(name) == 1 else '--'}{name} must be {words}, not {value}")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def check_output_dir(path, flag="--output_dir"):
+    """One error line, before any model loads, when the output folder is a file or cannot be created."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path}: a file of that name is in the way (it must be a folder)")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: {flag} {path}: cannot be created ({parent} is not a writable folder)")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def check_checkpoint(path, flag):
+    """One error line, before any model loads, when a checkpoint folder is missing or holds no model; for a run
+    folder, the checkpoints inside it are suggested (`runs/w/final` for `runs/w`)."""
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path!r}: no such checkpoint folder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        inside = sorted((d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "config.json"))),
+                        key=lambda d: (d != "final", d != "best", d))
+        hint = f"; did you mean {os.path.join(path, inside[0])}?" if inside else " (no config.json)"
+        raise SystemExit(f"error: {flag} {path}: not a checkpoint folder{hint}")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def resolve_cot(args, checkpoints):
+    """--cot from the checkpoints the stage reads ({flag: folder}): each one this project writes names the CoT kind it
+    was trained on in its train_args.json. `auto` takes that kind (nl when none names one); an explicit --cot of
+    the other kind, or two checkpoints of different kinds, is one error line: a model trained on one kind scores
+    near 0 prompted with the other."""
+    found = {}
+    for flag, path in checkpoints.items():
+        try:
+            with open(os.path.join(path, "train_args.json")) as f:
+                cot = json.load(f).get("cot")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if cot in ("nl", "python"):
+            found[flag] = cot
+    if len(set(found.values())) > 1:
+        raise SystemExit("error: the checkpoints were trained on different CoT kinds: " +
+                         ", ".join(f"{flag} {checkpoints[flag]} on {cot}" for flag, cot in found.items()))
+    flag = next(iter(found), None)
+    if args.cot == "auto":
+        args.cot = found[flag] if flag else "nl"
+    elif flag and args.cot != found[flag]:
+        raise SystemExit(f"error: --cot {args.cot}, but {flag} {checkpoints[flag]} was trained on {found[flag]} CoTs "
+                         f"(its train_args.json): drop --cot or pass --cot {found[flag]}")
+
+
+def find_resume_state(output_dir):
+    """(folder, step) of the resume state in output_dir, or None."""
+    path = os.path.join(output_dir, "checkpoint")
+    return (path, "?") if os.path.isdir(path) else None
+
+
+RUN_FILES = ("args.json", "launches.jsonl", "metrics.jsonl", "samples.jsonl", "final", "best", "init")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def run_entries(output_dir):
+    """What a run leaves in its folder: args.json, the logs, samples, checkpoints and resume states (other files
+    are not the run's, and --overwrite leaves them)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(e for e in os.listdir(output_dir) if e in RUN_FILES or e.startswith(("checkpoint", "epoch_")))
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def run_progress(output_dir):
+    """How far the run in `output_dir` got, in words for an error line (None when the folder holds no run)."""
+    entries = run_entries(output_dir)
+    if not entries:
+        return None
+    said = []
+    for name, unit in (("metrics.jsonl", "steps logged"), ("samples.jsonl", "samples drawn")):
+        if name in entries:
+            with open(os.path.join(output_dir, name), "rb") as f:
+                lines = f.read().splitlines()
+            last = [line for line in lines if line.strip()][-1:]
+            try:
+                step = json.loads(last[0]).get("step") if last and name == "metrics.jsonl" else None
+            except ValueError:
+                step = None
+            said.append(f"{step if step is not None else len(lines)} {unit} in {name}")
+    state = find_resume_state(output_dir)
+    if state is not None:
+        said.append(f"a resume state at step {state[1]}")
+    said += [f"{e}/" for e in entries if e in ("final", "best")]
+    return ", ".join(said) or ", ".join(entries)
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def plan_run(args, flags, may_change, resumable=()):
+    """The run-folder rule, checked before any model loads; returns whether the run continues (else it starts at
+    step 0).
+
+    A folder that holds a run is never written over by accident: without --resume (continue it) or --overwrite
+    (start over) the command stops with one line and the folder stays as it was. --resume continues only the run
+    that was started: every flag but those in `may_change` (how long, how often, in how much memory) must equal
+    the saved args.json. --resume with nothing to resume (no resume state, nor a `resumable` file) starts at step
+    0 and says so, so that a requeued job works the first time too."""
+    check_output_dir(args.output_dir)
+    if args.resume and args.overwrite:
+        raise SystemExit("error: --resume continues the run in --output_dir and --overwrite starts it over: pass one")
+    progress = run_progress(args.output_dir)
+    if progress is not None and not (args.resume or args.overwrite):
+        raise SystemExit(f"error: --output_dir {args.output_dir} holds a run ({progress}): pass --resume to continue "
+                         f"it or --overwrite to start over")
+    has_state = find_resume_state(args.output_dir) is not None or any(
+        os.path.exists(os.path.join(args.output_dir, f)) for f in resumable)
+    if not args.resume:
+        return False
+    if not has_state:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"no resume state in {args.output_dir}: starting at step 0", flush=True)
+        return False
+    try:
+        with open(os.path.join(args.output_dir, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --resume: cannot read the flags the run in {args.output_dir} was started with "
+                         f"({e.__class__.__name__}); pass --overwrite to start over")
+    differ = [f"--{k} {v} (the run's: {saved.get(k, 'absent')})" for k, v in flags.items()
+              if k not in may_change and saved.get(k) != v]
+    if differ:
+        raise SystemExit(f"error: --resume in {args.output_dir}: flags differ from the run's args.json: "
+                         f"{', '.join(differ)}; pass the run's values, or --overwrite to start over")
+    return True
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def begin_run(args, flags, world, resuming):
+    """Rank 0, once the checks passed and before the first step. A run that starts at step 0 first removes what an
+    earlier run left (--overwrite, or --resume with nothing to resume) and writes args.json, the flags it starts
+    with (before any automatic value is filled in); a resumed run keeps its args.json. Every launch appends its time,
+    world size and the flags that changed to launches.jsonl beside it."""
+    if not resuming:
+        for entry in run_entries(args.output_dir):
+            path = os.path.join(args.output_dir, entry)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.makedirs(args.output_dir, exist_ok=True)
+    changed = {}
+    if resuming:
+        with open(os.path.join(args.output_dir, "args.json")) as f:
+            saved = json.load(f)
+        changed = {k: [saved.get(k), v] for k, v in flags.items()
+                   if saved.get(k) != v and k not in ("resume", "overwrite")}
+    else:
+        write_run_args(flags, world)
+    with open(os.path.join(args.output_dir, "launches.jsonl"), "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": world, "resumed": resuming,
+                            "changed": changed, "argv": sys.argv[1:]}) + "\n")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def write_run_args(flags, world):
+    """{output_dir}/args.json: every flag as the run started with it, the world size and the versions, written
+    before the first step (rank 0) so that a run folder says how it was made."""
     import transformers
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump({**dataclasses.asdict(args), "world_size": world, "python": sys.version.split()[0],
-                   "torch": torch.__version__, "transformers": transformers.__version__}, f, indent=2)
+    with open(os.path.join(flags["output_dir"], "args.json"), "w") as f:
+        json.dump({**flags, "world_size": world, "python": sys.version.split()[0], "torch": torch.__version__,
+                   "transformers": transformers.__version__}, f, indent=2)
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -339,6 +527,22 @@ def hf_location(model):
     return model, {}
 
 
+def check_model(args):
+    """--model before anything loads: `tiny`, a .gguf file, a hub id, or a local folder, which must hold a checkpoint.
+    A name that can only be local (absolute, ./ or ~/, under runs/ or under a folder that exists here) is never
+    looked up on the hub, where a missing one costs a minute of retries before failing."""
+    if args.model == "tiny":
+        return
+    if args.model.endswith(".gguf"):
+        if not os.path.isfile(args.model):
+            raise SystemExit(f"error: --model {args.model}: no such GGUF file")
+        return
+    first = args.model.split("/")[0]
+    if (os.path.isdir(args.model) or os.path.isabs(args.model) or args.model.startswith((".", "~"))
+            or args.model.count("/") > 1 or (args.model.count("/") == 1 and (first == "runs" or os.path.isdir(first)))):
+        check_checkpoint(args.model, "--model")
+
+
 def tiny_model(args, tok):
     """A fresh Llama sized by the --tiny_* flags, seeded by --seed, with tied input and output embeddings."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -489,6 +693,22 @@ def lr_lambda(warmup_steps, total_steps):
 # ----------------------------------------------------------------------------- evaluation and saving
 
 # a copy kept identical across stage files: tests/test_copies.py
+def eval_questions(args):
+    """The questions of the evaluation during training: --eval_data (a file as it is, or the --eval_split of a
+    prepared dataset or folder), else the --eval_split of --data. A --data file is training data only: evaluating
+    it would report (and --save_best select on) the training questions as validation."""
+    if args.eval_data:
+        records = reward.load_records(args.eval_data, None if reward.is_data_file(args.eval_data) else args.eval_split,
+                                      args.cot)
+    elif reward.is_data_file(args.data):
+        raise SystemExit(f"error: --data {args.data} is a file, training data only: the evaluation during training "
+                         f"needs --eval_data (a file or a prepared dataset), a prepared --data, or to be turned off")
+    else:
+        records = reward.load_records(args.data, args.eval_split, args.cot)
+    return records[:args.eval_limit] if args.eval_limit > 0 else records
+
+
+# a copy kept identical across stage files: tests/test_copies.py
 @torch.no_grad()
 def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size, reward_fn):
     """Greedy top-1 accuracy computed as `evaluate.py --mode greedy` computes it: transformers' generate from the
@@ -592,15 +812,22 @@ def load_resume_state(model, opt, sched, args, rank):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    rank, world, device, mesh = init_distributed()
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    # Every check before anything loads: flags, --model, the data, the output folder.
+    check_ranges(args, RANGES)
+    check_model(args)
+    resolve_cot(args, {"--model": args.model} if os.path.isdir(args.model) else {})
+    flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
+    keep_epochs = epochs_to_save(args.save_epochs)
     records = reward.load_records(args.data, "train", args.cot, require_cot=True)
+    eval_records = eval_questions(args) if args.eval_every_epoch else None
     pairs, n_rows = read_extra_samples(args.extra_samples, records) if args.extra_samples else ([], 0)
     extra, duplicates = self_training_examples(pairs, args.cot)
-    if args.lr <= 0:  # the tiny model from scratch wants a large rate; a pretrained 7B one would be wrecked by it
+    resuming = plan_run(args, flags, MAY_CHANGE)
+
+    rank, world, device, mesh = init_distributed()
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    if args.lr < 0:  # the tiny model from scratch wants a large rate; a pretrained 7B one would be wrecked by it
         args.lr = 2e-3 if args.model == "tiny" else 1e-5
-    keep_epochs = epochs_to_save(args.save_epochs)
-    resuming = args.resume and os.path.isdir(os.path.join(args.output_dir, "checkpoint"))
     if resuming and args.model == "tiny":
         # The tiny tokenizer is trained from data: reuse the saved one so resumed token ids are identical.
         args.model = os.path.join(args.output_dir, "init")
@@ -634,11 +861,11 @@ def main(args):
         f"accumulation {accum}, world {world}")
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
 
-    os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0:
+        begin_run(args, flags, world, resuming)
+    dist.barrier()
     model = load_model(args, tok, mesh, device)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} params, lr {args.lr:g}")
-    if rank == 0:
-        write_run_args(args, world)
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -646,10 +873,6 @@ def main(args):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total_steps), total_steps))
-    eval_records = None
-    if args.eval_every_epoch:
-        eval_records = reward.load_records(args.data, args.eval_split, args.cot)
-        eval_records = eval_records[:args.eval_limit] if args.eval_limit > 0 else eval_records
 
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     step = 0
@@ -661,8 +884,6 @@ def main(args):
                 kept = [l for l in f if json.loads(l).get("step", 0) <= step]
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
-    elif rank == 0:
-        open(metrics_path, "w").close()
 
     bar = tqdm(total=total_steps, initial=step, desc="sft", disable=rank != 0)
     t_last = time.time()

@@ -134,22 +134,56 @@ def parse_args(cls, argv=None):
     return cls(**vars(p.parse_args(argv)))
 
 
+# a copy kept identical across stage files: tests/test_copies.py
+def check_ranges(args, rules):
+    """One error line for the first flag outside its range; `rules` holds (flag, test, the range in words)."""
+    for name, ok, words in rules:
+        value = getattr(args, name)
+        if not ok(value):
+            raise SystemExit(f"error: {'-' if len(name) == 1 else '--'}{name} must be {words}, not {value}")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def check_output_dir(path, flag="--output_dir"):
+    """One error line, before any model loads, when the output folder is a file or cannot be created."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path}: a file of that name is in the way (it must be a folder)")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: {flag} {path}: cannot be created ({parent} is not a writable folder)")
+
+
+RANGES = [(name, lambda v: v >= 1, "at least 1") for name in ("n_train", "max_number", "sft_epochs", "warmup_epoch",
+                                                            "reft_steps", "reft_batch_size", "num_samples", "k",
+                                                            "verifier_samples", "max_new_tokens", "threads",
+                                                            "offline_st_epochs")] + \
+    [(name, lambda v: v >= 0, "at least 0") for name in ("sft_lr", "reft_lr", "kl_coef", "vf_coef")] + \
+    [("lam", lambda v: 0 <= v <= 1, "in [0, 1]")]
+
+
 def quickstart_args(argv=None):
     """The flags; --fast shrinks every stage to a smoke test."""
     args = parse_args(Args, argv)
+    check_ranges(args, RANGES)
+    check_output_dir(str(ROOT / args.out_dir), "--out_dir")
     if args.fast:
         args = dataclasses.replace(args, n_train=64, sft_epochs=3, warmup_epoch=1, reft_steps=3, reft_batch_size=8,
                                    k=2, verifier_samples=2, max_new_tokens=16, offline_st_epochs=1)
+    if args.warmup_epoch > args.sft_epochs:
+        raise SystemExit(f"error: --warmup_epoch {args.warmup_epoch} is after the last of --sft_epochs {args.sft_epochs}")
     return args
 
 
 def stage(name, done, cmd, timings, resume_flag="--resume"):
-    """Run one stage unless its output `done` exists; add --resume when an earlier attempt left state behind."""
+    """Run one stage unless its output `done` exists; add --resume when an earlier attempt left a run behind (the
+    stage continues it, or starts at step 0 when it had saved nothing yet)."""
     if done.exists():
         print(f"[{name}] done already ({done}); skipping", flush=True)
         return
     out = Path(cmd[cmd.index("--output_dir") + 1]) if "--output_dir" in cmd else None
-    if resume_flag and out is not None and (out / "checkpoint").exists():
+    if resume_flag and out is not None and (out / "args.json").exists():
         cmd = cmd + [resume_flag]
         print(f"[{name}] resuming an interrupted run in {out}", flush=True)
     print(f"[{name}] {' '.join(str(c) for c in cmd)}", flush=True)
@@ -328,10 +362,10 @@ def main(args):
     samples = out / "verifier_sft/samples.jsonl"
     run("verifier_sft", out / "verifier_sft/final/config.json",
         [py, "rerank.py", *common, "--model", W, "--init", S, "--num_samples", args.verifier_samples,
-         "--max_new_tokens", args.max_new_tokens, "--output_dir", out / "verifier_sft"], resume_flag="")
+         "--max_new_tokens", args.max_new_tokens, "--output_dir", out / "verifier_sft"])
     run("verifier_reft", out / "verifier_reft/final/config.json",
         [py, "rerank.py", *common, "--model", W, "--init", R, "--samples", samples,
-         "--output_dir", out / "verifier_reft"], resume_flag="")
+         "--output_dir", out / "verifier_reft"])
 
     table = {}
     for name, model, verifier in (("SFT", S, out / "verifier_sft/final"), ("ReFT", R, out / "verifier_reft/final")):

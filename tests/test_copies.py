@@ -18,6 +18,16 @@ COPIES = {
     "epochs_to_save": ["sft.py", "reft.py"],
     "greedy_accuracy": ["sft.py", "reft.py"],
     "write_run_args": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "check_ranges": ["sft.py", "reft.py", "rerank.py", "evaluate.py", "scripts/quickstart.py"],
+    "check_output_dir": ["sft.py", "reft.py", "rerank.py", "evaluate.py", "scripts/quickstart.py"],
+    "check_checkpoint": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "resolve_cot": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "find_resume_state": ["sft.py", "reft.py", "rerank.py"],
+    "run_entries": ["sft.py", "reft.py", "rerank.py"],
+    "run_progress": ["sft.py", "reft.py", "rerank.py"],
+    "plan_run": ["sft.py", "reft.py", "rerank.py"],
+    "begin_run": ["sft.py", "reft.py", "rerank.py"],
+    "eval_questions": ["sft.py", "reft.py"],
     "summary": ["sft.py", "reft.py", "rerank.py"],
     "lr_lambda": ["sft.py", "rerank.py"],
     "save_resume_state": ["sft.py", "rerank.py"],
@@ -27,7 +37,8 @@ COPIES = {
 }
 # Same name, different job: not copies. Files that define a name of COPIES outside its list are named here.
 DIFFERENT = {"collate": ["sft.py", "rerank.py"],
-             "sample": ["reft.py", "rerank.py"], "save_resume_state": ["reft.py"], "load_resume_state": ["reft.py"]}
+             "sample": ["reft.py", "rerank.py"], "save_resume_state": ["reft.py"], "load_resume_state": ["reft.py"],
+             "load_tokenizer": ["sft.py", "reft.py"]}
 
 
 def function_source(path, name):

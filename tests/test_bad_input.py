@@ -1,0 +1,297 @@
+"""Nothing silent (issue #25): every bad invocation of a stage ends in one `error:` line naming the flag or path, before
+any model loads, and a folder that holds a run is left byte for byte as it was; the four mistakes that used to give
+wrong results or lose work without a word (reused samples, hidden resumes, a file scored as another split, the wrong
+CoT kind) now say so.
+
+The table runs each stage's main() in this process (conftest.main_error): a SystemExit with a message is what the
+command line prints as its one line with exit status 1, and any other exception (a traceback) fails the case. A few
+cases run as real commands too, for the exit status and stderr as a user sees them."""
+import json
+import shutil
+import sys
+import time
+
+import pytest
+
+from conftest import PY, ROOT, main_error, read_metrics, run
+
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+import evaluate  # noqa: E402
+import quickstart  # noqa: E402
+import reft  # noqa: E402
+import rerank  # noqa: E402
+import reward  # noqa: E402
+import sft  # noqa: E402
+
+STAGES = {"sft.py": sft, "reft.py": reft, "rerank.py": rerank, "evaluate.py": evaluate}
+REFT = ["--batch_size", 8, "--max_length", 96, "--eval_every", 0]
+
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes: what "left as it was" compares."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def runs(minigsm, warmup, tmp_path_factory):
+    """Run folders to point the cases at: the warm-up's own SFT run, a one-step ReFT run at --lr 0, a rerank.py run
+    that sampled 2 CoTs for 8 questions, a copy of the warm-up checkpoint elsewhere, a file, and sample files whose
+    labels are all correct or all wrong."""
+    root = tmp_path_factory.mktemp("runs")
+    shutil.copytree(warmup.parent, root / "sft")
+    run([PY, "reft.py", "--model", warmup, "--data", minigsm, *REFT, "--max_steps", 1, "--lr", 0,
+         "--output_dir", root / "reft"])
+    run([PY, "rerank.py", "--model", warmup, "--data", minigsm, "--limit", 8, "--num_samples", 2,
+         "--max_new_tokens", 24, "--batch_size", 2, "--holdout_fraction", 0, "--epochs", 1,
+         "--output_dir", root / "rerank"], check=False)  # the samples are what counts here, not the verifier
+    shutil.copytree(warmup, root / "other_model")
+    (root / "a_file").write_text("not a folder\n")
+    records = reward.load_records(str(minigsm), "train", "nl", require_cot=True)[:40]
+    for name, correct in (("all_correct.jsonl", True), ("all_wrong.jsonl", False)):
+        with open(root / name, "w") as f:
+            for r in records:
+                f.write(json.dumps({"item_id": r["item_id"], "question": r["question"], "completion": r["answer_cot"],
+                                    "correct": correct}) + "\n")
+    return root
+
+
+# (script, argv, what the error line says). Upper-case words name fixtures: WARMUP (the checkpoint, trained on nl
+# CoTs), RUNS/x (a folder of the `runs` fixture), DATA (the prepared minigsm folder), TRAIN_FILE (its training split
+# as a file), NEW (a fresh output folder). Every case gets --output_dir NEW unless it names its own.
+CASES = [
+    # numeric ranges
+    ("sft.py", ["--batch_size", 0], "--batch_size must be at least 1, not 0"),
+    ("sft.py", ["--micro_batch_size", 0], "--micro_batch_size must be -1 (automatic) or at least 1, not 0"),
+    ("sft.py", ["--lr", -0.5], "--lr must be -1 (automatic) or at least 0, not -0.5"),
+    ("sft.py", ["--warmup_ratio", 1.0], "--warmup_ratio must be in [0, 1), not 1.0"),
+    ("reft.py", ["--num_samples", 0], "--num_samples must be at least 1, not 0"),
+    ("reft.py", ["--num_samples", -1], "--num_samples must be at least 1, not -1"),
+    ("reft.py", ["--batch_size", 0], "--batch_size must be at least 1, not 0"),
+    ("reft.py", ["--ppo_epochs", 0], "--ppo_epochs must be at least 1, not 0"),
+    ("reft.py", ["--micro_batch_size", 0], "--micro_batch_size must be at least 1, not 0"),
+    ("reft.py", ["--temperature", 0], "--temperature must be above 0, not 0.0"),
+    ("reft.py", ["--kl_coef", -0.5], "--kl_coef must be -1 (the paper's) or at least 0, not -0.5"),
+    ("reft.py", ["--lam", 1.5], "--lam must be in [0, 1], not 1.5"),
+    ("rerank.py", ["--top_p", 0], "--top_p must be in (0, 1], not 0.0"),
+    ("rerank.py", ["--gen_batch_size", 0], "--gen_batch_size must be at least 1, not 0"),
+    ("evaluate.py", ["--temperature", -1], "--temperature must be above 0, not -1.0"),
+    ("evaluate.py", ["--max_new_tokens", 0], "--max_new_tokens must be at least 1, not 0"),
+    # checkpoints: a missing local folder never goes to the hub; a run folder suggests its checkpoint
+    ("sft.py", ["--model", "runs/no_such_run/final"], "--model 'runs/no_such_run/final': no such checkpoint folder"),
+    ("sft.py", ["--model", "RUNS/sft"], "--model RUNS/sft: not a checkpoint folder; did you mean RUNS/sft/final?"),
+    ("reft.py", ["--model", "RUNS/sft"], "--model RUNS/sft: not a checkpoint folder; did you mean RUNS/sft/final?"),
+    ("rerank.py", ["--model", "RUNS/sft"], "--model RUNS/sft: not a checkpoint folder; did you mean RUNS/sft/final?"),
+    ("evaluate.py", ["--model", "RUNS/reft"], "--model RUNS/reft: not a checkpoint folder; did you mean "
+                                              "RUNS/reft/final?"),
+    ("evaluate.py", ["--verifier", "RUNS/other_model/no", "--mode", "rerank"],
+     "--verifier 'RUNS/other_model/no': no such checkpoint folder"),
+    # output folders
+    ("sft.py", ["--output_dir", "RUNS/a_file"], "--output_dir RUNS/a_file: a file of that name is in the way"),
+    ("reft.py", ["--output_dir", "RUNS/a_file"], "--output_dir RUNS/a_file: a file of that name is in the way"),
+    ("reft.py", ["--output_dir", "RUNS/a_file/sub"], "--output_dir RUNS/a_file/sub: cannot be created (RUNS/a_file "
+                                                     "is not a writable folder)"),
+    ("rerank.py", ["--output_dir", "RUNS/a_file/sub"], "--output_dir RUNS/a_file/sub: cannot be created"),
+    ("evaluate.py", ["--output_dir", "RUNS/a_file"], "--output_dir RUNS/a_file: a file of that name is in the way"),
+    # data and splits
+    ("reft.py", ["--data", "no_such_dataset"], "unknown dataset 'no_such_dataset'"),
+    ("sft.py", ["--eval_every_epoch", "--eval_split", "tset"], "--data DATA: no tset split for nl CoTs"),
+    ("evaluate.py", ["--split", "tset"], "its nl splits: test, test_larger, test_longer, train, validation"),
+    ("rerank.py", ["--split", "tset"], "--data DATA: no tset split for nl CoTs"),
+    ("reft.py", ["--data", "TRAIN_FILE", "--eval_every", 5], "--data TRAIN_FILE is a file, training data only"),
+    ("sft.py", ["--data", "TRAIN_FILE", "--eval_every_epoch"], "--data TRAIN_FILE is a file, training data only"),
+    ("evaluate.py", ["--data", "TRAIN_FILE", "--split", "test"], "--data TRAIN_FILE is one file, evaluated as it is: "
+                                                                 "drop --split test"),
+    ("rerank.py", ["--data", "TRAIN_FILE", "--split", "test"], "--data TRAIN_FILE is one file, the training data: "
+                                                               "it has no test split"),
+    # the CoT kind the checkpoint was trained on
+    ("reft.py", ["--cot", "python"], "--cot python, but --model WARMUP was trained on nl CoTs"),
+    ("evaluate.py", ["--cot", "python"], "--cot python, but --model WARMUP was trained on nl CoTs"),
+    ("rerank.py", ["--cot", "python"], "--cot python, but --model WARMUP was trained on nl CoTs"),
+    ("sft.py", ["--model", "WARMUP", "--cot", "python"], "--cot python, but --model WARMUP was trained on nl CoTs"),
+    # a verifier needs correct and wrong samples
+    ("rerank.py", ["--samples", "RUNS/all_correct.jsonl", "--init", "WARMUP"],
+     "RUNS/all_correct.jsonl: all 36 training samples are correct, and a verifier needs both kinds"),
+    ("rerank.py", ["--samples", "RUNS/all_wrong.jsonl", "--init", "WARMUP"], "training samples are wrong"),
+    # run folders: never reused or overwritten without --resume or --overwrite
+    ("sft.py", ["--output_dir", "RUNS/sft"], "--output_dir RUNS/sft holds a run (96 steps logged in metrics.jsonl"),
+    ("reft.py", ["--output_dir", "RUNS/reft"], "--output_dir RUNS/reft holds a run (1 steps logged in metrics.jsonl, "
+                                               "a resume state at step"),
+    ("reft.py", ["--output_dir", "RUNS/reft", "--resume", "--batch_size", 16, "--kl_coef", 0.5],
+     "--resume in RUNS/reft: flags differ from the run's args.json: --batch_size 16 (the run's: 8), --lr -1.0 (the "
+     "run's: 0.0), --kl_coef 0.5 (the run's: -1.0); pass the run's values, or --overwrite to start over"),
+    ("reft.py", ["--output_dir", "RUNS/reft", "--resume", "--overwrite"], "--resume continues the run in --output_dir "
+                                                                          "and --overwrite starts it over: pass one"),
+    ("rerank.py", ["--output_dir", "RUNS/rerank"], "--output_dir RUNS/rerank holds a run ("),
+    ("sft.py", ["--output_dir", "RUNS/sft", "--resume", "--lr", 0.5], "--lr 0.5 (the run's: -1.0)"),
+]
+
+
+def expand(items, paths):
+    """The case's words with the fixture names replaced by their paths."""
+    out = []
+    for item in items:
+        text = str(item)
+        for name, path in paths.items():
+            text = text.replace(name, str(path))
+        out.append(text)
+    return out
+
+
+def paths_of(runs, warmup, minigsm, tmp_path):
+    return {"RUNS": runs, "WARMUP": warmup, "TRAIN_FILE": minigsm / "train_nl.jsonl", "DATA": minigsm,
+            "NEW": tmp_path / "new"}
+
+
+@pytest.mark.parametrize("script, argv, message", CASES, ids=[f"{c[0]} {' '.join(map(str, c[1]))}" for c in CASES])
+def test_bad_invocation_is_one_error_line(script, argv, message, runs, warmup, minigsm, tmp_path):
+    paths = paths_of(runs, warmup, minigsm, tmp_path)
+    argv = expand(argv, paths)
+    defaults = {"sft.py": ["--data", minigsm, "--max_steps", 1],
+                "reft.py": ["--model", warmup, "--data", minigsm, *REFT[:4]],
+                "rerank.py": ["--model", warmup, "--data", minigsm],
+                "evaluate.py": ["--model", warmup, "--data", minigsm]}[script]
+    out = tmp_path / "new"
+    folder = next((runs / name for name in ("sft", "reft", "rerank") if str(runs / name) in argv), None)
+    before = snapshot(folder) if folder else None
+    t0 = time.time()
+    error = main_error(STAGES[script], [*defaults, "--output_dir", out, *argv])
+    seconds = time.time() - t0
+    assert error.startswith("error: ") and "\n" not in error, error
+    assert expand([message], paths)[0] in error, error
+    assert seconds < 20, f"{seconds:.1f} s before the error"
+    assert not out.exists()  # nothing written
+    if folder:
+        assert snapshot(folder) == before, f"{folder} changed"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reft_steps", 0], "--reft_steps must be at least 1, not 0"),
+    (["--lam", 2.0], "--lam must be in [0, 1], not 2.0"),
+    (["--out_dir", "RUNS/a_file"], "--out_dir RUNS/a_file: a file of that name is in the way"),
+    (["--warmup_epoch", 50], "--warmup_epoch 50 is after the last of --sft_epochs 40"),
+])
+def test_quickstart_checks_its_flags_first(argv, message, runs, warmup, minigsm, tmp_path):
+    paths = paths_of(runs, warmup, minigsm, tmp_path)
+    with pytest.raises(SystemExit) as e:
+        quickstart.quickstart_args(expand(argv, paths))
+    assert str(e.value).startswith("error: " + expand([message], paths)[0]) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sft.py", "--batch_size", 0], "error: --batch_size must be at least 1, not 0"),
+    (["reft.py", "--model", "RUNS/reft", "--ppo_epochs", 0], "error: --ppo_epochs must be at least 1, not 0"),
+    (["reft.py", "--model", "RUNS/reft"], "error: --model RUNS/reft: not a checkpoint folder; did you mean "
+                                          "RUNS/reft/final?"),
+    (["reft.py", "--model", "RUNS/reft/final", "--data", "DATA", "--output_dir", "RUNS/reft"],
+     "error: --output_dir RUNS/reft holds a run"),
+    (["evaluate.py", "--model", "RUNS/reft/final", "--data", "DATA", "--split", "tset"],
+     "error: --data DATA: no tset split"),
+    (["scripts/quickstart.py", "--out_dir", "RUNS/a_file"], "error: --out_dir RUNS/a_file: a file of that name is in "
+                                                            "the way (it must be a folder)"),
+])
+def test_bad_invocation_on_the_command_line(argv, message, runs, warmup, minigsm, tmp_path):
+    """As a user sees it: exit status 1, one line on stderr, no traceback, within seconds."""
+    paths = paths_of(runs, warmup, minigsm, tmp_path)
+    before = snapshot(runs / "reft")
+    t0 = time.time()
+    p = run([PY, *expand(argv, paths)], check=False, timeout=60)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines() == [line for line in p.stderr.strip().splitlines() if line.startswith("error")]
+    assert p.stderr.strip().splitlines()[0].startswith(expand([message], paths)[0]), p.stderr
+    assert time.time() - t0 < 20
+    assert snapshot(runs / "reft") == before
+
+
+# ---------------------------------------------------------------------------- the four silent mistakes
+
+def test_rerank_does_not_reuse_samples_drawn_otherwise(runs, warmup, minigsm):
+    """It printed "8 already in samples.jsonl, 0 to do" and trained a python verifier on the nl samples of another
+    model. Now the folder is refused, and with --resume every sampling flag that differs is named."""
+    before = snapshot(runs / "rerank")
+    assert (runs / "rerank" / "samples.jsonl").stat().st_size > 0
+    common = ["--data", minigsm, "--output_dir", runs / "rerank", "--model", runs / "other_model", "--num_samples", 8]
+    error = main_error(rerank, common)
+    assert error.startswith(f"error: --output_dir {runs / 'rerank'} holds a run (") and "samples drawn" in error
+    assert "pass --resume to continue it or --overwrite to start over" in error
+    error = main_error(rerank, [*common, "--resume"])
+    assert f"--model {runs / 'other_model'} (the run's: {warmup})" in error and "--num_samples 8 (the run's: 2)" in error
+    assert snapshot(runs / "rerank") == before
+
+
+def test_resume_says_what_it_does(runs, warmup, minigsm, tmp_path):
+    """--resume on an empty folder starts at 0 and says so; a resume that only runs longer keeps args.json as the run
+    started and records the launch beside it; forgetting --resume refuses instead of emptying the metrics."""
+    fresh = tmp_path / "fresh"
+    p = run([PY, "reft.py", "--model", warmup, "--data", minigsm, *REFT, "--max_steps", 1, "--output_dir", fresh,
+             "--resume"])
+    assert f"no resume state in {fresh}: starting at step 0" in p.stdout
+    assert [m["step"] for m in read_metrics(fresh / "metrics.jsonl")] == [1]
+
+    folder = tmp_path / "reft"
+    shutil.copytree(runs / "reft", folder)
+    args_json = (folder / "args.json").read_bytes()
+    run([PY, "reft.py", "--model", warmup, "--data", minigsm, *REFT, "--lr", 0, "--max_steps", 2, "--output_dir",
+         folder, "--resume"])
+    assert (folder / "args.json").read_bytes() == args_json
+    launches = [json.loads(line) for line in (folder / "launches.jsonl").read_text().splitlines()]
+    assert [(x["resumed"], x["changed"], x["world_size"]) for x in launches] == [
+        (False, {}, 1), (True, {"max_steps": [1, 2], "output_dir": [str(runs / "reft"), str(folder)]}, 1)]
+    assert [m["step"] for m in read_metrics(folder / "metrics.jsonl")] == [1, 2]
+
+
+def test_lr_zero_trains_at_zero(runs, warmup):
+    """--lr 0 used to mean "the automatic rate"; the frozen-policy control needs it to mean 0."""
+    from safetensors.torch import load_file
+    assert json.loads((runs / "reft" / "final" / "train_args.json").read_text())["lr"] == 0.0
+    trained, start = load_file(runs / "reft" / "final" / "model.safetensors"), load_file(warmup / "model.safetensors")
+    assert trained.keys() == start.keys() and all(trained[k].equal(start[k]) for k in start)
+
+
+def test_a_data_file_is_one_split(minigsm, warmup, tmp_path):
+    """A --data file was returned whatever split was asked: the "validation" of sft.py and reft.py (and --save_best)
+    scored the training file, and evaluate.py reported it as "test". Now a file is the training data, or with
+    evaluate.py the questions it evaluates, named as the file."""
+    train_file = minigsm / "train_nl.jsonl"
+    assert len(reward.load_records(str(train_file), "train")) == 256
+    with pytest.raises(SystemExit, match="has no validation split"):
+        reward.load_records(str(train_file), "validation")
+    run([PY, "evaluate.py", "--model", warmup, "--data", minigsm / "validation_nl.jsonl", "--limit", 4,
+         "--max_new_tokens", 8, "--output_dir", tmp_path / "eval"])
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["split"] is None and results["data"] == str(minigsm / "validation_nl.jsonl")
+    p = run([PY, "evaluate.py", "--model", warmup, "--data", minigsm, "--limit", 4, "--max_new_tokens", 8,
+             "--output_dir", tmp_path / "eval"])
+    assert f"overwriting the results in {tmp_path / 'eval'}" in p.stdout
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["split"] == "test"
+
+
+def test_the_checkpoint_names_its_cot(tmp_path):
+    """Without --cot a stage takes the kind its checkpoints were trained on; an explicit other kind, or checkpoints of
+    two kinds, is an error (a model trained on nl scores ~0 on python prompts, silently)."""
+    for name, cot in (("nl", "nl"), ("py", "python"), ("none", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_args.json").write_text(json.dumps({"cot": cot} if cot else {}))
+    for checkpoints, given, expected in (({"--model": "py"}, "auto", "python"), ({"--model": "nl"}, "auto", "nl"),
+                                         ({"--model": "none"}, "auto", "nl"), ({"--model": "none"}, "python", "python"),
+                                         ({"--model": "py", "--verifier": "none"}, "auto", "python"),
+                                         ({"--model": "py"}, "python", "python")):
+        args = evaluate.Args(cot=given)
+        evaluate.resolve_cot(args, {flag: str(tmp_path / name) for flag, name in checkpoints.items()})
+        assert args.cot == expected, (checkpoints, given)
+    with pytest.raises(SystemExit, match=r"--cot nl, but --model .*/py was trained on python CoTs"):
+        evaluate.resolve_cot(evaluate.Args(cot="nl"), {"--model": str(tmp_path / "py")})
+    with pytest.raises(SystemExit, match="trained on different CoT kinds"):
+        evaluate.resolve_cot(evaluate.Args(), {"--model": str(tmp_path / "py"), "--verifier": str(tmp_path / "nl")})
+
+
+def test_overwrite_starts_over(runs, warmup, minigsm, tmp_path):
+    """--overwrite removes the run's files (and only those) before the new run writes its own."""
+    folder = tmp_path / "reft"
+    shutil.copytree(runs / "reft", folder)
+    (folder / "notes.txt").write_text("mine\n")
+    run([PY, "reft.py", "--model", warmup, "--data", minigsm, *REFT, "--max_steps", 1, "--output_dir", folder,
+         "--overwrite"])
+    launches = (folder / "launches.jsonl").read_text().splitlines()
+    assert len(launches) == 1 and (folder / "notes.txt").read_text() == "mine\n"
+    assert [m["step"] for m in read_metrics(folder / "metrics.jsonl")] == [1]
