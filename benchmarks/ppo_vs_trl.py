@@ -60,7 +60,8 @@ def time_reft(ckpt, prompts, L, args, separate):
     cmd = [sys.executable, "reft.py", "--model", ckpt, "--data", prompts, "--cot", "nl", "--output_dir", out,
            "--max_steps", steps, "--batch_size", args.batch_size, "--ppo_epochs", args.ppo_epochs,
            "--max_prompt_length", L, "--max_length", L + args.response_length, "--eval_every", 0,
-           "--save_steps", 10 ** 6, *(["--separate_value_model"] if separate else [])]
+           "--save_steps", 10 ** 6, "--overwrite",  # a measurement run again replaces the last one
+           *(["--separate_value_model"] if separate else [])]
     waited, foreign, runs = run_quiet(cmd, args.max_wait, threads=args.threads, retries=args.retries,
                                       log=BENCH_DIR / f"{out.name}.log")
     with open(out / "metrics.jsonl") as f:
