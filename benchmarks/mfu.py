@@ -60,7 +60,7 @@ def measure(name, extra, args):
     from transformers import AutoModelForCausalLM
     out = BENCH_DIR / f"sft_{name}"
     cmd = [sys.executable, "sft.py", "--model", "tiny", "--data", "minigsm", "--output_dir", out, "--max_steps",
-           args.steps, "--batch_size", args.batch_size, "--micro_batch_size", args.batch_size, "--no-save_epochs",
+           args.steps, "--batch_size", args.batch_size, "--micro_batch_size", args.batch_size, "--save_epochs", "none",
            "--save_steps", 10 ** 6, "--overwrite", *extra]  # a measurement run again replaces the last one
     waited, foreign, runs = run_quiet(cmd, args.max_wait, threads=args.threads, retries=args.retries,
                                       log=BENCH_DIR / f"sft_{name}.log")
