@@ -486,7 +486,8 @@ def verifier_scores(verifier, tok, texts, batch_size, device, rank):
 # ----------------------------------------------------------------------------- main
 
 RANGES = [("temperature", lambda v: v > 0, "above 0"), ("top_k", lambda v: v >= 0, "at least 0"),
-          ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"), ("limit", lambda v: v == -1 or v >= 1, "-1 (all) or at least 1"),
+          ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+          ("limit", lambda v: v == -1 or v >= 1, "-1 (all) or at least 1"),
           ("batch_size", lambda v: v >= 1, "at least 1"), ("max_new_tokens", lambda v: v >= 1, "at least 1")]
 
 
@@ -647,8 +648,8 @@ def write_outputs(args, rows, do_greedy, do_sample, do_rerank, world, seconds):
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     labels = {"greedy": "greedy", "vote": f"vote@{args.k}", "rerank": f"rerank@{args.k}", "pass@k": f"pass@{args.k}"}
-    print(f"\n{args.data} {args.split or '(the file)'} ({args.cot}), n={n}, model {args.model}, {args.scoring} scoring, "
-          f"reward {args.reward}")
+    print(f"\n{args.data} {args.split or '(the file)'} ({args.cot}), n={n}, model {args.model}, {args.scoring} "
+          f"scoring, reward {args.reward}")
     for name, acc in accuracy.items():
         note = f"   (no answer: {100 * results['no_answer']['greedy']:.1f}%)" if name == "greedy" else ""
         print(f"  {labels[name]:<12} {100 * acc:6.2f}%{note}")

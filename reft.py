@@ -15,6 +15,9 @@ The paper's setting (8 GPUs, CodeLlama-7B warm-up = epoch 2 of SFT, GSM8K progra
         --batch_size 32 --lr 3e-7 --epochs 300 --kl_coef 0.01 --max_prompt_length 300 --max_length 700 \\
         --gradient_checkpointing
 
+One PPO step with real numbers (the mask, scores, per-token KL, shaped rewards, values, TD errors, advantages,
+returns, ratios and clipped losses of 2 questions × 2 samples): docs/walkthrough.md, made by scripts/walkthrough.py.
+
 One code path: plain `python reft.py` is a 1-process group; under `torchrun` the policy (with its value head)
 and the reference are sharded with FSDP2, gloo + fp32 on CPU and NCCL + bf16 mixed precision on GPU.
 """
@@ -342,7 +345,10 @@ def explained_variance(err_sum, err_sq_sum, ret_sum, ret_sq_sum, n):
 def response_mask(responses, eos_id):
     """1.0 on response tokens up to and including the first EOS (all tokens when there is none). (B, R)"""
     is_eos = (responses == eos_id).long()
-    after_eos = (is_eos.cumsum(1) - is_eos) > 0  # strictly after the first EOS
+    # cumsum counts the EOS tokens up to and including t; minus the token's own EOS, it counts those strictly before
+    # t, so it is > 0 exactly after the first EOS. E.g. [5, 7, EOS, PAD] → is_eos [0, 0, 1, 0], cumsum [0, 0, 1, 1],
+    # minus is_eos [0, 0, 0, 1] → mask [1, 1, 1, 0]: the EOS itself is an action (it carries the score).
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0
     return (~after_eos).float()
 
 
@@ -365,6 +371,9 @@ class PolicyWithValueHead(nn.Module):
 
     def forward(self, input_ids, attention_mask, prompt_len):
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding: count real tokens only
+        # The hidden state at position i predicts token i + 1. Response token t sits at position P + t, so its
+        # logits (and the value of the state s_t it is chosen in) come from position P - 1 + t: the slice from P - 1
+        # to the one before last (the last position predicts past the end). With P = 3, R = 2: positions 2 and 3.
         h = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids).last_hidden_state[:, prompt_len - 1:-1]  # (B, R, H)
         logits = self.lm.get_output_embeddings()(h).float()  # (B, R, V); fp32 already: its own FSDP group
@@ -395,6 +404,8 @@ def sample(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperat
     an exact sample of softmax(logits/T)), so a question's sample does not depend on which batch or rank it is
     in: 1 and N processes see the same rollouts, and a resumed run repeats them. Stops when all rows ended."""
     B, device = prompt_ids.size(0), prompt_ids.device
+    # One generator per row, not one for the batch: a shared generator's draws for row b would depend on how many
+    # rows come before b (batch order, rank), so the same question would get another sample on 2 processes.
     gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     mask = prompt_mask
     inp, pos = prompt_ids, (prompt_mask.cumsum(1) - 1).clamp(min=0)

@@ -777,7 +777,8 @@ def check_samples(args, rows, path, world):
     if len(kinds) < 2:
         kind = "correct" if True in kinds else "wrong"
         raise SystemExit(f"error: {path}: all {len(train_rows)} training samples are {kind}, and a verifier needs both "
-                         f"kinds: draw more (--num_samples, --limit), sample another --model or at another --temperature")
+                         f"kinds: draw more (--num_samples, --limit), sample another --model or at another "
+                         f"--temperature")
     if args.micro_batch_size <= 0:
         args.micro_batch_size = max(1, args.batch_size // world)
     if args.batch_size % (args.micro_batch_size * world):

@@ -854,10 +854,11 @@ def run_programs(programs, timeout=2.0):
 
 # ---------------------------------------------------------------- CLI: score the gold CoTs of a dataset
 def main():
-    parser = argparse.ArgumentParser(description="Score each record's gold CoT as if a model had written it.")
+    parser = argparse.ArgumentParser(description="Score each record's gold CoT as if a model had written it.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", required=True, help="a .jsonl/.json file, a folder, or a prepared dataset name")
-    parser.add_argument("--cot", choices=COTS, default="nl")
-    parser.add_argument("--split", default="train", help="split of a prepared dataset")
+    parser.add_argument("--cot", choices=COTS, default="nl", help="chain-of-thought kind of the gold CoTs")
+    parser.add_argument("--split", default="train", help="split of a prepared dataset (a file is its own split)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N records")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds per program")
     args = parser.parse_args()

@@ -129,8 +129,8 @@ class Args:
 
 
 # Flags a resumed run may change: how long, how often, in how much memory (plan_run).
-MAY_CHANGE = ("output_dir", "resume", "overwrite", "epochs", "max_steps", "save_steps", "save_epochs", "eval_every_epoch",
-              "eval_batch_size", "micro_batch_size", "gradient_checkpointing", "log_every")
+MAY_CHANGE = ("output_dir", "resume", "overwrite", "epochs", "max_steps", "save_steps", "save_epochs",
+              "eval_every_epoch", "eval_batch_size", "micro_batch_size", "gradient_checkpointing", "log_every")
 RANGES = [("epochs", lambda v: v >= 1, "at least 1"), ("batch_size", lambda v: v >= 1, "at least 1"),
           ("micro_batch_size", lambda v: v == -1 or v >= 1, "-1 (automatic) or at least 1"),
           ("lr", lambda v: v == -1 or v >= 0, "-1 (automatic) or at least 0"),
@@ -488,7 +488,8 @@ def train_tiny_tokenizer(texts, vocab_size):
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # its bar prints blank lines to a pipe or log file
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 

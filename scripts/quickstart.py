@@ -172,7 +172,8 @@ def quickstart_args(argv=None):
         args = dataclasses.replace(args, n_train=64, sft_epochs=3, warmup_epoch=1, reft_steps=3, reft_batch_size=8,
                                    k=2, verifier_samples=2, max_new_tokens=16, offline_st_epochs=1)
     if args.warmup_epoch > args.sft_epochs:
-        raise SystemExit(f"error: --warmup_epoch {args.warmup_epoch} is after the last of --sft_epochs {args.sft_epochs}")
+        raise SystemExit(f"error: --warmup_epoch {args.warmup_epoch} is after the last of --sft_epochs "
+                         f"{args.sft_epochs}")
     return args
 
 

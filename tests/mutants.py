@@ -118,6 +118,19 @@ MUTANTS = [
     ("quickstart_baseline_is_the_last_epoch", "scripts/quickstart.py",
      "best_sft, _ = best_eval(sft_metrics)", "best_sft = sft_metrics[-1]",
      ["tests/test_quickstart.py::test_quickstart_fast_runs_end_to_end_and_skips_finished_stages"]),
+    # --- nothing silent: run folders, resume, splits (tests/test_bad_input.py)
+    ("run_folder_reused_without_a_word", "sft.py",
+     "    if progress is not None and not (args.resume or args.overwrite):", "    if False:",
+     ["tests/test_bad_input.py::test_bad_invocation_is_one_error_line[sft.py --output_dir RUNS/sft]"]),
+    ("resume_accepts_other_flags", "reft.py",
+     "              if k not in may_change and saved.get(k) != v]", "              if False]",
+     ["tests/test_bad_input.py::test_bad_invocation_is_one_error_line[reft.py --output_dir RUNS/reft --resume "
+      "--batch_size 16 --kl_coef 0.5]"]),
+    ("data_file_is_every_split", "reward.py", '        if split not in (None, "train"):', "        if False:",
+     ["tests/test_bad_input.py::test_a_data_file_is_one_split"]),
+    ("lr_zero_means_automatic", "reft.py", "    if args.lr < 0:  # the tiny CPU model",
+     "    if args.lr <= 0:  # the tiny CPU model",
+     ["tests/test_bad_input.py::test_lr_zero_trains_at_zero"]),
     # --- the data
     ("minigsm_question_states_another_number", "data/minigsm/prepare.py",
      "sentences.append(template.format(P=subj, o=obj, F=friend, n=n))",
