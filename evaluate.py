@@ -18,7 +18,7 @@ Run it (CPU, the tiny model):
         --verifier runs/rerank/final --output_dir runs/eval
     torchrun --standalone --nproc_per_node 2 evaluate.py --mode greedy --model runs/sft/final --output_dir runs/eval2
 The paper's setting (8 GPUs; 100 samples at temperature 1.0, prompt + CoT at most 1024 tokens):
-    torchrun --nproc_per_node 8 evaluate.py --mode all -k 100 --data gsm8k --cot python \\
+    torchrun --nproc_per_node 8 evaluate.py --mode all -k 100 --data gsm8k_reft --cot python \\
         --model runs/reft/best --verifier runs/rerank/final --max_new_tokens 700 --batch_size 50
 
 Scoring: --scoring lenient (the default) extracts and compares answers by reward.py's rules; --scoring paper by the

@@ -11,7 +11,7 @@ Run it (CPU, the offline default: a tiny warm-up checkpoint made by sft.py on `m
     python reft.py --model runs/warmup/final --data minigsm --cot nl --output_dir runs/reft
     torchrun --standalone --nproc_per_node 2 reft.py --model runs/warmup/final --data minigsm   # 2 CPU processes
 The paper's setting (8 GPUs, CodeLlama-7B warm-up = epoch 2 of SFT, GSM8K program CoT):
-    torchrun --nproc_per_node 8 reft.py --model runs/sft7b/epoch_2 --data gsm8k --cot python \\
+    torchrun --nproc_per_node 8 reft.py --model runs/sft7b/epoch_2 --data gsm8k_reft --cot python \\
         --batch_size 32 --lr 3e-7 --epochs 300 --kl_coef 0.01 --max_prompt_length 300 --max_length 700 \\
         --gradient_checkpointing
 

@@ -27,7 +27,7 @@ Run it (CPU, the tiny model):
     python rerank.py --model runs/sft/epoch_2 --init runs/sft/final --data minigsm --output_dir runs/rerank
     torchrun --standalone --nproc_per_node 2 rerank.py --model runs/sft/final --output_dir runs/rerank2
 The paper's setting (8 GPUs, GSM8K P-CoT, 100 samples from the warm-up, trunk from the best SFT checkpoint):
-    torchrun --nproc_per_node 8 rerank.py --model runs/sft/epoch_2 --init runs/sft/best --data gsm8k --cot python \\
+    torchrun --nproc_per_node 8 rerank.py --model runs/sft/epoch_2 --init runs/sft/best --data gsm8k_reft --cot python \\
         --num_samples 100 --max_new_tokens 700 --gen_batch_size 50 --lr 1e-6 --epochs 3 --batch_size 48 \\
         --micro_batch_size 6 --max_length 700
 

@@ -9,8 +9,8 @@ Run it (CPU, the offline default: a tiny Llama trained from scratch on the `mini
     python sft.py --data minigsm --cot nl --epochs 20 --output_dir runs/sft
     torchrun --standalone --nproc_per_node 2 sft.py --data minigsm --output_dir runs/sft2   # 2 CPU processes
 The paper's setting (8 GPUs, CodeLlama-7B, GSM8K program CoT, warm-up = epoch 2 of a 40-epoch run):
-    torchrun --nproc_per_node 8 sft.py --model codellama/CodeLlama-7b-hf --data gsm8k --cot python \\
-        --epochs 40 --batch_size 48 --micro_batch_size 3 --lr 1e-5 --max_length 1024 --gradient_checkpointing
+    torchrun --nproc_per_node 8 sft.py --model codellama/CodeLlama-7b-hf --data gsm8k_reft --cot python \\
+        --epochs 40 --batch_size 48 --micro_batch_size 6 --lr 1e-5 --max_length 1024 --gradient_checkpointing
 Offline self-training (the paper's Offline-ST baseline): sample the training questions from the warm-up with
 rerank.py, then train on the gold CoTs plus the correct, distinct samples:
     python rerank.py --model runs/sft/epoch_2 --data minigsm --output_dir runs/rerank   # runs/rerank/samples.jsonl
