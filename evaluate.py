@@ -1,5 +1,14 @@
 """Evaluation: greedy top-1 accuracy, majority voting over k samples, and verifier reranking of the same samples.
 
+Reading guide: each of the paper's inference metrics, and the functions that compute it, in the order main() runs them
+  top-1 (greedy decoding; Table 2)             generate_texts(do_sample=False) → reward.extract_answers → correct_flags
+  Voting@k (the majority answer; Table 4)      generate_texts(do_sample=True) → vote_groups, vote_counts, majority_index
+  Rerank@k (the verifier's best; Table 4)      verifier_scores (a rerank.py verifier) → rerank_index
+  pass@k (any sample right; not in the paper)  pass_at_k
+  the paper code's answer rules (--scoring paper)  reward.extract_answers_paper, reward.paper_correct, paper_candidates
+write_outputs makes the table. Below the "infrastructure" marker: the flags and their checks, the distributed setup
+and loading, the same in every stage.
+
 Modes (the paper's Table 2 reports greedy "value accuracy", Table 4 Voting@100 and Rerank@100):
   greedy  greedy decoding, one answer per question. Every mode uses the rollout prompt (`build_prompt(q, cot,
           sampling=True)`): for the python CoT it ends with the `def solution():` header and docstring, and the
@@ -111,27 +120,10 @@ class Args:
     reward.py extracts. Any other than the default needs --scoring lenient"""
 
 
-# a copy kept identical across stage files: tests/test_copies.py
-def parse_args(cls, argv=None):
-    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names). `--help` shows
-    each field's docstring, read from the source (attribute docstrings do not exist at run time), its default, and
-    its choices when the field is a Literal (a value outside them gets argparse's one-line error)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
-        kw = {"default": f.default, "help": docs.get(f.name, "").replace("%", "%%")}
-        if f.type is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif get_origin(f.type) is Literal:
-            kw["choices"] = get_args(f.type)
-        else:
-            kw["type"] = type(f.default)
-        p.add_argument(*names, **kw)
-    return cls(**vars(p.parse_args(argv)))
+RANGES = [("temperature", lambda v: v > 0, "above 0"), ("top_k", lambda v: v >= 0, "at least 0"),
+          ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+          ("limit", lambda v: v == -1 or v >= 1, "-1 (all) or at least 1"),
+          ("batch_size", lambda v: v >= 1, "at least 1"), ("max_new_tokens", lambda v: v >= 1, "at least 1")]
 
 
 # ----------------------------------------------------------------------------- selection rules (pure)
@@ -203,6 +195,245 @@ def paper_candidates(answers, letters_only):
     character, train_reward_model.py's rerank one of one letter; any other text counts as no answer."""
     return [a if not isinstance(a, str) or len(a) == 1 and (a.isalpha() or not letters_only) else None
             for a in answers]
+
+
+# ----------------------------------------------------------------------------- generation and scoring
+
+@torch.no_grad()
+def generate_texts(model, tok, prompts, batch_size, device, desc, rank, **gen_kwargs):
+    """Completions of this rank's prompts, batch by batch with left padding; stops when every sequence ended."""
+    tok.padding_side = "left"
+    texts = []
+    n = num_calls(len(prompts), batch_size, device)
+    with gathered_for_generation(model):
+        for b in tqdm(range(n), desc=desc, disable=rank != 0):
+            chunk = prompts[b * batch_size:(b + 1) * batch_size]
+            ids = [reward.encode_prompt(tok, p) for p in chunk or [reward.INSTRUCTION]]  # a rank done early
+            enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device)  # left padding
+            # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
+            # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
+            out = model.generate(**enc, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True,
+                                 synced_gpus=False, **gen_kwargs)
+            if chunk:
+                texts += tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
+    return texts
+
+
+@torch.no_grad()
+def verifier_scores(verifier, tok, texts, batch_size, device, rank):
+    """P(correct) = sigmoid(logit) of each text; right padding, so the head reads the last real token.
+
+    The tokenizer saved by rerank.py carries the verifier's training max_length as model_max_length."""
+    tok.padding_side = "right"
+    scores = []
+    for b in tqdm(range(num_calls(len(texts), batch_size, device)), desc="verifier", disable=rank != 0):
+        chunk = texts[b * batch_size:(b + 1) * batch_size]
+        ids = [reward.encode_prompt(tok, t)[:tok.model_max_length] for t in chunk or [reward.INSTRUCTION]]
+        enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device)  # right padding, cut as rerank.encode cuts
+        logits = verifier(**enc).logits[:, 0].float()  # (B,)
+        if chunk:
+            scores += torch.sigmoid(logits).tolist()
+    return scores
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args):
+    check_args(args)
+    reward_fn = reward.load_reward(args.reward)
+    if args.scoring == "paper" and reward_fn is not reward.compute_rewards:
+        raise SystemExit(f"error: --scoring paper judges answers by the paper code's rule, --reward {args.reward} by "
+                         f"its own: pass one of them")
+    records = load_questions(args)
+    rank, world, device, mesh = init_distributed()
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    do_greedy, do_sample = args.mode in ("greedy", "all"), args.mode != "greedy"
+    do_rerank = args.mode == "rerank" or (args.mode == "all" and bool(args.verifier))
+    if args.mode == "all" and not args.verifier:
+        log("no --verifier given: rerank is skipped")
+    if do_rerank:
+        check_verifier(args.verifier)
+    t0 = time.time()
+    torch.manual_seed(args.seed + rank)  # different samples on each rank
+    mine = records[rank::world]
+    rows = [{"index": rank + world * i, "item_id": r["item_id"], "gold": r["answer_value"]} for i, r in enumerate(mine)]
+
+    model, tok = load("AutoModelForCausalLM", args.model, "--model", mesh, device)
+    model.eval()
+    if rank == 0:  # after the checks and the policy's loading: a refused command writes nothing
+        if os.path.exists(os.path.join(args.output_dir, "results.json")):
+            log(f"overwriting the results in {args.output_dir} (evaluate.py keeps only its latest)")
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_run_args(dataclasses.asdict(args), world)
+    if do_greedy:
+        texts = generate_texts(model, tok, [reward.build_prompt(r["question"], args.cot, sampling=True) for r in mine],
+                               args.batch_size, device, "greedy", rank, do_sample=False,
+                               max_new_tokens=args.max_new_tokens)
+        answers = extract(texts, args.cot, mine, args.scoring)
+        for row, text, answer, correct in zip(rows, texts, answers, correct_flags(texts, answers, mine, args,
+                                                                                  reward_fn)):
+            row.update(greedy_completion=text, greedy_answer=answer, greedy_correct=correct)
+    if do_sample:
+        prompts = [reward.build_prompt(r["question"], args.cot, sampling=True) for r in mine for _ in range(args.k)]
+        texts = generate_texts(model, tok, prompts, args.batch_size, device, f"sample k={args.k}", rank,
+                               do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               max_new_tokens=args.max_new_tokens)
+        repeated = [r for r in mine for _ in range(args.k)]
+        all_answers = extract(texts, args.cot, repeated, args.scoring)
+        all_correct = correct_flags(texts, all_answers, repeated, args, reward_fn)
+        for i, row in enumerate(rows):
+            row["samples"], answers = texts[i * args.k:(i + 1) * args.k], all_answers[i * args.k:(i + 1) * args.k]
+            voters = paper_candidates(answers, False) if args.scoring == "paper" else answers
+            chosen = majority_index(voters, args.scoring)
+            row.update(sample_answers=answers, sample_correct=all_correct[i * args.k:(i + 1) * args.k],
+                       votes=vote_counts(voters, args.scoring), vote_answer=None if chosen is None else answers[chosen])
+            row.update(vote_correct=chosen is not None and row["sample_correct"][chosen],
+                       pass_at_k=pass_at_k(row["sample_correct"]))
+    del model
+    if do_rerank:
+        verifier, vtok = load("AutoModelForSequenceClassification", args.verifier, "--verifier", mesh, device)
+        verifier.eval()
+        # Identical completions get identical scores: score each distinct text once.
+        texts = sorted({reward.build_prompt(r["question"], args.cot, sampling=True) + t
+                        for row, r in zip(rows, mine) for t in row["samples"]})
+        score_of = dict(zip(texts, verifier_scores(verifier, vtok, texts, args.batch_size, device, rank)))
+        for row, r in zip(rows, mine):
+            prompt = reward.build_prompt(r["question"], args.cot, sampling=True)
+            row["verifier_scores"] = [score_of[prompt + t] for t in row["samples"]]
+            candidates = row["sample_answers"]
+            candidates = paper_candidates(candidates, True) if args.scoring == "paper" else candidates
+            chosen = rerank_index(candidates, row["verifier_scores"])
+            row["rerank_answer"] = None if chosen is None else row["sample_answers"][chosen]
+            row["rerank_correct"] = chosen is not None and row["sample_correct"][chosen]
+        del verifier
+    for row in rows:
+        row.pop("samples", None)  # k full texts per question would dwarf everything else in predictions.jsonl
+
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(rows, gathered, dst=0)
+    if rank == 0:
+        write_outputs(args, sorted((row for part in gathered for row in part), key=lambda row: row["index"]),
+                      do_greedy, do_sample, do_rerank, world, time.time() - t0)
+    dist.destroy_process_group()
+
+
+def write_outputs(args, rows, do_greedy, do_sample, do_rerank, world, seconds):
+    """predictions.jsonl, results.json and the printed table (rank 0)."""
+    n = len(rows)
+    accuracy = {}
+    if do_greedy:
+        accuracy["greedy"] = sum(r["greedy_correct"] for r in rows) / n
+    if do_sample:
+        accuracy["vote"] = sum(r["vote_correct"] for r in rows) / n
+    if do_rerank:
+        accuracy["rerank"] = sum(r["rerank_correct"] for r in rows) / n
+    if do_sample:
+        accuracy["pass@k"] = sum(r["pass_at_k"] for r in rows) / n
+    results = {"accuracy": accuracy, "k": args.k if do_sample else None, "n": n, "mode": args.mode,
+               "model": args.model, "verifier": args.verifier if do_rerank else None, "data": args.data,
+               "split": args.split, "cot": args.cot, "temperature": args.temperature, "top_k": args.top_k,
+               "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed, "world_size": world,
+               "seconds": round(seconds, 1), "scoring": args.scoring, "reward": args.reward}
+    if do_greedy:
+        results["no_answer"] = {"greedy": sum(r["greedy_answer"] is None for r in rows) / n}
+    if do_sample:
+        results["sample_accuracy"] = sum(sum(r["sample_correct"]) for r in rows) / (n * args.k)
+        results.setdefault("no_answer", {})["samples"] = sum(a is None for r in rows
+                                                             for a in r["sample_answers"]) / (n * args.k)
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "predictions.jsonl"), "w") as f:
+        for r in rows:
+            r.pop("index")
+            f.write(json.dumps(r) + "\n")
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    labels = {"greedy": "greedy", "vote": f"vote@{args.k}", "rerank": f"rerank@{args.k}", "pass@k": f"pass@{args.k}"}
+    print(f"\n{args.data} {args.split or '(the file)'} ({args.cot}), n={n}, model {args.model}, {args.scoring} "
+          f"scoring, reward {args.reward}")
+    for name, acc in accuracy.items():
+        note = f"   (no answer: {100 * results['no_answer']['greedy']:.1f}%)" if name == "greedy" else ""
+        print(f"  {labels[name]:<12} {100 * acc:6.2f}%{note}")
+    if do_sample:
+        print(f"  {'per sample':<12} {100 * results['sample_accuracy']:6.2f}%   (no answer: "
+              f"{100 * results['no_answer']['samples']:.1f}%)")
+    print(f"  {seconds:.0f} s on {world} process(es); {args.output_dir}/results.json")
+
+
+# =====================================================================================================================
+# infrastructure: identical in every stage, tests/test_copies.py; skip on a first read
+# The flags and their checks, the run folder, the distributed setup and loading. A function marked "a copy" is the
+# same in every stage file that has it; the others are this stage's own.
+# =====================================================================================================================
+
+
+def check_args(args):
+    """One line naming every missing flag, so `python evaluate.py --mode rerank` says all it needs at once; then each
+    flag's range, the checkpoints, the CoT kind they were trained on and the output folder."""
+    missing = ([] if args.model else ["--model is required (a checkpoint folder written by sft.py or reft.py)"]) + \
+        (["--mode rerank needs --verifier (a checkpoint folder written by rerank.py)"]
+         if args.mode == "rerank" and not args.verifier else [])
+    if missing:
+        raise SystemExit("error: " + "; ".join(missing))
+    if args.mode != "greedy" and args.k < 1:
+        raise SystemExit(f"error: -k must be at least 1, not {args.k}")
+    check_ranges(args, RANGES)
+    check_checkpoint(args.model, "--model")
+    if args.verifier:
+        check_checkpoint(args.verifier, "--verifier")
+    resolve_cot(args, {flag: path for flag, path in (("--model", args.model), ("--verifier", args.verifier)) if path})
+    check_output_dir(args.output_dir)
+
+
+def check_verifier(path):
+    """Fail before any generation when --verifier is not a one-label classifier folder (as rerank.py saves)."""
+    from transformers import AutoConfig
+    try:
+        num_labels = AutoConfig.from_pretrained(path).num_labels
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --verifier {path}: cannot read its config ({str(e).splitlines()[0]})")
+    if num_labels != 1:
+        raise SystemExit(f"error: --verifier {path}: not a verifier written by rerank.py (a classifier with one label)")
+
+
+def load_questions(args):
+    """The questions: --split of a prepared dataset or folder (test when not given), or a --data file as it is, which
+    is then named as itself in results.json (`split` null) and the printed table."""
+    if reward.is_data_file(args.data) and args.split:
+        raise SystemExit(f"error: --data {args.data} is one file, evaluated as it is: drop --split {args.split} (or "
+                         f"pass a prepared dataset or folder)")
+    split = None if reward.is_data_file(args.data) else args.split or "test"
+    try:
+        records = reward.load_records(args.data, split, args.cot)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: --data {args.data} --split {split}: cannot load it ({e})")
+    args.split = split
+    records = records[:args.limit] if args.limit > 0 else records
+    if not records:
+        raise SystemExit(f"error: --data {args.data}: no questions")
+    return records
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def parse_args(cls, argv=None):
+    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names). `--help` shows
+    each field's docstring, read from the source (attribute docstrings do not exist at run time), its default, and
+    its choices when the field is a Literal (a value outside them gets argparse's one-line error)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
+        kw = {"default": f.default, "help": docs.get(f.name, "").replace("%", "%%")}
+        if f.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif get_origin(f.type) is Literal:
+            kw["choices"] = get_args(f.type)
+        else:
+            kw["type"] = type(f.default)
+        p.add_argument(*names, **kw)
+    return cls(**vars(p.parse_args(argv)))
 
 
 # ----------------------------------------------------------------------------- run folders and checks
@@ -442,221 +673,6 @@ def load(cls_name, path, flag, mesh, device, **kw):
         return model
 
     return load_sharded(read, lambda config: cls.from_config(config, dtype=torch.float32), mesh, device), tok
-
-
-# ----------------------------------------------------------------------------- generation and scoring
-
-@torch.no_grad()
-def generate_texts(model, tok, prompts, batch_size, device, desc, rank, **gen_kwargs):
-    """Completions of this rank's prompts, batch by batch with left padding; stops when every sequence ended."""
-    tok.padding_side = "left"
-    texts = []
-    n = num_calls(len(prompts), batch_size, device)
-    with gathered_for_generation(model):
-        for b in tqdm(range(n), desc=desc, disable=rank != 0):
-            chunk = prompts[b * batch_size:(b + 1) * batch_size]
-            ids = [reward.encode_prompt(tok, p) for p in chunk or [reward.INSTRUCTION]]  # a rank done early
-            enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device)  # left padding
-            # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
-            # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
-            out = model.generate(**enc, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True,
-                                 synced_gpus=False, **gen_kwargs)
-            if chunk:
-                texts += tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
-    return texts
-
-
-@torch.no_grad()
-def verifier_scores(verifier, tok, texts, batch_size, device, rank):
-    """P(correct) = sigmoid(logit) of each text; right padding, so the head reads the last real token.
-
-    The tokenizer saved by rerank.py carries the verifier's training max_length as model_max_length."""
-    tok.padding_side = "right"
-    scores = []
-    for b in tqdm(range(num_calls(len(texts), batch_size, device)), desc="verifier", disable=rank != 0):
-        chunk = texts[b * batch_size:(b + 1) * batch_size]
-        ids = [reward.encode_prompt(tok, t)[:tok.model_max_length] for t in chunk or [reward.INSTRUCTION]]
-        enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device)  # right padding, cut as rerank.encode cuts
-        logits = verifier(**enc).logits[:, 0].float()  # (B,)
-        if chunk:
-            scores += torch.sigmoid(logits).tolist()
-    return scores
-
-
-# ----------------------------------------------------------------------------- main
-
-RANGES = [("temperature", lambda v: v > 0, "above 0"), ("top_k", lambda v: v >= 0, "at least 0"),
-          ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
-          ("limit", lambda v: v == -1 or v >= 1, "-1 (all) or at least 1"),
-          ("batch_size", lambda v: v >= 1, "at least 1"), ("max_new_tokens", lambda v: v >= 1, "at least 1")]
-
-
-def check_args(args):
-    """One line naming every missing flag, so `python evaluate.py --mode rerank` says all it needs at once; then each
-    flag's range, the checkpoints, the CoT kind they were trained on and the output folder."""
-    missing = ([] if args.model else ["--model is required (a checkpoint folder written by sft.py or reft.py)"]) + \
-        (["--mode rerank needs --verifier (a checkpoint folder written by rerank.py)"]
-         if args.mode == "rerank" and not args.verifier else [])
-    if missing:
-        raise SystemExit("error: " + "; ".join(missing))
-    if args.mode != "greedy" and args.k < 1:
-        raise SystemExit(f"error: -k must be at least 1, not {args.k}")
-    check_ranges(args, RANGES)
-    check_checkpoint(args.model, "--model")
-    if args.verifier:
-        check_checkpoint(args.verifier, "--verifier")
-    resolve_cot(args, {flag: path for flag, path in (("--model", args.model), ("--verifier", args.verifier)) if path})
-    check_output_dir(args.output_dir)
-
-
-def check_verifier(path):
-    """Fail before any generation when --verifier is not a one-label classifier folder (as rerank.py saves)."""
-    from transformers import AutoConfig
-    try:
-        num_labels = AutoConfig.from_pretrained(path).num_labels
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --verifier {path}: cannot read its config ({str(e).splitlines()[0]})")
-    if num_labels != 1:
-        raise SystemExit(f"error: --verifier {path}: not a verifier written by rerank.py (a classifier with one label)")
-
-
-def load_questions(args):
-    """The questions: --split of a prepared dataset or folder (test when not given), or a --data file as it is, which
-    is then named as itself in results.json (`split` null) and the printed table."""
-    if reward.is_data_file(args.data) and args.split:
-        raise SystemExit(f"error: --data {args.data} is one file, evaluated as it is: drop --split {args.split} (or "
-                         f"pass a prepared dataset or folder)")
-    split = None if reward.is_data_file(args.data) else args.split or "test"
-    try:
-        records = reward.load_records(args.data, split, args.cot)
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"error: --data {args.data} --split {split}: cannot load it ({e})")
-    args.split = split
-    records = records[:args.limit] if args.limit > 0 else records
-    if not records:
-        raise SystemExit(f"error: --data {args.data}: no questions")
-    return records
-
-
-def main(args):
-    check_args(args)
-    reward_fn = reward.load_reward(args.reward)
-    if args.scoring == "paper" and reward_fn is not reward.compute_rewards:
-        raise SystemExit(f"error: --scoring paper judges answers by the paper code's rule, --reward {args.reward} by "
-                         f"its own: pass one of them")
-    records = load_questions(args)
-    rank, world, device, mesh = init_distributed()
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    do_greedy, do_sample = args.mode in ("greedy", "all"), args.mode != "greedy"
-    do_rerank = args.mode == "rerank" or (args.mode == "all" and bool(args.verifier))
-    if args.mode == "all" and not args.verifier:
-        log("no --verifier given: rerank is skipped")
-    if do_rerank:
-        check_verifier(args.verifier)
-    t0 = time.time()
-    torch.manual_seed(args.seed + rank)  # different samples on each rank
-    mine = records[rank::world]
-    rows = [{"index": rank + world * i, "item_id": r["item_id"], "gold": r["answer_value"]} for i, r in enumerate(mine)]
-
-    model, tok = load("AutoModelForCausalLM", args.model, "--model", mesh, device)
-    model.eval()
-    if rank == 0:  # after the checks and the policy's loading: a refused command writes nothing
-        if os.path.exists(os.path.join(args.output_dir, "results.json")):
-            log(f"overwriting the results in {args.output_dir} (evaluate.py keeps only its latest)")
-        os.makedirs(args.output_dir, exist_ok=True)
-        write_run_args(dataclasses.asdict(args), world)
-    if do_greedy:
-        texts = generate_texts(model, tok, [reward.build_prompt(r["question"], args.cot, sampling=True) for r in mine],
-                               args.batch_size, device, "greedy", rank, do_sample=False,
-                               max_new_tokens=args.max_new_tokens)
-        answers = extract(texts, args.cot, mine, args.scoring)
-        for row, text, answer, correct in zip(rows, texts, answers, correct_flags(texts, answers, mine, args,
-                                                                                  reward_fn)):
-            row.update(greedy_completion=text, greedy_answer=answer, greedy_correct=correct)
-    if do_sample:
-        prompts = [reward.build_prompt(r["question"], args.cot, sampling=True) for r in mine for _ in range(args.k)]
-        texts = generate_texts(model, tok, prompts, args.batch_size, device, f"sample k={args.k}", rank,
-                               do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               max_new_tokens=args.max_new_tokens)
-        repeated = [r for r in mine for _ in range(args.k)]
-        all_answers = extract(texts, args.cot, repeated, args.scoring)
-        all_correct = correct_flags(texts, all_answers, repeated, args, reward_fn)
-        for i, row in enumerate(rows):
-            row["samples"], answers = texts[i * args.k:(i + 1) * args.k], all_answers[i * args.k:(i + 1) * args.k]
-            voters = paper_candidates(answers, False) if args.scoring == "paper" else answers
-            chosen = majority_index(voters, args.scoring)
-            row.update(sample_answers=answers, sample_correct=all_correct[i * args.k:(i + 1) * args.k],
-                       votes=vote_counts(voters, args.scoring), vote_answer=None if chosen is None else answers[chosen])
-            row.update(vote_correct=chosen is not None and row["sample_correct"][chosen],
-                       pass_at_k=pass_at_k(row["sample_correct"]))
-    del model
-    if do_rerank:
-        verifier, vtok = load("AutoModelForSequenceClassification", args.verifier, "--verifier", mesh, device)
-        verifier.eval()
-        # Identical completions get identical scores: score each distinct text once.
-        texts = sorted({reward.build_prompt(r["question"], args.cot, sampling=True) + t
-                        for row, r in zip(rows, mine) for t in row["samples"]})
-        score_of = dict(zip(texts, verifier_scores(verifier, vtok, texts, args.batch_size, device, rank)))
-        for row, r in zip(rows, mine):
-            prompt = reward.build_prompt(r["question"], args.cot, sampling=True)
-            row["verifier_scores"] = [score_of[prompt + t] for t in row["samples"]]
-            candidates = row["sample_answers"]
-            candidates = paper_candidates(candidates, True) if args.scoring == "paper" else candidates
-            chosen = rerank_index(candidates, row["verifier_scores"])
-            row["rerank_answer"] = None if chosen is None else row["sample_answers"][chosen]
-            row["rerank_correct"] = chosen is not None and row["sample_correct"][chosen]
-        del verifier
-    for row in rows:
-        row.pop("samples", None)  # k full texts per question would dwarf everything else in predictions.jsonl
-
-    gathered = [None] * world if rank == 0 else None
-    dist.gather_object(rows, gathered, dst=0)
-    if rank == 0:
-        write_outputs(args, sorted((row for part in gathered for row in part), key=lambda row: row["index"]),
-                      do_greedy, do_sample, do_rerank, world, time.time() - t0)
-    dist.destroy_process_group()
-
-
-def write_outputs(args, rows, do_greedy, do_sample, do_rerank, world, seconds):
-    """predictions.jsonl, results.json and the printed table (rank 0)."""
-    n = len(rows)
-    accuracy = {}
-    if do_greedy:
-        accuracy["greedy"] = sum(r["greedy_correct"] for r in rows) / n
-    if do_sample:
-        accuracy["vote"] = sum(r["vote_correct"] for r in rows) / n
-    if do_rerank:
-        accuracy["rerank"] = sum(r["rerank_correct"] for r in rows) / n
-    if do_sample:
-        accuracy["pass@k"] = sum(r["pass_at_k"] for r in rows) / n
-    results = {"accuracy": accuracy, "k": args.k if do_sample else None, "n": n, "mode": args.mode,
-               "model": args.model, "verifier": args.verifier if do_rerank else None, "data": args.data,
-               "split": args.split, "cot": args.cot, "temperature": args.temperature, "top_k": args.top_k,
-               "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed, "world_size": world,
-               "seconds": round(seconds, 1), "scoring": args.scoring, "reward": args.reward}
-    if do_greedy:
-        results["no_answer"] = {"greedy": sum(r["greedy_answer"] is None for r in rows) / n}
-    if do_sample:
-        results["sample_accuracy"] = sum(sum(r["sample_correct"]) for r in rows) / (n * args.k)
-        results.setdefault("no_answer", {})["samples"] = sum(a is None for r in rows
-                                                             for a in r["sample_answers"]) / (n * args.k)
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "predictions.jsonl"), "w") as f:
-        for r in rows:
-            r.pop("index")
-            f.write(json.dumps(r) + "\n")
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    labels = {"greedy": "greedy", "vote": f"vote@{args.k}", "rerank": f"rerank@{args.k}", "pass@k": f"pass@{args.k}"}
-    print(f"\n{args.data} {args.split or '(the file)'} ({args.cot}), n={n}, model {args.model}, {args.scoring} "
-          f"scoring, reward {args.reward}")
-    for name, acc in accuracy.items():
-        note = f"   (no answer: {100 * results['no_answer']['greedy']:.1f}%)" if name == "greedy" else ""
-        print(f"  {labels[name]:<12} {100 * acc:6.2f}%{note}")
-    if do_sample:
-        print(f"  {'per sample':<12} {100 * results['sample_accuracy']:6.2f}%   (no answer: "
-              f"{100 * results['no_answer']['samples']:.1f}%)")
-    print(f"  {seconds:.0f} s on {world} process(es); {args.output_dir}/results.json")
 
 
 if __name__ == "__main__":
