@@ -239,11 +239,11 @@ def verifier_scores(verifier, tok, texts, batch_size, device, rank):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    check_args(args)
     reward_fn = reward.load_reward(args.reward)
     if args.scoring == "paper" and reward_fn is not reward.compute_rewards:
         raise SystemExit(f"error: --scoring paper judges answers by the paper code's rule, --reward {args.reward} by "
                          f"its own: pass one of them")
+    check_args(args)
     records = load_questions(args)
     rank, world, device, mesh = init_distributed()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)

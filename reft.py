@@ -1046,6 +1046,7 @@ def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, d
 def main(args):
     # Every check before any model loads: flags, --model, the data, the output folder.
     check_ranges(args, RANGES)
+    reward_fn = reward.load_reward(args.reward)
     check_checkpoint(args.model, "--model")
     resolve_cot(args, {"--model": args.model})
     flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
@@ -1058,7 +1059,6 @@ def main(args):
         raise SystemExit("error: --objective online_st has no advantages and no KL: drop --advantage, --kl_in_loss "
                          "and --adaptive_kl")
     keep_epochs = epochs_to_save(args.save_epochs)
-    reward_fn = reward.load_reward(args.reward)
     # The training questions (answers only: ReFT never looks at the annotated CoT; Online-ST trains on it).
     records = reward.load_records(args.data, "train", args.cot, require_cot=args.objective == "online_st")
     eval_records = eval_questions(args) if args.eval_every > 0 else None

@@ -891,15 +891,15 @@ def main(args):
         raise SystemExit("error: --init (or --model) is required: the checkpoint the verifier trunk starts from")
     if args.samples and not os.path.isfile(args.samples):
         raise SystemExit(f"error: --samples {args.samples!r}: no such file")
+    reward_fn = reward.load_reward(args.reward)
+    if args.samples and reward_fn is not reward.compute_rewards:
+        raise SystemExit(f"error: --reward {args.reward} labels the samples rerank.py draws; --samples "
+                         f"{args.samples} brings its own labels")
     checkpoints = {flag: path for flag, path in (("--model", args.model), ("--init", args.init)) if path}
     for flag, path in checkpoints.items():
         check_checkpoint(path, flag)
     resolve_cot(args, checkpoints)
     flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
-    reward_fn = reward.load_reward(args.reward)
-    if args.samples and reward_fn is not reward.compute_rewards:
-        raise SystemExit(f"error: --reward {args.reward} labels the samples rerank.py draws; --samples "
-                         f"{args.samples} brings its own labels")
     rows = read_samples(args.samples) if args.samples else None
     if not args.samples:
         reward.load_records(args.data, args.split, args.cot)  # the questions to sample exist
