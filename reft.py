@@ -5,7 +5,8 @@ answer with reward.py (1 correct / 0.1 wrong / 0 no answer, on the token that em
 KL penalty against the frozen warm-up model, estimate advantages with GAE on a value head that shares the
 policy's trunk, and take clipped PPO steps. The PPO formulas are the small pure functions below, each named
 after its equation; `main()` reads top to bottom like Algorithm 1. Variants: critic-free advantages (--advantage
-grpo|rloo), the KL in the loss (--kl_in_loss) and the paper's online self-training baseline (--objective online_st).
+grpo|rloo), the KL in the loss (--kl_in_loss), the paper's online self-training baseline (--objective online_st), and
+DAPO's and Dr. GRPO's recipes (--loss_aggregation, --clip_range_high, --scale_rewards none).
 
 Run it (CPU, the offline default: a tiny warm-up checkpoint made by sft.py on `minigsm`):
     python reft.py --model runs/warmup/final --data minigsm --cot nl --output_dir runs/reft
@@ -929,6 +930,9 @@ def main(args):
     if args.objective == "online_st" and (args.advantage != "gae" or args.kl_in_loss or args.adaptive_kl):
         raise SystemExit("error: --objective online_st has no advantages and no KL: drop --advantage, --kl_in_loss "
                          "and --adaptive_kl")
+    if args.objective == "online_st" and (args.loss_aggregation != "seq_mean" or args.clip_range_high >= 0):
+        raise SystemExit("error: --loss_aggregation and --clip_range_high shape PPO's loss: --objective online_st has "
+                         "its own (½ NLL of correct samples + ½ NLL of gold CoTs, each a token mean)")
 
     # The training questions (answers only: ReFT never looks at the annotated CoT; Online-ST trains on it) and prompts.
     keep_epochs = epochs_to_save(args.save_epochs)

@@ -193,6 +193,8 @@ def test_online_st_raises_the_training_accuracy(minigsm, warmup, tmp_path):
     (["--advantage", "rloo", "--num_samples", 2, "--separate_value_model"], "--separate_value_model needs a value "
                                                                             "head"),
     (["--advantage", "rloo", "--num_samples", 2, "--scale_rewards", "none"], "--scale_rewards is GRPO's option"),
+    (["--objective", "online_st", "--loss_aggregation", "token_mean"], "--loss_aggregation and --clip_range_high"),
+    (["--objective", "online_st", "--clip_range_high", 0.3], "online_st has its own"),
     (["--objective", "online_st", "--separate_value_model"], "--separate_value_model needs a value head"),
     (["--objective", "online_st", "--kl_in_loss"], "--objective online_st has no advantages and no KL"),
     (["--objective", "online_st", "--num_samples", 2, "--advantage", "grpo"], "online_st has no advantages"),
@@ -350,7 +352,7 @@ def plain_minibatch_gradient(how, inputs):
     return {name: p.grad for name, p in model.named_parameters()}
 
 
-def test_each_aggregation_has_one_gradient_whatever_the_micro_batches_and_processes(tmp_path):
+def test_aggregations_give_one_gradient_for_any_micro_batches_and_processes(tmp_path):
     """The gradient of one minibatch of responses of 1 to 12 tokens, by reft.ppo_backward with the policy, value and
     k3 losses: 1 process in micro-batches of 1, 3 and 8 sequences and 2 processes in micro-batches of 1 and 4 give
     the plain token-by-token gradient of the aggregation's equation. A token mean per micro-batch or per rank fails."""
@@ -366,7 +368,7 @@ def test_each_aggregation_has_one_gradient_whatever_the_micro_batches_and_proces
             got = torch.load(tmp_path / f"{how}_{world}_{m}.pt")
             for name, w in want.items():
                 error = ((got[name] - w).norm() / w.norm()).item()
-                assert error < 1e-5, (how, world, m, name, error)
+                assert error < 1e-5, (how, world, m, name, error)  # fp32 sums in other orders: measured ≤ 4e-6
 
 
 # ----------------------------------------------------------------------------- main() uses every flag that changes
