@@ -375,15 +375,11 @@ def test_aggregations_give_one_gradient_for_any_micro_batches_and_processes(tmp_
 # what is learned from: one step of main() in this process, the pure functions it calls wrapped to record their
 # arguments, with each such flag away from its default. A main() that ignored one passes the default instead.
 
-SPIED = ("kl_shaped_rewards", "grpo_advantages", "policy_loss")
+SPIED = ("kl_shaped_rewards", "compute_gae", "grpo_advantages", "rloo_advantages", "policy_loss")
 
 
-@pytest.fixture(scope="module")
-def spied_step(minigsm, warmup, tmp_path_factory):
-    """(arguments of every call to each function of SPIED, the metrics row) of one step of main() with
-    --no-partial_reward --advantage grpo --scale_rewards none --kl_in_loss --clip_range_high 0.3
-    --loss_aggregation token_sum_norm --temperature 0.7."""
-    out = tmp_path_factory.mktemp("spied")
+def spied_main(out, minigsm, warmup, *flags):
+    """(arguments of every call to each function of SPIED, the metrics row) of one step of main() on 16 questions."""
     seen = {name: [] for name in SPIED}
 
     def spy(name, real):
@@ -395,13 +391,21 @@ def spied_step(minigsm, warmup, tmp_path_factory):
         try:
             reft.main(reft.parse_args(reft.Args, [str(a) for a in (
                 "--model", warmup, "--data", minigsm, "--output_dir", out, "--max_steps", 1, "--batch_size", 16,
-                "--num_samples", 2, "--max_length", 120, "--eval_every", 0, "--save_steps", 1000, "--seed", 2,
-                "--no-partial_reward", "--advantage", "grpo", "--scale_rewards", "none", "--kl_in_loss", "--kl_coef",
-                0.3, "--clip_range_high", 0.3, "--loss_aggregation", "token_sum_norm", "--temperature", 0.7)]))
+                "--max_length", 120, "--eval_every", 0, "--save_steps", 1000, *flags)]))
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
     return seen, read_metrics(out / "metrics.jsonl")[0]
+
+
+@pytest.fixture(scope="module")
+def spied_step(minigsm, warmup, tmp_path_factory):
+    """spied_main with --no-partial_reward --advantage grpo --scale_rewards none --kl_in_loss --clip_range_high 0.3
+    --loss_aggregation token_sum_norm --temperature 0.7."""
+    return spied_main(tmp_path_factory.mktemp("spied"), minigsm, warmup, "--num_samples", 2, "--seed", 2,
+                      "--no-partial_reward", "--advantage", "grpo", "--scale_rewards", "none", "--kl_in_loss",
+                      "--kl_coef", 0.3, "--clip_range_high", 0.3, "--loss_aggregation", "token_sum_norm",
+                      "--temperature", 0.7)
 
 
 def test_no_partial_reward_scores_a_wrong_answer_0(spied_step):
@@ -444,3 +448,14 @@ def test_zero_variance_groups_is_the_fraction_of_questions_whose_samples_agree(s
     pairs = scores.view(16, 2).tolist()
     agree = sum(a == b for a, b in pairs)
     assert spied_step[1]["zero_variance_groups"] == pytest.approx(agree / 16) and 0 < agree < 16
+
+
+def test_gae_gets_gamma_and_lam(minigsm, warmup, tmp_path):
+    seen, _ = spied_main(tmp_path, minigsm, warmup, "--gamma", 0.9, "--lam", 0.5)
+    (*_, gamma, lam), = seen["compute_gae"]
+    assert (gamma, lam) == (0.9, 0.5) and not seen["grpo_advantages"] and not seen["rloo_advantages"]
+
+
+def test_advantage_rloo_takes_rloos_advantages(minigsm, warmup, tmp_path):
+    seen, _ = spied_main(tmp_path, minigsm, warmup, "--num_samples", 2, "--advantage", "rloo")
+    assert len(seen["rloo_advantages"]) == 1 and not seen["grpo_advantages"] and not seen["compute_gae"]
