@@ -5,7 +5,8 @@ answer with reward.py (1 correct / 0.1 wrong / 0 no answer, on the token that em
 KL penalty against the frozen warm-up model, estimate advantages with GAE on a value head that shares the
 policy's trunk, and take clipped PPO steps. The PPO formulas are the small pure functions below, each named
 after its equation; `main()` reads top to bottom like Algorithm 1. Variants: critic-free advantages (--advantage
-grpo|rloo), the KL in the loss (--kl_in_loss) and the paper's online self-training baseline (--objective online_st).
+grpo|rloo), the KL in the loss (--kl_in_loss), the paper's online self-training baseline (--objective online_st), and
+DAPO's and Dr. GRPO's recipes (--loss_aggregation, --clip_range_high, --scale_rewards none).
 
 Run it (CPU, the offline default: a tiny warm-up checkpoint made by sft.py on `minigsm`):
     python reft.py --model runs/warmup/final --data minigsm --cot nl --output_dir runs/reft
@@ -87,6 +88,10 @@ class Args:
     """PPO's advantage: `gae` on a value head (paper), or one value per sample for all its tokens, from the
     --num_samples (≥ 2) samples of its question, with no value head: `grpo` (Shao et al. 2024) or `rloo` (Ahmadian
     et al. 2024)"""
+    scale_rewards: Literal["group", "none"] = "group"
+    """with --advantage grpo: `group` divides each sample's centred reward by its group's std (DeepSeekMath's GRPO);
+    `none` only centres it, as Dr. GRPO (Liu et al. 2025) and TRL's GRPOTrainer scale_rewards="none" (a question whose
+    samples nearly agree then gets small advantages, not unit ones)"""
     lr: float = -1.0
     """constant learning rate; -1 (the default) = automatic: 5e-5 for a model under 50 M parameters (the tiny CPU
     one), else the paper's 3e-7; 0 trains at 0 (a frozen-policy control)"""
@@ -100,12 +105,20 @@ class Args:
     """move the KL term from the reward (per-token shaping: the paper's code, TRL's PPOTrainer and RLOOTrainer, verl's
     use_kl_in_reward) into the loss, as β × the k3 estimator per token (DeepSeekMath's GRPO, TRL's GRPOTrainer, verl's
     use_kl_loss)"""
+    loss_aggregation: Literal["seq_mean", "token_mean", "token_sum_norm"] = "seq_mean"
+    """how the per-token policy, value and --kl_in_loss losses become a minibatch's loss: `seq_mean` a token mean per
+    sequence, then a mean over sequences (the paper's code, GRPO); `token_mean` one mean over all the minibatch's tokens
+    on all ranks (DAPO, Yu et al. 2025; TRL GRPOTrainer loss_type="dapo"); `token_sum_norm` the token sum divided by
+    sequences × --max_length, a constant (Dr. GRPO, Liu et al. 2025)"""
     gamma: float = 1.0
     """GAE discount γ (paper's code: 1.0)"""
     lam: float = 0.95
     """GAE λ (paper's code: 0.95)"""
     clip_range: float = 0.2
     """ε of the clipped policy objective"""
+    clip_range_high: float = -1.0
+    """the upper ε: the ratio is clipped to [1 - clip_range, 1 + clip_range_high]; -1 = --clip_range (symmetric, as
+    the paper); DAPO's clip-higher (Yu et al. 2025) raises it, e.g. to 0.28 with --clip_range 0.2"""
     clip_range_value: float = 0.2
     """ε_v of the clipped value loss, in reward units"""
     vf_coef: float = 5.0
@@ -167,6 +180,7 @@ RANGES = [("epochs", lambda v: v >= 1, "at least 1"), ("batch_size", lambda v: v
           ("kl_coef", lambda v: v == -1 or v >= 0, "-1 (the paper's) or at least 0"),
           ("target_kl", lambda v: v > 0, "above 0"), ("gamma", lambda v: 0 <= v <= 1, "in [0, 1]"),
           ("lam", lambda v: 0 <= v <= 1, "in [0, 1]"), ("clip_range", lambda v: v > 0, "above 0"),
+          ("clip_range_high", lambda v: v == -1 or v > 0, "-1 (= --clip_range) or above 0"),
           ("clip_range_value", lambda v: v > 0, "above 0"), ("vf_coef", lambda v: v >= 0, "at least 0"),
           ("temperature", lambda v: v > 0, "above 0"), ("max_prompt_length", lambda v: v >= 1, "at least 1"),
           ("max_length", lambda v: v >= 2, "at least 2"), ("save_steps", lambda v: v >= 0, "at least 0"),
@@ -263,16 +277,20 @@ def group_sums(x, group):
     return sums[inverse], counts[inverse].to(x.dtype)
 
 
-def grpo_advantages(rewards, group, mask, eps=1e-4):
+def grpo_advantages(rewards, group, mask, scale=True, eps=1e-4):
     """GRPO's outcome-supervised advantage (Shao et al. 2024, DeepSeekMath, sec. 4.1.2), on every response token:
 
-        A_i = (r_i - mean(r_group)) / (std(r_group) + ε)
+        A_i = (r_i - mean(r_group)) / (std(r_group) + ε)       or, with scale=False (Dr. GRPO, Liu et al. 2025,
+        A_i =  r_i - mean(r_group)                              sec. 3.1: the std division up-weights easy and hard
+                                                                 questions, whose samples nearly agree)
 
     over the samples of one question: the rows with the same `group` id, at least 2, groups of any sizes. std with
     n - 1 and ε = 1e-4 as TRL's GRPOTrainer: a group whose rewards are all equal gets 0, not 0/0. (B,), (B,),
     (B, R) -> (B, R)"""
     total, n = group_sums(rewards, group)
     centred = rewards - total / n
+    if not scale:
+        return centred[:, None] * mask
     std = (group_sums(centred ** 2, group)[0] / (n - 1)).sqrt()
     return (centred / (std + eps))[:, None] * mask
 
@@ -299,31 +317,60 @@ def k3_kl(logprobs, ref_logprobs):
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
+def aggregate_loss(losses, mask, how="seq_mean", n_seq=1, n_tokens=1, max_length=1):
+    """Per-token losses l_it (B, R) -> per-sequence terms (B,) whose mean over the minibatch's N = n_seq sequences (all
+    micro-batches of all ranks) is its loss under --loss_aggregation `how`, with |o_i| the valid tokens of sequence i:
+
+        seq_mean:        L = 1/N Σ_i 1/|o_i| Σ_t l_it     the paper's code; GRPO (Shao et al. 2024, eq. 3): a long
+                                                           and a short CoT weigh the same
+        token_mean:      L = 1/T Σ_i Σ_t l_it,            DAPO's token-level loss (Yu et al. 2025, sec. 3.3;
+                         T = Σ_i |o_i| = n_tokens          TRL GRPOTrainer loss_type="dapo"): every token weighs
+                                                           the same
+        token_sum_norm:  L = 1/(N L_max) Σ_i Σ_t l_it     Dr. GRPO (Liu et al. 2025, sec. 3.1): a constant
+                         L_max = max_length                 instead of any length, so no length bias
+
+    T must be the count over the whole minibatch (one all-reduce), not a micro-batch's or a rank's: only then is the
+    gradient the same whatever --micro_batch_size and the number of processes."""
+    if how == "seq_mean":
+        return masked_mean(losses, mask, dim=1)
+    return (losses * mask).sum(1) * (n_seq / n_tokens if how == "token_mean" else 1 / max_length)
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range, clip_range_high=None, aggregation=None):
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
 
-        L = max(-A r, -A clip(r, 1-ε, 1+ε)),   r = π(a_t) / π_old(a_t)
+        L = max(-A r, -A clip(r, 1-ε, 1+ε_high)),   r = π(a_t) / π_old(a_t)
 
-    Aggregated as the paper's code does: token mean within each sequence, then mean over sequences (so a long
-    and a short CoT weigh the same). Returns (loss per sequence (B,), clip fraction, approx KL ½E[(log r)²])."""
+    ε_high = ε (None) as PPO; a larger one is DAPO's clip-higher (Yu et al. 2025, sec. 3.1), room for unlikely tokens
+    to grow. Aggregated by aggregate_loss with the keywords `aggregation` (None: seq_mean, the paper's). Returns
+    (loss per sequence (B,), clip fraction, approx KL ½E[(log r)²])."""
+    clip_range_high = clip_range if clip_range_high is None else clip_range_high
     log_ratio = (logprobs - old_logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     ratio = torch.exp(log_ratio)
-    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
-    clipfrac = masked_mean(((ratio - 1).abs() > clip_range).float(), mask)
+    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range_high))
+    clipfrac = masked_mean(((ratio - 1 < -clip_range) | (ratio - 1 > clip_range_high)).float(), mask)
     approx_kl = 0.5 * masked_mean(log_ratio ** 2, mask)
-    return masked_mean(losses, mask, dim=1), clipfrac, approx_kl
+    return aggregate_loss(losses, mask, **(aggregation or {})), clipfrac, approx_kl
 
 
-def value_loss(values, old_values, returns, mask, clip_range_value):
+def value_loss(values, old_values, returns, mask, clip_range_value, aggregation=None):
     """Clipped value loss (as in PPO's reference code and the paper's):
 
         L_V = ½ max((V - R)², (V_old + clip(V - V_old, -ε_v, ε_v) - R)²)
 
-    Same aggregation as the policy loss. Returns (loss per sequence (B,), clip fraction)."""
+    Aggregated as the policy loss. Returns (loss per sequence (B,), clip fraction)."""
     clipped = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
     losses = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
     clipfrac = masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).float(), mask)
-    return masked_mean(losses, mask, dim=1), clipfrac
+    return aggregate_loss(losses, mask, **(aggregation or {})), clipfrac
+
+
+def zero_variance_groups(scores, num_samples):
+    """How many questions got the same score on all their samples: `scores` (b,) holds each question's num_samples
+    samples in consecutive rows. Their advantage is 0 under GRPO and RLOO, so they teach nothing (DAPO's dynamic
+    sampling drops them, Yu et al. 2025, sec. 3.2)."""
+    per_question = scores.view(-1, num_samples)
+    return (per_question == per_question[:, :1]).all(1).sum()
 
 
 def adaptive_beta(beta, kl, target_kl, n_sequences, horizon=10_000):
@@ -918,12 +965,55 @@ def clipped_step(model, opt):
     return finite
 
 
+def ppo_backward(model, micro_batches, rollout, P, mini, world, beta, args, device, stats):
+    """Step 6 for one minibatch: forward and backward of this rank's micro-batches, the gradient accumulating.
+
+    Each micro-batch's loss is the sum of its per-sequence terms (aggregate_loss: their mean over the minibatch is its
+    loss) × world / mini, the minibatch's sequences on all ranks: FSDP averages gradients over ranks, so the gradient
+    is the minibatch's whatever the micro-batches and the processes. `rollout` holds this rank's (b, ...) tensors of
+    steps 1-5 (returns and old_values None without a value head); the micro-batches' losses are appended to `stats`."""
+    r = rollout
+    aggregation = dict(how=args.loss_aggregation, n_seq=mini, max_length=args.max_length)
+    if args.loss_aggregation == "token_mean":  # the count of the whole minibatch, on all ranks: one all-reduce
+        aggregation["n_tokens"] = global_sums([r["mask"][torch.cat(micro_batches)].sum()], device)[0]
+    clip_range_high = args.clip_range if args.clip_range_high < 0 else args.clip_range_high
+    for idx in micro_batches:
+        mask = r["mask"][idx]
+        logits, values = model(r["input_ids"][idx], r["attn"][idx], P)
+        logprobs = logprobs_of(logits, r["responses"][idx], args.temperature)
+        pg, pg_clip, approx_kl = policy_loss(logprobs, r["old_logprobs"][idx], r["advantages"][idx], mask,
+                                             args.clip_range, clip_range_high, aggregation)
+        loss, st = pg, dict(pg_loss=pg.mean(), pg_clipfrac=pg_clip, approx_kl=approx_kl,
+                            ratio=masked_mean(torch.exp(logprobs - r["old_logprobs"][idx]), mask))
+        if values is not None:  # GAE's value head
+            vf, vf_clip = value_loss(values, r["old_values"][idx], r["returns"][idx], mask, args.clip_range_value,
+                                     aggregation)
+            loss = loss + args.vf_coef * vf
+            st.update(vf_loss=vf.mean(), vf_clipfrac=vf_clip)
+        if args.kl_in_loss:  # aggregated as the policy loss
+            kl_loss = aggregate_loss(k3_kl(logprobs, r["ref_logprobs"][idx]), mask, **aggregation)
+            loss = loss + beta * kl_loss
+            st.update(kl_loss=kl_loss.mean())
+        # reduce-scatters every micro-batch: FSDP2 keeps the accumulated gradient sharded
+        (loss.sum() * world / mini).backward()
+        for k, v in st.items():
+            stats.setdefault(k, []).append(v.item())
+
+
 def gold_example(tok, record, cot):
     """(ids, n_prompt) of a question's gold CoT + EOS, tokenized as sft.py's encode_example does it (one string through
     reward.encode_sft_example), so that Online-ST's gold half is SFT's loss on the same tokens."""
     ids, n_prompt = reward.encode_sft_example(tok, reward.build_prompt(record["question"], cot),
                                               reward.build_target(record, cot))
     return ids + [tok.eos_token_id], n_prompt
+
+
+def online_st_examples(gold, prompts, rows, responses, mask, scores):
+    """Online-ST's training examples: per row (its question's gold CoT, its sample), each (ids, n_prompt); the sample
+    is the prompt + the response up to and including EOS, and None unless it scored 1 (correct: the paper trains on
+    correct samples only, so a wrong answer's partial reward of 0.1 must not count)."""
+    return [(gold[q], (prompts[q] + responses[b, :int(mask[b].sum())].tolist(), len(prompts[q]))
+             if scores[b] == 1.0 else None) for b, q in enumerate(rows)]
 
 
 def sequence_nll(model, examples, pad_id, device):
@@ -962,14 +1052,17 @@ def online_st_update(model, opt, examples, pad_id, mini, world, step, args, devi
     return {"loss": [loss_sum / n_steps]}, skipped  # step_metrics sums over ranks and divides by world: the mean loss
 
 
-def step_metrics(scores, no_answer, kl, entropy, mask, ended, returns, old_values, stats, world, device):
+def step_metrics(scores, no_answer, kl, entropy, mask, ended, returns, old_values, stats, world, device, num_samples):
     """The logged means of one step over all ranks' sequences and tokens, from one all-reduce of sums. `stats`
     holds this rank's per-micro-batch losses; every rank runs as many micro-batches, so their mean of means is
     the mean over the step. `no_answer` (b,) flags the sequences without an extractable answer, so that
     "unparseable" is told apart from "wrong" whatever --reward gives them. Metrics of what a variant lacks are
-    absent: KL and entropy without a reference (Online-ST), the values' explained variance without GAE's returns."""
+    absent: KL and entropy without a reference (Online-ST), the values' explained variance without GAE's returns, the
+    fraction of questions whose samples all scored alike (zero_variance_groups) with one sample per question."""
     sums = dict(n=len(scores), score=scores.sum(), correct=(scores == 1.0).sum(), no_answer=no_answer.sum(),
                 tokens=mask.sum(), ended=ended.sum(), **{k: sum(v) / len(v) for k, v in stats.items()})
+    if num_samples >= 2:
+        sums["zero_variance"] = zero_variance_groups(scores, num_samples)
     if kl is not None:
         sums.update(kl=kl.sum(), entropy=masked_mean(entropy, mask, 1).sum())
     if returns is not None:
@@ -980,6 +1073,8 @@ def step_metrics(scores, no_answer, kl, entropy, mask, ended, returns, old_value
     m = dict(score=t["score"] / n, accuracy=t["correct"] / n, no_answer=t["no_answer"] / n,
              **{k: t[k] / n for k in ("kl", "entropy") if k in t}, response_length=t["tokens"] / n,
              eos_fraction=t["ended"] / n, tokens=t["tokens"])
+    if num_samples >= 2:
+        m["zero_variance_groups"] = t["zero_variance"] * num_samples / n
     if returns is not None:
         m["explained_variance"] = explained_variance(t["err"], t["err2"], t["ret"], t["ret2"], t["tokens"])
     return dict(m, **{k: t[k] / world for k in stats})
@@ -1053,11 +1148,16 @@ def main(args):
     if args.advantage != "gae" and args.num_samples < 2:
         raise SystemExit(f"error: --advantage {args.advantage} compares the samples of a question: it needs "
                          f"--num_samples 2 or more (a group of one has no baseline)")
+    if args.scale_rewards != "group" and args.advantage != "grpo":
+        raise SystemExit("error: --scale_rewards is GRPO's option: it needs --advantage grpo")
     if args.separate_value_model and (args.advantage != "gae" or args.objective != "ppo"):
         raise SystemExit("error: --separate_value_model needs a value head: --advantage gae and --objective ppo")
     if args.objective == "online_st" and (args.advantage != "gae" or args.kl_in_loss or args.adaptive_kl):
         raise SystemExit("error: --objective online_st has no advantages and no KL: drop --advantage, --kl_in_loss "
                          "and --adaptive_kl")
+    if args.objective == "online_st" and (args.loss_aggregation != "seq_mean" or args.clip_range_high >= 0):
+        raise SystemExit("error: --loss_aggregation and --clip_range_high shape PPO's loss: --objective online_st has "
+                         "its own (½ NLL of correct samples + ½ NLL of gold CoTs, each a token mean)")
     keep_epochs = epochs_to_save(args.save_epochs)
     # The training questions (answers only: ReFT never looks at the annotated CoT; Online-ST trains on it).
     records = reward.load_records(args.data, "train", args.cot, require_cot=args.objective == "online_st")
@@ -1119,6 +1219,9 @@ def main(args):
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
 
+    if args.objective == "ppo":
+        log(f"ppo: loss aggregation {args.loss_aggregation}, clip range [1 - {args.clip_range:g}, 1 + "
+            f"{args.clip_range if args.clip_range_high < 0 else args.clip_range_high:g}]")
     bar = tqdm(total=total_steps, initial=step, desc="reft", disable=rank != 0)
     while step < total_steps:
         epoch, i = divmod(step, steps_per_epoch)
@@ -1149,8 +1252,7 @@ def main(args):
         t2 = time.time()
 
         if args.objective == "online_st":  # the paper's baseline: NLL steps instead of steps 3-6
-            examples = [(gold[q], (prompts[q] + responses[b, :int(mask[b].sum())].tolist(), len(prompts[q]))
-                         if scores[b] == 1.0 else None) for b, q in enumerate(rows)]
+            examples = online_st_examples(gold, prompts, rows, responses, mask, scores)
             stats, n_skipped = online_st_update(model, opt, examples, tok.pad_token_id, mini, world, step, args, device)
             skipped += n_skipped
             kl = entropy = returns = old_values = None
@@ -1172,41 +1274,24 @@ def main(args):
                 advantages = masked_whiten(advantages, mask)
             else:
                 returns = None
-                advantages = {"grpo": grpo_advantages, "rloo": rloo_advantages}[args.advantage](
-                    rewards.sum(1), torch.tensor(rows, device=device), mask)
+                group = torch.tensor(rows, device=device)
+                advantages = grpo_advantages(rewards.sum(1), group, mask, args.scale_rewards == "group") \
+                    if args.advantage == "grpo" else rloo_advantages(rewards.sum(1), group, mask)
 
-            # 6. PPO epochs: each minibatch is one optimizer step; the loss is a mean over the *global* number of
-            #    sequences in the minibatch (× world, since FSDP averages gradients over ranks).
+            # 6. PPO epochs: each minibatch is one optimizer step (ppo_backward, then the clipped step).
             model.train()
             stats = {}
+            rollout = dict(input_ids=input_ids, attn=attn, responses=responses, mask=mask, old_logprobs=old_logprobs,
+                           ref_logprobs=ref_logprobs, advantages=advantages, returns=returns, old_values=old_values)
             for micro_batches in minibatches(len(rows), mini // world, args, step):
-                for idx in micro_batches:
-                    logits, values = model(input_ids[idx], attn[idx], P)
-                    logprobs = logprobs_of(logits, responses[idx], args.temperature)
-                    pg, pg_clip, approx_kl = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask[idx],
-                                                         args.clip_range)
-                    loss, st = pg, dict(pg_loss=pg.mean(), pg_clipfrac=pg_clip, approx_kl=approx_kl,
-                                        ratio=masked_mean(torch.exp(logprobs - old_logprobs[idx]), mask[idx]))
-                    if values is not None:  # GAE's value head
-                        vf, vf_clip = value_loss(values, old_values[idx], returns[idx], mask[idx],
-                                                 args.clip_range_value)
-                        loss = loss + args.vf_coef * vf
-                        st.update(vf_loss=vf.mean(), vf_clipfrac=vf_clip)
-                    if args.kl_in_loss:  # aggregated as the policy loss
-                        kl_loss = masked_mean(k3_kl(logprobs, ref_logprobs[idx]), mask[idx], 1)
-                        loss = loss + beta * kl_loss
-                        st.update(kl_loss=kl_loss.mean())
-                    # reduce-scatters every micro-batch: FSDP2 keeps the accumulated gradient sharded
-                    (loss.sum() * world / mini).backward()
-                    for k, v in st.items():
-                        stats.setdefault(k, []).append(v.item())
+                ppo_backward(model, micro_batches, rollout, P, mini, world, beta, args, device, stats)
                 skipped += not clipped_step(model, opt)
         t3 = time.time()
 
         # 7. Log: means over all ranks' sequences and tokens.
         m = dict(step=step + 1, epoch=epoch + (i + 1) / steps_per_epoch,
                  **step_metrics(scores, no_answer, kl, entropy, mask, (responses == tok.eos_token_id).any(1),
-                                returns, old_values, stats, world, device))
+                                returns, old_values, stats, world, device, args.num_samples))
         if args.objective == "ppo":
             m.update({} if args.kl_in_loss else {"kl_penalty": -beta * m["kl"]}, beta=beta,
                      ratio_first=stats["ratio"][0])
