@@ -3,10 +3,27 @@
 For every batch of training questions: sample a chain of thought per question from the policy, score its
 answer with reward.py (1 correct / 0.1 wrong / 0 no answer, on the token that emits EOS), subtract a per-token
 KL penalty against the frozen warm-up model, estimate advantages with GAE on a value head that shares the
-policy's trunk, and take clipped PPO steps. The PPO formulas are the small pure functions below, each named
-after its equation; `main()` reads top to bottom like Algorithm 1. Variants: critic-free advantages (--advantage
-grpo|rloo), the KL in the loss (--kl_in_loss), the paper's online self-training baseline (--objective online_st), and
-DAPO's and Dr. GRPO's recipes (--loss_aggregation, --clip_range_high, --scale_rewards none).
+policy's trunk, and take clipped PPO steps. Variants: critic-free advantages (--advantage grpo|rloo), the KL in the
+loss (--kl_in_loss), the paper's online self-training baseline (--objective online_st), and DAPO's and Dr. GRPO's
+recipes (--loss_aggregation, --clip_range_high, --scale_rewards none).
+
+Reading guide: the RL stage of the paper's Algorithm 1 and its equations (sec. 3), each to the code, in the order
+main() calls it. Read top to bottom: the pure PPO functions, the model and sampler, the steps, main(); everything
+below the "infrastructure" marker (checks, loading, saving, distributed setup) can wait.
+  a batch of training questions x                        step_questions
+  sample CoTs e' ~ π_θ(x)                                rollout → sample (Gumbel-max, one generator per row)
+  y' = EXTRACT(e'), rewarded 1 right, 0.1 wrong, 0 none  score → reward.extract_answers, reward.compute_rewards
+  π_θold ← π_θ: old log-probs and values; π_ref's        old_and_reference → rollout_forwards
+  total reward r_t: score on EOS - β·KL_t on each token  advantages → kl_shaped_rewards (KL_t: log π_old - log π_ref)
+  δ_t, Â_t = Σ_l (γλ)^l δ_{t+l}, R̂_t = Â_t + V(s_t)     advantages → compute_gae (GAE), masked_whiten
+  U updates of L_RL = L_policy + α·L_value               ppo_update → minibatches, ppo_backward, clipped_step
+    L_policy, PPO's clipped surrogate                    policy_loss (Schulman et al. 2017, eq. 7)
+    L_value, the clipped value loss                      value_loss
+    averaging over tokens and sequences                  aggregate_loss (--loss_aggregation)
+  variants                                               grpo_advantages, rloo_advantages, k3_kl, online_st_step
+  metrics, evaluation, checkpoints                       step_log, greedy_evaluation, write_metrics, save
+One step with real numbers (the mask, scores, per-token KL, shaped rewards, values, TD errors, advantages, returns,
+ratios and clipped losses of 2 questions × 2 samples): docs/walkthrough.md, made by scripts/walkthrough.py.
 
 Run it (CPU, the offline default: a tiny warm-up checkpoint made by sft.py on `minigsm`):
     python reft.py --model runs/warmup/final --data minigsm --cot nl --output_dir runs/reft
@@ -15,9 +32,6 @@ The paper's setting (8 GPUs, CodeLlama-7B warm-up = epoch 2 of SFT, GSM8K progra
     torchrun --nproc_per_node 8 reft.py --model runs/sft7b/epoch_2 --data gsm8k_reft --cot python \\
         --batch_size 32 --lr 3e-7 --epochs 300 --kl_coef 0.01 --max_prompt_length 300 --max_length 700 \\
         --gradient_checkpointing
-
-One PPO step with real numbers (the mask, scores, per-token KL, shaped rewards, values, TD errors, advantages,
-returns, ratios and clipped losses of 2 questions × 2 samples): docs/walkthrough.md, made by scripts/walkthrough.py.
 
 One code path: plain `python reft.py` is a 1-process group; under `torchrun` the policy (with its value head)
 and the reference are sharded with FSDP2, gloo + fp32 on CPU and NCCL + bf16 mixed precision on GPU.
@@ -35,6 +49,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Literal, get_args, get_origin
 
 import torch
@@ -187,29 +202,6 @@ RANGES = [("epochs", lambda v: v >= 1, "at least 1"), ("batch_size", lambda v: v
           ("eval_every", lambda v: v >= 0, "at least 0"), ("eval_limit", lambda v: v == -1 or v >= 1,
                                                            "-1 (all) or at least 1"),
           ("eval_batch_size", lambda v: v >= 1, "at least 1"), ("log_every", lambda v: v >= 0, "at least 0")]
-
-
-# a copy kept identical across stage files: tests/test_copies.py
-def parse_args(cls, argv=None):
-    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names). `--help` shows
-    each field's docstring, read from the source (attribute docstrings do not exist at run time), its default, and
-    its choices when the field is a Literal (a value outside them gets argparse's one-line error)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
-        kw = {"default": f.default, "help": docs.get(f.name, "").replace("%", "%%")}
-        if f.type is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif get_origin(f.type) is Literal:
-            kw["choices"] = get_args(f.type)
-        else:
-            kw["type"] = type(f.default)
-        p.add_argument(*names, **kw)
-    return cls(**vars(p.parse_args(argv)))
 
 
 # ----------------------------------------------------------------------------- the PPO math (pure functions)
@@ -472,6 +464,556 @@ def sample(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperat
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         inp, pos = nxt[:, None], pos[:, -1:] + 1
     return torch.stack(out, 1)
+
+
+# ----------------------------------------------------------------------------- the pieces of one step
+
+def left_pad(seqs, pad_id, device):
+    """Left-pad token lists into (B, P) ids and mask, so every prompt ends at column P-1."""
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, P - len(s):] = torch.tensor(s)
+    return ids.to(device), (ids != pad_id).long().to(device)
+
+
+def global_sums(xs, device):
+    """Sum scalars over ranks with one all-reduce; returns Python floats."""
+    t = torch.tensor([float(x) for x in xs], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+SEED_PRIME = 1_000_003  # a prime above any step count or question index: distinct (seed, step) pairs never collide
+
+
+def rollout_seeds(seed, step, question_ids, num_samples):
+    """One sampling seed per (question, sample) of this step, independent of ranks and batch order."""
+    return [(seed * SEED_PRIME + step) * SEED_PRIME + q * 101 + s for q in question_ids for s in range(num_samples)]
+
+
+@torch.no_grad()
+def rollout_forwards(model, ref, input_ids, attn, responses, P, micro_batch_size, temperature):
+    """Step 3 of Algorithm 1, micro-batch by micro-batch: the policy's log-probs and values and the reference's
+    log-probs of the sampled responses, and the policy's entropy per token. (b, P + R) -> four (b, R); the values are
+    None without a value head (--advantage grpo or rloo).
+
+    The policy's log-probs take exactly the steps of logprobs_of, which the PPO update uses, so the first ratio is
+    exactly 1; the entropy reuses that log-softmax instead of computing a second one over the vocabulary."""
+    old_logprobs, values, ref_logprobs, entropy = [], [], [], []
+    for s in range(0, len(input_ids), micro_batch_size):
+        sl = slice(s, s + micro_batch_size)
+        logits, v = model(input_ids[sl], attn[sl], P)  # (m, R, V), (m, R)
+        logp = torch.log_softmax(logits.float() / temperature, -1)
+        old_logprobs.append(logp.gather(-1, responses[sl].unsqueeze(-1)).squeeze(-1))
+        entropy.append(-(logp.exp() * logp).sum(-1))
+        values.append(v)
+        ref_logits, _ = ref(input_ids[sl], attn[sl], P)
+        ref_logprobs.append(logprobs_of(ref_logits, responses[sl], temperature))
+    return tuple(None if x[0] is None else torch.cat(x) for x in (old_logprobs, values, ref_logprobs, entropy))
+
+
+def minibatches(n_rows, local_mini, args, step):
+    """This rank's rows as optimizer steps, each a tuple of micro-batches (index tensors): --ppo_epochs passes, each in
+    an order of its own seed per (step, pass), so a resumed run repeats it (1000 > ppo_epochs)."""
+    for e in range(args.ppo_epochs):
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(args.seed + step * 1000 + e))
+        for mb in range(0, n_rows, local_mini):
+            yield perm[mb:mb + local_mini].split(args.micro_batch_size)
+
+
+def clipped_step(model, opt):
+    """Clip the gradient norm to 1 and take the optimizer step, unless the norm is not finite: one bad minibatch must
+    not poison the weights (every rank sees the same norm). Returns whether it stepped."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return finite
+
+
+def ppo_backward(model, micro_batches, rollout, P, mini, world, beta, args, device, stats):
+    """Step 6 for one minibatch: forward and backward of this rank's micro-batches, the gradient accumulating.
+
+    Each micro-batch's loss is the sum of its per-sequence terms (aggregate_loss: their mean over the minibatch is its
+    loss) × world / mini, the minibatch's sequences on all ranks: FSDP averages gradients over ranks, so the gradient
+    is the minibatch's whatever the micro-batches and the processes. `rollout` holds this rank's (b, ...) tensors of
+    steps 1-5 (returns and old_values None without a value head); the micro-batches' losses are appended to `stats`."""
+    r = rollout
+    aggregation = dict(how=args.loss_aggregation, n_seq=mini, max_length=args.max_length)
+    if args.loss_aggregation == "token_mean":  # the count of the whole minibatch, on all ranks: one all-reduce
+        aggregation["n_tokens"] = global_sums([r["mask"][torch.cat(micro_batches)].sum()], device)[0]
+    clip_range_high = args.clip_range if args.clip_range_high < 0 else args.clip_range_high
+    for idx in micro_batches:
+        mask = r["mask"][idx]
+        logits, values = model(r["input_ids"][idx], r["attn"][idx], P)
+        logprobs = logprobs_of(logits, r["responses"][idx], args.temperature)
+        pg, pg_clip, approx_kl = policy_loss(logprobs, r["old_logprobs"][idx], r["advantages"][idx], mask,
+                                             args.clip_range, clip_range_high, aggregation)
+        loss, st = pg, dict(pg_loss=pg.mean(), pg_clipfrac=pg_clip, approx_kl=approx_kl,
+                            ratio=masked_mean(torch.exp(logprobs - r["old_logprobs"][idx]), mask))
+        if values is not None:  # GAE's value head
+            vf, vf_clip = value_loss(values, r["old_values"][idx], r["returns"][idx], mask, args.clip_range_value,
+                                     aggregation)
+            loss = loss + args.vf_coef * vf
+            st.update(vf_loss=vf.mean(), vf_clipfrac=vf_clip)
+        if args.kl_in_loss:  # aggregated as the policy loss
+            kl_loss = aggregate_loss(k3_kl(logprobs, r["ref_logprobs"][idx]), mask, **aggregation)
+            loss = loss + beta * kl_loss
+            st.update(kl_loss=kl_loss.mean())
+        # reduce-scatters every micro-batch: FSDP2 keeps the accumulated gradient sharded
+        (loss.sum() * world / mini).backward()
+        for k, v in st.items():
+            stats.setdefault(k, []).append(v.item())
+
+
+def gold_example(tok, record, cot):
+    """(ids, n_prompt) of a question's gold CoT + EOS, tokenized as sft.py's encode_example does it (one string through
+    reward.encode_sft_example), so that Online-ST's gold half is SFT's loss on the same tokens."""
+    ids, n_prompt = reward.encode_sft_example(tok, reward.build_prompt(record["question"], cot),
+                                              reward.build_target(record, cot))
+    return ids + [tok.eos_token_id], n_prompt
+
+
+def online_st_examples(gold, prompts, rows, responses, mask, scores):
+    """Online-ST's training examples: per row (its question's gold CoT, its sample), each (ids, n_prompt); the sample
+    is the prompt + the response up to and including EOS, and None unless it scored 1 (correct: the paper trains on
+    correct samples only, so a wrong answer's partial reward of 0.1 must not count)."""
+    return [(gold[q], (prompts[q] + responses[b, :int(mask[b].sum())].tolist(), len(prompts[q]))
+             if scores[b] == 1.0 else None) for b, q in enumerate(rows)]
+
+
+def sequence_nll(model, examples, pad_id, device):
+    """Σ -log π(token) over each example's tokens after its first n_prompt, at temperature 1 as in SFT: examples
+    (ids, n_prompt) left-padded into one forward. (n,)"""
+    ids, attn = left_pad([e for e, _ in examples], pad_id, device)  # (n, T)
+    logits, _ = model(ids, attn, 1)  # (n, T-1, V): column c predicts ids[:, c + 1]
+    first = torch.tensor([ids.size(1) - len(e) + k for e, k in examples], device=device)  # first target column
+    target = (torch.arange(1, ids.size(1), device=device)[None] >= first[:, None]).float()  # (n, T-1)
+    return -(logprobs_of(logits, ids[:, 1:]) * target).sum(1)
+
+
+def online_st_update(model, opt, examples, pad_id, mini, world, step, args, device):
+    """The paper's online self-training (its train_rl_sl.py) instead of PPO's steps 3-6: per minibatch of rows, a step
+
+        L = ½ NLL(the rows' sampled CoTs that scored 1) + ½ NLL(the rows' gold CoTs)
+
+    each NLL a mean over its target tokens on all ranks, so N processes take one process's step; without a correct
+    sample, the gold half alone (as the paper's code). `examples`: per row (gold, sample), each (ids, n_prompt), the
+    sample None unless it scored 1. A micro-batch of rows is one forward of both (≤ 2 × --micro_batch_size
+    sequences), so every rank runs as many forwards, as FSDP needs. Returns (stats, optimizer steps skipped)."""
+    model.train()
+    loss_sum, n_steps, skipped = 0.0, 0, 0
+    for micro_batches in minibatches(len(examples), mini // world, args, step):
+        rows = [examples[i] for i in torch.cat(micro_batches).tolist()]
+        n_tokens = global_sums([sum(len(r[h][0]) - r[h][1] for r in rows if r[h] is not None) for h in (0, 1)], device)
+        weights = [0.5 * world / max(n, 1.0) for n in n_tokens]  # × world: FSDP averages gradients over ranks
+        for idx in micro_batches:
+            batch = [(e, weights[h]) for i in idx.tolist() for h, e in enumerate(examples[i]) if e is not None]
+            nll = sequence_nll(model, [e for e, _ in batch], pad_id, device)
+            loss = (nll * torch.tensor([w for _, w in batch], device=device)).sum()
+            loss.backward()
+            loss_sum += loss.item()
+        skipped += not clipped_step(model, opt)
+        n_steps += 1
+    return {"loss": [loss_sum / n_steps]}, skipped  # step_metrics sums over ranks and divides by world: the mean loss
+
+
+def step_metrics(scores, no_answer, kl, entropy, mask, ended, returns, old_values, stats, world, device, num_samples):
+    """The logged means of one step over all ranks' sequences and tokens, from one all-reduce of sums. `stats`
+    holds this rank's per-micro-batch losses; every rank runs as many micro-batches, so their mean of means is
+    the mean over the step. `no_answer` (b,) flags the sequences without an extractable answer, so that
+    "unparseable" is told apart from "wrong" whatever --reward gives them. Metrics of what a variant lacks are
+    absent: KL and entropy without a reference (Online-ST), the values' explained variance without GAE's returns, the
+    fraction of questions whose samples all scored alike (zero_variance_groups) with one sample per question."""
+    sums = dict(n=len(scores), score=scores.sum(), correct=(scores == 1.0).sum(), no_answer=no_answer.sum(),
+                tokens=mask.sum(), ended=ended.sum(), **{k: sum(v) / len(v) for k, v in stats.items()})
+    if num_samples >= 2:
+        sums["zero_variance"] = zero_variance_groups(scores, num_samples)
+    if kl is not None:
+        sums.update(kl=kl.sum(), entropy=masked_mean(entropy, mask, 1).sum())
+    if returns is not None:
+        sums.update(err=((returns - old_values) * mask).sum(), err2=((returns - old_values) ** 2 * mask).sum(),
+                    ret=returns.sum(), ret2=(returns ** 2).sum())
+    t = dict(zip(sums, global_sums(sums.values(), device)))
+    n = t["n"]
+    m = dict(score=t["score"] / n, accuracy=t["correct"] / n, no_answer=t["no_answer"] / n,
+             **{k: t[k] / n for k in ("kl", "entropy") if k in t}, response_length=t["tokens"] / n,
+             eos_fraction=t["ended"] / n, tokens=t["tokens"])
+    if num_samples >= 2:
+        m["zero_variance_groups"] = t["zero_variance"] * num_samples / n
+    if returns is not None:
+        m["explained_variance"] = explained_variance(t["err"], t["err2"], t["ret"], t["ret2"], t["tokens"])
+    return dict(m, **{k: t[k] / world for k in stats})
+
+
+def greedy_budget(tok, records, args):
+    """New tokens for every question of a greedy evaluation: --max_length minus the longest of their prompts.
+
+    One budget for all: set by each batch's longest prompt, as a rollout's is, it would make a question's answer
+    depend on its batch, so on the number of ranks. `evaluate.py --max_new_tokens` with it gives the same answers."""
+    return args.max_length - max(len(reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot,
+                                                                                    sampling=True))) for r in records)
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def eval_questions(args):
+    """The questions of the evaluation during training: --eval_data (a file as it is, or the --eval_split of a
+    prepared dataset or folder), else the --eval_split of --data. A --data file is training data only: evaluating
+    it would report (and --save_best select on) the training questions as validation."""
+    if args.eval_data:
+        records = reward.load_records(args.eval_data, None if reward.is_data_file(args.eval_data) else args.eval_split,
+                                      args.cot)
+    elif reward.is_data_file(args.data):
+        raise SystemExit(f"error: --data {args.data} is a file, training data only: the evaluation during training "
+                         f"needs --eval_data (a file or a prepared dataset), a prepared --data, or to be turned off")
+    else:
+        records = reward.load_records(args.data, args.eval_split, args.cot)
+    return records[:args.eval_limit] if args.eval_limit > 0 else records
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+@torch.no_grad()
+def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size, reward_fn):
+    """Greedy top-1 accuracy computed as `evaluate.py --mode greedy` computes it: transformers' generate from the
+    rollout prompt (for python CoTs it ends with the program header), the same budget of new tokens for every
+    question, correct where `reward_fn` gives 1.0 (reft.py: its --reward; sft.py: reward.py's), questions split
+    across ranks and counts summed. `model` is the sharded root, gathered once; `lm` the causal LM inside it that
+    generates (sft.py: the model itself; reft.py: the policy's `lm`)."""
+    training = model.training
+    model.eval()
+    mine = records[rank::world]
+    correct = 0
+    tok.padding_side = "left"
+    with gathered_for_generation(model):
+        for b in range(0, len(mine), batch_size):
+            chunk = mine[b:b + batch_size]
+            prompt_ids = [reward.encode_prompt(tok, reward.build_prompt(r["question"], cot, sampling=True))
+                          for r in chunk]
+            enc = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left padding
+            # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
+            # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
+            out = lm.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True, synced_gpus=False,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            texts = tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
+            scores = reward_fn(texts, [r["answer_value"] for r in chunk], cot, [r["question"] for r in chunk],
+                               partial_reward=False)
+            correct += sum(s == 1.0 for s in scores)
+    total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    model.train(training)
+    return (total[0] / total[1]).item()
+
+
+# ----------------------------------------------------------------------------- the steps of Algorithm 1
+
+def step_questions(run, args, epoch, i):
+    """This rank's questions of step i of an epoch: the epoch's order depends only on (seed, epoch), so a resumed run
+    sees the same batches; the batch's questions are dealt out round-robin, so a rank holds all --num_samples samples
+    of each of its questions (the groups GRPO and RLOO compare) and N ranks together hold the one-process batch."""
+    order = torch.randperm(len(run.records), generator=torch.Generator().manual_seed(args.seed + epoch))
+    return order[i * args.batch_size:(i + 1) * args.batch_size].tolist()[run.rank::run.world]
+
+
+def rollout(run, args, qids):
+    """Sample e' ~ π_θ(x): --num_samples CoTs per question from the current policy, up to --max_length tokens with the
+    prompt. Returns the batch: rows (the question of each sequence), the left-padded prompts (b, P), the responses
+    (b, R) with PAD after each one's first EOS, and their mask (1 up to and including EOS)."""
+    rows = [q for q in qids for _ in range(args.num_samples)]  # this rank's sequences
+    run.model.eval()
+    prompt_ids, prompt_mask = left_pad([run.prompts[q] for q in rows], run.tok.pad_token_id, run.device)  # (b, P)
+    P = prompt_ids.size(1)
+    with gathered_for_generation(run.model):
+        responses = sample(run.model.lm, prompt_ids, prompt_mask, args.max_length - P, run.tok.eos_token_id,
+                           run.tok.pad_token_id, args.temperature,
+                           rollout_seeds(args.seed, run.step, qids, args.num_samples))  # (b, R)
+    mask = response_mask(responses, run.tok.eos_token_id)  # (b, R)
+    responses = torch.where(mask.bool(), responses, run.tok.pad_token_id)
+    return SimpleNamespace(rows=rows, prompt_ids=prompt_ids, prompt_mask=prompt_mask, P=P, responses=responses,
+                           mask=mask)
+
+
+def score(run, args, batch):
+    """y' = EXTRACT(e') and its reward: programs run in the sandbox pool, --reward compares the answer with the gold
+    one (reward.py's: 1 right, 0.1 wrong, 0 none). Adds scores (b,) and no_answer (b,) to the batch."""
+    texts = run.tok.batch_decode(batch.responses, skip_special_tokens=True)
+    answers = reward.extract_answers(texts, args.cot, [run.records[q]["question"] for q in batch.rows])
+    batch.scores = torch.tensor(reward.score_completions(run.reward_fn, texts, answers,
+                                                         [run.records[q] for q in batch.rows], args.cot,
+                                                         args.partial_reward), device=run.device)  # (b,)
+    batch.no_answer = torch.tensor([a is None for a in answers], dtype=torch.float32, device=run.device)  # (b,)
+
+
+def old_and_reference(run, args, batch):
+    """π_θold ← π_θ: the old log-probs and values of the sampled tokens from the training forward (so the first PPO
+    ratio is exactly 1), the reference's log-probs from the frozen warm-up model, the policy's entropy per
+    token."""
+    batch.input_ids = torch.cat([batch.prompt_ids, batch.responses], 1)
+    batch.attn = torch.cat([batch.prompt_mask, batch.mask.long()], 1)
+    batch.old_logprobs, batch.old_values, batch.ref_logprobs, batch.entropy = rollout_forwards(
+        run.model, run.ref, batch.input_ids, batch.attn, batch.responses, batch.P, args.micro_batch_size,
+        args.temperature)
+
+
+def advantages(run, args, batch):
+    """The total reward r_t = score · [t is last] - β (log π_θold - log π_ref) of ReFT's sec. 3 (kl_shaped_rewards;
+    --kl_in_loss moves β k3 into the loss instead, as verl's use_kl_loss) and, from it, GAE's advantages Â_t (whitened
+    over all ranks) and returns R̂_t; or GRPO's or RLOO's of the summed reward score - β Σ_t kl_t (as TRL's
+    RLOOTrainer), with no all-reduce (a rank holds all samples of its questions) nor whitening (GRPO normalises;
+    RLOO stays in reward units, as TRL)."""
+    rewards, batch.kl = kl_shaped_rewards(batch.scores, batch.old_logprobs, batch.ref_logprobs, batch.mask,
+                                          0.0 if args.kl_in_loss else run.beta)
+    if args.advantage == "gae":
+        batch.advantages, batch.returns = compute_gae(rewards, batch.old_values, batch.mask, args.gamma, args.lam)
+        batch.advantages = masked_whiten(batch.advantages, batch.mask)
+    else:
+        batch.returns = None
+        group = torch.tensor(batch.rows, device=run.device)
+        batch.advantages = grpo_advantages(rewards.sum(1), group, batch.mask, args.scale_rewards == "group") \
+            if args.advantage == "grpo" else rloo_advantages(rewards.sum(1), group, batch.mask)
+
+
+def ppo_update(run, args, batch):
+    """The U updates of L_RL = L_policy + α L_value: --ppo_epochs passes over the batch, each minibatch one optimizer
+    step (ppo_backward, then the clipped step). Returns the micro-batches' losses."""
+    run.model.train()
+    stats = {}
+    for micro_batches in minibatches(len(batch.rows), run.mini // run.world, args, run.step):
+        ppo_backward(run.model, micro_batches, vars(batch), batch.P, run.mini, run.world, run.beta, args, run.device,
+                     stats)
+        run.skipped += not clipped_step(run.model, run.opt)
+    return stats
+
+
+def online_st_step(run, args, batch):
+    """The paper's Online-ST baseline instead of the PPO steps: NLL steps on the samples that scored 1 and the gold
+    CoTs (online_st_update). Returns its losses."""
+    examples = online_st_examples(run.gold, run.prompts, batch.rows, batch.responses, batch.mask, batch.scores)
+    stats, n_skipped = online_st_update(run.model, run.opt, examples, run.tok.pad_token_id, run.mini, run.world,
+                                        run.step, args, run.device)
+    run.skipped += n_skipped
+    batch.kl = batch.entropy = batch.returns = batch.old_values = None
+    return stats
+
+
+def step_log(run, args, batch, stats, epoch, i, times):
+    """The step's metrics row: means over all ranks' sequences and tokens (step_metrics), β, the first ratio, the
+    seconds of each phase. Adapts β afterwards with --adaptive_kl."""
+    t0, t1, t2, t3 = times
+    m = dict(step=run.step + 1, epoch=epoch + (i + 1) / run.steps_per_epoch,
+             **step_metrics(batch.scores, batch.no_answer, batch.kl, batch.entropy, batch.mask,
+                            (batch.responses == run.tok.eos_token_id).any(1), batch.returns, batch.old_values, stats,
+                            run.world, run.device, args.num_samples))
+    if args.objective == "ppo":
+        m.update({} if args.kl_in_loss else {"kl_penalty": -run.beta * m["kl"]}, beta=run.beta,
+                 ratio_first=stats["ratio"][0])
+    m.update(skipped_steps=run.skipped, tokens_per_s=m.pop("tokens") / (t1 - t0), time_generation=t1 - t0,
+             time_scoring=t2 - t1, time_training=t3 - t2)
+    if args.adaptive_kl:
+        run.beta = adaptive_beta(run.beta, m["kl"], args.target_kl, args.batch_size * args.num_samples)
+    return m
+
+
+def main(args):
+    run = setup(args)  # every check, then the data, the models, the optimizer, the run folder and its resume state
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="reft", disable=run.rank != 0)
+    while run.step < run.total_steps:
+        epoch, i = divmod(run.step, run.steps_per_epoch)
+        qids = step_questions(run, args, epoch, i)
+        t0 = time.time()
+        # Algorithm 1's RL stage, for each question x of the batch: sample CoTs e' ~ π_θ(x).
+        batch = rollout(run, args, qids)
+        t1 = time.time()
+        # Extract each answer y' = EXTRACT(e') and reward it: 1 right, 0.1 wrong, 0 none.
+        score(run, args, batch)
+        t2 = time.time()
+        if args.objective == "online_st":
+            # The paper's Online-ST baseline: NLL on the samples that scored 1 and the gold CoTs, instead of PPO.
+            stats = online_st_step(run, args, batch)
+        else:
+            # π_θold ← π_θ: old log-probs and values; the reference's log-probs.
+            old_and_reference(run, args, batch)
+            # δ_t, Â_t and R̂_t from the KL-shaped total reward (GAE), or a group baseline (GRPO, RLOO).
+            advantages(run, args, batch)
+            # U updates of L_RL: --ppo_epochs passes, one clipped optimizer step per minibatch.
+            stats = ppo_update(run, args, batch)
+        t3 = time.time()
+        m = step_log(run, args, batch, stats, epoch, i, (t0, t1, t2, t3))
+        run.step += 1
+        end_of_epoch = (i + 1) == run.steps_per_epoch
+        if run.eval_records is not None and (run.step % args.eval_every == 0 or run.step == run.total_steps):
+            m["eval_accuracy"] = greedy_evaluation(run, args)
+        write_metrics(run, args, m, bar)
+        save(run, args, epoch, end_of_epoch)
+    bar.close()
+    save_checkpoint(run.model, run.tok, args, os.path.join(args.output_dir, "final"), run.rank,
+                    compute_dtype(run.device))
+    run.log(f"done: {run.step} {args.objective} steps; policy in {args.output_dir}/final, metrics in "
+            f"{run.metrics_path}")
+    dist.destroy_process_group()
+
+
+# =====================================================================================================================
+# infrastructure: identical in every stage, tests/test_copies.py; skip on a first read
+# setup() (every check, the loading, the run folder and resume state), the evaluation, metrics and saving of the loop;
+# then the flags and the run-folder rules, the distributed setup, checkpoints and the resume state. A function marked
+# "a copy" is the same in every stage file that has it; the others are this stage's own.
+# =====================================================================================================================
+
+def setup(args):
+    """Everything before the first step, as one namespace `run` that the steps read and update: every check of the
+    flags, the checkpoint, the data and the output folder (all before any model loads), then the tokenizer and the
+    prompts, the policy and the reference, the optimizer, the run folder and, with --resume, the resume state.
+
+    run: rank, world, device, log, reward_fn, tok, model, ref, opt, records, prompts, gold (Online-ST's gold CoTs),
+    eval_records, eval_budget, keep_epochs, mini (sequences per minibatch, all ranks), steps_per_epoch, total_steps,
+    metrics_path, and the loop state step, beta, skipped, best."""
+    check_ranges(args, RANGES)
+    reward_fn = reward.load_reward(args.reward)
+    check_checkpoint(args.model, "--model")
+    resolve_cot(args, {"--model": args.model})
+    flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
+    if args.advantage != "gae" and args.num_samples < 2:
+        raise SystemExit(f"error: --advantage {args.advantage} compares the samples of a question: it needs "
+                         f"--num_samples 2 or more (a group of one has no baseline)")
+    if args.scale_rewards != "group" and args.advantage != "grpo":
+        raise SystemExit("error: --scale_rewards is GRPO's option: it needs --advantage grpo")
+    if args.separate_value_model and (args.advantage != "gae" or args.objective != "ppo"):
+        raise SystemExit("error: --separate_value_model needs a value head: --advantage gae and --objective ppo")
+    if args.objective == "online_st" and (args.advantage != "gae" or args.kl_in_loss or args.adaptive_kl):
+        raise SystemExit("error: --objective online_st has no advantages and no KL: drop --advantage, --kl_in_loss "
+                         "and --adaptive_kl")
+    if args.objective == "online_st" and (args.loss_aggregation != "seq_mean" or args.clip_range_high >= 0):
+        raise SystemExit("error: --loss_aggregation and --clip_range_high shape PPO's loss: --objective online_st has "
+                         "its own (½ NLL of correct samples + ½ NLL of gold CoTs, each a token mean)")
+    keep_epochs = epochs_to_save(args.save_epochs)
+    # The training questions (answers only: ReFT never looks at the annotated CoT; Online-ST trains on it).
+    records = reward.load_records(args.data, "train", args.cot, require_cot=args.objective == "online_st")
+    eval_records = eval_questions(args) if args.eval_every > 0 else None
+    resuming = plan_run(args, flags, MAY_CHANGE)
+
+    rank, world, device, mesh = init_distributed()
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    beta = args.kl_coef if args.kl_coef >= 0 else {"nl": 0.05, "python": 0.01}[args.cot]
+    n_seq = args.batch_size * args.num_samples  # sequences per rollout batch, all ranks
+    mini = n_seq if args.mini_batch_size <= 0 else args.mini_batch_size
+    if args.batch_size % world or n_seq % mini or mini % world:
+        raise SystemExit(f"error: --batch_size {args.batch_size} × --num_samples {args.num_samples} must split "
+                         f"into minibatches of {mini}, each divisible by the {world} processes")
+    tok = load_tokenizer(args)
+    prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True)) for r in records]
+    keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_length]
+    log(f"data: {len(records)} questions from {args.data}, {len(records) - len(keep)} dropped as prompts longer "
+        f"than --max_prompt_length {args.max_prompt_length}")
+    records, prompts = [records[i] for i in keep], [prompts[i] for i in keep]
+    steps_per_epoch = len(records) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(records)} questions are fewer than one --batch_size {args.batch_size}")
+    if max(len(p) for p in prompts) >= args.max_length:
+        raise SystemExit(f"error: --max_length {args.max_length} leaves no room to generate after the longest "
+                         f"training prompt ({max(len(p) for p in prompts)} tokens; see --max_prompt_length)")
+    gold = [gold_example(tok, r, args.cot) for r in records] if args.objective == "online_st" else None
+    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
+    eval_budget = None
+    if eval_records is not None:
+        eval_budget = greedy_budget(tok, eval_records, args)
+        if eval_budget < 1:
+            raise SystemExit(f"error: --max_length {args.max_length} leaves no room to generate after the longest "
+                             f"--eval_split {args.eval_split} prompt")
+
+    tok, model, ref = load_models(args, mesh, device)
+    n_params = sum(p.numel() for p in model.lm.parameters())
+    if args.lr < 0:  # the tiny CPU model wants a large rate; the paper's 3e-7 is for its 7B models
+        args.lr = 5e-5 if n_params < 50_000_000 else 3e-7
+    log(f"policy: {n_params:,} params, lr {args.lr:g}")
+    if args.gradient_checkpointing:
+        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-8, weight_decay=0.0)  # on the sharded params
+    with torch.no_grad():  # FSDP2 picks its root at the first forward: run one before any manual unshard()
+        model(*left_pad(prompts[:1], tok.pad_token_id, device), len(prompts[0]))
+
+    if rank == 0:
+        begin_run(args, flags, world, resuming)
+    dist.barrier()
+    run = SimpleNamespace(rank=rank, world=world, device=device, log=log, reward_fn=reward_fn, tok=tok, model=model,
+                          ref=ref, opt=opt, records=records, prompts=prompts, gold=gold, eval_records=eval_records,
+                          eval_budget=eval_budget, keep_epochs=keep_epochs, mini=mini, steps_per_epoch=steps_per_epoch,
+                          total_steps=total_steps, metrics_path=os.path.join(args.output_dir, "metrics.jsonl"),
+                          step=0, beta=beta, skipped=0, best=-1.0)
+    if resuming:
+        state = load_resume_state(model, opt, args)
+        run.step, run.beta, run.skipped, run.best = state["step"], state["beta"], state["skipped"], state["best"]
+        log(f"resumed from {args.output_dir}/checkpoint at step {run.step}")
+        if rank == 0 and os.path.exists(run.metrics_path):  # drop lines logged after the saved state
+            with open(run.metrics_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= run.step]
+            with open(run.metrics_path, "w") as f:
+                f.writelines(kept)
+    if args.objective == "ppo":
+        log(f"ppo: loss aggregation {args.loss_aggregation}, clip range [1 - {args.clip_range:g}, 1 + "
+            f"{args.clip_range if args.clip_range_high < 0 else args.clip_range_high:g}]")
+    return run
+
+
+def greedy_evaluation(run, args):
+    """Greedy accuracy on the evaluation questions; with --save_best, the best so far is kept as {output_dir}/best."""
+    accuracy = greedy_accuracy(run.model, run.model.lm, run.tok, run.eval_records, args.cot, run.eval_budget,
+                               run.rank, run.world, run.device, args.eval_batch_size, run.reward_fn)
+    if args.save_best and accuracy > run.best:
+        run.best = accuracy
+        save_checkpoint(run.model, run.tok, args, os.path.join(args.output_dir, "best"), run.rank,
+                        compute_dtype(run.device))
+    return accuracy
+
+
+def write_metrics(run, args, m, bar):
+    """The step's row to metrics.jsonl (rank 0), the progress bar and, every --log_every steps, a log line."""
+    if run.rank == 0:
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+    bar.set_postfix({k: f"{m[k]:.3f}" for k in ("score", "accuracy", "kl") if k in m})
+    if run.rank == 0 and args.log_every > 0 and run.step % args.log_every == 0:
+        tqdm.write(summary(m))
+    bar.update(1)
+
+
+def save(run, args, epoch, end_of_epoch):
+    """An HF checkpoint epoch_K/ at the end of each epoch --save_epochs names; the resume state every --save_steps
+    steps, at each epoch end and at the last step."""
+    if end_of_epoch and run.keep_epochs(epoch + 1):
+        save_checkpoint(run.model, run.tok, args, os.path.join(args.output_dir, f"epoch_{epoch + 1}"), run.rank,
+                        compute_dtype(run.device))
+    if (args.save_steps > 0 and run.step % args.save_steps == 0) or end_of_epoch or run.step == run.total_steps:
+        save_resume_state(run.model, run.opt, {"step": run.step, "beta": run.beta, "skipped": run.skipped,
+                                               "best": run.best}, args, run.rank)
+
+
+# ----------------------------------------------------------------------------- flags and run folders
+
+# a copy kept identical across stage files: tests/test_copies.py
+def parse_args(cls, argv=None):
+    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names). `--help` shows
+    each field's docstring, read from the source (attribute docstrings do not exist at run time), its default, and
+    its choices when the field is a Literal (a value outside them gets argparse's one-line error)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
+        kw = {"default": f.default, "help": docs.get(f.name, "").replace("%", "%%")}
+        if f.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif get_origin(f.type) is Literal:
+            kw["choices"] = get_args(f.type)
+        else:
+            kw["type"] = type(f.default)
+        p.add_argument(*names, **kw)
+    return cls(**vars(p.parse_args(argv)))
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -785,6 +1327,8 @@ def gathered_for_generation(model):
                         group._post_forward_indices.clear()
 
 
+# ----------------------------------------------------------------------------- loading and saving
+
 def load_tokenizer(args):
     """The warm-up checkpoint's tokenizer, with one error line when it cannot serve: PPO needs a pad token distinct
     from EOS (the EOS token carries the reward)."""
@@ -897,432 +1441,6 @@ def load_resume_state(model, opt, args):
     set_optimizer_state_dict(model, opt, sd["optim"])
     with open(os.path.join(path, "loop_state.json")) as f:
         return json.load(f)
-
-
-def left_pad(seqs, pad_id, device):
-    """Left-pad token lists into (B, P) ids and mask, so every prompt ends at column P-1."""
-    P = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, P - len(s):] = torch.tensor(s)
-    return ids.to(device), (ids != pad_id).long().to(device)
-
-
-def global_sums(xs, device):
-    """Sum scalars over ranks with one all-reduce; returns Python floats."""
-    t = torch.tensor([float(x) for x in xs], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-SEED_PRIME = 1_000_003  # a prime above any step count or question index: distinct (seed, step) pairs never collide
-
-
-def rollout_seeds(seed, step, question_ids, num_samples):
-    """One sampling seed per (question, sample) of this step, independent of ranks and batch order."""
-    return [(seed * SEED_PRIME + step) * SEED_PRIME + q * 101 + s for q in question_ids for s in range(num_samples)]
-
-
-@torch.no_grad()
-def rollout_forwards(model, ref, input_ids, attn, responses, P, micro_batch_size, temperature):
-    """Step 3 of Algorithm 1, micro-batch by micro-batch: the policy's log-probs and values and the reference's
-    log-probs of the sampled responses, and the policy's entropy per token. (b, P + R) -> four (b, R); the values are
-    None without a value head (--advantage grpo or rloo).
-
-    The policy's log-probs take exactly the steps of logprobs_of, which the PPO update uses, so the first ratio is
-    exactly 1; the entropy reuses that log-softmax instead of computing a second one over the vocabulary."""
-    old_logprobs, values, ref_logprobs, entropy = [], [], [], []
-    for s in range(0, len(input_ids), micro_batch_size):
-        sl = slice(s, s + micro_batch_size)
-        logits, v = model(input_ids[sl], attn[sl], P)  # (m, R, V), (m, R)
-        logp = torch.log_softmax(logits.float() / temperature, -1)
-        old_logprobs.append(logp.gather(-1, responses[sl].unsqueeze(-1)).squeeze(-1))
-        entropy.append(-(logp.exp() * logp).sum(-1))
-        values.append(v)
-        ref_logits, _ = ref(input_ids[sl], attn[sl], P)
-        ref_logprobs.append(logprobs_of(ref_logits, responses[sl], temperature))
-    return tuple(None if x[0] is None else torch.cat(x) for x in (old_logprobs, values, ref_logprobs, entropy))
-
-
-def minibatches(n_rows, local_mini, args, step):
-    """This rank's rows as optimizer steps, each a tuple of micro-batches (index tensors): --ppo_epochs passes, each in
-    an order of its own seed per (step, pass), so a resumed run repeats it (1000 > ppo_epochs)."""
-    for e in range(args.ppo_epochs):
-        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(args.seed + step * 1000 + e))
-        for mb in range(0, n_rows, local_mini):
-            yield perm[mb:mb + local_mini].split(args.micro_batch_size)
-
-
-def clipped_step(model, opt):
-    """Clip the gradient norm to 1 and take the optimizer step, unless the norm is not finite: one bad minibatch must
-    not poison the weights (every rank sees the same norm). Returns whether it stepped."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    finite = bool(torch.isfinite(grad_norm))
-    if finite:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return finite
-
-
-def ppo_backward(model, micro_batches, rollout, P, mini, world, beta, args, device, stats):
-    """Step 6 for one minibatch: forward and backward of this rank's micro-batches, the gradient accumulating.
-
-    Each micro-batch's loss is the sum of its per-sequence terms (aggregate_loss: their mean over the minibatch is its
-    loss) × world / mini, the minibatch's sequences on all ranks: FSDP averages gradients over ranks, so the gradient
-    is the minibatch's whatever the micro-batches and the processes. `rollout` holds this rank's (b, ...) tensors of
-    steps 1-5 (returns and old_values None without a value head); the micro-batches' losses are appended to `stats`."""
-    r = rollout
-    aggregation = dict(how=args.loss_aggregation, n_seq=mini, max_length=args.max_length)
-    if args.loss_aggregation == "token_mean":  # the count of the whole minibatch, on all ranks: one all-reduce
-        aggregation["n_tokens"] = global_sums([r["mask"][torch.cat(micro_batches)].sum()], device)[0]
-    clip_range_high = args.clip_range if args.clip_range_high < 0 else args.clip_range_high
-    for idx in micro_batches:
-        mask = r["mask"][idx]
-        logits, values = model(r["input_ids"][idx], r["attn"][idx], P)
-        logprobs = logprobs_of(logits, r["responses"][idx], args.temperature)
-        pg, pg_clip, approx_kl = policy_loss(logprobs, r["old_logprobs"][idx], r["advantages"][idx], mask,
-                                             args.clip_range, clip_range_high, aggregation)
-        loss, st = pg, dict(pg_loss=pg.mean(), pg_clipfrac=pg_clip, approx_kl=approx_kl,
-                            ratio=masked_mean(torch.exp(logprobs - r["old_logprobs"][idx]), mask))
-        if values is not None:  # GAE's value head
-            vf, vf_clip = value_loss(values, r["old_values"][idx], r["returns"][idx], mask, args.clip_range_value,
-                                     aggregation)
-            loss = loss + args.vf_coef * vf
-            st.update(vf_loss=vf.mean(), vf_clipfrac=vf_clip)
-        if args.kl_in_loss:  # aggregated as the policy loss
-            kl_loss = aggregate_loss(k3_kl(logprobs, r["ref_logprobs"][idx]), mask, **aggregation)
-            loss = loss + beta * kl_loss
-            st.update(kl_loss=kl_loss.mean())
-        # reduce-scatters every micro-batch: FSDP2 keeps the accumulated gradient sharded
-        (loss.sum() * world / mini).backward()
-        for k, v in st.items():
-            stats.setdefault(k, []).append(v.item())
-
-
-def gold_example(tok, record, cot):
-    """(ids, n_prompt) of a question's gold CoT + EOS, tokenized as sft.py's encode_example does it (one string through
-    reward.encode_sft_example), so that Online-ST's gold half is SFT's loss on the same tokens."""
-    ids, n_prompt = reward.encode_sft_example(tok, reward.build_prompt(record["question"], cot),
-                                              reward.build_target(record, cot))
-    return ids + [tok.eos_token_id], n_prompt
-
-
-def online_st_examples(gold, prompts, rows, responses, mask, scores):
-    """Online-ST's training examples: per row (its question's gold CoT, its sample), each (ids, n_prompt); the sample
-    is the prompt + the response up to and including EOS, and None unless it scored 1 (correct: the paper trains on
-    correct samples only, so a wrong answer's partial reward of 0.1 must not count)."""
-    return [(gold[q], (prompts[q] + responses[b, :int(mask[b].sum())].tolist(), len(prompts[q]))
-             if scores[b] == 1.0 else None) for b, q in enumerate(rows)]
-
-
-def sequence_nll(model, examples, pad_id, device):
-    """Σ -log π(token) over each example's tokens after its first n_prompt, at temperature 1 as in SFT: examples
-    (ids, n_prompt) left-padded into one forward. (n,)"""
-    ids, attn = left_pad([e for e, _ in examples], pad_id, device)  # (n, T)
-    logits, _ = model(ids, attn, 1)  # (n, T-1, V): column c predicts ids[:, c + 1]
-    first = torch.tensor([ids.size(1) - len(e) + k for e, k in examples], device=device)  # first target column
-    target = (torch.arange(1, ids.size(1), device=device)[None] >= first[:, None]).float()  # (n, T-1)
-    return -(logprobs_of(logits, ids[:, 1:]) * target).sum(1)
-
-
-def online_st_update(model, opt, examples, pad_id, mini, world, step, args, device):
-    """The paper's online self-training (its train_rl_sl.py) instead of PPO's steps 3-6: per minibatch of rows, a step
-
-        L = ½ NLL(the rows' sampled CoTs that scored 1) + ½ NLL(the rows' gold CoTs)
-
-    each NLL a mean over its target tokens on all ranks, so N processes take one process's step; without a correct
-    sample, the gold half alone (as the paper's code). `examples`: per row (gold, sample), each (ids, n_prompt), the
-    sample None unless it scored 1. A micro-batch of rows is one forward of both (≤ 2 × --micro_batch_size
-    sequences), so every rank runs as many forwards, as FSDP needs. Returns (stats, optimizer steps skipped)."""
-    model.train()
-    loss_sum, n_steps, skipped = 0.0, 0, 0
-    for micro_batches in minibatches(len(examples), mini // world, args, step):
-        rows = [examples[i] for i in torch.cat(micro_batches).tolist()]
-        n_tokens = global_sums([sum(len(r[h][0]) - r[h][1] for r in rows if r[h] is not None) for h in (0, 1)], device)
-        weights = [0.5 * world / max(n, 1.0) for n in n_tokens]  # × world: FSDP averages gradients over ranks
-        for idx in micro_batches:
-            batch = [(e, weights[h]) for i in idx.tolist() for h, e in enumerate(examples[i]) if e is not None]
-            nll = sequence_nll(model, [e for e, _ in batch], pad_id, device)
-            loss = (nll * torch.tensor([w for _, w in batch], device=device)).sum()
-            loss.backward()
-            loss_sum += loss.item()
-        skipped += not clipped_step(model, opt)
-        n_steps += 1
-    return {"loss": [loss_sum / n_steps]}, skipped  # step_metrics sums over ranks and divides by world: the mean loss
-
-
-def step_metrics(scores, no_answer, kl, entropy, mask, ended, returns, old_values, stats, world, device, num_samples):
-    """The logged means of one step over all ranks' sequences and tokens, from one all-reduce of sums. `stats`
-    holds this rank's per-micro-batch losses; every rank runs as many micro-batches, so their mean of means is
-    the mean over the step. `no_answer` (b,) flags the sequences without an extractable answer, so that
-    "unparseable" is told apart from "wrong" whatever --reward gives them. Metrics of what a variant lacks are
-    absent: KL and entropy without a reference (Online-ST), the values' explained variance without GAE's returns, the
-    fraction of questions whose samples all scored alike (zero_variance_groups) with one sample per question."""
-    sums = dict(n=len(scores), score=scores.sum(), correct=(scores == 1.0).sum(), no_answer=no_answer.sum(),
-                tokens=mask.sum(), ended=ended.sum(), **{k: sum(v) / len(v) for k, v in stats.items()})
-    if num_samples >= 2:
-        sums["zero_variance"] = zero_variance_groups(scores, num_samples)
-    if kl is not None:
-        sums.update(kl=kl.sum(), entropy=masked_mean(entropy, mask, 1).sum())
-    if returns is not None:
-        sums.update(err=((returns - old_values) * mask).sum(), err2=((returns - old_values) ** 2 * mask).sum(),
-                    ret=returns.sum(), ret2=(returns ** 2).sum())
-    t = dict(zip(sums, global_sums(sums.values(), device)))
-    n = t["n"]
-    m = dict(score=t["score"] / n, accuracy=t["correct"] / n, no_answer=t["no_answer"] / n,
-             **{k: t[k] / n for k in ("kl", "entropy") if k in t}, response_length=t["tokens"] / n,
-             eos_fraction=t["ended"] / n, tokens=t["tokens"])
-    if num_samples >= 2:
-        m["zero_variance_groups"] = t["zero_variance"] * num_samples / n
-    if returns is not None:
-        m["explained_variance"] = explained_variance(t["err"], t["err2"], t["ret"], t["ret2"], t["tokens"])
-    return dict(m, **{k: t[k] / world for k in stats})
-
-
-def greedy_budget(tok, records, args):
-    """New tokens for every question of a greedy evaluation: --max_length minus the longest of their prompts.
-
-    One budget for all: set by each batch's longest prompt, as a rollout's is, it would make a question's answer
-    depend on its batch, so on the number of ranks. `evaluate.py --max_new_tokens` with it gives the same answers."""
-    return args.max_length - max(len(reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot,
-                                                                                    sampling=True))) for r in records)
-
-
-# a copy kept identical across stage files: tests/test_copies.py
-def eval_questions(args):
-    """The questions of the evaluation during training: --eval_data (a file as it is, or the --eval_split of a
-    prepared dataset or folder), else the --eval_split of --data. A --data file is training data only: evaluating
-    it would report (and --save_best select on) the training questions as validation."""
-    if args.eval_data:
-        records = reward.load_records(args.eval_data, None if reward.is_data_file(args.eval_data) else args.eval_split,
-                                      args.cot)
-    elif reward.is_data_file(args.data):
-        raise SystemExit(f"error: --data {args.data} is a file, training data only: the evaluation during training "
-                         f"needs --eval_data (a file or a prepared dataset), a prepared --data, or to be turned off")
-    else:
-        records = reward.load_records(args.data, args.eval_split, args.cot)
-    return records[:args.eval_limit] if args.eval_limit > 0 else records
-
-
-# a copy kept identical across stage files: tests/test_copies.py
-@torch.no_grad()
-def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size, reward_fn):
-    """Greedy top-1 accuracy computed as `evaluate.py --mode greedy` computes it: transformers' generate from the
-    rollout prompt (for python CoTs it ends with the program header), the same budget of new tokens for every
-    question, correct where `reward_fn` gives 1.0 (reft.py: its --reward; sft.py: reward.py's), questions split
-    across ranks and counts summed. `model` is the sharded root, gathered once; `lm` the causal LM inside it that
-    generates (sft.py: the model itself; reft.py: the policy's `lm`)."""
-    training = model.training
-    model.eval()
-    mine = records[rank::world]
-    correct = 0
-    tok.padding_side = "left"
-    with gathered_for_generation(model):
-        for b in range(0, len(mine), batch_size):
-            chunk = mine[b:b + batch_size]
-            prompt_ids = [reward.encode_prompt(tok, reward.build_prompt(r["question"], cot, sampling=True))
-                          for r in chunk]
-            enc = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left padding
-            # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
-            # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
-            out = lm.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True, synced_gpus=False,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            texts = tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
-            scores = reward_fn(texts, [r["answer_value"] for r in chunk], cot, [r["question"] for r in chunk],
-                               partial_reward=False)
-            correct += sum(s == 1.0 for s in scores)
-    total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    model.train(training)
-    return (total[0] / total[1]).item()
-
-
-def main(args):
-    # Every check before any model loads: flags, --model, the data, the output folder.
-    check_ranges(args, RANGES)
-    reward_fn = reward.load_reward(args.reward)
-    check_checkpoint(args.model, "--model")
-    resolve_cot(args, {"--model": args.model})
-    flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
-    if args.advantage != "gae" and args.num_samples < 2:
-        raise SystemExit(f"error: --advantage {args.advantage} compares the samples of a question: it needs "
-                         f"--num_samples 2 or more (a group of one has no baseline)")
-    if args.scale_rewards != "group" and args.advantage != "grpo":
-        raise SystemExit("error: --scale_rewards is GRPO's option: it needs --advantage grpo")
-    if args.separate_value_model and (args.advantage != "gae" or args.objective != "ppo"):
-        raise SystemExit("error: --separate_value_model needs a value head: --advantage gae and --objective ppo")
-    if args.objective == "online_st" and (args.advantage != "gae" or args.kl_in_loss or args.adaptive_kl):
-        raise SystemExit("error: --objective online_st has no advantages and no KL: drop --advantage, --kl_in_loss "
-                         "and --adaptive_kl")
-    if args.objective == "online_st" and (args.loss_aggregation != "seq_mean" or args.clip_range_high >= 0):
-        raise SystemExit("error: --loss_aggregation and --clip_range_high shape PPO's loss: --objective online_st has "
-                         "its own (½ NLL of correct samples + ½ NLL of gold CoTs, each a token mean)")
-    keep_epochs = epochs_to_save(args.save_epochs)
-    # The training questions (answers only: ReFT never looks at the annotated CoT; Online-ST trains on it).
-    records = reward.load_records(args.data, "train", args.cot, require_cot=args.objective == "online_st")
-    eval_records = eval_questions(args) if args.eval_every > 0 else None
-    resuming = plan_run(args, flags, MAY_CHANGE)
-
-    rank, world, device, mesh = init_distributed()
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    beta = args.kl_coef if args.kl_coef >= 0 else {"nl": 0.05, "python": 0.01}[args.cot]
-    n_seq = args.batch_size * args.num_samples  # sequences per rollout batch, all ranks
-    mini = n_seq if args.mini_batch_size <= 0 else args.mini_batch_size
-    if args.batch_size % world or n_seq % mini or mini % world:
-        raise SystemExit(f"error: --batch_size {args.batch_size} × --num_samples {args.num_samples} must split "
-                         f"into minibatches of {mini}, each divisible by the {world} processes")
-    tok = load_tokenizer(args)
-    prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True)) for r in records]
-    keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_length]
-    log(f"data: {len(records)} questions from {args.data}, {len(records) - len(keep)} dropped as prompts longer "
-        f"than --max_prompt_length {args.max_prompt_length}")
-    records, prompts = [records[i] for i in keep], [prompts[i] for i in keep]
-    steps_per_epoch = len(records) // args.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(records)} questions are fewer than one --batch_size {args.batch_size}")
-    if max(len(p) for p in prompts) >= args.max_length:
-        raise SystemExit(f"error: --max_length {args.max_length} leaves no room to generate after the longest "
-                         f"training prompt ({max(len(p) for p in prompts)} tokens; see --max_prompt_length)")
-    gold = [gold_example(tok, r, args.cot) for r in records] if args.objective == "online_st" else None
-    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
-    if eval_records is not None:
-        eval_budget = greedy_budget(tok, eval_records, args)
-        if eval_budget < 1:
-            raise SystemExit(f"error: --max_length {args.max_length} leaves no room to generate after the longest "
-                             f"--eval_split {args.eval_split} prompt")
-
-    tok, model, ref = load_models(args, mesh, device)
-    n_params = sum(p.numel() for p in model.lm.parameters())
-    if args.lr < 0:  # the tiny CPU model wants a large rate; the paper's 3e-7 is for its 7B models
-        args.lr = 5e-5 if n_params < 50_000_000 else 3e-7
-    log(f"policy: {n_params:,} params, lr {args.lr:g}")
-    if args.gradient_checkpointing:
-        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-8, weight_decay=0.0)  # on the sharded params
-    with torch.no_grad():  # FSDP2 picks its root at the first forward: run one before any manual unshard()
-        model(*left_pad(prompts[:1], tok.pad_token_id, device), len(prompts[0]))
-
-    if rank == 0:
-        begin_run(args, flags, world, resuming)
-    dist.barrier()
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    step, skipped, best = 0, 0, -1.0
-    if resuming:
-        state = load_resume_state(model, opt, args)
-        step, beta, skipped, best = state["step"], state["beta"], state["skipped"], state["best"]
-        log(f"resumed from {args.output_dir}/checkpoint at step {step}")
-        if rank == 0 and os.path.exists(metrics_path):  # drop lines logged after the saved state
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= step]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-
-    if args.objective == "ppo":
-        log(f"ppo: loss aggregation {args.loss_aggregation}, clip range [1 - {args.clip_range:g}, 1 + "
-            f"{args.clip_range if args.clip_range_high < 0 else args.clip_range_high:g}]")
-    bar = tqdm(total=total_steps, initial=step, desc="reft", disable=rank != 0)
-    while step < total_steps:
-        epoch, i = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed + epoch))
-        qids = order[i * args.batch_size:(i + 1) * args.batch_size].tolist()[rank::world]
-        rows = [q for q in qids for _ in range(args.num_samples)]  # this rank's sequences
-
-        # 1. Rollout: sample one CoT per (question, sample) from the current policy.
-        t0 = time.time()
-        model.eval()
-        prompt_ids, prompt_mask = left_pad([prompts[q] for q in rows], tok.pad_token_id, device)  # (b, P)
-        P = prompt_ids.size(1)
-        with gathered_for_generation(model):
-            responses = sample(model.lm, prompt_ids, prompt_mask, args.max_length - P, tok.eos_token_id,
-                               tok.pad_token_id, args.temperature,
-                               rollout_seeds(args.seed, step, qids, args.num_samples))  # (b, R)
-        mask = response_mask(responses, tok.eos_token_id)  # (b, R)
-        responses = torch.where(mask.bool(), responses, tok.pad_token_id)
-        t1 = time.time()
-
-        # 2. Score: extract each answer (programs run in the sandbox pool) and reward it with --reward; reward.py's
-        #    compares it with the gold one (1 / 0.1 / 0).
-        texts = tok.batch_decode(responses, skip_special_tokens=True)
-        answers = reward.extract_answers(texts, args.cot, [records[q]["question"] for q in rows])
-        scores = torch.tensor(reward.score_completions(reward_fn, texts, answers, [records[q] for q in rows],
-                                                       args.cot, args.partial_reward), device=device)  # (b,)
-        no_answer = torch.tensor([a is None for a in answers], dtype=torch.float32, device=device)  # (b,)
-        t2 = time.time()
-
-        if args.objective == "online_st":  # the paper's baseline: NLL steps instead of steps 3-6
-            examples = online_st_examples(gold, prompts, rows, responses, mask, scores)
-            stats, n_skipped = online_st_update(model, opt, examples, tok.pad_token_id, mini, world, step, args, device)
-            skipped += n_skipped
-            kl = entropy = returns = old_values = None
-        else:
-            # 3. Old log-probs and values from the training forward (so the first PPO ratio is exactly 1),
-            #    reference log-probs from the frozen warm-up model.
-            input_ids = torch.cat([prompt_ids, responses], 1)
-            attn = torch.cat([prompt_mask, mask.long()], 1)
-            old_logprobs, old_values, ref_logprobs, entropy = rollout_forwards(
-                model, ref, input_ids, attn, responses, P, args.micro_batch_size, args.temperature)
-
-            # 4. Shape the rewards with the KL penalty (--kl_in_loss: β k3 in the loss instead, with any advantage as
-            #    verl's use_kl_loss). 5. GAE advantages and returns, whitened over all ranks; or GRPO's or RLOO's of
-            #    the summed reward score - β Σ_t kl_t (as TRL's RLOOTrainer), with no all-reduce (`rows` keeps a
-            #    question's samples on one rank) nor whitening (GRPO normalises; RLOO stays in reward units, as TRL).
-            rewards, kl = kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, 0.0 if args.kl_in_loss else beta)
-            if args.advantage == "gae":
-                advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.lam)
-                advantages = masked_whiten(advantages, mask)
-            else:
-                returns = None
-                group = torch.tensor(rows, device=device)
-                advantages = grpo_advantages(rewards.sum(1), group, mask, args.scale_rewards == "group") \
-                    if args.advantage == "grpo" else rloo_advantages(rewards.sum(1), group, mask)
-
-            # 6. PPO epochs: each minibatch is one optimizer step (ppo_backward, then the clipped step).
-            model.train()
-            stats = {}
-            rollout = dict(input_ids=input_ids, attn=attn, responses=responses, mask=mask, old_logprobs=old_logprobs,
-                           ref_logprobs=ref_logprobs, advantages=advantages, returns=returns, old_values=old_values)
-            for micro_batches in minibatches(len(rows), mini // world, args, step):
-                ppo_backward(model, micro_batches, rollout, P, mini, world, beta, args, device, stats)
-                skipped += not clipped_step(model, opt)
-        t3 = time.time()
-
-        # 7. Log: means over all ranks' sequences and tokens.
-        m = dict(step=step + 1, epoch=epoch + (i + 1) / steps_per_epoch,
-                 **step_metrics(scores, no_answer, kl, entropy, mask, (responses == tok.eos_token_id).any(1),
-                                returns, old_values, stats, world, device, args.num_samples))
-        if args.objective == "ppo":
-            m.update({} if args.kl_in_loss else {"kl_penalty": -beta * m["kl"]}, beta=beta,
-                     ratio_first=stats["ratio"][0])
-        m.update(skipped_steps=skipped, tokens_per_s=m.pop("tokens") / (t1 - t0), time_generation=t1 - t0,
-                 time_scoring=t2 - t1, time_training=t3 - t2)
-        if args.adaptive_kl:
-            beta = adaptive_beta(beta, m["kl"], args.target_kl, n_seq)
-        step += 1
-        end_of_epoch = (i + 1) == steps_per_epoch
-        if eval_records is not None and (step % args.eval_every == 0 or step == total_steps):
-            m["eval_accuracy"] = greedy_accuracy(model, model.lm, tok, eval_records, args.cot, eval_budget, rank, world,
-                                                 device, args.eval_batch_size, reward_fn)
-            if args.save_best and m["eval_accuracy"] > best:
-                best = m["eval_accuracy"]
-                save_checkpoint(model, tok, args, os.path.join(args.output_dir, "best"), rank, compute_dtype(device))
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-        bar.set_postfix({k: f"{m[k]:.3f}" for k in ("score", "accuracy", "kl") if k in m})
-        if rank == 0 and args.log_every > 0 and step % args.log_every == 0:
-            tqdm.write(summary(m))
-        bar.update(1)
-        if end_of_epoch and keep_epochs(epoch + 1):
-            save_checkpoint(model, tok, args, os.path.join(args.output_dir, f"epoch_{epoch + 1}"), rank,
-                            compute_dtype(device))
-        if (args.save_steps > 0 and step % args.save_steps == 0) or end_of_epoch or step == total_steps:
-            save_resume_state(model, opt, {"step": step, "beta": beta, "skipped": skipped, "best": best}, args, rank)
-    bar.close()
-    save_checkpoint(model, tok, args, os.path.join(args.output_dir, "final"), rank, compute_dtype(device))
-    log(f"done: {step} {args.objective} steps; policy in {args.output_dir}/final, metrics in {metrics_path}")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ COPIES = {
 # Same name, different job: not copies. Files that define a name of COPIES outside its list are named here.
 DIFFERENT = {"collate": ["sft.py", "rerank.py"],
              "sample": ["reft.py", "rerank.py"], "save_resume_state": ["reft.py"], "load_resume_state": ["reft.py"],
-             "load_tokenizer": ["sft.py", "reft.py"]}
+             "load_tokenizer": ["sft.py", "reft.py"], "score": ["reft.py", "rerank.py"]}
 
 
 def function_source(path, name):
