@@ -113,7 +113,7 @@ class Args:
     """sampling seed (each rank uses seed + rank)"""
     scoring: Literal["lenient", "paper"] = "lenient"
     """answer extraction and comparison: `lenient` (reward.py's rules) or `paper` (the paper code's, exactly, for
-    numbers to set beside the paper's: README, "Deviations from the paper's code")"""
+    numbers to set beside the paper's: docs/scaling.md, "Deviations from the paper's code")"""
     reward: str = "reward:compute_rewards"
     """what is correct: a completion its `module:function` gives 1.0 (partial_reward=False), a callable with
     reward.compute_rewards' signature (module from sys.path or the current directory); votes stay over the answers

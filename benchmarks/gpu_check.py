@@ -45,7 +45,7 @@ Memory figures are GB = 1e9 bytes of torch.cuda.memory_allocated (live tensors; 
                      since the optimizer step touches only sharded tensors)
         fsdp8_max  = resident/N + grads/N + (peak_fwd_bwd - resident)
                      (an upper bound: as if no gradient were alive at the peak)
-  - the README's estimate for the same phase (README_GB below) is printed next to it.
+  - the estimate of docs/scaling.md for the same phase (README_GB below) is printed next to it.
 FSDP2 all-gathers and reduce-scatters on one GPU too, so its full-size per-block buffers are in the measured
 peaks; NCCL's own workspace for 8 ranks is not.
 
@@ -79,10 +79,10 @@ ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
 H200_BF16_DENSE_FLOPS = 989e12  # NVIDIA's H100/H200 SXM datasheet, dense (no sparsity)
 
-# README.md, "Memory per GPU: 7B policy + value head, 7B reference, FSDP2 over 8 × 80 GB":
+# docs/scaling.md (once README.md), "Memory per GPU: 7B policy + value head, 7B reference, FSDP2 over 8 × 80 GB":
 # resident 20 P / N = 16.9 GB; rollout peak ≈ 16.9 + 13.8 (gathered policy, fp32 LM head) + 1.5 (KV cache) ≈ 32 GB;
 # PPO peak ≈ 16.9 + 0.8 + 1.3 + 1.1 + 2 ≈ 22 GB with --gradient_checkpointing, ≈ 32 GB without. No SFT or
-# evaluation row. Update these when the README table changes.
+# evaluation row. Update these when that table changes.
 README_GB = {("resident", None): 16.9, ("reft_rollout", None): 32.0,
              ("reft_ppo_update", True): 22.0, ("reft_ppo_update", False): 32.0}
 
@@ -796,8 +796,8 @@ def report(result):
                          f"{e['resident_per_layer_gb']:>12.3f}{fmt(e.get('peak_32L_gb')):>10}"
                          f"{fmt(e.get('fsdp8_gb')):>8}{fmt(e.get('fsdp8_max_gb')):>8}"
                          f"{fmt(e.get('fsdp8_resident_gb')):>8}{fmt(e.get('readme_gb'), '.1f'):>8}")
-        lines.append(f"(Llama at CodeLlama-7B width, 2 and 4 layers extrapolated to 32; README's resident 18 P / N = "
-                     f"{README_GB[('resident', None)]} GB counts the gradients, resid/8 does not)")
+        lines.append(f"(Llama at CodeLlama-7B width, 2 and 4 layers extrapolated to 32; docs/scaling.md's resident "
+                     f"20 P / N = {README_GB[('resident', None)]} GB counts the gradients, resid/8 does not)")
     return "\n".join(lines)
 
 

@@ -21,8 +21,8 @@ FIELDS = {"greedy": "greedy_correct", "vote": "vote_correct", "rerank": "rerank_
 @functools.lru_cache(maxsize=16)
 def bootstrap_indices(size, n, seed):
     """(n, size) question indices of the n resamples, drawn one by one with random.Random(seed).randrange, as the
-    first version of this file drew them (its intervals in the README stay reproducible). Cached: every mode and every
-    model compared on the same questions resamples them the same way. (n, size)"""
+    first version of this file drew them (its intervals in README and docs/experiments.md stay reproducible). Cached:
+    every mode and every model compared on the same questions resamples them the same way. (n, size)"""
     rng = random.Random(seed)
     return np.array([[rng.randrange(size) for _ in range(size)] for _ in range(n)], dtype=np.int64)
 

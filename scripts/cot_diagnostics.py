@@ -1,5 +1,5 @@
-"""Where greedy minigsm CoTs go wrong: reading the question, or the arithmetic. The numbers in README's
-"What was tried" come from this script.
+"""Where greedy minigsm CoTs go wrong: reading the question, or the arithmetic. The numbers in
+docs/experiments.md's "What was tried" come from this script.
 
     python evaluate.py --mode greedy --model M --data D --split validation --output_dir E
     python scripts/cot_diagnostics.py --data D --split validation E/predictions.jsonl [F/predictions.jsonl ...]

@@ -1,5 +1,5 @@
 """An experiment, not a pipeline stage: teach the `tiny` model arithmetic before SFT, standing in for what a
-pretrained model already knows. README ("What was tried") reports what it did to SFT and ReFT on minigsm.
+pretrained model already knows. docs/experiments.md ("What was tried") reports what it did to SFT and ReFT on minigsm.
 
     python scripts/pretrain_arithmetic.py --data D --output_dir D/pretrained     # ~6 minutes on 2 cores
     python sft.py --model D/pretrained --data D --epochs 40 --eval_every_epoch --max_new_tokens 48 --output_dir ...
