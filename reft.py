@@ -166,7 +166,7 @@ class Args:
     """which epochs get an HF checkpoint epoch_K/ (in the run's dtype): `all`, `none` or a list like `10,20`; a 7B
     one is 13.5 GB in bf16, so 300 epochs of them would be 4 TB (the paper keeps the best: --save_best)"""
     eval_every: int = 50
-    """greedy accuracy on --eval_split every this many steps (0: never)"""
+    """greedy accuracy on --eval_split every this many steps, the last one included only on its turn (0: never)"""
     eval_split: str = "validation"
     """split of --data for the periodic greedy evaluation (never pick settings on test)"""
     eval_data: str = ""
@@ -687,9 +687,13 @@ def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, d
     mine = records[rank::world]
     correct = 0
     tok.padding_side = "left"
+    # Its own bar (rank 0's questions): an evaluation of 500 questions with a long budget takes minutes on a CPU.
+    bar = tqdm(total=len(mine), desc=f"greedy evaluation, ≤ {max_new_tokens} new tokens", leave=False,
+               disable=rank != 0)
     with gathered_for_generation(model):
         for b in range(0, len(mine), batch_size):
             chunk = mine[b:b + batch_size]
+            bar.update(len(chunk))
             prompt_ids = [reward.encode_prompt(tok, reward.build_prompt(r["question"], cot, sampling=True))
                           for r in chunk]
             enc = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left padding
@@ -701,6 +705,7 @@ def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, d
             scores = reward_fn(texts, [r["answer_value"] for r in chunk], cot, [r["question"] for r in chunk],
                                partial_reward=False)
             correct += sum(s == 1.0 for s in scores)
+    bar.close()
     total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     model.train(training)
@@ -843,7 +848,7 @@ def main(args):
         m = step_log(run, args, batch, stats, epoch, i, (t0, t1, t2, t3))
         run.step += 1
         end_of_epoch = (i + 1) == run.steps_per_epoch
-        if run.eval_records is not None and (run.step % args.eval_every == 0 or run.step == run.total_steps):
+        if run.eval_records is not None and run.step % args.eval_every == 0:  # the last step too only on its turn
             m["eval_accuracy"] = greedy_evaluation(run, args)
         write_metrics(run, args, m, bar)
         save(run, args, epoch, end_of_epoch)

@@ -722,9 +722,13 @@ def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, d
     mine = records[rank::world]
     correct = 0
     tok.padding_side = "left"
+    # Its own bar (rank 0's questions): an evaluation of 500 questions with a long budget takes minutes on a CPU.
+    bar = tqdm(total=len(mine), desc=f"greedy evaluation, ≤ {max_new_tokens} new tokens", leave=False,
+               disable=rank != 0)
     with gathered_for_generation(model):
         for b in range(0, len(mine), batch_size):
             chunk = mine[b:b + batch_size]
+            bar.update(len(chunk))
             prompt_ids = [reward.encode_prompt(tok, reward.build_prompt(r["question"], cot, sampling=True))
                           for r in chunk]
             enc = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left padding
@@ -736,6 +740,7 @@ def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, d
             scores = reward_fn(texts, [r["answer_value"] for r in chunk], cot, [r["question"] for r in chunk],
                                partial_reward=False)
             correct += sum(s == 1.0 for s in scores)
+    bar.close()
     total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     model.train(training)

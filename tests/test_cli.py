@@ -76,7 +76,7 @@ def test_the_headline_command_on_eight_processes(tmp_path):
     run([PY, "data/gsm8k/prepare.py", "--source", SHARED_DATA / "gsm8k", "--out_dir", data])
     run([PY, "sft.py", "--data", data, "--max_steps", 2, "--save_epochs", "none", "--output_dir", tmp_path / "sft"])
     torchrun(8, "reft.py", "--data", data, "--model", tmp_path / "sft" / "final", "--max_steps", 2,
-             "--eval_limit", 8, "--max_length", 400, "--output_dir", tmp_path / "reft", timeout=900)
+             "--eval_every", 2, "--eval_limit", 8, "--max_length", 400, "--output_dir", tmp_path / "reft", timeout=900)
     m = read_metrics(tmp_path / "reft" / "metrics.jsonl")
     assert [row["step"] for row in m] == [1, 2] and "eval_accuracy" in m[-1]
     assert json.loads((tmp_path / "reft" / "args.json").read_text())["world_size"] == 8
