@@ -4,6 +4,15 @@ The same script makes both the ReFT *warm-up* checkpoint (a couple of epochs) an
 epochs, best epoch picked on validation). The loss covers the CoT tokens and the EOS token; prompt tokens are
 masked out. Prompt and target formats come from reward.py, the only project module a stage imports.
 
+Reading guide: the paper's SFT warm-up (sec. 3) and its SFT and Offline-ST baselines, each to the code. Read the
+method and main() first; below the "infrastructure" marker (flags, loading, saving, distributed setup) can wait.
+  the objective: -log π_θ(e, EOS | x), CoT tokens only   token_nll_sum, encode_example (the prompt's labels -100)
+  an example: prompt + CoT + EOS as one tokenization     encode_example → reward.encode_sft_example
+  a step: the mean over the batch's target tokens        main's loop, collate (the same step on any N processes)
+  the schedule: linear warm-up, then linear decay        lr_lambda
+  the warm-up epoch and the best epoch on validation     greedy_accuracy (--eval_every_epoch), epoch_K/ checkpoints
+  Offline-ST: gold CoTs + correct, distinct samples      read_extra_samples, sample_target, self_training_examples
+
 Run it (CPU, the offline default: a tiny Llama trained from scratch on the `minigsm` word problems):
     python data/minigsm/prepare.py
     python sft.py --data minigsm --cot nl --epochs 20 --output_dir runs/sft
@@ -141,6 +150,259 @@ RANGES = [("epochs", lambda v: v >= 1, "at least 1"), ("batch_size", lambda v: v
           ("log_every", lambda v: v >= 0, "at least 0"), ("tiny_hidden", lambda v: v >= 1, "at least 1"),
           ("tiny_layers", lambda v: v >= 1, "at least 1"), ("tiny_heads", lambda v: v >= 1, "at least 1"),
           ("tiny_intermediate", lambda v: v >= 1, "at least 1"), ("tiny_vocab", lambda v: v >= 8, "at least 8")]
+
+
+# ----------------------------------------------------------------------------- data
+
+def encode_example(tok, record, cot, max_length, target=None):
+    """(input_ids, labels) for one record, tokenized by reward.encode_sft_example so that the rollout prompt's ids
+    are a prefix; labels are -100 on the prompt so only CoT + EOS carry loss. The target is the gold one
+    (reward.build_target) unless given (a sampled CoT, sample_target).
+
+    Returns None when the example is longer than max_length (the caller counts and reports those)."""
+    target = reward.build_target(record, cot) if target is None else target
+    ids, n_prompt = reward.encode_sft_example(tok, reward.build_prompt(record["question"], cot), target)
+    ids = ids + [tok.eos_token_id]
+    if len(ids) > max_length:
+        return None
+    return ids, [-100] * n_prompt + ids[n_prompt:]
+
+
+def sample_target(record, completion, cot):
+    """The SFT target of a sampled completion, as reward.build_target gives one for a gold CoT. nl: the completion
+    (it ends with the answer line), stripped. python: samples are drawn after the rollout prompt, which ends with the
+    program header, so the completion is the body; the target is the program reward.extract_program builds and
+    runs from it (header + body up to the first blank line), for a gold program's body the gold target itself."""
+    if cot == "python":
+        return reward.extract_program(completion, record["question"]).strip()
+    return completion.strip()
+
+
+def self_training_examples(pairs, cot):
+    """([(record, target)] to add, number of duplicates dropped): the targets of the correct samples in file order,
+    less those equal to their question's gold target or to an earlier sample's target of the same question.
+
+    The paper's offline self-training (train_sl_model.py) dedups the same way, per question by the exact stripped
+    CoT text, gold CoT included; it also keeps at most 10 distinct samples per question (of the 100 it draws), a
+    cap that here is rerank.py's --num_samples."""
+    seen, out, duplicates = {}, [], 0
+    for record, completion in pairs:
+        targets = seen.setdefault(record["item_id"], {reward.build_target(record, cot).strip()})
+        target = sample_target(record, completion, cot)
+        if target in targets:
+            duplicates += 1
+            continue
+        targets.add(target)
+        out.append((record, target))
+    return out, duplicates
+
+
+def collate(examples, pad_id):
+    """Right-pad a list of (input_ids, labels) into tensors of shape (B, T)."""
+    T = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    for i, (ids, lab) in enumerate(examples):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(lab)] = torch.tensor(lab)
+    return input_ids, labels, (input_ids != pad_id).long()
+
+
+def token_nll_sum(model, input_ids, labels, attention_mask):
+    """Sum of next-token negative log-likelihoods over labelled positions (the caller divides)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # (B, T, V)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
+                                             labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def lr_lambda(warmup_steps, total_steps):
+    """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return f
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+# a copy kept identical across stage files: tests/test_copies.py
+@torch.no_grad()
+def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size, reward_fn):
+    """Greedy top-1 accuracy computed as `evaluate.py --mode greedy` computes it: transformers' generate from the
+    rollout prompt (for python CoTs it ends with the program header), the same budget of new tokens for every
+    question, correct where `reward_fn` gives 1.0 (reft.py: its --reward; sft.py: reward.py's), questions split
+    across ranks and counts summed. `model` is the sharded root, gathered once; `lm` the causal LM inside it that
+    generates (sft.py: the model itself; reft.py: the policy's `lm`)."""
+    training = model.training
+    model.eval()
+    mine = records[rank::world]
+    correct = 0
+    tok.padding_side = "left"
+    # Its own bar (rank 0's questions): an evaluation of 500 questions with a long budget takes minutes on a CPU.
+    bar = tqdm(total=len(mine), desc=f"greedy evaluation, ≤ {max_new_tokens} new tokens", leave=False,
+               disable=rank != 0)
+    with gathered_for_generation(model):
+        for b in range(0, len(mine), batch_size):
+            chunk = mine[b:b + batch_size]
+            bar.update(len(chunk))
+            prompt_ids = [reward.encode_prompt(tok, reward.build_prompt(r["question"], cot, sampling=True))
+                          for r in chunk]
+            enc = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left padding
+            # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
+            # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
+            out = lm.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True, synced_gpus=False,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            texts = tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
+            scores = reward_fn(texts, [r["answer_value"] for r in chunk], cot, [r["question"] for r in chunk],
+                               partial_reward=False)
+            correct += sum(s == 1.0 for s in scores)
+    bar.close()
+    total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    model.train(training)
+    return (total[0] / total[1]).item()
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args):
+    # Every check before anything loads: flags, --model, the data, the output folder.
+    check_ranges(args, RANGES)
+    check_model(args)
+    resolve_cot(args, {"--model": args.model} if os.path.isdir(args.model) else {})
+    flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
+    keep_epochs = epochs_to_save(args.save_epochs)
+    records = reward.load_records(args.data, "train", args.cot, require_cot=True)
+    eval_records = eval_questions(args) if args.eval_every_epoch else None
+    pairs, n_rows = read_extra_samples(args.extra_samples, records) if args.extra_samples else ([], 0)
+    extra, duplicates = self_training_examples(pairs, args.cot)
+    resuming = plan_run(args, flags, MAY_CHANGE)
+
+    rank, world, device, mesh = init_distributed()
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    if args.lr < 0:  # the tiny model from scratch wants a large rate; a pretrained 7B one would be wrecked by it
+        args.lr = 2e-3 if args.model == "tiny" else 1e-5
+    if resuming and args.model == "tiny":
+        # The tiny tokenizer is trained from data: reuse the saved one so resumed token ids are identical.
+        args.model = os.path.join(args.output_dir, "init")
+    texts = [reward.build_prompt(r["question"], args.cot) + reward.build_target(r, args.cot) for r in records]
+    tok = load_tokenizer(args, texts)
+    try:
+        examples = [e for e in (encode_example(tok, r, args.cot, args.max_length) for r in records) if e is not None]
+        added = [e for e in (encode_example(tok, r, args.cot, args.max_length, target) for r, target in extra)
+                 if e is not None]
+    except ValueError as e:
+        raise SystemExit(f"error: --model {args.model}: {e}")
+    log(f"data: {len(records)} records from {args.data}, {len(records) - len(examples)} dropped as longer than "
+        f"--max_length {args.max_length}, {len(examples)} used")
+    if args.extra_samples:
+        log(f"{n_rows} extra samples: {len(pairs)} correct, {duplicates} duplicates dropped, "
+            f"{len(extra) - len(added)} longer than --max_length, {len(added)} added from {args.extra_samples}")
+    examples += added
+    if not examples:
+        raise SystemExit(f"error: --data {args.data}: no training example fits in --max_length {args.max_length}")
+
+    if args.micro_batch_size <= 0:
+        args.micro_batch_size = max(1, args.batch_size // world)
+    if args.batch_size % (args.micro_batch_size * world):
+        raise SystemExit(f"error: --batch_size {args.batch_size} is not a multiple of micro_batch_size × world "
+                         f"({args.micro_batch_size} × {world})")
+    accum = args.batch_size // (args.micro_batch_size * world)
+    steps_per_epoch = len(examples) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(examples)} examples are fewer than one --batch_size {args.batch_size}")
+    log(f"{steps_per_epoch} steps per epoch ({len(examples) % args.batch_size} examples left over each epoch), "
+        f"accumulation {accum}, world {world}")
+    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
+
+    if rank == 0:
+        begin_run(args, flags, world, resuming)
+    dist.barrier()
+    model = load_model(args, tok, mesh, device)
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} params, lr {args.lr:g}")
+    model.config.use_cache = False
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                            weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total_steps), total_steps))
+
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    step = 0
+    if resuming:
+        step = load_resume_state(model, opt, sched, args, rank)
+        log(f"resumed from {args.output_dir}/checkpoint at step {step}")
+        if rank == 0 and os.path.exists(metrics_path):  # drop lines logged after the saved state
+            with open(metrics_path) as f:
+                kept = [l for l in f if json.loads(l).get("step", 0) <= step]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+
+    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=rank != 0)
+    t_last = time.time()
+    while step < total_steps:
+        epoch, i = divmod(step, steps_per_epoch)
+        # The order of epoch e depends only on (seed, e): a resumed run sees exactly the same batches.
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed + epoch))
+        batch = [examples[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size].tolist()]
+        # Normalise by the global number of target tokens, so 1 process and N processes (and any accumulation)
+        # take exactly the same step. FSDP averages gradients over ranks, hence the factor `world`.
+        n_tokens = sum(sum(l != -100 for l in lab[1:]) for _, lab in batch)
+        mine = batch[rank::world]
+        loss_sum, tokens = 0.0, 0
+        for k in range(accum):
+            micro = mine[k * args.micro_batch_size:(k + 1) * args.micro_batch_size]
+            input_ids, labels, attn = (t.to(device) for t in collate(micro, tok.pad_token_id))
+            # Every micro-batch reduce-scatters its gradient, so FSDP2 accumulates sharded gradients; skipping the
+            # sync until the last one would keep a full unsharded fp32 gradient per rank (+27 GB for a 7B model).
+            nll = token_nll_sum(model, input_ids, labels, attn)
+            (nll * world / n_tokens).backward()
+            loss_sum += nll.item()
+            tokens += int(attn.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        step += 1
+        stats = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=device)
+        dist.all_reduce(stats)
+        now = time.time()
+        row = {"step": step, "epoch": epoch + (i + 1) / steps_per_epoch, "loss": stats[0].item() / n_tokens,
+               "lr": sched.get_last_lr()[0], "grad_norm": grad_norm.item(),
+               "tokens_per_s": stats[1].item() / (now - t_last)}
+        t_last = now
+        end_of_epoch = (i + 1) == steps_per_epoch
+        if end_of_epoch and eval_records is not None:
+            row["eval_accuracy"] = greedy_accuracy(model, model, tok, eval_records, args.cot, args.max_new_tokens,
+                                                   rank, world, device, args.eval_batch_size, reward.compute_rewards)
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", **({"acc": f"{row['eval_accuracy']:.3f}"} if "eval_accuracy" in row else {}))
+        if rank == 0 and args.log_every > 0 and step % args.log_every == 0:
+            tqdm.write(summary(row))
+        bar.update(1)
+        if end_of_epoch and keep_epochs(epoch + 1):
+            save_hf(model, tok, args, os.path.join(args.output_dir, f"epoch_{epoch + 1}"), rank, compute_dtype(device))
+        if (args.save_steps > 0 and step % args.save_steps == 0) or end_of_epoch or step == total_steps:
+            save_resume_state(model, opt, sched, step, args, rank)
+        t_last = time.time()
+    bar.close()
+    save_hf(model, tok, args, os.path.join(args.output_dir, "final"), rank, compute_dtype(device))
+    log(f"done: {step} steps; checkpoint in {args.output_dir}/final, metrics in {metrics_path}")
+    dist.destroy_process_group()
+
+
+# =====================================================================================================================
+# infrastructure: identical in every stage, tests/test_copies.py; skip on a first read
+# The flags and the run-folder rules, the distributed setup, loading the model and tokenizer, the extra samples of
+# Offline-ST, the evaluation questions, checkpoints and the resume state. A function marked "a copy" is the same in
+# every stage file that has it; the others are this stage's own.
+# =====================================================================================================================
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -588,21 +850,7 @@ def load_model(args, tok, mesh, device):
                         mesh, device)
 
 
-# ----------------------------------------------------------------------------- data
-
-def encode_example(tok, record, cot, max_length, target=None):
-    """(input_ids, labels) for one record, tokenized by reward.encode_sft_example so that the rollout prompt's ids
-    are a prefix; labels are -100 on the prompt so only CoT + EOS carry loss. The target is the gold one
-    (reward.build_target) unless given (a sampled CoT, sample_target).
-
-    Returns None when the example is longer than max_length (the caller counts and reports those)."""
-    target = reward.build_target(record, cot) if target is None else target
-    ids, n_prompt = reward.encode_sft_example(tok, reward.build_prompt(record["question"], cot), target)
-    ids = ids + [tok.eos_token_id]
-    if len(ids) > max_length:
-        return None
-    return ids, [-100] * n_prompt + ids[n_prompt:]
-
+# ----------------------------------------------------------------------------- data, evaluation questions, saving
 
 def read_extra_samples(path, records):
     """([(record, completion)] of the correct rows, number of rows) of a samples JSONL as rerank.py writes it. Each
@@ -634,65 +882,6 @@ def read_extra_samples(path, records):
     return pairs, n_rows
 
 
-def sample_target(record, completion, cot):
-    """The SFT target of a sampled completion, as reward.build_target gives one for a gold CoT. nl: the completion
-    (it ends with the answer line), stripped. python: samples are drawn after the rollout prompt, which ends with the
-    program header, so the completion is the body; the target is the program reward.extract_program builds and
-    runs from it (header + body up to the first blank line), for a gold program's body the gold target itself."""
-    if cot == "python":
-        return reward.extract_program(completion, record["question"]).strip()
-    return completion.strip()
-
-
-def self_training_examples(pairs, cot):
-    """([(record, target)] to add, number of duplicates dropped): the targets of the correct samples in file order,
-    less those equal to their question's gold target or to an earlier sample's target of the same question.
-
-    The paper's offline self-training (train_sl_model.py) dedups the same way, per question by the exact stripped
-    CoT text, gold CoT included; it also keeps at most 10 distinct samples per question (of the 100 it draws), a
-    cap that here is rerank.py's --num_samples."""
-    seen, out, duplicates = {}, [], 0
-    for record, completion in pairs:
-        targets = seen.setdefault(record["item_id"], {reward.build_target(record, cot).strip()})
-        target = sample_target(record, completion, cot)
-        if target in targets:
-            duplicates += 1
-            continue
-        targets.add(target)
-        out.append((record, target))
-    return out, duplicates
-
-
-def collate(examples, pad_id):
-    """Right-pad a list of (input_ids, labels) into tensors of shape (B, T)."""
-    T = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), T), -100, dtype=torch.long)
-    for i, (ids, lab) in enumerate(examples):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        labels[i, :len(lab)] = torch.tensor(lab)
-    return input_ids, labels, (input_ids != pad_id).long()
-
-
-def token_nll_sum(model, input_ids, labels, attention_mask):
-    """Sum of next-token negative log-likelihoods over labelled positions (the caller divides)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # (B, T, V)
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
-                                             labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
-
-
-# a copy kept identical across stage files: tests/test_copies.py
-def lr_lambda(warmup_steps, total_steps):
-    """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
-    def f(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return f
-
-
-# ----------------------------------------------------------------------------- evaluation and saving
-
 # a copy kept identical across stage files: tests/test_copies.py
 def eval_questions(args):
     """The questions of the evaluation during training: --eval_data (a file as it is, or the --eval_split of a
@@ -707,44 +896,6 @@ def eval_questions(args):
     else:
         records = reward.load_records(args.data, args.eval_split, args.cot)
     return records[:args.eval_limit] if args.eval_limit > 0 else records
-
-
-# a copy kept identical across stage files: tests/test_copies.py
-@torch.no_grad()
-def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size, reward_fn):
-    """Greedy top-1 accuracy computed as `evaluate.py --mode greedy` computes it: transformers' generate from the
-    rollout prompt (for python CoTs it ends with the program header), the same budget of new tokens for every
-    question, correct where `reward_fn` gives 1.0 (reft.py: its --reward; sft.py: reward.py's), questions split
-    across ranks and counts summed. `model` is the sharded root, gathered once; `lm` the causal LM inside it that
-    generates (sft.py: the model itself; reft.py: the policy's `lm`)."""
-    training = model.training
-    model.eval()
-    mine = records[rank::world]
-    correct = 0
-    tok.padding_side = "left"
-    # Its own bar (rank 0's questions): an evaluation of 500 questions with a long budget takes minutes on a CPU.
-    bar = tqdm(total=len(mine), desc=f"greedy evaluation, ≤ {max_new_tokens} new tokens", leave=False,
-               disable=rank != 0)
-    with gathered_for_generation(model):
-        for b in range(0, len(mine), batch_size):
-            chunk = mine[b:b + batch_size]
-            bar.update(len(chunk))
-            prompt_ids = [reward.encode_prompt(tok, reward.build_prompt(r["question"], cot, sampling=True))
-                          for r in chunk]
-            enc = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left padding
-            # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
-            # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
-            out = lm.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True, synced_gpus=False,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            texts = tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
-            scores = reward_fn(texts, [r["answer_value"] for r in chunk], cot, [r["question"] for r in chunk],
-                               partial_reward=False)
-            correct += sum(s == 1.0 for s in scores)
-    bar.close()
-    total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    model.train(training)
-    return (total[0] / total[1]).item()
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -813,138 +964,6 @@ def load_resume_state(model, opt, sched, args, rank):
     sched.load_state_dict(extra["sched"])
     torch.set_rng_state(extra["rng"])
     return extra["step"]
-
-
-# ----------------------------------------------------------------------------- main
-
-def main(args):
-    # Every check before anything loads: flags, --model, the data, the output folder.
-    check_ranges(args, RANGES)
-    check_model(args)
-    resolve_cot(args, {"--model": args.model} if os.path.isdir(args.model) else {})
-    flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
-    keep_epochs = epochs_to_save(args.save_epochs)
-    records = reward.load_records(args.data, "train", args.cot, require_cot=True)
-    eval_records = eval_questions(args) if args.eval_every_epoch else None
-    pairs, n_rows = read_extra_samples(args.extra_samples, records) if args.extra_samples else ([], 0)
-    extra, duplicates = self_training_examples(pairs, args.cot)
-    resuming = plan_run(args, flags, MAY_CHANGE)
-
-    rank, world, device, mesh = init_distributed()
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    if args.lr < 0:  # the tiny model from scratch wants a large rate; a pretrained 7B one would be wrecked by it
-        args.lr = 2e-3 if args.model == "tiny" else 1e-5
-    if resuming and args.model == "tiny":
-        # The tiny tokenizer is trained from data: reuse the saved one so resumed token ids are identical.
-        args.model = os.path.join(args.output_dir, "init")
-    texts = [reward.build_prompt(r["question"], args.cot) + reward.build_target(r, args.cot) for r in records]
-    tok = load_tokenizer(args, texts)
-    try:
-        examples = [e for e in (encode_example(tok, r, args.cot, args.max_length) for r in records) if e is not None]
-        added = [e for e in (encode_example(tok, r, args.cot, args.max_length, target) for r, target in extra)
-                 if e is not None]
-    except ValueError as e:
-        raise SystemExit(f"error: --model {args.model}: {e}")
-    log(f"data: {len(records)} records from {args.data}, {len(records) - len(examples)} dropped as longer than "
-        f"--max_length {args.max_length}, {len(examples)} used")
-    if args.extra_samples:
-        log(f"{n_rows} extra samples: {len(pairs)} correct, {duplicates} duplicates dropped, "
-            f"{len(extra) - len(added)} longer than --max_length, {len(added)} added from {args.extra_samples}")
-    examples += added
-    if not examples:
-        raise SystemExit(f"error: --data {args.data}: no training example fits in --max_length {args.max_length}")
-
-    if args.micro_batch_size <= 0:
-        args.micro_batch_size = max(1, args.batch_size // world)
-    if args.batch_size % (args.micro_batch_size * world):
-        raise SystemExit(f"error: --batch_size {args.batch_size} is not a multiple of micro_batch_size × world "
-                         f"({args.micro_batch_size} × {world})")
-    accum = args.batch_size // (args.micro_batch_size * world)
-    steps_per_epoch = len(examples) // args.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(examples)} examples are fewer than one --batch_size {args.batch_size}")
-    log(f"{steps_per_epoch} steps per epoch ({len(examples) % args.batch_size} examples left over each epoch), "
-        f"accumulation {accum}, world {world}")
-    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
-
-    if rank == 0:
-        begin_run(args, flags, world, resuming)
-    dist.barrier()
-    model = load_model(args, tok, mesh, device)
-    log(f"model: {sum(p.numel() for p in model.parameters()):,} params, lr {args.lr:g}")
-    model.config.use_cache = False
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-                            weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total_steps), total_steps))
-
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    step = 0
-    if resuming:
-        step = load_resume_state(model, opt, sched, args, rank)
-        log(f"resumed from {args.output_dir}/checkpoint at step {step}")
-        if rank == 0 and os.path.exists(metrics_path):  # drop lines logged after the saved state
-            with open(metrics_path) as f:
-                kept = [l for l in f if json.loads(l).get("step", 0) <= step]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-
-    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=rank != 0)
-    t_last = time.time()
-    while step < total_steps:
-        epoch, i = divmod(step, steps_per_epoch)
-        # The order of epoch e depends only on (seed, e): a resumed run sees exactly the same batches.
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed + epoch))
-        batch = [examples[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size].tolist()]
-        # Normalise by the global number of target tokens, so 1 process and N processes (and any accumulation)
-        # take exactly the same step. FSDP averages gradients over ranks, hence the factor `world`.
-        n_tokens = sum(sum(l != -100 for l in lab[1:]) for _, lab in batch)
-        mine = batch[rank::world]
-        loss_sum, tokens = 0.0, 0
-        for k in range(accum):
-            micro = mine[k * args.micro_batch_size:(k + 1) * args.micro_batch_size]
-            input_ids, labels, attn = (t.to(device) for t in collate(micro, tok.pad_token_id))
-            # Every micro-batch reduce-scatters its gradient, so FSDP2 accumulates sharded gradients; skipping the
-            # sync until the last one would keep a full unsharded fp32 gradient per rank (+27 GB for a 7B model).
-            nll = token_nll_sum(model, input_ids, labels, attn)
-            (nll * world / n_tokens).backward()
-            loss_sum += nll.item()
-            tokens += int(attn.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        step += 1
-        stats = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=device)
-        dist.all_reduce(stats)
-        now = time.time()
-        row = {"step": step, "epoch": epoch + (i + 1) / steps_per_epoch, "loss": stats[0].item() / n_tokens,
-               "lr": sched.get_last_lr()[0], "grad_norm": grad_norm.item(),
-               "tokens_per_s": stats[1].item() / (now - t_last)}
-        t_last = now
-        end_of_epoch = (i + 1) == steps_per_epoch
-        if end_of_epoch and eval_records is not None:
-            row["eval_accuracy"] = greedy_accuracy(model, model, tok, eval_records, args.cot, args.max_new_tokens,
-                                                   rank, world, device, args.eval_batch_size, reward.compute_rewards)
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{row['loss']:.4f}", **({"acc": f"{row['eval_accuracy']:.3f}"} if "eval_accuracy" in row else {}))
-        if rank == 0 and args.log_every > 0 and step % args.log_every == 0:
-            tqdm.write(summary(row))
-        bar.update(1)
-        if end_of_epoch and keep_epochs(epoch + 1):
-            save_hf(model, tok, args, os.path.join(args.output_dir, f"epoch_{epoch + 1}"), rank, compute_dtype(device))
-        if (args.save_steps > 0 and step % args.save_steps == 0) or end_of_epoch or step == total_steps:
-            save_resume_state(model, opt, sched, step, args, rank)
-        t_last = time.time()
-    bar.close()
-    save_hf(model, tok, args, os.path.join(args.output_dir, "final"), rank, compute_dtype(device))
-    log(f"done: {step} steps; checkpoint in {args.output_dir}/final, metrics in {metrics_path}")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
