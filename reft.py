@@ -563,7 +563,10 @@ def ppo_backward(model, micro_batches, rollout, P, mini, world, beta, args, devi
             kl_loss = aggregate_loss(k3_kl(logprobs, r["ref_logprobs"][idx]), mask, **aggregation)
             loss = loss + beta * kl_loss
             st.update(kl_loss=kl_loss.mean())
-        # reduce-scatters every micro-batch: FSDP2 keeps the accumulated gradient sharded
+        # The minibatch's loss is the mean of its `mini` sequences' terms on all ranks; this rank holds mini / world of
+        # them, and FSDP averages the ranks' gradients (÷ world). So × world / mini: with mini 8 on 2 ranks, each rank
+        # sums its 4 terms × 2 / 8, the average over ranks gives the sum of all 8 / 8, their mean, as 1 process would.
+        # Each backward reduce-scatters at once: FSDP2 keeps the accumulated gradient sharded.
         (loss.sum() * world / mini).backward()
         for k, v in st.items():
             stats.setdefault(k, []).append(v.item())
@@ -719,6 +722,7 @@ def step_questions(run, args, epoch, i):
     sees the same batches; the batch's questions are dealt out round-robin, so a rank holds all --num_samples samples
     of each of its questions (the groups GRPO and RLOO compare) and N ranks together hold the one-process batch."""
     order = torch.randperm(len(run.records), generator=torch.Generator().manual_seed(args.seed + epoch))
+    # Questions [7, 2, 9, 4] on 2 ranks: rank 0 takes [7, 9], rank 1 [2, 4].
     return order[i * args.batch_size:(i + 1) * args.batch_size].tolist()[run.rank::run.world]
 
 
@@ -785,6 +789,7 @@ def ppo_update(run, args, batch):
     step (ppo_backward, then the clipped step). Returns the micro-batches' losses."""
     run.model.train()
     stats = {}
+    # A minibatch of `mini` sequences is spread over the ranks: each takes mini // world of its own rows per step.
     for micro_batches in minibatches(len(batch.rows), run.mini // run.world, args, run.step):
         ppo_backward(run.model, micro_batches, vars(batch), batch.P, run.mini, run.world, run.beta, args, run.device,
                      stats)
