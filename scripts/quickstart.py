@@ -149,7 +149,8 @@ def stage(name, done, cmd, timings, resume_flag="--resume"):
         print(f"[{name}] done already ({done}); skipping", flush=True)
         return
     out = Path(cmd[cmd.index("--output_dir") + 1]) if "--output_dir" in cmd else None
-    if resume_flag and out is not None and (out / "checkpoint").exists():
+    # A complete resume state, as the stages' find_resume_state sees one: checkpoint-STEP[.tmp]/ with its manifest.
+    if resume_flag and out is not None and any(out.glob("checkpoint-*/manifest.json")):
         cmd = cmd + [resume_flag]
         print(f"[{name}] resuming an interrupted run in {out}", flush=True)
     print(f"[{name}] {' '.join(str(c) for c in cmd)}", flush=True)
