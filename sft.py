@@ -673,9 +673,10 @@ def stop_if_write_failed(error, tmp, output_dir):
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     if "full" in failures:
-        raise SystemExit(f"error: no space left on the disk of {output_dir} while saving the resume state "
-                         f"{os.path.basename(tmp)} (removed; {shutil.disk_usage(output_dir).free / 1e9:.3g} GB free "
-                         f"now): a save needs room for two states, 12 bytes per parameter each")
+        name, free = os.path.basename(tmp).removesuffix(".tmp"), shutil.disk_usage(output_dir).free
+        raise SystemExit(f"error: no space left on the disk of {output_dir} while saving the resume state {name} "
+                         f"(removed; {free / 1e9:.3g} GB free now): a save needs room for two states, 12 bytes per "
+                         f"parameter each")
     if error is not None:
         raise error
     raise SystemExit(f"error: another process failed to write the resume state {tmp}: {next(filter(None, failures))}")
