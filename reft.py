@@ -650,15 +650,15 @@ def fsync_dir(path):
 
 
 def write_manifest(folder, step):
-    """Rank 0, once every rank's files are in `folder`: manifest.json, each file's size and sha256, written through
-    a temporary name so that its presence means the folder is whole."""
+    """Rank 0, once every rank's files are in `folder`: manifest.json, each other file's size and sha256, written
+    through a temporary name so that its presence means the folder is whole."""
     files = {}
     for root, dirs, names in os.walk(folder):
         dirs.sort()
         for name in sorted(names):
             path = os.path.join(root, name)
-            size, digest = file_digest(path)
-            files[os.path.relpath(path, folder)] = {"size": size, "sha256": digest}
+            if os.path.relpath(path, folder) not in ("manifest.json", "manifest.json.tmp"):
+                files[os.path.relpath(path, folder)] = dict(zip(("size", "sha256"), file_digest(path)))
     tmp = os.path.join(folder, "manifest.json.tmp")
     with open(tmp, "w") as f:
         json.dump({"step": step, "files": files}, f, indent=1)
