@@ -781,14 +781,14 @@ def load_state(model, opt, output_dir):
     path, error = choice
     if error is not None:
         raise SystemExit(error)
-    if dist.get_rank() == 0:
-        print(f"resumed from {path}", flush=True)
     sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     group = dist.new_group(backend="gloo")
     dcp.load(sd, checkpoint_id=path, process_group=group)
     dist.destroy_process_group(group)
     set_model_state_dict(model, sd["model"])
     set_optimizer_state_dict(model, opt, sd["optim"])
+    if dist.get_rank() == 0:
+        print(f"resumed from {path}", flush=True)
     return path
 
 

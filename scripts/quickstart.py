@@ -37,6 +37,7 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -149,8 +150,10 @@ def stage(name, done, cmd, timings, resume_flag="--resume"):
         print(f"[{name}] done already ({done}); skipping", flush=True)
         return
     out = Path(cmd[cmd.index("--output_dir") + 1]) if "--output_dir" in cmd else None
-    # A complete resume state, as the stages' find_resume_state sees one: checkpoint-STEP[.tmp]/ with its manifest.
-    if resume_flag and out is not None and any(out.glob("checkpoint-*/manifest.json")):
+    # A complete resume state as the stages' find_resume_state sees one: checkpoint-STEP/ or checkpoint-STEP.tmp/
+    # holding its manifest (written last); not a checkpoint-STEP.damaged/ set aside.
+    if resume_flag and out is not None and any(re.fullmatch(r"checkpoint-\d+(\.tmp)?", p.parent.name)
+                                               for p in out.glob("checkpoint-*/manifest.json")):
         cmd = cmd + [resume_flag]
         print(f"[{name}] resuming an interrupted run in {out}", flush=True)
     print(f"[{name}] {' '.join(str(c) for c in cmd)}", flush=True)

@@ -256,3 +256,21 @@ def test_a_killed_sampling_is_resumed_with_the_rows_of_the_uninterrupted_one(poo
     assert "questions with fewer rows than they were sampled with dropped" in p.stdout
     assert (out / "samples.jsonl").read_text() == want
     assert rerank.read_samples(out / "samples.jsonl")
+
+
+def test_the_quickstart_resumes_a_stage_from_any_whole_state_a_kill_left(tmp_path, capfd):
+    """The quickstart adds --resume exactly when a stage would find a state to continue from (find_resume_state):
+    a whole checkpoint-STEP.tmp/ a kill left before its rename counts; a partial folder or one set aside as damaged
+    does not. It looked for checkpoint/ only."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import quickstart
+    out = tmp_path / "stage"
+    cmd = [PY, "-c", "import sys; print('argv', sys.argv[1:])", "--output_dir", out]
+    for folder, resumes in (("checkpoint-4.tmp", False), ("checkpoint-3.damaged", False),
+                            ("checkpoint-2.tmp", True)):
+        (out / folder).mkdir(parents=True)
+        if folder != "checkpoint-4.tmp":
+            (out / folder / "manifest.json").write_text("{}")
+        quickstart.stage("stage", tmp_path / "never_done", cmd, {})
+        assert ("argv ['--output_dir', '%s', '--resume']" % out in capfd.readouterr().out) == resumes
+        assert (sft.find_resume_state(out) is not None) == resumes
