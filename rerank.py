@@ -426,8 +426,9 @@ def drop_partial_questions(path):
 @torch.no_grad()
 def sample(args, path, rank, world, device, mesh, log, reward_fn):
     """Append k samples per not-yet-sampled question to `path`, labelled by `reward_fn` and deduplicated (rank 0
-    writes). A question's samples come from a generator seeded by (seed, the question's index) alone, so that any
-    number of processes, and a sampling killed and run again, write the same rows."""
+    writes). A question's samples come from a generator seeded by (seed, the question's index) alone and the rows
+    are written in the questions' order, so that any number of processes, and a sampling killed and run again, write
+    the same file."""
     records = reward.load_records(args.data, args.split, args.cot)
     records = records[:args.limit] if args.limit > 0 else records
     if rank == 0 and os.path.exists(path):
@@ -435,6 +436,7 @@ def sample(args, path, rank, world, device, mesh, log, reward_fn):
     dist.barrier()
     done = {r["item_id"] for r in read_samples(path)} if os.path.exists(path) else set()
     todo = [(i, r) for i, r in enumerate(records) if r["item_id"] not in done]
+    position = {r["item_id"]: i for i, r in todo}
     log(f"sampling: {len(records)} questions, {len(records) - len(todo)} already in {path}, {len(todo)} to do, "
         f"k={args.num_samples}")
     if not todo:
@@ -472,8 +474,11 @@ def sample(args, path, rank, world, device, mesh, log, reward_fn):
             parts = [None] * world if rank == 0 else None
             dist.gather_object((len(group), dedup_rows(group, texts, answers, correct, k)), parts, dst=0)
             if rank == 0:
+                # The ranks' groups together are the next questions of `todo`: in their order, the file is the
+                # same at any number of processes.
+                rows = sorted((row for _, part in parts for row in part), key=lambda row: position[row["item_id"]])
                 with open(path, "a") as f:  # one write per group; what a kill cuts of it is sampled again
-                    f.write("".join(json.dumps(row) + "\n" for _, rows in parts for row in rows))
+                    f.write("".join(json.dumps(row) + "\n" for row in rows))
                 bar.update(sum(n for n, _ in parts))
     bar.close()
     dist.barrier()

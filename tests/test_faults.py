@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 
-from conftest import PY, ROOT, main_error, read_metrics, run
+from conftest import PY, ROOT, main_error, read_metrics, run, torchrun
 
 sys.path.insert(0, str(ROOT))
 import rerank  # noqa: E402
@@ -239,12 +239,12 @@ def test_too_little_disk_for_two_states_is_refused_before_training(pool, tmp_pat
 def test_a_killed_sampling_is_resumed_with_the_rows_of_the_uninterrupted_one(pool, uninterrupted, faulty, tmp_path):
     """Killed while writing the samples of the second pair of questions, after one whole line: that question
     counted as done with fewer samples, and the questions after it were drawn from a generator reseeded at the
-    start. Now the question is sampled again and every question's samples depend only on (seed, question): the
-    file ends byte for byte as the uninterrupted one."""
+    start (from seed + rank). Now the question is sampled again and every question's samples depend only on (seed,
+    question): the file ends byte for byte as the uninterrupted one, made by 2 processes."""
     cmd = ["rerank.py", "--model", uninterrupted[0] / "final", "--data", pool, "--limit", 4, "--num_samples", 3,
            "--gen_batch_size", 6, "--max_new_tokens", 24, "--epochs", 1, "--batch_size", 2, "--holdout_fraction",
            0.25]
-    run([PY, *cmd, "--output_dir", tmp_path / "full"])
+    torchrun(2, *cmd, "--output_dir", tmp_path / "full")  # and 2 processes write the file 1 process writes
     want = (tmp_path / "full" / "samples.jsonl").read_text()
     out = tmp_path / "run"
     killed(faulty, "cut:samples.jsonl:2", *cmd, "--output_dir", out)
