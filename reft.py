@@ -39,6 +39,8 @@ and the reference are sharded with FSDP2, gloo + fp32 on CPU and NCCL + bf16 mix
 import argparse
 import ast
 import dataclasses
+import errno
+import hashlib
 import inspect
 import json
 import os
@@ -154,8 +156,8 @@ class Args:
     seed: int = 42
     """seed for data order and sampling; a question's sample depends on (seed, step, question), not on ranks"""
     resume: bool = False
-    """continue the run in --output_dir from its resume state, with the flags it was started with (only those of
-    MAY_CHANGE may differ); with no resume state there, start at step 0"""
+    """continue the run in --output_dir from its newest intact resume state (checkpoint-STEP/), with the flags it
+    was started with (only those of MAY_CHANGE may differ); with no resume state there, start at step 0"""
     overwrite: bool = False
     """start over in an --output_dir that holds a run, removing it (without --resume or --overwrite such a folder is
     refused)"""
@@ -948,6 +950,7 @@ def setup(args):
     if rank == 0:
         begin_run(args, flags, world, resuming)
     dist.barrier()
+    check_disk_space(args.output_dir, sum(p.numel() for p in model.parameters()))
     run = SimpleNamespace(rank=rank, world=world, device=device, log=log, reward_fn=reward_fn, tok=tok, model=model,
                           ref=ref, opt=opt, records=records, prompts=prompts, gold=gold, eval_records=eval_records,
                           eval_budget=eval_budget, keep_epochs=keep_epochs, mini=mini, steps_per_epoch=steps_per_epoch,
@@ -956,12 +959,8 @@ def setup(args):
     if resuming:
         state = load_resume_state(model, opt, args)
         run.step, run.beta, run.skipped, run.best = state["step"], state["beta"], state["skipped"], state["best"]
-        log(f"resumed from {args.output_dir}/checkpoint at step {run.step}")
-        if rank == 0 and os.path.exists(run.metrics_path):  # drop lines logged after the saved state
-            with open(run.metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= run.step]
-            with open(run.metrics_path, "w") as f:
-                f.writelines(kept)
+        if rank == 0:
+            trim_metrics(run.metrics_path, run.step)
     if args.objective == "ppo":
         log(f"ppo: loss aggregation {args.loss_aggregation}, clip range [1 - {args.clip_range:g}, 1 + "
             f"{args.clip_range if args.clip_range_high < 0 else args.clip_range_high:g}]")
@@ -982,8 +981,7 @@ def greedy_evaluation(run, args):
 def write_metrics(run, args, m, bar):
     """The step's row to metrics.jsonl (rank 0), the progress bar and, every --log_every steps, a log line."""
     if run.rank == 0:
-        with open(run.metrics_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
+        append_metrics(run.metrics_path, m)
     bar.set_postfix({k: f"{m[k]:.3f}" for k in ("score", "accuracy", "kl") if k in m})
     if run.rank == 0 and args.log_every > 0 and run.step % args.log_every == 0:
         tqdm.write(summary(m))
@@ -1084,12 +1082,6 @@ def resolve_cot(args, checkpoints):
     elif flag and args.cot != found[flag]:
         raise SystemExit(f"error: --cot {args.cot}, but {flag} {checkpoints[flag]} was trained on {found[flag]} CoTs "
                          f"(its train_args.json): drop --cot or pass --cot {found[flag]}")
-
-
-def find_resume_state(output_dir):
-    """(folder, step) of the resume state in output_dir, or None."""
-    path = os.path.join(output_dir, "checkpoint")
-    return (path, "?") if os.path.isdir(path) else None
 
 
 RUN_FILES = ("args.json", "launches.jsonl", "metrics.jsonl", "samples.jsonl", "final", "best", "init")
@@ -1412,44 +1404,252 @@ def save_checkpoint(model, tok, args, path, rank, dtype):
     dist.barrier()
 
 
-def save_resume_state(model, opt, state, args, rank):
-    """Sharded policy + optimizer (torch.distributed.checkpoint) and the loop state, swapped in atomically.
+# ----------------------------------------------------------------------------- resume state and metrics on disk
+# Repeated in sft.py, reft.py and rerank.py, from here to `trim_metrics`: tests/test_copies.py checks the copies.
+# A resume state is the folder {output_dir}/checkpoint-{step}: DCP's shards, what the stage adds, and manifest.json
+# (every file's size and sha256), written last. It is written as checkpoint-{step}.tmp and published by one rename.
+
+def resume_states(output_dir):
+    """The complete resume states in `output_dir` as (path, step), newest first; reads folder names only. A folder
+    is complete when it holds manifest.json, written last: checkpoint-{step}, or checkpoint-{step}.tmp when a kill
+    came between the manifest and the rename that publishes it (after the published one of the same step)."""
+    found = []
+    for name in sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []:
+        stem = name.removesuffix(".tmp")
+        if (stem.startswith("checkpoint-") and stem[len("checkpoint-"):].isdigit()
+                and os.path.isfile(os.path.join(output_dir, name, "manifest.json"))):
+            found.append((-int(stem[len("checkpoint-"):]), name != stem, os.path.join(output_dir, name)))
+    return [(path, -neg_step) for neg_step, _, path in sorted(found)]
+
+
+def find_resume_state(output_dir):
+    """(path, step) of the newest complete resume state in `output_dir`, or None. Pure Python, cheap (no checksum,
+    no torch.distributed, nothing removed), so a caller can tell before loading any model whether --resume has
+    something to continue from; load_resume_state verifies the files and falls back to the previous state."""
+    states = resume_states(output_dir)
+    return states[0] if states else None
+
+
+def file_digest(path):
+    """(size, sha256 hex) of a file, synced to disk on the way (fsync): a state is published only once its bytes
+    are durable, and the hash reads them anyway."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+        os.fsync(f.fileno())
+    return os.path.getsize(path), h.hexdigest()
+
+
+def fsync_dir(path):
+    """Make the names in a folder durable (a rename is only on disk once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder, step):
+    """Rank 0, once every rank's files are in `folder`: manifest.json, each other file's size and sha256, written
+    through a temporary name so that its presence means the folder is whole."""
+    files = {}
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            if os.path.relpath(path, folder) not in ("manifest.json", "manifest.json.tmp"):
+                files[os.path.relpath(path, folder)] = dict(zip(("size", "sha256"), file_digest(path)))
+    tmp = os.path.join(folder, "manifest.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, "manifest.json"))
+    fsync_dir(folder)
+
+
+def damaged_file(folder):
+    """None when every file of the resume state `folder` has its manifest's size and sha256, else what is wrong,
+    naming the file."""
+    try:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            files = json.load(f)["files"]
+        expected = [(name, want["size"], want["sha256"]) for name, want in sorted(files.items())]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"manifest.json is unreadable ({type(e).__name__})"
+    for name, size, sha256 in expected:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return f"{name} has {os.path.getsize(path)} bytes, its manifest says {size}"
+        if file_digest(path)[1] != sha256:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def check_disk_space(output_dir, n_params):
+    """Once, before the first save: one error line unless the disk of `output_dir` has room for two resume states,
+    what a save holds during the switch (12 bytes per parameter each: fp32 weights and AdamW's two moments), less
+    what the states already there take (a save removes all but one first)."""
+    held = sum(os.path.getsize(os.path.join(root, name)) for path, _ in resume_states(output_dir)
+               for root, _, names in os.walk(path) for name in names)
+    need, free = 2 * 12 * n_params - held, shutil.disk_usage(output_dir).free
+    if free < need:
+        raise SystemExit(f"error: --output_dir {output_dir}: {free / 1e9:.3g} GB free, saving the resume state needs "
+                         f"{need / 1e9:.3g} GB (two states during the switch, 12 bytes per parameter each)")
+
+
+def is_disk_full(error):
+    """Whether a failed save ran out of disk: ENOSPC in the exception or any it wraps (DCP gathers every rank's
+    failure into one CheckpointException)."""
+    pending = [error]
+    while pending:
+        e = pending.pop()
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        pending += [c for c in (e.__cause__, e.__context__) if c is not None]
+        if isinstance(e, dcp.CheckpointException):
+            pending += [exc for exc, _ in e.failures.values()]
+    return False
+
+
+def stop_if_write_failed(error, tmp, output_dir):
+    """All ranks, after a write of the state `tmp`: when any rank failed, the partial folder is removed and every
+    rank stops, with one line naming the folder and its free space when the disk is full."""
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, None if error is None else "full" if is_disk_full(error) else repr(error))
+    if all(f is None for f in failures):
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    if "full" in failures:
+        name, free = os.path.basename(tmp).removesuffix(".tmp"), shutil.disk_usage(output_dir).free
+        raise SystemExit(f"error: no space left on the disk of {output_dir} while saving the resume state {name} "
+                         f"(removed; {free / 1e9:.3g} GB free now): a save needs room for two states, 12 bytes per "
+                         f"parameter each")
+    if error is not None:
+        raise error
+    raise SystemExit(f"error: another process failed to write the resume state {tmp}: {next(filter(None, failures))}")
+
+
+def save_state(model, opt, step, output_dir, files):
+    """All ranks: write the sharded model and optimizer (DCP) and this rank's `files` ({name: bytes}) as the resume
+    state of `step`, visible only once whole. Rank 0 first removes every state folder but the newest complete one
+    before `step` (partial ones, those of a later step left by a run that resumed from an earlier state, the older of
+    the two kept), so the disk holds at most two states; then the new one is written as checkpoint-{step}.tmp,
+    gets its manifest and is published by one atomic rename, leaving it and the previous one.
 
     DCP runs its collectives on a gloo group of its own, destroyed right after. Gloo copies DCP's plans on its worker
     threads, and with OMP_NUM_THREADS > 1 such a copy gives the worker an OpenMP team of its own that lives as long
     as the group. libgomp then counts more threads than cores and stops spin-waiting, so on the default group every
     later training step ran ~10-25% slower (1 process, 2 threads); destroying the group ends those threads."""
-    final, tmp = os.path.join(args.output_dir, "checkpoint"), os.path.join(args.output_dir, "checkpoint.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+    tmp = os.path.join(output_dir, f"checkpoint-{step}.tmp")
+    if dist.get_rank() == 0:
+        keep = [path for path, saved in resume_states(output_dir) if saved < step][:1]
+        for name in os.listdir(output_dir):
+            path = os.path.join(output_dir, name)
+            if name.startswith("checkpoint-") and os.path.isdir(path) and path not in keep:
+                shutil.rmtree(path)
     dist.barrier()
+    error = None
     group = dist.new_group(backend="gloo")
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp,
-             process_group=group)
-    dist.destroy_process_group(group)
-    if rank == 0:
-        with open(os.path.join(tmp, "loop_state.json"), "w") as f:
-            json.dump(state, f)
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(final + ".old", ignore_errors=True)
-        if os.path.isdir(final):
-            os.rename(final, final + ".old")
-        os.rename(tmp, final)
-        shutil.rmtree(final + ".old", ignore_errors=True)
+    try:
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=tmp, process_group=group)
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+    except (OSError, dcp.CheckpointException) as e:
+        error = e
+    finally:
+        dist.destroy_process_group(group)
+    stop_if_write_failed(error, tmp, output_dir)
+    if dist.get_rank() == 0:
+        try:
+            write_manifest(tmp, step)
+        except OSError as e:
+            error = e
+    stop_if_write_failed(error, tmp, output_dir)
+    if dist.get_rank() == 0:
+        os.rename(tmp, tmp.removesuffix(".tmp"))
+        fsync_dir(output_dir)
     dist.barrier()
 
 
-def load_resume_state(model, opt, args):
-    """Inverse of save_resume_state (DCP on a gloo group of its own too); returns the saved loop state."""
-    path = os.path.join(args.output_dir, "checkpoint")
+def load_state(model, opt, output_dir):
+    """All ranks: load the model and optimizer from the newest resume state whose files match its manifest (rank 0
+    checks them and tells the others; DCP on a gloo group of its own, as in save_state) and return its path. A
+    damaged state gets one warning line naming the file and the previous state is tried; none intact is one error
+    line."""
+    choice = [None, None]
+    if dist.get_rank() == 0:
+        problems = []
+        for path, _ in resume_states(output_dir):
+            damage = damaged_file(path)
+            if damage is None:
+                choice[0] = path
+                break
+            # Set aside: no later --resume or save takes it for a good state; the next save removes it.
+            aside = path.removesuffix(".tmp") + ".damaged"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(path, aside)
+            problems.append(f"{os.path.basename(path)}: {damage}")
+            print(f"warning: the resume state {path} is damaged ({damage}); set aside as {aside}, trying the "
+                  f"previous one", flush=True)
+        else:
+            choice[1] = (f"error: --output_dir {output_dir}: no intact resume state to continue from"
+                         + (f" ({'; '.join(problems)})" if problems else ""))
+    dist.broadcast_object_list(choice, src=0)
+    path, error = choice
+    if error is not None:
+        raise SystemExit(error)
     sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     group = dist.new_group(backend="gloo")
     dcp.load(sd, checkpoint_id=path, process_group=group)
     dist.destroy_process_group(group)
     set_model_state_dict(model, sd["model"])
     set_optimizer_state_dict(model, opt, sd["optim"])
-    with open(os.path.join(path, "loop_state.json")) as f:
+    if dist.get_rank() == 0:
+        print(f"resumed from {path}", flush=True)
+    return path
+
+
+def append_metrics(path, row):
+    """Rank 0: one metrics row as one whole line in one write, so a kill can cut only the line being written."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def trim_metrics(path, step):
+    """Rank 0, on resume: keep the rows up to the resumed `step` (those logged after the saved state are logged
+    again), dropping a last line a kill cut (one warning line). The rows go to a new file renamed over the old one,
+    so a kill here leaves one of the two whole."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        print(f"warning: {path}: dropped its last line, cut by a kill ({lines.pop()!r:.60})", flush=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(line for line in lines if json.loads(line)["step"] <= step)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_resume_state(model, opt, state, args, rank):
+    """The resume state of step state["step"] (save_state): the sharded policy and optimizer, and the loop state."""
+    save_state(model, opt, state["step"], args.output_dir,
+               {"loop_state.json": json.dumps(state).encode()} if rank == 0 else {})
+
+
+def load_resume_state(model, opt, args):
+    """Inverse of save_resume_state, from the newest intact state (load_state); returns the saved loop state."""
+    with open(os.path.join(load_state(model, opt, args.output_dir), "loop_state.json")) as f:
         return json.load(f)
 
 

@@ -3,7 +3,8 @@
 1. Sampling: k CoTs per training question from a policy checkpoint (--model; the paper samples 100 per
    question from the warm-up SFT checkpoint), each labelled correct/incorrect through reward.py (or --reward), exact
    duplicates removed per question, written to {output_dir}/samples.jsonl as rows
-   {item_id, question, completion, answer, correct}. A re-run skips the questions already in the file;
+   {item_id, question, completion, answer, correct, distinct}. A re-run skips the questions already whole in the
+   file (one a kill cut is sampled again, with the same samples: they are seeded per question);
    --samples FILE skips sampling altogether. For the python CoT the prompt ends with the function header
    (reward.build_prompt(q, "python", sampling=True)) and the completion is the body.
 2. Training: the LM trunk from --init (default --model; the paper inits from the best SFT or ReFT checkpoint)
@@ -43,8 +44,12 @@ One code path: plain `python rerank.py` is a 1-process group, `torchrun` gives N
 """
 import argparse
 import ast
+import collections
 import dataclasses
+import errno
+import hashlib
 import inspect
+import io
 import itertools
 import json
 import math
@@ -127,11 +132,13 @@ class Args:
     log_every: int = 10
     """print a one-line summary of the metrics every this many steps (0: never)"""
     seed: int = 42
-    """seed for sampling (seed + rank), the head init, the held-out split and the data order"""
+    """seed for sampling (with the question's index: a question's samples depend on nothing else), the head init,
+    the held-out split and the data order"""
     resume: bool = False
     """continue the run in --output_dir, with the flags it was started with (only those of MAY_CHANGE may differ):
-    the sampling where samples.jsonl ends, the verifier training from its resume state (model, optimizer,
-    scheduler, RNG, data position); with neither there, start afresh"""
+    the sampling where samples.jsonl ends (a question cut by a kill is sampled again), the verifier training from its
+    newest intact resume state checkpoint-STEP/ (model, optimizer, scheduler, RNG, data position); with neither
+    there, start afresh"""
     overwrite: bool = False
     """start over in an --output_dir that holds a run (samples included), removing it (without --resume or
     --overwrite such a folder is refused)"""
@@ -238,12 +245,6 @@ def resolve_cot(args, checkpoints):
     elif flag and args.cot != found[flag]:
         raise SystemExit(f"error: --cot {args.cot}, but {flag} {checkpoints[flag]} was trained on {found[flag]} CoTs "
                          f"(its train_args.json): drop --cot or pass --cot {found[flag]}")
-
-
-def find_resume_state(output_dir):
-    """(folder, step) of the resume state in output_dir, or None."""
-    path = os.path.join(output_dir, "checkpoint")
-    return (path, "?") if os.path.isdir(path) else None
 
 
 RUN_FILES = ("args.json", "launches.jsonl", "metrics.jsonl", "samples.jsonl", "final", "best", "init")
@@ -557,59 +558,96 @@ def samples_summary(rows):
 
 
 def dedup_rows(records, texts, answers, correct, k):
-    """One row per distinct completion of each question (texts are grouped k per record, in order)."""
+    """One row per distinct completion of each question (texts are grouped k per record, in order). Each row says
+    how many rows its question has (`distinct`): a question is whole in the file only with that many
+    (drop_partial_questions)."""
     rows = []
     for i, r in enumerate(records):
+        first = len(rows)
         seen = set()
         for j in range(i * k, (i + 1) * k):
             if texts[j] not in seen:
                 seen.add(texts[j])
                 rows.append({"item_id": r["item_id"], "question": r["question"], "completion": texts[j],
                              "answer": answers[j], "correct": correct[j]})
+        for row in rows[first:]:
+            row["distinct"] = len(seen)
     return rows
+
+
+def drop_partial_questions(path):
+    """Rank 0, before sampling continues: keep in `path` only the questions with all their rows, so that a question
+    whose write a kill cut is sampled again instead of counting as done with fewer. A cut last line and the rows of
+    a question with fewer than its `distinct` go (one warning line), the rest to a new file renamed over the old one.
+    Rows without `distinct` (a --samples file of another origin) count as whole; a line that is not JSON is left for
+    read_samples to name."""
+    with open(path) as f:
+        lines = f.readlines()
+    cut = bool(lines) and not lines[-1].endswith("\n")
+    lines = lines[:len(lines) - cut]
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        rows.append(row if isinstance(row, dict) else {})
+    ids = [row.get("item_id") for row in rows]
+    count = collections.Counter(ids)
+    partial = {i for i, row in zip(ids, rows) if row.get("distinct", count[i]) != count[i]}
+    if not cut and not partial:
+        return
+    print(f"warning: {path}: {'a last line cut by a kill and ' if cut else ''}{len(partial)} questions with fewer "
+          f"rows than they were sampled with dropped; they are sampled again", flush=True)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(line for line, i in zip(lines, ids) if i not in partial)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
 
 @torch.no_grad()
 def sample(args, path, rank, world, device, mesh, log, reward_fn):
     """Append k samples per not-yet-sampled question to `path`, labelled by `reward_fn` and deduplicated (rank 0
-    writes)."""
+    writes). A question's samples come from a generator seeded by (seed, the question's index) alone and the rows
+    are written in the questions' order, so that any number of processes, and a sampling killed and run again, write
+    the same file."""
     records = reward.load_records(args.data, args.split, args.cot)
     records = records[:args.limit] if args.limit > 0 else records
     if rank == 0 and os.path.exists(path):
-        with open(path, "rb+") as f:  # a run killed in the middle of a write leaves a cut last line: drop it
-            f.truncate(f.read().rfind(b"\n") + 1)
+        drop_partial_questions(path)
     dist.barrier()
     done = {r["item_id"] for r in read_samples(path)} if os.path.exists(path) else set()
-    todo = [r for r in records if r["item_id"] not in done]
+    todo = [(i, r) for i, r in enumerate(records) if r["item_id"] not in done]
+    position = {r["item_id"]: i for i, r in todo}
     log(f"sampling: {len(records)} questions, {len(records) - len(todo)} already in {path}, {len(todo)} to do, "
         f"k={args.num_samples}")
     if not todo:
         return
     model, tok = load("AutoModelForCausalLM", args.model, "--model", mesh, device)
     model.eval()
-    torch.manual_seed(args.seed + rank)
     tok.padding_side = "left"
     k, bs = args.num_samples, args.gen_batch_size
     mine = todo[rank::world]
-    per_group = max(1, bs // k)  # questions whose k samples are drawn, labelled and written together
-    calls = math.ceil(per_group * k / bs)  # generate() calls per group, the same on every rank
+    per_group = max(1, bs // k)  # questions whose k samples are labelled and written together
     bar = tqdm(total=len(todo), desc="sampling", disable=rank != 0)
     with gathered_for_generation(model):
         for g in range(num_calls(len(mine), per_group, device)):
-            group = mine[g * per_group:(g + 1) * per_group]
-            prompts = [reward.build_prompt(r["question"], args.cot, sampling=True) for r in group for _ in range(k)]
+            indexed = mine[g * per_group:(g + 1) * per_group]
+            group = [r for _, r in indexed]
             texts = []
-            for c in range(calls):
-                chunk = prompts[c * bs:(c + 1) * bs]
-                ids = [reward.encode_prompt(tok, p) for p in chunk or [reward.INSTRUCTION]]  # a rank done early
-                enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device)  # left padding
-                # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
-                # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
-                out = model.generate(**enc, do_sample=True, use_cache=True, synced_gpus=False,
-                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                     max_new_tokens=args.max_new_tokens,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-                if chunk:
+            for i, r in indexed:  # one question per generate() call: its samples must not depend on its neighbours
+                torch.manual_seed(args.seed * 1_000_003 + i)  # 1_000_003: a prime above any split's size
+                prompt = reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True))
+                for c in range(0, k, bs):
+                    enc = tok.pad({"input_ids": [prompt] * min(bs, k - c)}, return_tensors="pt").to(device)
+                    # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
+                    # for the others; transformers' default under FSDP does, and then crashes on a cache one token
+                    # short.
+                    out = model.generate(**enc, do_sample=True, use_cache=True, synced_gpus=False,
+                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                         max_new_tokens=args.max_new_tokens,
+                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
                     texts += tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
             golds = [r for r in group for _ in range(k)]
             answers = reward.extract_answers(texts, args.cot, [r["question"] for r in golds])
@@ -618,8 +656,11 @@ def sample(args, path, rank, world, device, mesh, log, reward_fn):
             parts = [None] * world if rank == 0 else None
             dist.gather_object((len(group), dedup_rows(group, texts, answers, correct, k)), parts, dst=0)
             if rank == 0:
-                with open(path, "a") as f:  # one write per group: a killed run loses at most this group
-                    f.write("".join(json.dumps(row) + "\n" for _, rows in parts for row in rows))
+                # The ranks' groups together are the next questions of `todo`: in their order, the file is the
+                # same at any number of processes.
+                rows = sorted((row for _, part in parts for row in part), key=lambda row: position[row["item_id"]])
+                with open(path, "a") as f:  # one write per group; what a kill cuts of it is sampled again
+                    f.write("".join(json.dumps(row) + "\n" for row in rows))
                 bar.update(sum(n for n, _ in parts))
     bar.close()
     dist.barrier()
@@ -725,42 +766,254 @@ def save_verifier(model, tok, args, path, rank):
     dist.barrier()
 
 
-def save_resume_state(model, opt, sched, step, args, rank):
-    """Sharded model + optimizer via torch.distributed.checkpoint, then scheduler/RNG/step; swapped in atomically.
+# ----------------------------------------------------------------------------- resume state and metrics on disk
+# Repeated in sft.py, reft.py and rerank.py, from here to `trim_metrics`: tests/test_copies.py checks the copies.
+# A resume state is the folder {output_dir}/checkpoint-{step}: DCP's shards, what the stage adds, and manifest.json
+# (every file's size and sha256), written last. It is written as checkpoint-{step}.tmp and published by one rename.
+
+def resume_states(output_dir):
+    """The complete resume states in `output_dir` as (path, step), newest first; reads folder names only. A folder
+    is complete when it holds manifest.json, written last: checkpoint-{step}, or checkpoint-{step}.tmp when a kill
+    came between the manifest and the rename that publishes it (after the published one of the same step)."""
+    found = []
+    for name in sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []:
+        stem = name.removesuffix(".tmp")
+        if (stem.startswith("checkpoint-") and stem[len("checkpoint-"):].isdigit()
+                and os.path.isfile(os.path.join(output_dir, name, "manifest.json"))):
+            found.append((-int(stem[len("checkpoint-"):]), name != stem, os.path.join(output_dir, name)))
+    return [(path, -neg_step) for neg_step, _, path in sorted(found)]
+
+
+def find_resume_state(output_dir):
+    """(path, step) of the newest complete resume state in `output_dir`, or None. Pure Python, cheap (no checksum,
+    no torch.distributed, nothing removed), so a caller can tell before loading any model whether --resume has
+    something to continue from; load_resume_state verifies the files and falls back to the previous state."""
+    states = resume_states(output_dir)
+    return states[0] if states else None
+
+
+def file_digest(path):
+    """(size, sha256 hex) of a file, synced to disk on the way (fsync): a state is published only once its bytes
+    are durable, and the hash reads them anyway."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+        os.fsync(f.fileno())
+    return os.path.getsize(path), h.hexdigest()
+
+
+def fsync_dir(path):
+    """Make the names in a folder durable (a rename is only on disk once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder, step):
+    """Rank 0, once every rank's files are in `folder`: manifest.json, each other file's size and sha256, written
+    through a temporary name so that its presence means the folder is whole."""
+    files = {}
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            if os.path.relpath(path, folder) not in ("manifest.json", "manifest.json.tmp"):
+                files[os.path.relpath(path, folder)] = dict(zip(("size", "sha256"), file_digest(path)))
+    tmp = os.path.join(folder, "manifest.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, "manifest.json"))
+    fsync_dir(folder)
+
+
+def damaged_file(folder):
+    """None when every file of the resume state `folder` has its manifest's size and sha256, else what is wrong,
+    naming the file."""
+    try:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            files = json.load(f)["files"]
+        expected = [(name, want["size"], want["sha256"]) for name, want in sorted(files.items())]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"manifest.json is unreadable ({type(e).__name__})"
+    for name, size, sha256 in expected:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return f"{name} has {os.path.getsize(path)} bytes, its manifest says {size}"
+        if file_digest(path)[1] != sha256:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def check_disk_space(output_dir, n_params):
+    """Once, before the first save: one error line unless the disk of `output_dir` has room for two resume states,
+    what a save holds during the switch (12 bytes per parameter each: fp32 weights and AdamW's two moments), less
+    what the states already there take (a save removes all but one first)."""
+    held = sum(os.path.getsize(os.path.join(root, name)) for path, _ in resume_states(output_dir)
+               for root, _, names in os.walk(path) for name in names)
+    need, free = 2 * 12 * n_params - held, shutil.disk_usage(output_dir).free
+    if free < need:
+        raise SystemExit(f"error: --output_dir {output_dir}: {free / 1e9:.3g} GB free, saving the resume state needs "
+                         f"{need / 1e9:.3g} GB (two states during the switch, 12 bytes per parameter each)")
+
+
+def is_disk_full(error):
+    """Whether a failed save ran out of disk: ENOSPC in the exception or any it wraps (DCP gathers every rank's
+    failure into one CheckpointException)."""
+    pending = [error]
+    while pending:
+        e = pending.pop()
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        pending += [c for c in (e.__cause__, e.__context__) if c is not None]
+        if isinstance(e, dcp.CheckpointException):
+            pending += [exc for exc, _ in e.failures.values()]
+    return False
+
+
+def stop_if_write_failed(error, tmp, output_dir):
+    """All ranks, after a write of the state `tmp`: when any rank failed, the partial folder is removed and every
+    rank stops, with one line naming the folder and its free space when the disk is full."""
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, None if error is None else "full" if is_disk_full(error) else repr(error))
+    if all(f is None for f in failures):
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    if "full" in failures:
+        name, free = os.path.basename(tmp).removesuffix(".tmp"), shutil.disk_usage(output_dir).free
+        raise SystemExit(f"error: no space left on the disk of {output_dir} while saving the resume state {name} "
+                         f"(removed; {free / 1e9:.3g} GB free now): a save needs room for two states, 12 bytes per "
+                         f"parameter each")
+    if error is not None:
+        raise error
+    raise SystemExit(f"error: another process failed to write the resume state {tmp}: {next(filter(None, failures))}")
+
+
+def save_state(model, opt, step, output_dir, files):
+    """All ranks: write the sharded model and optimizer (DCP) and this rank's `files` ({name: bytes}) as the resume
+    state of `step`, visible only once whole. Rank 0 first removes every state folder but the newest complete one
+    before `step` (partial ones, those of a later step left by a run that resumed from an earlier state, the older of
+    the two kept), so the disk holds at most two states; then the new one is written as checkpoint-{step}.tmp,
+    gets its manifest and is published by one atomic rename, leaving it and the previous one.
 
     DCP runs its collectives on a gloo group of its own, destroyed right after. Gloo copies DCP's plans on its worker
     threads, and with OMP_NUM_THREADS > 1 such a copy gives the worker an OpenMP team of its own that lives as long
     as the group. libgomp then counts more threads than cores and stops spin-waiting, so on the default group every
     later training step ran ~10-25% slower (1 process, 2 threads); destroying the group ends those threads."""
-    final, tmp = os.path.join(args.output_dir, "checkpoint"), os.path.join(args.output_dir, "checkpoint.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+    tmp = os.path.join(output_dir, f"checkpoint-{step}.tmp")
+    if dist.get_rank() == 0:
+        keep = [path for path, saved in resume_states(output_dir) if saved < step][:1]
+        for name in os.listdir(output_dir):
+            path = os.path.join(output_dir, name)
+            if name.startswith("checkpoint-") and os.path.isdir(path) and path not in keep:
+                shutil.rmtree(path)
     dist.barrier()
+    error = None
     group = dist.new_group(backend="gloo")
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp,
-             process_group=group)
+    try:
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=tmp, process_group=group)
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+    except (OSError, dcp.CheckpointException) as e:
+        error = e
+    finally:
+        dist.destroy_process_group(group)
+    stop_if_write_failed(error, tmp, output_dir)
+    if dist.get_rank() == 0:
+        try:
+            write_manifest(tmp, step)
+        except OSError as e:
+            error = e
+    stop_if_write_failed(error, tmp, output_dir)
+    if dist.get_rank() == 0:
+        os.rename(tmp, tmp.removesuffix(".tmp"))
+        fsync_dir(output_dir)
+    dist.barrier()
+
+
+def load_state(model, opt, output_dir):
+    """All ranks: load the model and optimizer from the newest resume state whose files match its manifest (rank 0
+    checks them and tells the others; DCP on a gloo group of its own, as in save_state) and return its path. A
+    damaged state gets one warning line naming the file and the previous state is tried; none intact is one error
+    line."""
+    choice = [None, None]
+    if dist.get_rank() == 0:
+        problems = []
+        for path, _ in resume_states(output_dir):
+            damage = damaged_file(path)
+            if damage is None:
+                choice[0] = path
+                break
+            # Set aside: no later --resume or save takes it for a good state; the next save removes it.
+            aside = path.removesuffix(".tmp") + ".damaged"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(path, aside)
+            problems.append(f"{os.path.basename(path)}: {damage}")
+            print(f"warning: the resume state {path} is damaged ({damage}); set aside as {aside}, trying the "
+                  f"previous one", flush=True)
+        else:
+            choice[1] = (f"error: --output_dir {output_dir}: no intact resume state to continue from"
+                         + (f" ({'; '.join(problems)})" if problems else ""))
+    dist.broadcast_object_list(choice, src=0)
+    path, error = choice
+    if error is not None:
+        raise SystemExit(error)
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    group = dist.new_group(backend="gloo")
+    dcp.load(sd, checkpoint_id=path, process_group=group)
     dist.destroy_process_group(group)
-    torch.save({"step": step, "sched": sched.state_dict(), "rng": torch.get_rng_state()},
-               os.path.join(tmp, f"trainer_rank{rank}.pt"))
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(final + ".old", ignore_errors=True)
-        if os.path.isdir(final):
-            os.rename(final, final + ".old")
-        os.rename(tmp, final)
-        shutil.rmtree(final + ".old", ignore_errors=True)
-    dist.barrier()
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    if dist.get_rank() == 0:
+        print(f"resumed from {path}", flush=True)
+    return path
+
+
+def append_metrics(path, row):
+    """Rank 0: one metrics row as one whole line in one write, so a kill can cut only the line being written."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def trim_metrics(path, step):
+    """Rank 0, on resume: keep the rows up to the resumed `step` (those logged after the saved state are logged
+    again), dropping a last line a kill cut (one warning line). The rows go to a new file renamed over the old one,
+    so a kill here leaves one of the two whole."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        print(f"warning: {path}: dropped its last line, cut by a kill ({lines.pop()!r:.60})", flush=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(line for line in lines if json.loads(line)["step"] <= step)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_resume_state(model, opt, sched, step, args, rank):
+    """The resume state of `step` (save_state): the sharded model and optimizer, and each rank's scheduler, RNG and
+    step."""
+    buffer = io.BytesIO()
+    torch.save({"step": step, "sched": sched.state_dict(), "rng": torch.get_rng_state()}, buffer)
+    save_state(model, opt, step, args.output_dir, {f"trainer_rank{rank}.pt": buffer.getvalue()})
 
 
 def load_resume_state(model, opt, sched, args, rank):
-    """Inverse of save_resume_state (DCP on a gloo group of its own too); returns the step to continue from."""
-    path = os.path.join(args.output_dir, "checkpoint")
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-    group = dist.new_group(backend="gloo")
-    dcp.load(state, checkpoint_id=path, process_group=group)
-    dist.destroy_process_group(group)
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, opt, state["optim"])
+    """Inverse of save_resume_state, from the newest intact state (load_state); returns the step to continue from."""
+    path = load_state(model, opt, args.output_dir)
     extra = torch.load(os.path.join(path, f"trainer_rank{rank}.pt"), weights_only=False)
     sched.load_state_dict(extra["sched"])
     torch.set_rng_state(extra["rng"])
@@ -807,6 +1060,7 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
     if args.lr < 0:  # the tiny CPU model wants a large rate; a pretrained 7B one would be wrecked by it
         args.lr = 1e-4 if n_params < 50_000_000 else 1e-6
     log(f"verifier: {n_params:,} params, lr {args.lr:g}")
+    check_disk_space(args.output_dir, n_params)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total_steps), total_steps))
@@ -825,18 +1079,13 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
             log(f"epoch {row['epoch']:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
                                                       if k.startswith("holdout") and v is not None))
         if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_metrics(metrics_path, row)
 
     start = 0
     if resuming and find_resume_state(args.output_dir) is not None:
         start = load_resume_state(model, opt, sched, args, rank)
-        log(f"resumed from {args.output_dir}/checkpoint at step {start}")
-        if rank == 0 and os.path.exists(metrics_path):  # drop lines logged after the saved state
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
+        if rank == 0:
+            trim_metrics(metrics_path, start)
     else:
         if rank == 0:
             open(metrics_path, "w").close()

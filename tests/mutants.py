@@ -156,8 +156,17 @@ MUTANTS = [
      'run.step, run.beta, run.skipped, run.best = state["step"], state["beta"], state["skipped"], state["best"]',
      'run.step, run.beta, run.skipped = state["step"], state["beta"], state["skipped"]',
      ["tests/test_reft.py::test_sigkill_and_resume_across_epochs_restores_beta_and_best"]),
-    ("rerank_optimizer_not_restored", "rerank.py", '    set_optimizer_state_dict(model, opt, state["optim"])\n', "",
+    ("rerank_optimizer_not_restored", "rerank.py", '    set_optimizer_state_dict(model, opt, sd["optim"])\n', "",
      ["tests/test_rerank.py::test_sigkill_and_resume_of_the_verifier_training_repeats_the_same_run"]),
+    # --- faults
+    ("resume_manifest_not_checked", "sft.py", "            damage = damaged_file(path)\n",
+     "            damage = None\n",
+     ["tests/test_faults.py::test_flipped_bytes_fall_back_to_the_previous_state_or_stop_with_one_line"]),
+    ("metrics_trimmed_in_place", "sft.py", '    tmp = path + ".tmp"\n', "    tmp = path\n",
+     ["tests/test_faults.py::test_a_kill_while_resume_trims_the_metrics_keeps_them"]),
+    ("sampling_counts_a_cut_question_as_done", "rerank.py",
+     'partial = {i for i, row in zip(ids, rows) if row.get("distinct", count[i]) != count[i]}', "partial = set()",
+     ["tests/test_faults.py::test_a_killed_sampling_is_resumed_with_the_rows_of_the_uninterrupted_one"]),
     # --- the sandbox
     ("sandbox_without_audit_hook", "reward.py", "        sys.addaudithook(_audit_hook(package_dirs, changes))\n", "",
      ["tests/test_sandbox.py::test_hostile_program[read_etc_passwd]",

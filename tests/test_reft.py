@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,10 +280,11 @@ def test_sigkill_and_resume_across_epochs_restores_beta_and_best(minigsm, warmup
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    state_path = out / "checkpoint" / "loop_state.json"
-    state = json.loads(state_path.read_text())
+    saved, _ = reft.find_resume_state(out)
+    state = json.loads((Path(saved) / "loop_state.json").read_text())
     assert 2 <= state["step"] < 6 and 0 <= state["best"] <= 1 and (out / "best").is_dir(), state
-    state_path.write_text(json.dumps(dict(state, best=2.0)))
+    (Path(saved) / "loop_state.json").write_text(json.dumps(dict(state, best=2.0)))
+    reft.write_manifest(saved, state["step"])  # an edit of the state its manifest vouches for
     shutil.rmtree(out / "best")
 
     run([*common, "--output_dir", out, "--resume"])
@@ -293,7 +295,8 @@ def test_sigkill_and_resume_across_epochs_restores_beta_and_best(minigsm, warmup
             assert abs(a[k] - b[k]) < 1e-5, (k, a, b)
         assert b["beta"] == pytest.approx(a["beta"], rel=1e-9) and a.get("eval_accuracy") == b.get("eval_accuracy")
     assert full[-1]["beta"] != full[0]["beta"]  # β moved, so a β not restored would show
-    assert not (out / "best").exists() and json.loads(state_path.read_text())["best"] == 2.0
+    last, _ = reft.find_resume_state(out)
+    assert not (out / "best").exists() and json.loads((Path(last) / "loop_state.json").read_text())["best"] == 2.0
     from safetensors.torch import load_file
     for name in ("epoch_2", "final"):
         want, got = (load_file(d / name / "model.safetensors") for d in (tmp_path / "full", out))

@@ -142,7 +142,7 @@ def test_sigkill_and_resume_of_the_verifier_training_repeats_the_same_run(synthe
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "final").exists() and (out / "checkpoint").is_dir()
+    assert not (out / "final").exists() and rerank.find_resume_state(out) is not None
 
     p = run([*common, "--output_dir", out, "--resume"])
     assert "resumed from" in p.stdout
