@@ -1,5 +1,16 @@
 """Stage 3 of ReFT's evaluation: train a verifier (reward model) that scores sampled chains of thought for reranking.
 
+Reading guide: the paper's reward model for reranking (its Rerank@k, Table 4), each piece to the code, in the order
+main() runs it; below the "infrastructure" marker (flags, loading, samples files, saving, resume state) can wait.
+evaluate.py --mode rerank uses the verifier.
+  k samples per training question from the warm-up    sample (seeded per question), dedup_rows
+  labels: correct when the reward gives 1.0           sample → reward.extract_answers, reward.score_completions
+  the verifier: the LM trunk + a scalar head          load("AutoModelForSequenceClassification") in train
+  its input: prompt + CoT, cut to --max_length        encode, collate (right padding; the head reads the last token)
+  its loss: binary cross-entropy on the label         train's loop (BCE with logits, the mean over the global batch)
+  held-out questions: accuracy, AUC, rerank@k         split_by_question, score, auc, holdout_metrics
+  the schedule: linear warm-up, then linear decay     lr_lambda
+
 1. Sampling: k CoTs per training question from a policy checkpoint (--model; the paper samples 100 per
    question from the warm-up SFT checkpoint), each labelled correct/incorrect through reward.py (or --reward), exact
    duplicates removed per question, written to {output_dir}/samples.jsonl as rows
@@ -28,8 +39,8 @@ Run it (CPU, the tiny model):
     python rerank.py --model runs/sft/epoch_2 --init runs/sft/final --data minigsm --output_dir runs/rerank
     torchrun --standalone --nproc_per_node 2 rerank.py --model runs/sft/final --output_dir runs/rerank2
 The paper's setting (8 GPUs, GSM8K P-CoT, 100 samples from the warm-up, trunk from the best SFT checkpoint):
-    torchrun --nproc_per_node 8 rerank.py --model runs/sft/epoch_2 --init runs/sft/best --data gsm8k_reft --cot python \\
-        --num_samples 100 --max_new_tokens 700 --gen_batch_size 50 --lr 1e-6 --epochs 3 --batch_size 48 \\
+    torchrun --nproc_per_node 8 rerank.py --model runs/sft/epoch_2 --init runs/sft/best --data gsm8k_reft \\
+        --cot python --num_samples 100 --max_new_tokens 700 --gen_batch_size 50 --lr 1e-6 --epochs 3 --batch_size 48 \\
         --micro_batch_size 6 --max_length 700
 
 Differences from the paper's code (train_reward_model.py), on purpose:
@@ -162,6 +173,323 @@ RANGES = [("num_samples", lambda v: v >= 1, "at least 1"), ("epochs", lambda v: 
           ("gen_batch_size", lambda v: v >= 1, "at least 1"), ("limit", lambda v: v == -1 or v >= 1,
                                                                  "-1 (all) or at least 1"),
           ("log_every", lambda v: v >= 0, "at least 0"), ("save_steps", lambda v: v >= 0, "at least 0")]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def dedup_rows(records, texts, answers, correct, k):
+    """One row per distinct completion of each question (texts are grouped k per record, in order). Each row says
+    how many rows its question has (`distinct`): a question is whole in the file only with that many
+    (drop_partial_questions)."""
+    rows = []
+    for i, r in enumerate(records):
+        first = len(rows)
+        seen = set()
+        for j in range(i * k, (i + 1) * k):
+            if texts[j] not in seen:
+                seen.add(texts[j])
+                rows.append({"item_id": r["item_id"], "question": r["question"], "completion": texts[j],
+                             "answer": answers[j], "correct": correct[j]})
+        for row in rows[first:]:
+            row["distinct"] = len(seen)
+    return rows
+
+
+@torch.no_grad()
+def sample(args, path, rank, world, device, mesh, log, reward_fn):
+    """Append k samples per not-yet-sampled question to `path`, labelled by `reward_fn` and deduplicated (rank 0
+    writes). A question's samples come from a generator seeded by (seed, the question's index) alone and the rows
+    are written in the questions' order, so that any number of processes, and a sampling killed and run again, write
+    the same file."""
+    records = reward.load_records(args.data, args.split, args.cot)
+    records = records[:args.limit] if args.limit > 0 else records
+    if rank == 0 and os.path.exists(path):
+        drop_partial_questions(path)
+    dist.barrier()
+    done = {r["item_id"] for r in read_samples(path)} if os.path.exists(path) else set()
+    todo = [(i, r) for i, r in enumerate(records) if r["item_id"] not in done]
+    position = {r["item_id"]: i for i, r in todo}
+    log(f"sampling: {len(records)} questions, {len(records) - len(todo)} already in {path}, {len(todo)} to do, "
+        f"k={args.num_samples}")
+    if not todo:
+        return
+    model, tok = load("AutoModelForCausalLM", args.model, "--model", mesh, device)
+    model.eval()
+    tok.padding_side = "left"
+    k, bs = args.num_samples, args.gen_batch_size
+    mine = todo[rank::world]
+    per_group = max(1, bs // k)  # questions whose k samples are labelled and written together
+    bar = tqdm(total=len(todo), desc="sampling", disable=rank != 0)
+    with gathered_for_generation(model):
+        for g in range(num_calls(len(mine), per_group, device)):
+            indexed = mine[g * per_group:(g + 1) * per_group]
+            group = [r for _, r in indexed]
+            texts = []
+            for i, r in indexed:  # one question per generate() call: its samples must not depend on its neighbours
+                torch.manual_seed(args.seed * 1_000_003 + i)  # 1_000_003: a prime above any split's size
+                prompt = reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True))
+                for c in range(0, k, bs):
+                    enc = tok.pad({"input_ids": [prompt] * min(bs, k - c)}, return_tensors="pt").to(device)
+                    # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
+                    # for the others; transformers' default under FSDP does, and then crashes on a cache one token
+                    # short.
+                    out = model.generate(**enc, do_sample=True, use_cache=True, synced_gpus=False,
+                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                         max_new_tokens=args.max_new_tokens,
+                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                    texts += tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
+            golds = [r for r in group for _ in range(k)]
+            answers = reward.extract_answers(texts, args.cot, [r["question"] for r in golds])
+            # Correct exactly when --reward (partial_reward=False) gives 1.0; the answer is kept too.
+            correct = [s == 1.0 for s in reward.score_completions(reward_fn, texts, answers, golds, args.cot, False)]
+            parts = [None] * world if rank == 0 else None
+            dist.gather_object((len(group), dedup_rows(group, texts, answers, correct, k)), parts, dst=0)
+            if rank == 0:
+                # The ranks' groups together are the next questions of `todo`: in their order, the file is the
+                # same at any number of processes.
+                rows = sorted((row for _, part in parts for row in part), key=lambda row: position[row["item_id"]])
+                with open(path, "a") as f:  # one write per group; what a kill cuts of it is sampled again
+                    f.write("".join(json.dumps(row) + "\n" for row in rows))
+                bar.update(sum(n for n, _ in parts))
+    bar.close()
+    dist.barrier()
+
+
+def samples_summary(rows):
+    """The log line on the samples: how many, the fraction correct and the fraction without an extractable answer
+    (`answer` None), so that "unparseable" is not mixed with "wrong" (not known for a --samples file whose rows
+    have no `answer`)."""
+    no_answer = (f", {sum(r['answer'] is None for r in rows) / len(rows):.1%} with no answer"
+                 if all("answer" in r for r in rows) else "")
+    return (f"samples: {len(rows)} distinct from {len({r['item_id'] for r in rows})} questions, "
+            f"{sum(bool(r['correct']) for r in rows) / len(rows):.1%} correct{no_answer}")
+
+
+# ----------------------------------------------------------------------------- verifier training
+
+def split_by_question(rows, fraction, seed):
+    """(train rows, held-out rows): a seeded random `fraction` of the questions, with all their samples."""
+    ids = list(dict.fromkeys(r["item_id"] for r in rows))
+    n_held = min(max(1, round(fraction * len(ids))), len(ids) - 1) if fraction > 0 else 0
+    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = {ids[i] for i in perm[:n_held]}
+    return [r for r in rows if r["item_id"] not in held], [r for r in rows if r["item_id"] in held]
+
+
+def encode(tok, rows, cot, max_length):
+    """[(input_ids, label)] for `build_prompt(q, cot, sampling=True) + completion`, cut to max_length; and the
+    number of inputs that were cut."""
+    texts = [reward.build_prompt(r["question"], cot, sampling=True) + r["completion"] for r in rows]
+    ids = [reward.encode_prompt(tok, t) for t in texts]
+    return [(x[:max_length], float(r["correct"])) for x, r in zip(ids, rows)], sum(len(x) > max_length for x in ids)
+
+
+def collate(examples, pad_id):
+    """Right-pad (input_ids, label) pairs: input_ids and attention_mask (B, T), labels (B,)."""
+    T = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    for i, (ids, _) in enumerate(examples):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+    return input_ids, (input_ids != pad_id).long(), torch.tensor([y for _, y in examples])
+
+
+def auc(scores, labels):
+    """Area under the ROC curve from ranks (Mann-Whitney U; tied scores share their mean rank); None if one class."""
+    n_pos = sum(1 for y in labels if y)
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    mean_rank, start = {}, 0
+    for value, group in itertools.groupby(sorted(scores)):
+        n = len(list(group))
+        mean_rank[value], start = start + (n + 1) / 2, start + n
+    return (sum(mean_rank[s] for s, y in zip(scores, labels) if y) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+@torch.no_grad()
+def score(model, examples, batch_size, pad_id, rank, world, device):
+    """Logits of all examples, in order, on every rank (each rank scores every world-th example)."""
+    model.eval()
+    mine, out = examples[rank::world], []
+    for b in range(num_calls(len(mine), batch_size, device)):
+        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        input_ids, attn, _ = collate(chunk or examples[:1], pad_id)
+        logits = model(input_ids=input_ids.to(device), attention_mask=attn.to(device)).logits[:, 0]  # (B,)
+        if chunk:
+            out += logits.float().tolist()
+    model.train()
+    parts = [None] * world
+    dist.all_gather_object(parts, out)
+    merged = [0.0] * len(examples)
+    for r, part in enumerate(parts):
+        merged[r::world] = part
+    return merged
+
+
+def holdout_metrics(logits, rows):
+    """Accuracy at P(correct) = 0.5, AUC, and per question: rerank accuracy (best-scored sample with an answer;
+    rows without an `answer` field count as having one) and the fraction with any correct sample."""
+    labels = [bool(r["correct"]) for r in rows]
+    by_q = {}
+    for s, r in zip(logits, rows):
+        by_q.setdefault(r["item_id"], []).append((s, r))
+    chosen = []
+    for cands in by_q.values():
+        with_answer = [(s, r) for s, r in cands if r.get("answer", "") is not None]
+        chosen.append(bool(max(with_answer, key=lambda c: c[0])[1]["correct"]) if with_answer else False)
+    return {"holdout_accuracy": sum((s > 0) == y for s, y in zip(logits, labels)) / len(rows),
+            "holdout_auc": auc(logits, labels), "holdout_positive_rate": sum(labels) / len(rows),
+            "holdout_rerank_accuracy": sum(chosen) / len(chosen),
+            "holdout_pass_at_k": sum(any(r["correct"] for _, r in c) for c in by_q.values()) / len(by_q)}
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def lr_lambda(warmup_steps, total_steps):
+    """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return f
+
+
+def train(args, rows, resuming, rank, world, device, mesh, log):
+    train_rows, held_rows = split_by_question(rows, args.holdout_fraction, args.seed)
+    init = args.init or args.model
+    torch.manual_seed(args.seed)  # the fresh head's init (rank 0 draws it, load_sharded sends it to the others)
+    model, tok = load("AutoModelForSequenceClassification", init, "--init" if args.init else "--model", mesh, device,
+                      num_labels=1)
+    examples, cut = encode(tok, train_rows, args.cot, args.max_length)
+    held, held_cut = encode(tok, held_rows, args.cot, args.max_length)
+    log(f"verifier data: {len(train_rows)} train samples ({sum(r['correct'] for r in train_rows)} correct), "
+        f"{len(held_rows)} held out from {len({r['item_id'] for r in held_rows})} questions; "
+        f"{cut + held_cut} inputs cut to --max_length {args.max_length}")
+    steps_per_epoch = len(examples) // args.batch_size
+    accum, total_steps = args.batch_size // (args.micro_batch_size * world), steps_per_epoch * args.epochs
+    model.config.use_cache = False
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.lr < 0:  # the tiny CPU model wants a large rate; a pretrained 7B one would be wrecked by it
+        args.lr = 1e-4 if n_params < 50_000_000 else 1e-6
+    log(f"verifier: {n_params:,} params, lr {args.lr:g}")
+    check_disk_space(args.output_dir, n_params)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                            weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total_steps), total_steps))
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+
+    # Accuracy and AUC on held-out samples of one kind say nothing (an untrained head scores 1.0 or 0.0 on them).
+    both_kinds = len({bool(r["correct"]) for r in held_rows}) == 2
+    if held_rows and not both_kinds:
+        log(f"held-out samples: all {len(held_rows)} {'correct' if held_rows[0]['correct'] else 'wrong'}, so no "
+            f"holdout metrics (they need both kinds)")
+
+    def write(row, evaluate):
+        if evaluate and held and both_kinds:
+            row.update(holdout_metrics(score(model, held, args.gen_batch_size, tok.pad_token_id, rank, world,
+                                             device), held_rows))
+            log(f"epoch {row['epoch']:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                      if k.startswith("holdout") and v is not None))
+        if rank == 0:
+            append_metrics(metrics_path, row)
+
+    start = 0
+    if resuming and find_resume_state(args.output_dir) is not None:
+        start = load_resume_state(model, opt, sched, args, rank)
+        if rank == 0:
+            trim_metrics(metrics_path, start)
+    else:
+        if rank == 0:
+            open(metrics_path, "w").close()
+        write({"step": 0, "epoch": 0}, evaluate=True)  # the untrained head: chance level
+    bar = tqdm(total=total_steps, initial=start, desc="verifier", disable=rank != 0)
+    t_last = time.time()
+    for step in range(start, total_steps):
+        epoch, i = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed + epoch))
+        batch = [examples[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size].tolist()]
+        mine, loss_sum, n_right = batch[rank::world], 0.0, 0
+        for m in range(accum):
+            input_ids, attn, labels = (t.to(device) for t in
+                                       collate(mine[m * args.micro_batch_size:(m + 1) * args.micro_batch_size],
+                                               tok.pad_token_id))
+            logits = model(input_ids=input_ids, attention_mask=attn).logits[:, 0].float()  # (B,)
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+            # Mean over the global batch; FSDP averages gradients over ranks, hence the factor `world`.
+            (bce * world / args.batch_size).backward()
+            loss_sum += bce.item()
+            n_right += int(((logits > 0).float() == labels).sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        stats = torch.tensor([loss_sum, n_right], dtype=torch.float64, device=device)
+        dist.all_reduce(stats)
+        row = {"step": step + 1, "epoch": epoch + (i + 1) / steps_per_epoch,
+               "loss": stats[0].item() / args.batch_size, "train_accuracy": stats[1].item() / args.batch_size,
+               "lr": sched.get_last_lr()[0], "grad_norm": grad_norm.item(), "seconds": time.time() - t_last}
+        write(row, evaluate=i + 1 == steps_per_epoch)
+        t_last = time.time()
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if rank == 0 and args.log_every > 0 and (step + 1) % args.log_every == 0:
+            tqdm.write(summary(row))
+        bar.update(1)
+        if (args.save_steps > 0 and (step + 1) % args.save_steps == 0) or i + 1 == steps_per_epoch:
+            save_resume_state(model, opt, sched, step + 1, args, rank)
+    bar.close()
+    save_verifier(model, tok, args, os.path.join(args.output_dir, "final"), rank)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args):
+    # Every check before any model loads: flags, checkpoints, the samples or the questions, the output folder.
+    check_ranges(args, RANGES)
+    if not args.samples and not args.model:
+        raise SystemExit("error: --model is required to draw samples (or pass --samples FILE)")
+    if not (args.init or args.model):
+        raise SystemExit("error: --init (or --model) is required: the checkpoint the verifier trunk starts from")
+    if args.samples and not os.path.isfile(args.samples):
+        raise SystemExit(f"error: --samples {args.samples!r}: no such file")
+    reward_fn = reward.load_reward(args.reward)
+    if args.samples and reward_fn is not reward.compute_rewards:
+        raise SystemExit(f"error: --reward {args.reward} labels the samples rerank.py draws; --samples "
+                         f"{args.samples} brings its own labels")
+    checkpoints = {flag: path for flag, path in (("--model", args.model), ("--init", args.init)) if path}
+    for flag, path in checkpoints.items():
+        check_checkpoint(path, flag)
+    resolve_cot(args, checkpoints)
+    flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
+    rows = read_samples(args.samples) if args.samples else None
+    if not args.samples:
+        reward.load_records(args.data, args.split, args.cot)  # the questions to sample exist
+    resuming = plan_run(args, flags, MAY_CHANGE, resumable=("samples.jsonl",))
+
+    rank, world, device, mesh = init_distributed()
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    path = args.samples or os.path.join(args.output_dir, "samples.jsonl")
+    if rows is not None:
+        check_samples(args, rows, path, world)
+    if rank == 0:
+        begin_run(args, flags, world, resuming)
+    dist.barrier()
+    if rows is None:
+        sample(args, path, rank, world, device, mesh, log, reward_fn)
+        rows = read_samples(path)
+        check_samples(args, rows, path, world)
+    log(samples_summary(rows))
+    train(args, rows, resuming, rank, world, device, mesh, log)
+    log(f"done: verifier in {args.output_dir}/final, metrics in {args.output_dir}/metrics.jsonl")
+    dist.destroy_process_group()
+
+
+# =====================================================================================================================
+# infrastructure: identical in every stage, tests/test_copies.py; skip on a first read
+# The flags and the run-folder rules, the distributed setup and loading, reading and checking samples files, saving
+# the verifier, the resume state and the metrics on disk. A function marked "a copy" is the same in every stage file
+# that has it; the others are this stage's own.
+# =====================================================================================================================
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -527,7 +855,7 @@ def load(cls_name, path, flag, mesh, device, **kw):
     return load_sharded(read, lambda config: cls.from_config(config, dtype=torch.float32), mesh, device), tok
 
 
-# ----------------------------------------------------------------------------- sampling
+# ----------------------------------------------------------------------------- samples files, the verifier on disk
 
 def read_samples(path):
     """Rows of a samples JSONL, checked for the fields training needs; one error line naming a bad row."""
@@ -544,34 +872,6 @@ def read_samples(path):
             if missing:
                 raise SystemExit(f"error: {path}:{lineno}: sample has no {', '.join(missing)}")
             rows.append(row)
-    return rows
-
-
-def samples_summary(rows):
-    """The log line on the samples: how many, the fraction correct and the fraction without an extractable answer
-    (`answer` None), so that "unparseable" is not mixed with "wrong" (not known for a --samples file whose rows
-    have no `answer`)."""
-    no_answer = (f", {sum(r['answer'] is None for r in rows) / len(rows):.1%} with no answer"
-                 if all("answer" in r for r in rows) else "")
-    return (f"samples: {len(rows)} distinct from {len({r['item_id'] for r in rows})} questions, "
-            f"{sum(bool(r['correct']) for r in rows) / len(rows):.1%} correct{no_answer}")
-
-
-def dedup_rows(records, texts, answers, correct, k):
-    """One row per distinct completion of each question (texts are grouped k per record, in order). Each row says
-    how many rows its question has (`distinct`): a question is whole in the file only with that many
-    (drop_partial_questions)."""
-    rows = []
-    for i, r in enumerate(records):
-        first = len(rows)
-        seen = set()
-        for j in range(i * k, (i + 1) * k):
-            if texts[j] not in seen:
-                seen.add(texts[j])
-                rows.append({"item_id": r["item_id"], "question": r["question"], "completion": texts[j],
-                             "answer": answers[j], "correct": correct[j]})
-        for row in rows[first:]:
-            row["distinct"] = len(seen)
     return rows
 
 
@@ -606,152 +906,25 @@ def drop_partial_questions(path):
     os.replace(path + ".tmp", path)
 
 
-@torch.no_grad()
-def sample(args, path, rank, world, device, mesh, log, reward_fn):
-    """Append k samples per not-yet-sampled question to `path`, labelled by `reward_fn` and deduplicated (rank 0
-    writes). A question's samples come from a generator seeded by (seed, the question's index) alone and the rows
-    are written in the questions' order, so that any number of processes, and a sampling killed and run again, write
-    the same file."""
-    records = reward.load_records(args.data, args.split, args.cot)
-    records = records[:args.limit] if args.limit > 0 else records
-    if rank == 0 and os.path.exists(path):
-        drop_partial_questions(path)
-    dist.barrier()
-    done = {r["item_id"] for r in read_samples(path)} if os.path.exists(path) else set()
-    todo = [(i, r) for i, r in enumerate(records) if r["item_id"] not in done]
-    position = {r["item_id"]: i for i, r in todo}
-    log(f"sampling: {len(records)} questions, {len(records) - len(todo)} already in {path}, {len(todo)} to do, "
-        f"k={args.num_samples}")
-    if not todo:
-        return
-    model, tok = load("AutoModelForCausalLM", args.model, "--model", mesh, device)
-    model.eval()
-    tok.padding_side = "left"
-    k, bs = args.num_samples, args.gen_batch_size
-    mine = todo[rank::world]
-    per_group = max(1, bs // k)  # questions whose k samples are labelled and written together
-    bar = tqdm(total=len(todo), desc="sampling", disable=rank != 0)
-    with gathered_for_generation(model):
-        for g in range(num_calls(len(mine), per_group, device)):
-            indexed = mine[g * per_group:(g + 1) * per_group]
-            group = [r for _, r in indexed]
-            texts = []
-            for i, r in indexed:  # one question per generate() call: its samples must not depend on its neighbours
-                torch.manual_seed(args.seed * 1_000_003 + i)  # 1_000_003: a prime above any split's size
-                prompt = reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True))
-                for c in range(0, k, bs):
-                    enc = tok.pad({"input_ids": [prompt] * min(bs, k - c)}, return_tensors="pt").to(device)
-                    # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
-                    # for the others; transformers' default under FSDP does, and then crashes on a cache one token
-                    # short.
-                    out = model.generate(**enc, do_sample=True, use_cache=True, synced_gpus=False,
-                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                         max_new_tokens=args.max_new_tokens,
-                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-                    texts += tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
-            golds = [r for r in group for _ in range(k)]
-            answers = reward.extract_answers(texts, args.cot, [r["question"] for r in golds])
-            # Correct exactly when --reward (partial_reward=False) gives 1.0; the answer is kept too.
-            correct = [s == 1.0 for s in reward.score_completions(reward_fn, texts, answers, golds, args.cot, False)]
-            parts = [None] * world if rank == 0 else None
-            dist.gather_object((len(group), dedup_rows(group, texts, answers, correct, k)), parts, dst=0)
-            if rank == 0:
-                # The ranks' groups together are the next questions of `todo`: in their order, the file is the
-                # same at any number of processes.
-                rows = sorted((row for _, part in parts for row in part), key=lambda row: position[row["item_id"]])
-                with open(path, "a") as f:  # one write per group; what a kill cuts of it is sampled again
-                    f.write("".join(json.dumps(row) + "\n" for row in rows))
-                bar.update(sum(n for n, _ in parts))
-    bar.close()
-    dist.barrier()
-
-
-# ----------------------------------------------------------------------------- verifier training
-
-def split_by_question(rows, fraction, seed):
-    """(train rows, held-out rows): a seeded random `fraction` of the questions, with all their samples."""
-    ids = list(dict.fromkeys(r["item_id"] for r in rows))
-    n_held = min(max(1, round(fraction * len(ids))), len(ids) - 1) if fraction > 0 else 0
-    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = {ids[i] for i in perm[:n_held]}
-    return [r for r in rows if r["item_id"] not in held], [r for r in rows if r["item_id"] in held]
-
-
-def encode(tok, rows, cot, max_length):
-    """[(input_ids, label)] for `build_prompt(q, cot, sampling=True) + completion`, cut to max_length; and the
-    number of inputs that were cut."""
-    texts = [reward.build_prompt(r["question"], cot, sampling=True) + r["completion"] for r in rows]
-    ids = [reward.encode_prompt(tok, t) for t in texts]
-    return [(x[:max_length], float(r["correct"])) for x, r in zip(ids, rows)], sum(len(x) > max_length for x in ids)
-
-
-def collate(examples, pad_id):
-    """Right-pad (input_ids, label) pairs: input_ids and attention_mask (B, T), labels (B,)."""
-    T = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    for i, (ids, _) in enumerate(examples):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-    return input_ids, (input_ids != pad_id).long(), torch.tensor([y for _, y in examples])
-
-
-def auc(scores, labels):
-    """Area under the ROC curve from ranks (Mann-Whitney U; tied scores share their mean rank); None if one class."""
-    n_pos = sum(1 for y in labels if y)
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return None
-    mean_rank, start = {}, 0
-    for value, group in itertools.groupby(sorted(scores)):
-        n = len(list(group))
-        mean_rank[value], start = start + (n + 1) / 2, start + n
-    return (sum(mean_rank[s] for s, y in zip(scores, labels) if y) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
-@torch.no_grad()
-def score(model, examples, batch_size, pad_id, rank, world, device):
-    """Logits of all examples, in order, on every rank (each rank scores every world-th example)."""
-    model.eval()
-    mine, out = examples[rank::world], []
-    for b in range(num_calls(len(mine), batch_size, device)):
-        chunk = mine[b * batch_size:(b + 1) * batch_size]
-        input_ids, attn, _ = collate(chunk or examples[:1], pad_id)
-        logits = model(input_ids=input_ids.to(device), attention_mask=attn.to(device)).logits[:, 0]  # (B,)
-        if chunk:
-            out += logits.float().tolist()
-    model.train()
-    parts = [None] * world
-    dist.all_gather_object(parts, out)
-    merged = [0.0] * len(examples)
-    for r, part in enumerate(parts):
-        merged[r::world] = part
-    return merged
-
-
-def holdout_metrics(logits, rows):
-    """Accuracy at P(correct) = 0.5, AUC, and per question: rerank accuracy (best-scored sample with an answer;
-    rows without an `answer` field count as having one) and the fraction with any correct sample."""
-    labels = [bool(r["correct"]) for r in rows]
-    by_q = {}
-    for s, r in zip(logits, rows):
-        by_q.setdefault(r["item_id"], []).append((s, r))
-    chosen = []
-    for cands in by_q.values():
-        with_answer = [(s, r) for s, r in cands if r.get("answer", "") is not None]
-        chosen.append(bool(max(with_answer, key=lambda c: c[0])[1]["correct"]) if with_answer else False)
-    return {"holdout_accuracy": sum((s > 0) == y for s, y in zip(logits, labels)) / len(rows),
-            "holdout_auc": auc(logits, labels), "holdout_positive_rate": sum(labels) / len(rows),
-            "holdout_rerank_accuracy": sum(chosen) / len(chosen),
-            "holdout_pass_at_k": sum(any(r["correct"] for _, r in c) for c in by_q.values()) / len(by_q)}
-
-
-# a copy kept identical across stage files: tests/test_copies.py
-def lr_lambda(warmup_steps, total_steps):
-    """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
-    def f(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return f
+def check_samples(args, rows, path, world):
+    """Before the verifier loads: the samples can train it (both kinds among the training part: a verifier trained on
+    one kind learns a constant) and the batch flags split them; fills in an automatic --micro_batch_size."""
+    if not rows:
+        raise SystemExit(f"error: {path}: no samples")
+    train_rows = split_by_question(rows, args.holdout_fraction, args.seed)[0]
+    kinds = {bool(r["correct"]) for r in train_rows}
+    if len(kinds) < 2:
+        kind = "correct" if True in kinds else "wrong"
+        raise SystemExit(f"error: {path}: all {len(train_rows)} training samples are {kind}, and a verifier needs both "
+                         f"kinds: draw more (--num_samples, --limit), sample another --model or at another "
+                         f"--temperature")
+    if args.micro_batch_size <= 0:
+        args.micro_batch_size = max(1, args.batch_size // world)
+    if args.batch_size % (args.micro_batch_size * world):
+        raise SystemExit(f"error: --batch_size {args.batch_size} is not a multiple of micro_batch_size × world "
+                         f"({args.micro_batch_size} × {world})")
+    if len(train_rows) < args.batch_size:
+        raise SystemExit(f"error: {len(train_rows)} training samples are fewer than one --batch_size {args.batch_size}")
 
 
 def save_verifier(model, tok, args, path, rank):
@@ -1018,158 +1191,6 @@ def load_resume_state(model, opt, sched, args, rank):
     sched.load_state_dict(extra["sched"])
     torch.set_rng_state(extra["rng"])
     return extra["step"]
-
-
-def check_samples(args, rows, path, world):
-    """Before the verifier loads: the samples can train it (both kinds among the training part: a verifier trained on
-    one kind learns a constant) and the batch flags split them; fills in an automatic --micro_batch_size."""
-    if not rows:
-        raise SystemExit(f"error: {path}: no samples")
-    train_rows = split_by_question(rows, args.holdout_fraction, args.seed)[0]
-    kinds = {bool(r["correct"]) for r in train_rows}
-    if len(kinds) < 2:
-        kind = "correct" if True in kinds else "wrong"
-        raise SystemExit(f"error: {path}: all {len(train_rows)} training samples are {kind}, and a verifier needs both "
-                         f"kinds: draw more (--num_samples, --limit), sample another --model or at another "
-                         f"--temperature")
-    if args.micro_batch_size <= 0:
-        args.micro_batch_size = max(1, args.batch_size // world)
-    if args.batch_size % (args.micro_batch_size * world):
-        raise SystemExit(f"error: --batch_size {args.batch_size} is not a multiple of micro_batch_size × world "
-                         f"({args.micro_batch_size} × {world})")
-    if len(train_rows) < args.batch_size:
-        raise SystemExit(f"error: {len(train_rows)} training samples are fewer than one --batch_size {args.batch_size}")
-
-
-def train(args, rows, resuming, rank, world, device, mesh, log):
-    train_rows, held_rows = split_by_question(rows, args.holdout_fraction, args.seed)
-    init = args.init or args.model
-    torch.manual_seed(args.seed)  # the fresh head's init (rank 0 draws it, load_sharded sends it to the others)
-    model, tok = load("AutoModelForSequenceClassification", init, "--init" if args.init else "--model", mesh, device,
-                      num_labels=1)
-    examples, cut = encode(tok, train_rows, args.cot, args.max_length)
-    held, held_cut = encode(tok, held_rows, args.cot, args.max_length)
-    log(f"verifier data: {len(train_rows)} train samples ({sum(r['correct'] for r in train_rows)} correct), "
-        f"{len(held_rows)} held out from {len({r['item_id'] for r in held_rows})} questions; "
-        f"{cut + held_cut} inputs cut to --max_length {args.max_length}")
-    steps_per_epoch = len(examples) // args.batch_size
-    accum, total_steps = args.batch_size // (args.micro_batch_size * world), steps_per_epoch * args.epochs
-    model.config.use_cache = False
-    model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-    if args.lr < 0:  # the tiny CPU model wants a large rate; a pretrained 7B one would be wrecked by it
-        args.lr = 1e-4 if n_params < 50_000_000 else 1e-6
-    log(f"verifier: {n_params:,} params, lr {args.lr:g}")
-    check_disk_space(args.output_dir, n_params)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-                            weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total_steps), total_steps))
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-
-    # Accuracy and AUC on held-out samples of one kind say nothing (an untrained head scores 1.0 or 0.0 on them).
-    both_kinds = len({bool(r["correct"]) for r in held_rows}) == 2
-    if held_rows and not both_kinds:
-        log(f"held-out samples: all {len(held_rows)} {'correct' if held_rows[0]['correct'] else 'wrong'}, so no "
-            f"holdout metrics (they need both kinds)")
-
-    def write(row, evaluate):
-        if evaluate and held and both_kinds:
-            row.update(holdout_metrics(score(model, held, args.gen_batch_size, tok.pad_token_id, rank, world,
-                                             device), held_rows))
-            log(f"epoch {row['epoch']:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
-                                                      if k.startswith("holdout") and v is not None))
-        if rank == 0:
-            append_metrics(metrics_path, row)
-
-    start = 0
-    if resuming and find_resume_state(args.output_dir) is not None:
-        start = load_resume_state(model, opt, sched, args, rank)
-        if rank == 0:
-            trim_metrics(metrics_path, start)
-    else:
-        if rank == 0:
-            open(metrics_path, "w").close()
-        write({"step": 0, "epoch": 0}, evaluate=True)  # the untrained head: chance level
-    bar = tqdm(total=total_steps, initial=start, desc="verifier", disable=rank != 0)
-    t_last = time.time()
-    for step in range(start, total_steps):
-        epoch, i = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed + epoch))
-        batch = [examples[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size].tolist()]
-        mine, loss_sum, n_right = batch[rank::world], 0.0, 0
-        for m in range(accum):
-            input_ids, attn, labels = (t.to(device) for t in
-                                       collate(mine[m * args.micro_batch_size:(m + 1) * args.micro_batch_size],
-                                               tok.pad_token_id))
-            logits = model(input_ids=input_ids, attention_mask=attn).logits[:, 0].float()  # (B,)
-            bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
-            # Mean over the global batch; FSDP averages gradients over ranks, hence the factor `world`.
-            (bce * world / args.batch_size).backward()
-            loss_sum += bce.item()
-            n_right += int(((logits > 0).float() == labels).sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        stats = torch.tensor([loss_sum, n_right], dtype=torch.float64, device=device)
-        dist.all_reduce(stats)
-        row = {"step": step + 1, "epoch": epoch + (i + 1) / steps_per_epoch,
-               "loss": stats[0].item() / args.batch_size, "train_accuracy": stats[1].item() / args.batch_size,
-               "lr": sched.get_last_lr()[0], "grad_norm": grad_norm.item(), "seconds": time.time() - t_last}
-        write(row, evaluate=i + 1 == steps_per_epoch)
-        t_last = time.time()
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if rank == 0 and args.log_every > 0 and (step + 1) % args.log_every == 0:
-            tqdm.write(summary(row))
-        bar.update(1)
-        if (args.save_steps > 0 and (step + 1) % args.save_steps == 0) or i + 1 == steps_per_epoch:
-            save_resume_state(model, opt, sched, step + 1, args, rank)
-    bar.close()
-    save_verifier(model, tok, args, os.path.join(args.output_dir, "final"), rank)
-
-
-# ----------------------------------------------------------------------------- main
-
-def main(args):
-    # Every check before any model loads: flags, checkpoints, the samples or the questions, the output folder.
-    check_ranges(args, RANGES)
-    if not args.samples and not args.model:
-        raise SystemExit("error: --model is required to draw samples (or pass --samples FILE)")
-    if not (args.init or args.model):
-        raise SystemExit("error: --init (or --model) is required: the checkpoint the verifier trunk starts from")
-    if args.samples and not os.path.isfile(args.samples):
-        raise SystemExit(f"error: --samples {args.samples!r}: no such file")
-    reward_fn = reward.load_reward(args.reward)
-    if args.samples and reward_fn is not reward.compute_rewards:
-        raise SystemExit(f"error: --reward {args.reward} labels the samples rerank.py draws; --samples "
-                         f"{args.samples} brings its own labels")
-    checkpoints = {flag: path for flag, path in (("--model", args.model), ("--init", args.init)) if path}
-    for flag, path in checkpoints.items():
-        check_checkpoint(path, flag)
-    resolve_cot(args, checkpoints)
-    flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
-    rows = read_samples(args.samples) if args.samples else None
-    if not args.samples:
-        reward.load_records(args.data, args.split, args.cot)  # the questions to sample exist
-    resuming = plan_run(args, flags, MAY_CHANGE, resumable=("samples.jsonl",))
-
-    rank, world, device, mesh = init_distributed()
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    path = args.samples or os.path.join(args.output_dir, "samples.jsonl")
-    if rows is not None:
-        check_samples(args, rows, path, world)
-    if rank == 0:
-        begin_run(args, flags, world, resuming)
-    dist.barrier()
-    if rows is None:
-        sample(args, path, rank, world, device, mesh, log, reward_fn)
-        rows = read_samples(path)
-        check_samples(args, rows, path, world)
-    log(samples_summary(rows))
-    train(args, rows, resuming, rank, world, device, mesh, log)
-    log(f"done: verifier in {args.output_dir}/final, metrics in {args.output_dir}/metrics.jsonl")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -81,3 +81,26 @@ def test_the_copy_list_is_complete():
         copies = [f for f in COPIES.get(name, []) if f in stages]
         assert sorted(copies + DIFFERENT.get(name, [])) == sorted(files), f"{name}: defined in {files}"
     assert set(COPIES) <= set(repeated) and set(DIFFERENT) <= set(repeated)
+
+
+MARKER = "# infrastructure: identical in every stage, tests/test_copies.py; skip on a first read"
+
+
+@pytest.mark.parametrize("stage", ["sft.py", "reft.py", "rerank.py", "evaluate.py"])
+def test_each_stage_reads_the_method_first(stage):
+    """A stage file reads in this order: its guide, the arguments, the method, main(), and only then, after one marker,
+    the infrastructure (checks, distributed setup, loading, saving)."""
+    text = (ROOT / stage).read_text()
+    assert text.count(MARKER) == 1
+    assert text.index("\ndef main(") < text.index(MARKER) < text.index("\ndef init_distributed(")
+    assert "Reading guide" in ast.get_docstring(ast.parse(text))
+
+
+def test_reft_main_is_a_loop_of_calls():
+    """reft.py's main() is the algorithm: its loop calls one function per step and stays short."""
+    tree = ast.parse((ROOT / "reft.py").read_text())
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    loop = next(n for n in main.body if isinstance(n, ast.While))
+    assert loop.end_lineno - loop.lineno + 1 <= 50
+    called = {n.func.id for n in ast.walk(loop) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert {"rollout", "score", "old_and_reference", "advantages", "ppo_update", "online_st_step", "step_log"} <= called
