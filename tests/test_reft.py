@@ -264,7 +264,7 @@ def test_sigkill_and_resume_across_epochs_restores_beta_and_best(minigsm, warmup
     pool.write_text("".join((minigsm / "train_nl.jsonl").read_text().splitlines(keepends=True)[:48]))
     common = [PY, "reft.py", "--model", warmup, "--data", pool, "--max_steps", 8, "--batch_size", 16,
               "--max_length", 120, "--save_steps", 2, "--seed", 5, "--adaptive_kl", "--target_kl", 0.5,
-              "--save_best", "--eval_every", 2, "--eval_split", minigsm / "validation_nl.jsonl", "--eval_limit", 8,
+              "--save_best", "--eval_every", 2, "--eval_data", minigsm / "validation_nl.jsonl", "--eval_limit", 8,
               "--save_epochs", "all"]
     run([*common, "--output_dir", tmp_path / "full"])
     full = read_metrics(tmp_path / "full/metrics.jsonl")
@@ -430,8 +430,8 @@ def bad_inputs(minigsm, warmup, tmp_path_factory):
     (["--mini_batch_size", 5], "--batch_size 16 × --num_samples 1 must split into minibatches of 5"),
     (["--num_samples", 3, "--mini_batch_size", 32], "--batch_size 16 × --num_samples 3 must split"),
     (["--save_epochs", "2,x"], "--save_epochs must be all, none or epoch numbers such as 2,40, not '2,x'"),
-    (["--model", "/no/such/ckpt"], "--model /no/such/ckpt: not a checkpoint folder"),
-    (["--model", "EMPTY"], "cannot load"),
+    (["--model", "/no/such/ckpt"], "--model '/no/such/ckpt': no such checkpoint folder"),
+    (["--model", "EMPTY"], "not a checkpoint folder (no config.json)"),
     (["--model", "PAD_IS_EOS"], "needs a pad token distinct from EOS"),
     (["--data", "no_such_dataset"], "unknown dataset 'no_such_dataset'"),
     (["--batch_size", 1024], "256 questions are fewer than one --batch_size 1024"),

@@ -178,7 +178,8 @@ def test_sampling_labels_dedups_and_resumes(minigsm, warmup, tmp_path):
     assert [r["correct"] for r in rows] == [x == 1.0 for x in rewards]
     assert (tmp_path / "final" / "config.json").is_file()
 
-    p = run([PY, "rerank.py", "--model", warmup, "--data", minigsm, "--limit", 6, "--output_dir", tmp_path, *SAMPLE])
+    p = run([PY, "rerank.py", "--model", warmup, "--data", minigsm, "--limit", 6, "--output_dir", tmp_path, *SAMPLE,
+             "--resume"])  # --limit may grow on a resume: the 4 sampled questions are kept
     assert "4 already in" in p.stdout and "2 to do" in p.stdout
     second = (tmp_path / "samples.jsonl").read_text()
     assert second.startswith(first)

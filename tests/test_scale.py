@@ -49,9 +49,19 @@ def test_every_stage_runs_on_opt(minigsm, tiny_opt, tmp_path):
          "--output_dir", tmp_path / "reft"])
     m = read_metrics(tmp_path / "reft" / "metrics.jsonl")
     assert m[0]["ratio_first"] == 1.0 and m[0]["approx_kl"] == 0.0 and m[0]["kl"] == 0.0
-    run([PY, "rerank.py", "--model", warm, "--data", minigsm, "--limit", 8, "--num_samples", 2,
-         "--max_new_tokens", 48, "--epochs", 1, "--batch_size", 4, "--micro_batch_size", 4,
-         "--output_dir", tmp_path / "verifier"])
+    # The barely trained OPT samples wrong answers only, and a verifier needs both kinds: its samples, with each
+    # question's gold CoT added as a correct one, train the verifier.
+    p = run([PY, "rerank.py", "--model", warm, "--data", minigsm, "--limit", 8, "--num_samples", 2,
+             "--max_new_tokens", 48, "--output_dir", tmp_path / "sampled"], check=False)
+    assert p.returncode == 0 or "a verifier needs both kinds" in p.stderr, p.stderr[-3000:]
+    drawn = [json.loads(line) for line in (tmp_path / "sampled" / "samples.jsonl").read_text().splitlines()]
+    records = reward.load_records(str(minigsm), "train", "nl", require_cot=True)[:8]
+    assert {r["item_id"] for r in drawn} == {r["item_id"] for r in records}
+    gold = [{"item_id": r["item_id"], "question": r["question"], "completion": reward.build_target(r, "nl"),
+             "correct": True} for r in records]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in drawn + gold))
+    run([PY, "rerank.py", "--samples", tmp_path / "samples.jsonl", "--init", warm, "--data", minigsm, "--epochs", 1,
+         "--batch_size", 4, "--micro_batch_size", 4, "--output_dir", tmp_path / "verifier"])
     run([PY, "evaluate.py", "--model", tmp_path / "reft" / "final", "--verifier", tmp_path / "verifier" / "final",
          "--mode", "all", "-k", 2, "--limit", 4, "--max_new_tokens", 48, "--data", minigsm,
          "--output_dir", tmp_path / "eval"])

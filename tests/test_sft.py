@@ -154,7 +154,7 @@ def test_sigkill_and_resume_across_epochs_repeats_the_same_run(minigsm, tmp_path
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join((minigsm / "train_nl.jsonl").read_text().splitlines(keepends=True)[:64]))
     common = [PY, "sft.py", "--data", pool, "--epochs", 3, "--save_steps", 3, *SMALL[:-4], "--save_epochs", "all",
-              "--eval_every_epoch", "--eval_split", minigsm / "validation_nl.jsonl", "--eval_limit", 8,
+              "--eval_every_epoch", "--eval_data", minigsm / "validation_nl.jsonl", "--eval_limit", 8,
               "--max_new_tokens", 16, "--seed", 3]
     run([*common, "--output_dir", tmp_path / "full"])
     full = read_metrics(tmp_path / "full/metrics.jsonl")
@@ -193,7 +193,7 @@ def test_sigkill_and_resume_across_epochs_repeats_the_same_run(minigsm, tmp_path
 def bad_tokenizers(minigsm, tmp_path_factory):
     """Tokenizer folders sft.py must refuse: one without an EOS token, and one with a token "\n1" that merges the
     prompt's last character with the first digit of a CoT."""
-    from transformers import PreTrainedTokenizerFast
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
     root = tmp_path_factory.mktemp("sft_bad")
     records = reward.load_records(str(minigsm), "train", "nl", require_cot=True)
     tok = sft.train_tiny_tokenizer([reward.build_prompt(r["question"], "nl") + reward.build_target(r, "nl")
@@ -201,6 +201,9 @@ def bad_tokenizers(minigsm, tmp_path_factory):
     PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, pad_token="<pad>").save_pretrained(root / "no_eos")
     tok.add_tokens(["\n1"])
     tok.save_pretrained(root / "merges")
+    for name in ("no_eos", "merges"):  # a model config beside each: a folder without one is refused before its tokenizer
+        LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2).save_pretrained(root / name)
     return root
 
 
@@ -245,7 +248,7 @@ def test_resume_state_leaves_no_thread_behind(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "/no/such/model"], "--model /no/such/model: cannot load a model from this folder or hub id"),
+    (["--model", "/no/such/model"], "--model '/no/such/model': no such checkpoint folder"),
     (["--model", "/no/such/model.gguf"], "--model /no/such/model.gguf: no such GGUF file"),
     (["--model", "NO_EOS"], "the tokenizer has no EOS token"),
     (["--model", "MERGES"], "the tokenizer merges the prompt's end with the target's start"),
