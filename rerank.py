@@ -105,6 +105,10 @@ class Args:
     """k: samples per question (paper: 100)"""
     samples: str = ""
     """an existing samples JSONL ({item_id, question, completion, correct}); skips sampling"""
+    gold_samples: bool = False
+    """also train on each sampled question's gold CoT from --data, as a correct sample: a verifier then sees both kinds
+    even from a sampler that gets nothing right (the quickstart's --fast, whose warm-up writes no whole program; the
+    paper trains on samples only)"""
     reward: str = "reward:compute_rewards"
     """labels the samples: correct when this `module:function` gives 1.0 (partial_reward=False), a callable with
     reward.compute_rewards' signature (module from sys.path or the current directory)"""
@@ -253,6 +257,23 @@ def sample(args, path, rank, world, device, mesh, log, reward_fn):
                 bar.update(sum(n for n, _ in parts))
     bar.close()
     dist.barrier()
+
+
+def with_gold(rows, records, cot):
+    """The sample rows plus, for each question among them, its gold CoT as a correct row, written as a sample of it
+    would be: the completion after the sampling prompt (for python CoTs, the program's body after its header). A gold
+    program whose header is not the prompt's is left out."""
+    by_id, added = {r["item_id"]: r for r in records}, []
+    for item_id in dict.fromkeys(r["item_id"] for r in rows):
+        record = by_id.get(item_id)
+        if record is None:
+            raise SystemExit(f"error: --gold_samples: question {item_id} of the samples is not in --data")
+        target, header = reward.build_target(record, cot), reward.program_header(record["question"])
+        if cot == "python" and not target.startswith(header):
+            continue
+        added.append({"item_id": item_id, "question": record["question"], "correct": True,
+                      "completion": target[len(header):] if cot == "python" else target})
+    return rows + added
 
 
 def samples_summary(rows):
@@ -462,8 +483,9 @@ def main(args):
     resolve_cot(args, checkpoints)
     flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
     rows = read_samples(args.samples) if args.samples else None
-    if not args.samples:
-        reward.load_records(args.data, args.split, args.cot)  # the questions to sample exist
+    records = reward.load_records(args.data, args.split, args.cot, require_cot=args.gold_samples) \
+        if args.gold_samples or not args.samples else None  # the questions to sample, or whose gold CoTs to add
+    rows = with_gold(rows, records, args.cot) if rows is not None and args.gold_samples else rows
     resuming = plan_run(args, flags, MAY_CHANGE, resumable=("samples.jsonl",))
 
     rank, world, device, mesh = init_distributed()
@@ -477,6 +499,7 @@ def main(args):
     if rows is None:
         sample(args, path, rank, world, device, mesh, log, reward_fn)
         rows = read_samples(path)
+        rows = with_gold(rows, records, args.cot) if args.gold_samples else rows
         check_samples(args, rows, path, world)
     log(samples_summary(rows))
     train(args, rows, resuming, rank, world, device, mesh, log)

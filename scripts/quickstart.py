@@ -57,7 +57,8 @@ class Args:
     out_dir: str = "runs/quickstart"
     """where every stage writes (data/, sft/, reft/, verifier_*/, eval_*/, results.json, plots)"""
     fast: bool = False
-    """a few steps per stage and small splits: checks that the pipeline runs (CI), numbers mean nothing"""
+    """a few steps per stage and small splits: checks that the pipeline runs (CI), numbers mean nothing (the verifiers
+    also train on the gold CoTs: the few-step warm-up gets no sample right)"""
     seed: int = 0
     """seed of the data and of every stage"""
     cot: Literal["nl", "python"] = "python"
@@ -365,11 +366,14 @@ def main(args):
     R = out / "reft/best"
 
     samples = out / "verifier_sft/samples.jsonl"
+    # --fast's warm-up (6 SFT steps) writes no whole program, so every sample is wrong, and a verifier needs both kinds:
+    # there the verifiers also train on the gold CoTs as correct samples.
+    gold = ["--gold_samples"] if args.fast else []
     run("verifier_sft", out / "verifier_sft/final/config.json",
         [py, "rerank.py", *common, "--model", W, "--init", S, "--num_samples", args.verifier_samples,
-         "--max_new_tokens", args.max_new_tokens, "--output_dir", out / "verifier_sft"])
+         "--max_new_tokens", args.max_new_tokens, *gold, "--output_dir", out / "verifier_sft"])
     run("verifier_reft", out / "verifier_reft/final/config.json",
-        [py, "rerank.py", *common, "--model", W, "--init", R, "--samples", samples,
+        [py, "rerank.py", *common, "--model", W, "--init", R, "--samples", samples, *gold,
          "--output_dir", out / "verifier_reft"])
 
     table = {}

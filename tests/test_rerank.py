@@ -226,3 +226,20 @@ def test_bad_input_on_the_command_line(minigsm, tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert p.stderr.strip().splitlines()[-1] == "error: --model '/nonexistent/ckpt': no such checkpoint folder"
     assert not (tmp_path / "out").exists()
+
+
+def test_gold_samples_are_the_gold_cots_written_as_samples(minigsm):
+    """--gold_samples adds one correct row per sampled question whose text after the sampling prompt is its gold CoT:
+    prompt + completion is the SFT example's prompt + target, for both CoT kinds."""
+    for cot in ("nl", "python"):
+        records = reward.load_records(str(minigsm), "train", cot, require_cot=True)[:5]
+        rows = [{"item_id": r["item_id"], "question": r["question"], "completion": "x", "correct": False}
+                for r in records[:3] for _ in range(2)]
+        rows_with_gold = rerank.with_gold(rows, records, cot)
+        assert rows_with_gold[:6] == rows and len(rows_with_gold) == 9
+        for r, gold in zip(records[:3], rows_with_gold[6:]):
+            assert gold["item_id"] == r["item_id"] and gold["correct"] is True
+            assert (reward.build_prompt(r["question"], cot, sampling=True) + gold["completion"]
+                    == reward.build_prompt(r["question"], cot) + reward.build_target(r, cot))
+    with pytest.raises(SystemExit, match="question nope of the samples is not in --data"):
+        rerank.with_gold([{"item_id": "nope", "question": "q", "completion": "c", "correct": False}], records, "nl")
