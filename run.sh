@@ -23,6 +23,8 @@ setup() {
 
 case "${1:-}" in
   quickstart) shift; setup; exec .venv/bin/python scripts/quickstart.py "$@" ;;
-  test) shift; setup; exec .venv/bin/python -m pytest -v --durations=15 "$@" ;;
+  # Two workers, one per core: most tests wait on a one-thread subprocess. --dist loadfile keeps a file's tests (and
+  # its module fixtures) on one worker.
+  test) shift; setup; exec .venv/bin/python -m pytest -v -n 2 --dist loadfile --durations=15 "$@" ;;
   *) echo "usage: bash run.sh quickstart|test [args]" >&2; exit 2 ;;
 esac

@@ -243,7 +243,7 @@ def test_a_killed_sampling_is_resumed_with_the_rows_of_the_uninterrupted_one(poo
     question): the file ends byte for byte as the uninterrupted one, made by 2 processes."""
     cmd = ["rerank.py", "--model", uninterrupted[0] / "final", "--data", pool, "--limit", 4, "--num_samples", 3,
            "--gen_batch_size", 6, "--max_new_tokens", 24, "--epochs", 1, "--batch_size", 2, "--holdout_fraction",
-           0.25]
+           0.25, "--gold_samples"]  # the gold CoTs as correct samples: the tiny model's own may all be wrong
     torchrun(2, *cmd, "--output_dir", tmp_path / "full")  # and 2 processes write the file 1 process writes
     want = (tmp_path / "full" / "samples.jsonl").read_text()
     out = tmp_path / "run"
@@ -252,7 +252,7 @@ def test_a_killed_sampling_is_resumed_with_the_rows_of_the_uninterrupted_one(poo
     assert want.startswith("".join(whole))
     ids = [json.loads(line)["item_id"] for line in want.splitlines()]
     assert ids.count(ids[len(whole) - 1]) > ids[:len(whole)].count(ids[len(whole) - 1])  # a question cut short
-    p = run([PY, *cmd, "--output_dir", out])
+    p = run([PY, *cmd, "--output_dir", out, "--resume"])
     assert "questions with fewer rows than they were sampled with dropped" in p.stdout
     assert (out / "samples.jsonl").read_text() == want
     assert rerank.read_samples(out / "samples.jsonl")
