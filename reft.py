@@ -1151,8 +1151,9 @@ def plan_run(args, flags, may_change, resumable=()):
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --resume: cannot read the flags the run in {args.output_dir} was started with "
                          f"({e.__class__.__name__}); pass --overwrite to start over")
-    differ = [f"--{k} {v} (the run's: {saved.get(k, 'absent')})" for k, v in flags.items()
-              if k not in may_change and saved.get(k) != v]
+    # A flag newer than the run is absent from its args.json: the run had that flag's default.
+    saved = {**{f.name: f.default for f in dataclasses.fields(args)}, **saved}
+    differ = [f"--{k} {v} (the run's: {saved[k]})" for k, v in flags.items() if k not in may_change and saved[k] != v]
     if differ:
         raise SystemExit(f"error: --resume in {args.output_dir}: flags differ from the run's args.json: "
                          f"{', '.join(differ)}; pass the run's values, or --overwrite to start over")

@@ -190,7 +190,7 @@ MUTANTS = [
      "    if progress is not None and not (args.resume or args.overwrite):", "    if False:",
      ["tests/test_bad_input.py::test_bad_invocation_is_one_error_line[sft.py --output_dir RUNS/sft]"]),
     ("resume_accepts_other_flags", "reft.py",
-     "              if k not in may_change and saved.get(k) != v]", "              if False]",
+     "for k, v in flags.items() if k not in may_change and saved[k] != v]", "for k, v in flags.items() if False]",
      ["tests/test_bad_input.py::test_bad_invocation_is_one_error_line[reft.py --output_dir RUNS/reft --resume "
       "--batch_size 16 --kl_coef 0.5]"]),
     ("data_file_is_every_split", "reward.py", '        if split not in (None, "train"):', "        if False:",

@@ -6,6 +6,7 @@ CoT kind) now say so.
 The table runs each stage's main() in this process (conftest.main_error): a SystemExit with a message is what the
 command line prints as its one line with exit status 1, and any other exception (a traceback) fails the case. A few
 cases run as real commands too, for the exit status and stderr as a user sees them."""
+import dataclasses
 import json
 import shutil
 import sys
@@ -296,3 +297,19 @@ def test_overwrite_starts_over(runs, warmup, minigsm, tmp_path):
     launches = (folder / "launches.jsonl").read_text().splitlines()
     assert len(launches) == 1 and (folder / "notes.txt").read_text() == "mine\n"
     assert [m["step"] for m in read_metrics(folder / "metrics.jsonl")] == [1]
+
+
+def test_a_flag_newer_than_the_run_counts_as_its_default(runs, warmup, minigsm, tmp_path, capsys):
+    """A run started before a flag existed has no entry for it in args.json: it ran with that flag's default, so a
+    resume that leaves the flag at its default is the same run; one that sets it is refused."""
+    folder = tmp_path / "rerank"
+    shutil.copytree(runs / "rerank", folder)
+    saved = json.loads((folder / "args.json").read_text())
+    del saved["gold_samples"]
+    (folder / "args.json").write_text(json.dumps(saved))
+    args = rerank.Args(**{k: v for k, v in saved.items() if k in rerank.Args.__dataclass_fields__})
+    args.output_dir, args.resume = str(folder), True
+    assert rerank.plan_run(args, dataclasses.asdict(args), rerank.MAY_CHANGE, ("samples.jsonl",)) is True
+    args.gold_samples = True
+    with pytest.raises(SystemExit, match=r"--gold_samples True \(the run's: False\)"):
+        rerank.plan_run(args, dataclasses.asdict(args), rerank.MAY_CHANGE, ("samples.jsonl",))
