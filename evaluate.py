@@ -475,10 +475,10 @@ def check_checkpoint(path, flag):
 
 
 # a copy kept identical across stage files: tests/test_copies.py
-def resolve_cot(args, checkpoints):
+def resolve_cot(args, checkpoints, fallback="nl"):
     """--cot from the checkpoints the stage reads ({flag: folder}): each one this project writes names the CoT kind it
-    was trained on in its train_args.json. `auto` takes that kind (nl when none names one); an explicit --cot of
-    the other kind, or two checkpoints of different kinds, is one error line: a model trained on one kind scores
+    was trained on in its train_args.json. `auto` takes that kind (`fallback` when none names one); an explicit --cot
+    of the other kind, or two checkpoints of different kinds, is one error line: a model trained on one kind scores
     near 0 prompted with the other."""
     found = {}
     for flag, path in checkpoints.items():
@@ -494,7 +494,7 @@ def resolve_cot(args, checkpoints):
                          ", ".join(f"{flag} {checkpoints[flag]} on {cot}" for flag, cot in found.items()))
     flag = next(iter(found), None)
     if args.cot == "auto":
-        args.cot = found[flag] if flag else "nl"
+        args.cot = found[flag] if flag else fallback
     elif flag and args.cot != found[flag]:
         raise SystemExit(f"error: --cot {args.cot}, but {flag} {checkpoints[flag]} was trained on {found[flag]} CoTs "
                          f"(its train_args.json): drop --cot or pass --cot {found[flag]}")

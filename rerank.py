@@ -573,10 +573,10 @@ def check_checkpoint(path, flag):
 
 
 # a copy kept identical across stage files: tests/test_copies.py
-def resolve_cot(args, checkpoints):
+def resolve_cot(args, checkpoints, fallback="nl"):
     """--cot from the checkpoints the stage reads ({flag: folder}): each one this project writes names the CoT kind it
-    was trained on in its train_args.json. `auto` takes that kind (nl when none names one); an explicit --cot of
-    the other kind, or two checkpoints of different kinds, is one error line: a model trained on one kind scores
+    was trained on in its train_args.json. `auto` takes that kind (`fallback` when none names one); an explicit --cot
+    of the other kind, or two checkpoints of different kinds, is one error line: a model trained on one kind scores
     near 0 prompted with the other."""
     found = {}
     for flag, path in checkpoints.items():
@@ -592,13 +592,13 @@ def resolve_cot(args, checkpoints):
                          ", ".join(f"{flag} {checkpoints[flag]} on {cot}" for flag, cot in found.items()))
     flag = next(iter(found), None)
     if args.cot == "auto":
-        args.cot = found[flag] if flag else "nl"
+        args.cot = found[flag] if flag else fallback
     elif flag and args.cot != found[flag]:
         raise SystemExit(f"error: --cot {args.cot}, but {flag} {checkpoints[flag]} was trained on {found[flag]} CoTs "
                          f"(its train_args.json): drop --cot or pass --cot {found[flag]}")
 
 
-RUN_FILES = ("args.json", "launches.jsonl", "metrics.jsonl", "samples.jsonl", "final", "best", "init")
+RUN_FILES = ("args.json", "launches.jsonl", "metrics.jsonl", "samples.jsonl", "final", "best", "warmup", "init")
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -630,7 +630,7 @@ def run_progress(output_dir):
     state = find_resume_state(output_dir)
     if state is not None:
         said.append(f"a resume state at step {state[1]}")
-    said += [f"{e}/" for e in entries if e in ("final", "best")]
+    said += [f"{e}/" for e in entries if e in ("final", "best", "warmup")]
     return ", ".join(said) or ", ".join(entries)
 
 

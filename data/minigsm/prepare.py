@@ -25,8 +25,8 @@ from streams of their own, so those do not change with them.
     python data/minigsm/prepare.py                       # writes data/minigsm/{train,validation,test}_{nl,python}.jsonl
                                                          # and test_{longer,larger}_{nl,python}.jsonl
     python data/minigsm/prepare.py --max_steps 4 --max_number 30 --n_train 200
-    python data/minigsm/prepare.py --max_number 10 --one_line_fraction 0.5    # half the CoTs as one equation
-    python data/minigsm/prepare.py --max_number 10 --any_order_fraction 1     # steps in a random valid order
+    python data/minigsm/prepare.py --one_line_fraction 0.5                    # half the CoTs as one equation
+    python data/minigsm/prepare.py --any_order_fraction 1                     # steps in a random valid order
 """
 import argparse
 import json
@@ -122,21 +122,24 @@ def stated_numbers(steps):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--n_train", type=int, default=400, help="training pool size (small and fixed, as in the paper)")
-    p.add_argument("--n_validation", type=int, default=500)
-    p.add_argument("--n_test", type=int, default=1000)
-    p.add_argument("--min_steps", type=int, default=2)
-    p.add_argument("--max_steps", type=int, default=3)
-    p.add_argument("--max_number", type=int, default=20, help="largest starting count and step number")
+    p.add_argument("--n_validation", type=int, default=500, help="validation questions (model selection)")
+    p.add_argument("--n_test", type=int, default=1000, help="test questions (reported, never tuned on)")
+    p.add_argument("--min_steps", type=int, default=2, help="fewest arithmetic steps per problem")
+    p.add_argument("--max_steps", type=int, default=3, help="most arithmetic steps per problem (test_longer: one more)")
+    p.add_argument("--max_number", type=int, default=10,
+                   help="largest starting count and step number (the quickstart's; at 20 the SFT baseline reached "
+                        "16%% on validation)")
     p.add_argument("--one_line_fraction", type=float, default=0.0,
                    help="share of nl CoTs written as one equation ('14 + 13 - 3 = 24') instead of step by step")
     p.add_argument("--any_order_fraction", type=float, default=0.0,
                    help="share of nl CoTs (of those not one equation) doing the steps in a random valid order")
     p.add_argument("--n_shifted", type=int, default=None,
-                   help="size of each shifted test set, test_longer and test_larger (default: --n_test; 0: none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))
+                   help="size of each shifted test set, test_longer and test_larger (None: --n_test; 0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the problem generator")
+    p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), help="where the splits are written")
     args = p.parse_args()
     if not 1 <= args.min_steps <= args.max_steps or args.max_number < 1 or not 0 <= args.one_line_fraction <= 1 \
             or not 0 <= args.any_order_fraction <= 1:
