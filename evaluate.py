@@ -22,10 +22,10 @@ Modes (the paper's Table 2 reports greedy "value accuracy", Table 4 Voting@100 a
           with an extractable answer is chosen (none → wrong). Also reports vote and pass@k on the samples.
   all     greedy, then one set of k samples shared by vote and rerank (rerank only when --verifier is given).
 
-Run it (CPU, the tiny model):
-    python evaluate.py --mode all -k 8 --limit 200 --data minigsm --model runs/sft/final \\
-        --verifier runs/rerank/final --output_dir runs/eval
-    torchrun --standalone --nproc_per_node 2 evaluate.py --mode greedy --model runs/sft/final --output_dir runs/eval2
+Run it (CPU, the tiny model, on minigsm's test split):
+    python evaluate.py --model runs/reft/best                       # greedy top-1 -> runs/eval/reft_best
+    python evaluate.py --mode all --model runs/sft/best --verifier runs/rerank/final       # + voting@8, rerank@8
+    torchrun --standalone --nproc_per_node 2 evaluate.py --model runs/sft/best --output_dir runs/eval2
 The paper's setting (8 GPUs; 100 samples at temperature 1.0, prompt + CoT at most 1024 tokens):
     torchrun --nproc_per_node 8 evaluate.py --mode all -k 100 --data gsm8k_reft --cot python \\
         --model runs/reft/best --verifier runs/rerank/final --max_new_tokens 700 --batch_size 50
@@ -94,21 +94,25 @@ class Args:
     """chain-of-thought kind: `nl` or `python`; `auto` = the kind --model (and --verifier) were trained on (their
     train_args.json)"""
     k: int = 8
-    """samples per question for vote and rerank (paper: 100)"""
+    """k, the samples per question of voting@k and rerank@k (paper: 100); not --top_k, a filter of each sample's
+    tokens"""
     temperature: float = 1.0
     """sampling temperature (paper: 1.0)"""
     top_k: int = 0
-    """top-k filter of the sampling, 0 = off (the paper's sampling.py used transformers' default 50)"""
+    """sampling filter: draw each token from the top_k likeliest, 0 = off (the paper's sampling.py used transformers'
+    default 50); not -k, the number of samples"""
     top_p: float = 1.0
     """nucleus filter of the sampling, 1 = off"""
     limit: int = -1
     """evaluate only the first N questions (-1: all)"""
     batch_size: int = 64
     """sequences per generate() call and per verifier forward on one process"""
-    max_new_tokens: int = 256
-    """generation budget per completion (paper: 1024 minus the prompt)"""
-    output_dir: str = "runs/eval"
-    """where predictions.jsonl and results.json go"""
+    max_new_tokens: int = -1
+    """generation budget per completion; -1 = by --model's size: 48 for a model under 50 M parameters (the tiny one:
+    minigsm CoTs are ~20 tokens), else 700 (the paper's generation length)"""
+    output_dir: str = ""
+    """where predictions.jsonl and results.json go; empty = runs/eval/ + --model with / as _ (runs/reft/best ->
+    runs/eval/reft_best), so evaluating two models does not overwrite one with the other"""
     seed: int = 42
     """sampling seed (each rank uses seed + rank)"""
     scoring: Literal["lenient", "paper"] = "lenient"
@@ -123,7 +127,8 @@ class Args:
 RANGES = [("temperature", lambda v: v > 0, "above 0"), ("top_k", lambda v: v >= 0, "at least 0"),
           ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
           ("limit", lambda v: v == -1 or v >= 1, "-1 (all) or at least 1"),
-          ("batch_size", lambda v: v >= 1, "at least 1"), ("max_new_tokens", lambda v: v >= 1, "at least 1")]
+          ("batch_size", lambda v: v >= 1, "at least 1"),
+          ("max_new_tokens", lambda v: v == -1 or v >= 1, "-1 (by model size) or at least 1")]
 
 
 # ----------------------------------------------------------------------------- selection rules (pure)
@@ -381,6 +386,12 @@ def check_args(args):
     if args.verifier:
         check_checkpoint(args.verifier, "--verifier")
     resolve_cot(args, {flag: path for flag, path in (("--model", args.model), ("--verifier", args.verifier)) if path})
+    if args.max_new_tokens == -1:
+        n = checkpoint_params(args.model)
+        args.max_new_tokens = 48 if n is not None and n < 50_000_000 else 700
+    if not args.output_dir:
+        name = os.path.normpath(args.model).removeprefix("runs" + os.sep).strip(os.sep).replace(os.sep, "_")
+        args.output_dir = os.path.join("runs", "eval", name)
     check_output_dir(args.output_dir)
 
 
@@ -646,6 +657,26 @@ def num_calls(n_items, batch_size, device):
     t = torch.tensor([math.ceil(n_items / batch_size)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def checkpoint_params(path):
+    """The parameter count of a local HF checkpoint, read from its safetensors headers (a few KB) before anything
+    loads: the defaults of flags left at -1 depend on it. None for a hub id or a folder without safetensors."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        return None
+    total = 0
+    for name in files:
+        with open(os.path.join(path, name), "rb") as f:  # 8 bytes of header length, then the header's JSON
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+    return total
 
 
 # a copy kept identical across stage files: tests/test_copies.py

@@ -25,13 +25,15 @@ below the "infrastructure" marker (checks, loading, saving, distributed setup) c
 One step with real numbers (the mask, scores, per-token KL, shaped rewards, values, TD errors, advantages, returns,
 ratios and clipped losses of 2 questions × 2 samples): docs/walkthrough.md, made by scripts/walkthrough.py.
 
-Run it (CPU, the offline default: a tiny warm-up checkpoint made by sft.py on `minigsm`):
-    python reft.py --model runs/warmup/final --data minigsm --cot nl --output_dir runs/reft
-    torchrun --standalone --nproc_per_node 2 reft.py --model runs/warmup/final --data minigsm   # 2 CPU processes
-The paper's setting (8 GPUs, CodeLlama-7B warm-up = epoch 2 of SFT, GSM8K program CoT):
-    torchrun --nproc_per_node 8 reft.py --model runs/sft7b/epoch_2 --data gsm8k_reft --cot python \\
-        --batch_size 32 --lr 3e-7 --epochs 300 --kl_coef 0.01 --max_prompt_length 300 --max_length 700 \\
-        --gradient_checkpointing
+Run it (CPU, the offline default: sft.py's tiny warm-up runs/sft/warmup on `minigsm`; the flags left at -1 take the
+quickstart's values for a model this small and the paper's for a pretrained one, RECIPES):
+    python reft.py                                       # ~52 PPO steps, the best validation step in runs/reft/best
+    python reft.py --max_steps 1 --output_dir runs/reft_smoke                                 # a smoke run, seconds
+    torchrun --standalone --nproc_per_node 2 reft.py --output_dir runs/reft2                  # 2 CPU processes
+The paper's setting (8 GPUs, CodeLlama-7B warm-up = epoch 2 of SFT, GSM8K program CoT; these are RECIPES["paper"]):
+    torchrun --nproc_per_node 8 reft.py --model runs/sft7b/warmup --data gsm8k_reft --cot python \\
+        --batch_size 32 --micro_batch_size 4 --lr 3e-7 --epochs 300 --kl_coef 0.01 --max_prompt_length 300 \\
+        --max_length 700 --gradient_checkpointing --output_dir runs/reft7b
 
 One code path: plain `python reft.py` is a 1-process group; under `torchrun` the policy (with its value head)
 and the reference are sharded with FSDP2, gloo + fp32 on CPU and NCCL + bf16 mixed precision on GPU.
@@ -43,6 +45,7 @@ import errno
 import hashlib
 import inspect
 import json
+import math
 import os
 import shutil
 import sys
@@ -75,8 +78,9 @@ hf_logging.disable_progress_bar()
 
 @dataclass
 class Args:
-    model: str = "runs/warmup/final"
-    """the SFT warm-up checkpoint (HF folder); it initialises the policy and is the frozen KL reference"""
+    model: str = "runs/sft/warmup"
+    """the SFT warm-up checkpoint (HF folder; sft.py writes it as {output_dir}/warmup); it initialises the policy and is
+    the frozen KL reference. Its size picks the defaults of the flags at -1 below (RECIPES)"""
     data: str = "minigsm"
     """a prepared dataset name under data/ or a .jsonl/.json file of {item_id, question, answer_value}"""
     cot: Literal["auto", "nl", "python"] = "auto"
@@ -84,14 +88,14 @@ class Args:
     kind --model was trained on (its train_args.json)"""
     output_dir: str = "runs/reft"
     """where checkpoints (epoch_K/, final/ with value_head.safetensors), the resume state and metrics go"""
-    epochs: int = 10
-    """passes over the training questions (paper: 300 for 7B models)"""
+    epochs: int = -1
+    """passes over the training questions; -1 = by model size: 4 small (≈ the quickstart's 50 steps), 300 paper"""
     max_steps: int = -1
     """stop after this many PPO steps (rollout batches); overrides epochs when > 0"""
     batch_size: int = 32
     """questions per PPO step, summed over processes (paper: 32 = 8 GPUs × 4)"""
-    num_samples: int = 1
-    """CoTs sampled per question per step (paper: 1)"""
+    num_samples: int = -1
+    """CoTs sampled per question per step; -1 = by model size: 4 small, 1 paper"""
     mini_batch_size: int = -1
     """sequences per optimizer step, summed over processes; -1 = the whole rollout batch (paper)"""
     micro_batch_size: int = 32
@@ -110,10 +114,9 @@ class Args:
     `none` only centres it, as Dr. GRPO (Liu et al. 2025) and TRL's GRPOTrainer scale_rewards="none" (a question whose
     samples nearly agree then gets small advantages, not unit ones)"""
     lr: float = -1.0
-    """constant learning rate; -1 (the default) = automatic: 5e-5 for a model under 50 M parameters (the tiny CPU
-    one), else the paper's 3e-7; 0 trains at 0 (a frozen-policy control)"""
+    """constant learning rate; -1 = by model size: 1e-4 small, 3e-7 paper; 0 trains at 0 (a frozen-policy control)"""
     kl_coef: float = -1.0
-    """β of the per-token KL penalty; -1 = the paper's value for --cot: 0.05 for nl, 0.01 for python"""
+    """β of the per-token KL penalty; -1 = by model size: 0.05 small, paper by --cot (0.05 nl, 0.01 python)"""
     adaptive_kl: bool = False
     """adapt β towards --target_kl (Ziegler et al. 2019) instead of keeping it fixed (paper: fixed)"""
     target_kl: float = 1.0
@@ -129,8 +132,8 @@ class Args:
     sequences × --max_length, a constant (Dr. GRPO, Liu et al. 2025)"""
     gamma: float = 1.0
     """GAE discount γ (paper's code: 1.0)"""
-    lam: float = 0.95
-    """GAE λ (paper's code: 0.95)"""
+    lam: float = -1.0
+    """GAE λ; -1 = by model size: 1.0 small (λ < 1 bootstraps from a still poor value head), 0.95 paper"""
     clip_range: float = 0.2
     """ε of the clipped policy objective"""
     clip_range_high: float = -1.0
@@ -138,8 +141,9 @@ class Args:
     the paper); DAPO's clip-higher (Yu et al. 2025) raises it, e.g. to 0.28 with --clip_range 0.2"""
     clip_range_value: float = 0.2
     """ε_v of the clipped value loss, in reward units"""
-    vf_coef: float = 5.0
-    """weight of the value loss (paper: 5)"""
+    vf_coef: float = -1.0
+    """weight of the value loss; -1 = by model size: 0.1 small (at 5 the value loss's gradient through the shared tiny
+    trunk outweighed the policy's), 5 paper"""
     partial_reward: bool = True
     """0.1 for an extracted but wrong answer on numeric datasets (paper); off gives 1/0 rewards"""
     reward: str = "reward:compute_rewards"
@@ -149,10 +153,10 @@ class Args:
     """give the value head its own trunk, a copy of the warm-up model (the paper's ablation) instead of sharing"""
     temperature: float = 1.0
     """sampling temperature; the same value divides the logits in every forward feeding ratios and KL"""
-    max_prompt_length: int = 300
-    """longer prompts are dropped and counted (paper: 300 tokens)"""
-    max_length: int = 700
-    """prompt + generated tokens (paper: 700)"""
+    max_prompt_length: int = -1
+    """longer prompts are dropped and counted; -1 = by model size: 96 small, 300 paper"""
+    max_length: int = -1
+    """prompt + generated tokens; -1 = by model size: 144 small (minigsm CoTs are ~20 tokens), 700 paper"""
     seed: int = 42
     """seed for data order and sampling; a question's sample depends on (seed, step, question), not on ranks"""
     resume: bool = False
@@ -167,8 +171,9 @@ class Args:
     save_epochs: str = "none"
     """which epochs get an HF checkpoint epoch_K/ (in the run's dtype): `all`, `none` or a list like `10,20`; a 7B
     one is 13.5 GB in bf16, so 300 epochs of them would be 4 TB (the paper keeps the best: --save_best)"""
-    eval_every: int = 50
-    """greedy accuracy on --eval_split every this many steps, the last one included only on its turn (0: never)"""
+    eval_every: int = -1
+    """greedy accuracy on --eval_split every this many steps, the last one included only on its turn (0: never);
+    -1 = by model size: 5 small, 50 paper"""
     eval_split: str = "validation"
     """split of --data for the periodic greedy evaluation (never pick settings on test)"""
     eval_data: str = ""
@@ -178,8 +183,8 @@ class Args:
     """questions in each periodic evaluation (-1: all)"""
     eval_batch_size: int = 64
     """questions per generation batch of the periodic evaluation, on one process (its KV cache is the memory)"""
-    save_best: bool = False
-    """also keep the checkpoint with the best periodic evaluation as {output_dir}/best"""
+    save_best: bool = True
+    """also keep the checkpoint with the best periodic evaluation as {output_dir}/best (paper: its reported model)"""
     gradient_checkpointing: bool = False
     """recompute activations in the PPO backward to save memory (7B models)"""
     log_every: int = 10
@@ -189,21 +194,32 @@ class Args:
 # Flags a resumed run may change: how long, how often, in how much memory (plan_run).
 MAY_CHANGE = ("output_dir", "resume", "overwrite", "epochs", "max_steps", "save_steps", "save_epochs", "save_best",
               "eval_every", "eval_batch_size", "micro_batch_size", "gradient_checkpointing", "log_every")
-RANGES = [("epochs", lambda v: v >= 1, "at least 1"), ("batch_size", lambda v: v >= 1, "at least 1"),
-          ("num_samples", lambda v: v >= 1, "at least 1"),
+SIZED = "-1 (by model size) or "
+RANGES = [("epochs", lambda v: v == -1 or v >= 1, SIZED + "at least 1"), ("batch_size", lambda v: v >= 1, "at least 1"),
+          ("num_samples", lambda v: v == -1 or v >= 1, SIZED + "at least 1"),
           ("mini_batch_size", lambda v: v == -1 or v >= 1, "-1 (the whole batch) or at least 1"),
           ("micro_batch_size", lambda v: v >= 1, "at least 1"), ("ppo_epochs", lambda v: v >= 1, "at least 1"),
-          ("lr", lambda v: v == -1 or v >= 0, "-1 (automatic) or at least 0"),
-          ("kl_coef", lambda v: v == -1 or v >= 0, "-1 (the paper's) or at least 0"),
+          ("lr", lambda v: v == -1 or v >= 0, SIZED + "at least 0"),
+          ("kl_coef", lambda v: v == -1 or v >= 0, SIZED + "at least 0"),
           ("target_kl", lambda v: v > 0, "above 0"), ("gamma", lambda v: 0 <= v <= 1, "in [0, 1]"),
-          ("lam", lambda v: 0 <= v <= 1, "in [0, 1]"), ("clip_range", lambda v: v > 0, "above 0"),
+          ("lam", lambda v: v == -1 or 0 <= v <= 1, SIZED + "in [0, 1]"), ("clip_range", lambda v: v > 0, "above 0"),
           ("clip_range_high", lambda v: v == -1 or v > 0, "-1 (= --clip_range) or above 0"),
-          ("clip_range_value", lambda v: v > 0, "above 0"), ("vf_coef", lambda v: v >= 0, "at least 0"),
-          ("temperature", lambda v: v > 0, "above 0"), ("max_prompt_length", lambda v: v >= 1, "at least 1"),
-          ("max_length", lambda v: v >= 2, "at least 2"), ("save_steps", lambda v: v >= 0, "at least 0"),
-          ("eval_every", lambda v: v >= 0, "at least 0"), ("eval_limit", lambda v: v == -1 or v >= 1,
-                                                           "-1 (all) or at least 1"),
+          ("clip_range_value", lambda v: v > 0, "above 0"),
+          ("vf_coef", lambda v: v == -1 or v >= 0, SIZED + "at least 0"), ("temperature", lambda v: v > 0, "above 0"),
+          ("max_prompt_length", lambda v: v == -1 or v >= 1, SIZED + "at least 1"),
+          ("max_length", lambda v: v == -1 or v >= 2, SIZED + "at least 2"),
+          ("save_steps", lambda v: v >= 0, "at least 0"), ("eval_every", lambda v: v >= -1, SIZED + "at least 0"),
+          ("eval_limit", lambda v: v == -1 or v >= 1, "-1 (all) or at least 1"),
           ("eval_batch_size", lambda v: v >= 1, "at least 1"), ("log_every", lambda v: v >= 0, "at least 0")]
+
+# What a flag left at -1 becomes, by the size of --model. A pretrained model (50 M parameters or more, or a hub id) gets
+# the paper's code's values; a smaller one is the tiny Llama trained from scratch on minigsm, and gets the quickstart's
+# (chosen on validation, docs/experiments.md), so that `python reft.py` after `python sft.py` is the quickstart's ReFT.
+RECIPES = {"small": dict(lr=1e-4, kl_coef=0.05, vf_coef=0.1, lam=1.0, num_samples=4, epochs=4, max_prompt_length=96,
+                         max_length=144, eval_every=5),
+           "paper": dict(lr=3e-7, kl_coef={"nl": 0.05, "python": 0.01}, vf_coef=5.0, lam=0.95, num_samples=1,
+                         epochs=300, max_prompt_length=300, max_length=700, eval_every=50)}
+SMALL_MODEL = 50_000_000
 
 
 # ----------------------------------------------------------------------------- the PPO math (pure functions)
@@ -874,6 +890,23 @@ def main(args):
 # "a copy" is the same in every stage file that has it; the others are this stage's own.
 # =====================================================================================================================
 
+# a copy kept identical across stage files: tests/test_copies.py
+def fill_recipe(args):
+    """Every flag left at -1 that RECIPES covers takes its recipe's value (one per --cot where it is a dict), by the
+    size of the model (--init, else --model: the one trained; read from its safetensors headers before anything
+    loads); returns what was filled in, in words, for the log."""
+    n = checkpoint_params(getattr(args, "init", "") or args.model)
+    name = "small" if n is not None and n < SMALL_MODEL else "paper"
+    filled = []
+    for flag, value in RECIPES[name].items():
+        if getattr(args, flag) == -1:
+            value = value[args.cot] if isinstance(value, dict) else value
+            setattr(args, flag, value)
+            filled.append(f"--{flag} {value:g}")
+    size = "a hub model" if n is None else f"{n / 1e6:.1f} M parameters"
+    return f"{name} ({size}){': ' + ', '.join(filled) if filled else ', every flag given'}"
+
+
 def setup(args):
     """Everything before the first step, as one namespace `run` that the steps read and update: every check of the
     flags, the checkpoint, the data and the output folder (all before any model loads), then the tokenizer and the
@@ -887,6 +920,7 @@ def setup(args):
     check_checkpoint(args.model, "--model")
     resolve_cot(args, {"--model": args.model})
     flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
+    recipe = fill_recipe(args)
     if args.advantage != "gae" and args.num_samples < 2:
         raise SystemExit(f"error: --advantage {args.advantage} compares the samples of a question: it needs "
                          f"--num_samples 2 or more (a group of one has no baseline)")
@@ -908,7 +942,8 @@ def setup(args):
 
     rank, world, device, mesh = init_distributed()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    beta = args.kl_coef if args.kl_coef >= 0 else {"nl": 0.05, "python": 0.01}[args.cot]
+    log(f"recipe: {recipe}")
+    beta = args.kl_coef
     n_seq = args.batch_size * args.num_samples  # sequences per rollout batch, all ranks
     mini = n_seq if args.mini_batch_size <= 0 else args.mini_batch_size
     if args.batch_size % world or n_seq % mini or mini % world:
@@ -936,10 +971,7 @@ def setup(args):
                              f"--eval_split {args.eval_split} prompt")
 
     tok, model, ref = load_models(args, mesh, device)
-    n_params = sum(p.numel() for p in model.lm.parameters())
-    if args.lr < 0:  # the tiny CPU model wants a large rate; the paper's 3e-7 is for its 7B models
-        args.lr = 5e-5 if n_params < 50_000_000 else 3e-7
-    log(f"policy: {n_params:,} params, lr {args.lr:g}")
+    log(f"policy: {sum(p.numel() for p in model.lm.parameters()):,} params, lr {args.lr:g}")
     if args.gradient_checkpointing:
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -1331,6 +1363,26 @@ def gathered_for_generation(model):
 
 
 # ----------------------------------------------------------------------------- loading and saving
+
+# a copy kept identical across stage files: tests/test_copies.py
+def checkpoint_params(path):
+    """The parameter count of a local HF checkpoint, read from its safetensors headers (a few KB) before anything
+    loads: the defaults of flags left at -1 depend on it. None for a hub id or a folder without safetensors."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        return None
+    total = 0
+    for name in files:
+        with open(os.path.join(path, name), "rb") as f:  # 8 bytes of header length, then the header's JSON
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+    return total
+
 
 def load_tokenizer(args):
     """The warm-up checkpoint's tokenizer, with one error line when it cannot serve: PPO needs a pad token distinct

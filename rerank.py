@@ -35,11 +35,13 @@ on the rightmost non-pad token) in {output_dir}/final; its tokenizer's model_max
     p_correct = torch.sigmoid(model(**enc).logits[:, 0])
 (this is what evaluate.py --mode rerank does).
 
-Run it (CPU, the tiny model):
-    python rerank.py --model runs/sft/epoch_2 --init runs/sft/final --data minigsm --output_dir runs/rerank
-    torchrun --standalone --nproc_per_node 2 rerank.py --model runs/sft/final --output_dir runs/rerank2
+Run it (CPU, the tiny model; the defaults sample 8 CoTs per question from sft.py's runs/sft/warmup and start the
+verifier from runs/sft/best beside it, as the quickstart does):
+    python rerank.py                                                       # -> runs/rerank/final
+    python rerank.py --init runs/reft/best --samples runs/rerank/samples.jsonl --output_dir runs/rerank_reft
+    torchrun --standalone --nproc_per_node 2 rerank.py --output_dir runs/rerank2
 The paper's setting (8 GPUs, GSM8K P-CoT, 100 samples from the warm-up, trunk from the best SFT checkpoint):
-    torchrun --nproc_per_node 8 rerank.py --model runs/sft/epoch_2 --init runs/sft/best --data gsm8k_reft \\
+    torchrun --nproc_per_node 8 rerank.py --model runs/sft7b/warmup --init runs/sft7b/best --data gsm8k_reft \\
         --cot python --num_samples 100 --max_new_tokens 700 --gen_batch_size 50 --lr 1e-6 --epochs 3 --batch_size 48 \\
         --micro_batch_size 6 --max_length 700
 
@@ -90,8 +92,9 @@ import reward
 
 @dataclass
 class Args:
-    model: str = ""
-    """policy checkpoint to sample from (paper: the warm-up SFT checkpoint); not needed with --samples and --init"""
+    model: str = "runs/sft/warmup"
+    """policy checkpoint to sample from (paper: the warm-up SFT checkpoint, sft.py's {output_dir}/warmup); not needed
+    with --samples and --init. Its size picks the defaults of the flags at -1 below (RECIPES)"""
     data: str = "minigsm"
     """a prepared dataset name under data/ or a .jsonl/.json file of {item_id, question, answer_value}"""
     split: str = "train"
@@ -101,8 +104,8 @@ class Args:
     train_args.json)"""
     output_dir: str = "runs/rerank"
     """where samples.jsonl, metrics.jsonl and the verifier (final/) go"""
-    num_samples: int = 16
-    """k: samples per question (paper: 100)"""
+    num_samples: int = -1
+    """k: samples per question; -1 = by model size: 8 small (the quickstart's), 100 paper"""
     samples: str = ""
     """an existing samples JSONL ({item_id, question, completion, correct}); skips sampling"""
     gold_samples: bool = False
@@ -113,12 +116,12 @@ class Args:
     """labels the samples: correct when this `module:function` gives 1.0 (partial_reward=False), a callable with
     reward.compute_rewards' signature (module from sys.path or the current directory)"""
     init: str = ""
-    """checkpoint the verifier trunk starts from (default: --model; paper: the best SFT or ReFT checkpoint)"""
+    """checkpoint the verifier trunk starts from (paper: the best SFT or ReFT checkpoint); empty = the best/ beside
+    --model when --model is sft.py's warmup/ (the SFT baseline of the same run), else --model"""
     epochs: int = 3
     """passes over the training samples (paper: 3)"""
     lr: float = -1.0
-    """peak learning rate; -1 (the default) = automatic: 1e-4 for a model under 50 M parameters (the tiny CPU one),
-    else the paper's 1e-6; 0 trains at 0"""
+    """peak learning rate; -1 = by model size: 1e-4 small, 1e-6 paper; 0 trains at 0"""
     warmup_ratio: float = 0.1
     """fraction of the steps spent on linear warm-up, then linear decay to 0 (paper: 0.1)"""
     weight_decay: float = 0.0
@@ -128,8 +131,8 @@ class Args:
     micro_batch_size: int = -1
     """samples per forward/backward on one process; batch_size / (micro_batch_size * world) = accumulation;
     -1 = batch_size / world (no accumulation), so the same command runs at any number of processes"""
-    max_length: int = 256
-    """verifier input (prompt + completion) is cut to this many tokens (paper: 700)"""
+    max_length: int = -1
+    """verifier input (prompt + completion) is cut to this many tokens; -1 = by model size: 256 small, 700 paper"""
     holdout_fraction: float = 0.1
     """fraction of the questions held out (all their samples) for per-epoch accuracy and AUC"""
     temperature: float = 1.0
@@ -138,8 +141,8 @@ class Args:
     """top-k filter of the sampling, 0 = off (the paper's sampling.py used transformers' default 50)"""
     top_p: float = 1.0
     """nucleus filter of the sampling, 1 = off"""
-    max_new_tokens: int = 256
-    """generation budget per sample"""
+    max_new_tokens: int = -1
+    """generation budget per sample; -1 = by model size: 48 small (minigsm CoTs are ~20 tokens), 700 paper"""
     gen_batch_size: int = 64
     """sequences per generate() call on one process (also the scoring batch of the held-out evaluation)"""
     limit: int = -1
@@ -166,17 +169,25 @@ class Args:
 # questions; the samples already drawn stay.
 MAY_CHANGE = ("output_dir", "resume", "overwrite", "epochs", "save_steps", "log_every", "micro_batch_size",
               "gen_batch_size", "limit")
-RANGES = [("num_samples", lambda v: v >= 1, "at least 1"), ("epochs", lambda v: v >= 1, "at least 1"),
-          ("lr", lambda v: v == -1 or v >= 0, "-1 (automatic) or at least 0"),
+SIZED = "-1 (by model size) or "
+RANGES = [("num_samples", lambda v: v == -1 or v >= 1, SIZED + "at least 1"), ("epochs", lambda v: v >= 1, "at least 1"),
+          ("lr", lambda v: v == -1 or v >= 0, SIZED + "at least 0"),
           ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"), ("weight_decay", lambda v: v >= 0, "at least 0"),
           ("batch_size", lambda v: v >= 1, "at least 1"),
           ("micro_batch_size", lambda v: v == -1 or v >= 1, "-1 (automatic) or at least 1"),
-          ("max_length", lambda v: v >= 2, "at least 2"), ("holdout_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+          ("max_length", lambda v: v == -1 or v >= 2, SIZED + "at least 2"),
+          ("holdout_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
           ("temperature", lambda v: v > 0, "above 0"), ("top_k", lambda v: v >= 0, "at least 0"),
-          ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"), ("max_new_tokens", lambda v: v >= 1, "at least 1"),
+          ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"), ("max_new_tokens", lambda v: v == -1 or v >= 1, SIZED + "at least 1"),
           ("gen_batch_size", lambda v: v >= 1, "at least 1"), ("limit", lambda v: v == -1 or v >= 1,
                                                                  "-1 (all) or at least 1"),
           ("log_every", lambda v: v >= 0, "at least 0"), ("save_steps", lambda v: v >= 0, "at least 0")]
+
+# What a flag left at -1 becomes, by the size of the verifier's trunk (--init, else --model): the paper's values for a
+# pretrained model (50 M parameters or more, or a hub id), the quickstart's for the tiny one trained from scratch.
+RECIPES = {"small": dict(num_samples=8, lr=1e-4, max_length=256, max_new_tokens=48),
+           "paper": dict(num_samples=100, lr=1e-6, max_length=700, max_new_tokens=700)}
+SMALL_MODEL = 50_000_000
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -390,9 +401,7 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
     model.config.use_cache = False
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    if args.lr < 0:  # the tiny CPU model wants a large rate; a pretrained 7B one would be wrecked by it
-        args.lr = 1e-4 if n_params < 50_000_000 else 1e-6
-    log(f"verifier: {n_params:,} params, lr {args.lr:g}")
+    log(f"verifier: {n_params:,} params from {init}, lr {args.lr:g}")
     check_disk_space(args.output_dir, n_params)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=args.weight_decay)
@@ -464,6 +473,23 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
 
 # ----------------------------------------------------------------------------- main
 
+# a copy kept identical across stage files: tests/test_copies.py
+def fill_recipe(args):
+    """Every flag left at -1 that RECIPES covers takes its recipe's value (one per --cot where it is a dict), by the
+    size of the model (--init, else --model: the one trained; read from its safetensors headers before anything
+    loads); returns what was filled in, in words, for the log."""
+    n = checkpoint_params(getattr(args, "init", "") or args.model)
+    name = "small" if n is not None and n < SMALL_MODEL else "paper"
+    filled = []
+    for flag, value in RECIPES[name].items():
+        if getattr(args, flag) == -1:
+            value = value[args.cot] if isinstance(value, dict) else value
+            setattr(args, flag, value)
+            filled.append(f"--{flag} {value:g}")
+    size = "a hub model" if n is None else f"{n / 1e6:.1f} M parameters"
+    return f"{name} ({size}){': ' + ', '.join(filled) if filled else ', every flag given'}"
+
+
 def main(args):
     # Every check before any model loads: flags, checkpoints, the samples or the questions, the output folder.
     check_ranges(args, RANGES)
@@ -477,11 +503,17 @@ def main(args):
     if args.samples and reward_fn is not reward.compute_rewards:
         raise SystemExit(f"error: --reward {args.reward} labels the samples rerank.py draws; --samples "
                          f"{args.samples} brings its own labels")
-    checkpoints = {flag: path for flag, path in (("--model", args.model), ("--init", args.init)) if path}
+    beside = os.path.join(os.path.dirname(os.path.normpath(args.model)), "best")
+    if not args.init and os.path.basename(os.path.normpath(args.model)) == "warmup" and os.path.isdir(beside):
+        args.init = beside  # sft.py's run: sample from its warm-up, start the verifier from its best epoch (paper)
+    # --model only samples: with --samples and --init it is not read
+    checkpoints = {flag: path for flag, path in (("--model", args.model), ("--init", args.init))
+                   if path and not (flag == "--model" and args.samples and args.init)}
     for flag, path in checkpoints.items():
         check_checkpoint(path, flag)
     resolve_cot(args, checkpoints)
     flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
+    recipe = fill_recipe(args)
     rows = read_samples(args.samples) if args.samples else None
     records = reward.load_records(args.data, args.split, args.cot, require_cot=args.gold_samples) \
         if args.gold_samples or not args.samples else None  # the questions to sample, or whose gold CoTs to add
@@ -490,6 +522,7 @@ def main(args):
 
     rank, world, device, mesh = init_distributed()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    log(f"recipe: {recipe}")
     path = args.samples or os.path.join(args.output_dir, "samples.jsonl")
     if rows is not None:
         check_samples(args, rows, path, world)
@@ -853,6 +886,26 @@ def num_calls(n_items, batch_size, device):
 
 
 # a copy kept identical across stage files: tests/test_copies.py
+# a copy kept identical across stage files: tests/test_copies.py
+def checkpoint_params(path):
+    """The parameter count of a local HF checkpoint, read from its safetensors headers (a few KB) before anything
+    loads: the defaults of flags left at -1 depend on it. None for a hub id or a folder without safetensors."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        return None
+    total = 0
+    for name in files:
+        with open(os.path.join(path, name), "rb") as f:  # 8 bytes of header length, then the header's JSON
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+    return total
+
+
 def load(cls_name, path, flag, mesh, device, **kw):
     """(model, tokenizer) from an HF folder, sharded over the ranks (only rank 0 reads the weights: load_sharded);
     one error line when it cannot be loaded."""

@@ -295,6 +295,16 @@ def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, d
 
 # ----------------------------------------------------------------------------- main
 
+def fill_automatic(args):
+    """The flags left at -1, by model: `tiny` from scratch wants a large rate (a pretrained 7B model would be wrecked by
+    it), a late warm-up epoch and a short budget for its short CoTs (the quickstart's values); any other model gets the
+    paper's."""
+    tiny = args.model == "tiny"
+    for flag, small, paper in (("lr", 2e-3, 1e-5), ("warmup_epoch", 24, 2), ("max_new_tokens", 48, 700)):
+        if getattr(args, flag) == -1:
+            setattr(args, flag, small if tiny else paper)
+
+
 def main(args):
     # Every check before anything loads: flags, --model, the data, the output folder.
     check_ranges(args, RANGES)
@@ -310,15 +320,7 @@ def main(args):
 
     rank, world, device, mesh = init_distributed()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    # Automatic values by model: the tiny model from scratch wants a large rate (a pretrained 7B one would be wrecked by
-    # it), a late warm-up epoch and a short budget for its short CoTs.
-    tiny = args.model == "tiny"
-    if args.lr < 0:
-        args.lr = 2e-3 if tiny else 1e-5
-    if args.warmup_epoch < 0:
-        args.warmup_epoch = 24 if tiny else 2
-    if args.max_new_tokens < 0:
-        args.max_new_tokens = 48 if tiny else 700
+    fill_automatic(args)
     if resuming and args.model == "tiny":
         # The tiny tokenizer is trained from data: reuse the saved one so resumed token ids are identical.
         args.model = os.path.join(args.output_dir, "init")
@@ -430,7 +432,8 @@ def main(args):
             best = row["eval_accuracy"]
             save_hf(model, tok, args, os.path.join(args.output_dir, "best"), rank, compute_dtype(device))
             if rank == 0:
-                tqdm.write(f"epoch {epoch + 1}: best {args.eval_split} accuracy so far ({best:.3f}), {args.output_dir}/best")
+                tqdm.write(f"epoch {epoch + 1}: the best {args.eval_split} accuracy so far ({best:.3f}), "
+                           f"{args.output_dir}/best")
         if (args.save_steps > 0 and step % args.save_steps == 0) or end_of_epoch or step == total_steps:
             save_resume_state(model, opt, sched, step, args, rank)
         t_last = time.time()

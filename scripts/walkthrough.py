@@ -84,7 +84,7 @@ def main():
     if not model_path:
         model_path, data = make_warmup(ROOT / a.work_dir)
     args = reft.Args(model=model_path, data=data or "minigsm", batch_size=2, num_samples=2, max_length=512,
-                     seed=a.seed, lr=a.lr)
+                     seed=a.seed, lr=a.lr, lam=0.95, vf_coef=5.0)  # the paper's λ and value weight (RECIPES["paper"])
     reft.resolve_cot(args, {"--model": model_path})
     rank, world, device, mesh = reft.init_distributed()
     tok, model, ref = reft.load_models(args, mesh, device)

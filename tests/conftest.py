@@ -16,10 +16,10 @@ sys.path.insert(0, str(ROOT))
 import reward  # noqa: E402
 
 
-def run(args, check=True, timeout=900, env=None, **kw):
-    """Run a command from the repo root; on failure show its output in the assertion message."""
+def run(args, check=True, timeout=900, env=None, cwd=ROOT, **kw):
+    """Run a command from the repo root (or `cwd`); on failure show its output in the assertion message."""
     e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
-    p = subprocess.run([str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e, **kw)
+    p = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e, **kw)
     if check:
         assert p.returncode == 0, f"{args} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p

@@ -22,6 +22,8 @@ COPIES = {
     "check_output_dir": ["sft.py", "reft.py", "rerank.py", "evaluate.py", "scripts/quickstart.py"],
     "check_checkpoint": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "resolve_cot": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "checkpoint_params": ["reft.py", "rerank.py", "evaluate.py"],
+    "fill_recipe": ["reft.py", "rerank.py"],
     "find_resume_state": ["sft.py", "reft.py", "rerank.py"],
     "run_entries": ["sft.py", "reft.py", "rerank.py"],
     "run_progress": ["sft.py", "reft.py", "rerank.py"],

@@ -147,7 +147,7 @@ def test_reft_scores_rollouts_and_evaluates_with_the_custom_reward(parity, minig
     the 1.0s it gave the greedy completions (called with partial_reward=False)."""
     env, calls = parity
     torchrun(2, "reft.py", "--model", warmup, "--data", minigsm, "--max_steps", 2, "--batch_size", 8,
-             "--max_length", 80, "--eval_every", 2, "--eval_limit", 8, "--reward", "parity_reward:parity",
+             "--num_samples", 1, "--max_length", 80, "--eval_every", 2, "--eval_limit", 8, "--reward", "parity_reward:parity",
              "--output_dir", tmp_path / "reft", env=env)
     metrics = read_metrics(tmp_path / "reft" / "metrics.jsonl")
     per_rank = calls()

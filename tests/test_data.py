@@ -153,7 +153,7 @@ def step_stats(records):
     return steps, numbers
 
 
-@pytest.mark.parametrize("knobs,lo,hi,max_number", [((), 2, 3, 20),
+@pytest.mark.parametrize("knobs,lo,hi,max_number", [((), 2, 3, 10),
                                                     (("--min_steps", 3, "--max_steps", 5, "--max_number", 9), 3, 5, 9)])
 def test_minigsm_difficulty_knobs(tmp_path, knobs, lo, hi, max_number):
     ok("minigsm", *MINI, *knobs, "--out_dir", tmp_path)

@@ -23,7 +23,7 @@ import sft  # noqa: E402
 
 TINY = ["--epochs", 1, "--batch_size", 16, "--micro_batch_size", 16, "--save_steps", 1, "--save_epochs", "none",
         "--seed", 3, "--tiny_hidden", 64, "--tiny_layers", 2, "--tiny_intermediate", 128, "--tiny_vocab", 300,
-        "--log_every", 0]
+        "--log_every", 0, "--no-eval_every_epoch"]
 
 # Runs a stage (`python faulty.py STAGE.py ARGS...`) and dies as kill -9 does (os._exit: no cleanup, no flush of
 # Python's buffers) at the fault named by $FAULT.

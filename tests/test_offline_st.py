@@ -70,8 +70,8 @@ def test_sft_trains_on_gold_plus_added_samples(minigsm, tmp_path):
     records = reward.load_records(str(minigsm), "train", "nl", require_cot=True)
     rows, expected, duplicates = nl_samples(records)
     samples = write_samples(tmp_path / "samples.jsonl", rows)
-    out = run([PY, "sft.py", "--data", minigsm, "--extra_samples", samples, "--max_steps", 1, "--batch_size", 32,
-               "--save_epochs", "none", "--output_dir", tmp_path / "sft"]).stdout
+    out = run([PY, "sft.py", "--data", minigsm, "--cot", "nl", "--extra_samples", samples, "--max_steps", 1,
+               "--batch_size", 32, "--save_epochs", "none", "--output_dir", tmp_path / "sft"]).stdout
     assert f"{len(rows)} extra samples: 4 correct, {duplicates} duplicates dropped, 0 longer than --max_length, " \
            f"{len(expected)} added from {samples}" in out, out
     steps, left = map(int, re.search(r"(\d+) steps per epoch \((\d+) examples left over", out).groups())

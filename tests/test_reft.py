@@ -427,7 +427,7 @@ def bad_inputs(minigsm, warmup, tmp_path_factory):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--mini_batch_size", 5], "--batch_size 16 × --num_samples 1 must split into minibatches of 5"),
+    (["--mini_batch_size", 5, "--num_samples", 1], "--batch_size 16 × --num_samples 1 must split into minibatches of 5"),
     (["--num_samples", 3, "--mini_batch_size", 32], "--batch_size 16 × --num_samples 3 must split"),
     (["--save_epochs", "2,x"], "--save_epochs must be all, none or epoch numbers such as 2,40, not '2,x'"),
     (["--model", "/no/such/ckpt"], "--model '/no/such/ckpt': no such checkpoint folder"),

@@ -161,7 +161,8 @@ def test_kl_in_loss_pulls_the_policy_towards_the_reference(minigsm, warmup, tmp_
     runs = {}
     for beta in (0, 10):
         run([PY, "reft.py", "--model", warmup, "--data", minigsm, "--max_steps", 3, "--num_samples", 2, "--advantage",
-             "rloo", "--kl_in_loss", "--kl_coef", beta, *RUN, "--batch_size", 16, "--output_dir", tmp_path / str(beta)])
+             "rloo", "--kl_in_loss", "--kl_coef", beta, *RUN, "--batch_size", 16, "--lr", 5e-5,
+             "--output_dir", tmp_path / str(beta)])
         runs[beta] = read_metrics(tmp_path / str(beta) / "metrics.jsonl")
         assert all("kl_penalty" not in m and m["beta"] == beta for m in runs[beta])
     assert runs[0][0]["kl_loss"] == runs[10][0]["kl_loss"] > 0
@@ -188,7 +189,7 @@ def test_online_st_raises_the_training_accuracy(minigsm, warmup, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--advantage", "grpo"], "--advantage grpo compares the samples of a question: it needs --num_samples 2"),
+    (["--advantage", "grpo", "--num_samples", 1], "--advantage grpo compares the samples of a question: it needs --num_samples 2"),
     (["--advantage", "rloo", "--num_samples", 1], "--advantage rloo compares the samples of a question"),
     (["--advantage", "rloo", "--num_samples", 2, "--separate_value_model"], "--separate_value_model needs a value "
                                                                             "head"),
@@ -316,7 +317,7 @@ GRADIENTS = textwrap.dedent("""
     for how in ("seq_mean", "token_mean", "token_sum_norm"):
         for m in micro_sizes:
             args = reft.Args(loss_aggregation=how, micro_batch_size=m, kl_in_loss=True, clip_range_high=0.28,
-                             max_length=P + R)
+                             max_length=P + R, vf_coef=5.0)
             model.zero_grad(set_to_none=True)
             reft.ppo_backward(model, torch.arange(B // world).split(m), rollout, P, B, world, 0.1, args, device, {})
             grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}

