@@ -51,6 +51,8 @@ TARGET = 2.0
 BUSY = 0.1  # foreign_cpu above which a pair is measured again (common.run_quiet's limit)
 PHASES = ("generation", "scoring", "training")
 TRAINING = ("old_policy_forward", "reference_forward", "policy_forward_and_loss", "backward", "optimizer", "other")
+# The model work both sides must do each iteration (TRL needs no old-policy forward with one step per generation).
+SHARED = ("generation", "reference_forward", "policy_forward_and_loss", "backward", "optimizer")
 
 
 def parse():
@@ -341,6 +343,12 @@ def where_the_time_goes(reft, trl):
                  reft[f"{ph}_s"]} for ph in PHASES + TRAINING}
 
 
+def speedup_ceiling(reft, trl):
+    """TRL's iteration ÷ the model work both sides do (SHARED), each phase at the faster side's median: the speed-up
+    reft.py would reach if it spent nothing else (no old-policy forward, no scoring, no bookkeeping)."""
+    return trl["s_per_iter"] / sum(min(reft[f"{ph}_s"], trl[f"{ph}_s"]) for ph in SHARED)
+
+
 def main():
     if sys.argv[1:2] == ["--reft_worker"]:  # before argparse: the rest are reft.py's own flags
         return reft_worker(sys.argv[2], sys.argv[3:])
@@ -372,6 +380,7 @@ def main():
     res["speedup_pairs"] = [p["ratio"] for p in pairs]
     res["target"], res["target_met"] = TARGET, res["speedup"] >= TARGET
     res["where_the_time_goes"] = where_the_time_goes(res["reft"], res["trl"])
+    res["speedup_ceiling"] = speedup_ceiling(res["reft"], res["trl"])
     print(f"reft.py --advantage grpo: {res['reft']['s_per_iter']:.3f} s/iteration; TRL {res['trl']['trl']} "
           f"GRPOTrainer: {res['trl']['s_per_iter']:.3f} s/iteration")
     print(f"speed-up of reft.py over TRL: {res['speedup']:.2f}x (medians; best against best "
@@ -380,6 +389,7 @@ def main():
     print("median seconds per phase    reft.py      TRL")
     for ph, f in res["where_the_time_goes"].items():
         print(f"  {ph:<25} {f['reft_s']:8.3f} {f['trl_s']:8.3f}")
+    print(f"with no cost beyond the model work both do, reft.py would be at most {res['speedup_ceiling']:.2f}x faster")
     write_json(args.json, res)
 
 
