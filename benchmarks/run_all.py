@@ -1,6 +1,6 @@
 """Run every benchmark one after the other and write benchmarks/results.json.
 
-    python benchmarks/run_all.py            # ~6 min on 2 idle cores (first run: + ~2 min for the TRL venv)
+    python benchmarks/run_all.py            # ~8 min on 2 idle cores (first run: + ~2 min for each TRL venv)
     python benchmarks/run_all.py --quick    # smoke test: a few iterations of everything
 
 Each benchmark is a separate process (see README.md); this script records the machine, the date, the package
@@ -20,8 +20,8 @@ from common import (BENCH_DIR, ROOT, cpu_seconds, ensure_checkpoint, foreign_cpu
                     run_quiet, same_length_prompts, wait_quiet)
 
 RESULTS = ROOT / "benchmarks" / "results.json"
-TARGETS = {"ppo_speedup_vs_trl": 2.0, "sample_vs_generate_rate": 0.95, "sft_mfu_tiny": 0.40,
-           "reward_programs_per_s": 500.0}
+TARGETS = {"ppo_speedup_vs_trl": 2.0, "grpo_speedup_vs_trl": 2.0, "sample_vs_generate_rate": 0.95,
+           "sft_mfu_tiny": 0.40, "reward_programs_per_s": 500.0}
 
 
 def versions():
@@ -94,6 +94,10 @@ def main():
     res["versions"]["trl"] = res["ppo_vs_trl"]["trl"]["trl"]
     res["ppo_vs_trl_4_epochs"] = figure("ppo_vs_trl_4_epochs", [*ppo, "--ppo_epochs", "4", "--skip_separate"], w,
                                         retries=0, parts_measured=True)
+    res["grpo_vs_trl"] = figure("grpo_vs_trl", [py, "benchmarks/grpo_vs_trl.py", "--max_wait", w, "--retries", r,
+                                                *(["--pairs", "1", *few_iters] if q else [])], w, retries=0,
+                                parts_measured=True)
+    res["versions"]["trl_grpo"] = res["grpo_vs_trl"]["trl"]["trl"]  # its own venv: GRPOTrainer's newest release
     res["reft_profile"] = figure("reft_profile", [py, "benchmarks/reft_profile.py",
                                                   *(["--steps", "1", "--pairs", "2"] if q else [])], w, retries=r)
     res["mfu"] = figure("mfu", [py, "benchmarks/mfu.py", "--max_wait", w, "--retries", r,
@@ -110,15 +114,18 @@ def main():
                                                                                                 "loadavg_end")]
     foreign = {k: f["foreign_cpu"] for k, f in figs.items() if "foreign_cpu" in f}
     for fig, parts in (("ppo_vs_trl", ("reft", "reft_separate_value", "trl")), ("ppo_vs_trl_4_epochs", ("reft", "trl")),
-                       ("mfu", ("tiny", "wide"))):
+                       ("grpo_vs_trl", ("reft", "trl")), ("mfu", ("tiny", "wide"))):
         foreign.update({f"{fig}.{part}": res[fig][part]["foreign_cpu"] for part in parts if part in res[fig]})
     figures = {"ppo_speedup_vs_trl": res["ppo_vs_trl"]["speedup"],
+               "grpo_speedup_vs_trl": res["grpo_vs_trl"]["speedup"],
                "sample_vs_generate_rate": res["reft_profile"]["generation"]["rate_ratio"],
                "sft_mfu_tiny": res["mfu"]["tiny"]["mfu"],
                "reward_programs_per_s": res["reward_throughput"]["programs_per_s"]}
     res["summary"] = {
         "reft_s_per_ppo_iter": res["ppo_vs_trl"]["reft"]["s_per_iter"],
         "trl_s_per_ppo_iter": res["ppo_vs_trl"]["trl"]["s_per_iter"],
+        "reft_s_per_grpo_iter": res["grpo_vs_trl"]["reft"]["s_per_iter"],
+        "trl_s_per_grpo_iter": res["grpo_vs_trl"]["trl"]["s_per_iter"],
         **figures,
         "ppo_speedup_vs_trl_separate_value": res["ppo_vs_trl"].get("speedup_separate_value"),
         "ppo_speedup_vs_trl_4_epochs": res["ppo_vs_trl_4_epochs"]["speedup"],
