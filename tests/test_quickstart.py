@@ -39,11 +39,13 @@ def test_quickstart_fast_runs_end_to_end_and_skips_finished_stages(fast_quicksta
     assert "top-1" in p.stdout and "ReFT" in p.stdout
     results = json.loads((out / "results.json").read_text())
     # The table is the evaluations' output, recomputed from their predictions, for the checkpoints the pipeline
-    # picked: SFT's epoch with the best validation accuracy (the first of equals), ReFT's best/.
+    # picked: SFT's epoch with the best validation accuracy (the first of equals; sft.py's best/), ReFT's best/.
     sft_metrics = [json.loads(line) for line in open(out / "sft/metrics.jsonl")]
     evaluated = [m for m in sft_metrics if "eval_accuracy" in m]
     best_epoch = round(max(evaluated, key=lambda m: m["eval_accuracy"])["epoch"])
-    for name, checkpoint in (("SFT", f"sft/epoch_{best_epoch}"), ("ReFT", "reft/best")):
+    assert results["sft_best_epoch"] == best_epoch
+    assert sorted(f.name for f in (out / "sft").iterdir() if f.is_dir()) == ["best", "final", "init", "warmup"]
+    for name, checkpoint in (("SFT", "sft/best"), ("ReFT", "reft/best")):
         row, ev = results["table"][name], json.loads((out / f"eval_{name.lower()}/results.json").read_text())
         preds = [json.loads(line) for line in open(out / f"eval_{name.lower()}/predictions.jsonl")]
         assert row["checkpoint"] == checkpoint and ev["model"] == str(out / checkpoint)
@@ -108,12 +110,8 @@ def test_compare_fast_evaluates_every_method_on_every_split(fast_quickstart, tmp
     assert p.stdout.count("done already") == 7 + 4 + 18  # the quickstart's, the 4 methods', every evaluation
     report = json.loads((seed_dir / "compare.json").read_text())
     assert [m for m, _ in compare_methods.METHODS] == list(report["methods"]) and report["k"] == 2
-    W = str(seed_dir / "sft/epoch_1")
-
-    def best_epoch(run_dir):
-        evaluated = [m for m in map(json.loads, open(seed_dir / run_dir / "metrics.jsonl")) if "eval_accuracy" in m]
-        return round(max(evaluated, key=lambda m: m["eval_accuracy"])["epoch"])
-    expected = {"SFT": f"sft/epoch_{best_epoch('sft')}", "Offline-ST": f"offline_st/epoch_{best_epoch('offline_st')}",
+    W = str(seed_dir / "sft/warmup")
+    expected = {"SFT": "sft/best", "Offline-ST": "offline_st/best",
                 "Online-ST": "online_st/best", "ReFT": "reft/best", "ReFT-GRPO": "reft_grpo/best",
                 "ReFT-binary": "reft_binary/best"}
     assert {m: r["checkpoint"] for m, r in report["methods"].items()} == expected
