@@ -140,7 +140,7 @@ def ensure_checkpoint(out=BENCH_DIR / "ckpt"):
     final = out / "final"
     if not (final / "config.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
-        run([sys.executable, "sft.py", "--model", "tiny", "--data", "minigsm", "--max_steps", "1",
+        run([sys.executable, "sft.py", "--model", "tiny", "--data", "minigsm", "--cot", "nl", "--max_steps", "1",
              "--output_dir", out, "--overwrite"], log=out.parent / "ckpt.log")  # over a killed attempt
     return final
 

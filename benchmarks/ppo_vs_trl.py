@@ -60,6 +60,8 @@ def time_reft(ckpt, prompts, L, args, separate):
     cmd = [sys.executable, "reft.py", "--model", ckpt, "--data", prompts, "--cot", "nl", "--output_dir", out,
            "--max_steps", steps, "--batch_size", args.batch_size, "--ppo_epochs", args.ppo_epochs,
            "--max_prompt_length", L, "--max_length", L + args.response_length, "--eval_every", 0,
+           # TRL's side: one sample per prompt, lr 5e-5, KL 0.05, value weight 5, λ 0.95 (not the tiny model's recipe)
+           "--num_samples", 1, "--lr", 5e-5, "--kl_coef", 0.05, "--vf_coef", 5.0, "--lam", 0.95,
            "--save_steps", 10 ** 6, "--overwrite",  # a measurement run again replaces the last one
            *(["--separate_value_model"] if separate else [])]
     waited, foreign, runs = run_quiet(cmd, args.max_wait, threads=args.threads, retries=args.retries,

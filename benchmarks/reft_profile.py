@@ -105,8 +105,9 @@ def ppo_step(model, ref, opt, tok, prompts, records, qids, step, a, tm, device):
 
 
 def profile_steps(ckpt, prompt_file, L, args):
-    a = reft.Args(model=str(ckpt), data=str(prompt_file), max_length=L + args.response_length,
-                  max_prompt_length=L, batch_size=args.batch_size, ppo_epochs=args.ppo_epochs)
+    a = reft.Args(model=str(ckpt), data=str(prompt_file), cot="nl", max_length=L + args.response_length,
+                  max_prompt_length=L, batch_size=args.batch_size, ppo_epochs=args.ppo_epochs, num_samples=1, lr=5e-5,
+                  kl_coef=0.05, vf_coef=5.0, lam=0.95)  # as ppo_vs_trl.py's reft.py runs
     rank, world, device, mesh = reft.init_distributed()
     tok, model, ref = reft.load_models(a, mesh, device)
     records = reward.load_records(a.data, "train", a.cot)

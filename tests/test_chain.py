@@ -19,7 +19,7 @@ def test_the_stage_defaults_chain_into_the_quickstart(tmp_path):
     for name in ("sft.py", "reft.py", "rerank.py", "evaluate.py", "reward.py", "data/minigsm/prepare.py"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
-    qs = quickstart.Args()
+    qs = quickstart.quickstart_args([])  # the cpu preset's values, as `bash run.sh quickstart` runs them
 
     def stage(*argv):
         return run([PY, *argv], cwd=tmp_path, timeout=600)
@@ -48,7 +48,7 @@ def test_the_stage_defaults_chain_into_the_quickstart(tmp_path):
     trained = json.loads((tmp_path / "runs/reft/final/train_args.json").read_text())
     expected = dict(model="runs/sft/warmup", cot=qs.cot, lr=qs.reft_lr, batch_size=qs.reft_batch_size,
                     num_samples=qs.num_samples, kl_coef=qs.kl_coef, vf_coef=qs.vf_coef, lam=qs.lam,
-                    max_length=96 + qs.max_new_tokens, max_prompt_length=96, eval_every=qs.reft_steps // 10,
+                    max_length=qs.reft_max_length, max_prompt_length=96, eval_every=qs.reft_eval_every,
                     save_best=True)
     assert {k: trained[k] for k in expected} == expected
     metrics = [json.loads(line) for line in open(tmp_path / "runs/reft/metrics.jsonl")]
