@@ -1,5 +1,6 @@
 """sft.py: loss masking, 1-vs-2-process parity, kill/resume, the GGUF model, and bad input."""
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -145,6 +146,32 @@ def held_out_loss(path, minigsm):
     input_ids, labels, attn = sft.collate([sft.encode_example(tok, r, "nl", 512) for r in records], tok.pad_token_id)
     with torch.no_grad():
         return sft.token_nll_sum(model, input_ids, labels, attn).item() / int((labels[:, 1:] != -100).sum())
+
+
+def test_warmup_and_best_are_their_epochs_and_a_resume_keeps_the_best(minigsm, tmp_path):
+    """warmup/ holds epoch --warmup_epoch and best/ the epoch with the highest validation accuracy (the earliest of
+    equals), byte for byte as epoch_K/. A resumed run that extends the epochs compares each new evaluation with the
+    best logged before the kill: with an earlier epoch's accuracy raised to 1.0 in metrics.jsonl, no later epoch may
+    replace best/."""
+    out = tmp_path / "sft"
+    common = ["sft.py", "--data", minigsm, "--cot", "nl", "--batch_size", 64, "--eval_limit", 16, "--lr", 5e-3,
+              "--save_epochs", "all", "--warmup_epoch", 2, "--output_dir", out]
+    run([PY, *common, "--epochs", 3])
+    weights = lambda folder: (out / folder / "model.safetensors").read_bytes()  # noqa: E731
+    accuracy = {round(m["epoch"]): m["eval_accuracy"] for m in read_metrics(out / "metrics.jsonl")
+                if "eval_accuracy" in m}
+    best_epoch = min(e for e in accuracy if accuracy[e] == max(accuracy.values()))
+    assert weights("warmup") == weights("epoch_2") and weights("best") == weights(f"epoch_{best_epoch}")
+
+    rows = read_metrics(out / "metrics.jsonl")
+    for r in rows:
+        if round(r["epoch"], 6) == 1 and "eval_accuracy" in r:
+            r["eval_accuracy"] = 1.0
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = weights("best")
+    run([PY, *common, "--epochs", 5, "--resume"])
+    assert len([m for m in read_metrics(out / "metrics.jsonl") if "eval_accuracy" in m]) == 5
+    assert weights("best") == before
 
 
 def test_sigkill_and_resume_across_epochs_repeats_the_same_run(minigsm, tmp_path):
