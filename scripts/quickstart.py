@@ -469,7 +469,7 @@ def stage(name, done, cmd, timings, resume_flag="--resume"):
     # A folder that holds a run, as the stages' run_entries see it: a stage refuses it without --resume, and with
     # --resume continues from its newest whole state or, when a kill left none, starts at step 0 and says so.
     if resume_flag and out is not None and out.is_dir() and any(
-            p.name in ("args.json", "metrics.jsonl", "samples.jsonl", "final", "init")
+            p.name in ("args.json", "metrics.jsonl", "samples.jsonl", "final", "best", "warmup", "init")
             or p.name.startswith(("checkpoint", "epoch_")) for p in out.iterdir()):
         cmd = cmd + [resume_flag]
         print(f"[{name}] resuming an interrupted run in {out}", flush=True)

@@ -261,7 +261,8 @@ def test_a_killed_sampling_is_resumed_with_the_rows_of_the_uninterrupted_one(poo
 def test_the_quickstart_resumes_a_stage_from_any_whole_state_a_kill_left(tmp_path, capfd):
     """The quickstart adds --resume exactly when a stage would refuse the folder without it (run_progress): any state
     a kill left, whole or not. It looked for checkpoint/ only. With --resume the stage takes the newest whole state
-    (find_resume_state): a checkpoint-STEP.tmp/ with its manifest counts, a partial one or a .damaged one does not."""
+    (find_resume_state): a checkpoint-STEP.tmp/ with its manifest counts, a partial one or a .damaged one does not.
+    Once the stage has finished, the quickstart removes its resume states (it never reruns a finished stage)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import quickstart
     out = tmp_path / "stage"
@@ -273,7 +274,8 @@ def test_the_quickstart_resumes_a_stage_from_any_whole_state_a_kill_left(tmp_pat
         (out / folder).mkdir(parents=True)
         if folder != "checkpoint-4.tmp":
             (out / folder / "manifest.json").write_text("{}")
-        quickstart.stage("stage", tmp_path / "never_done", cmd, {})
-        assert "argv ['--output_dir', '%s', '--resume']" % out in capfd.readouterr().out
         assert sft.run_progress(out) is not None
         assert (sft.find_resume_state(out) is not None) == whole
+        quickstart.stage("stage", tmp_path / "never_done", cmd, {})
+        assert "argv ['--output_dir', '%s', '--resume']" % out in capfd.readouterr().out
+        assert not list(out.glob("checkpoint-*"))
