@@ -34,13 +34,14 @@ import reward  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="the policy checkpoint folder (run_all.py makes a tiny one)")
     p.add_argument("--prompts", required=True, help="a .jsonl of records whose prompts share one token length")
     p.add_argument("--batch_size", type=int, default=32, help="prompts summed over ranks")
-    p.add_argument("--response_length", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", help="write the figures here (rank 0)")
+    p.add_argument("--response_length", type=int, default=32, help="tokens sampled per prompt")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds of both variants, after one warm-up round")
+    p.add_argument("--json", help="write the figures to this JSON file (rank 0; None: print only)")
     args = p.parse_args()
     if "RANK" not in os.environ:
         raise SystemExit("error: run me under torchrun --standalone --nproc_per_node 2")

@@ -91,15 +91,19 @@ PHASES = ("sft_step", "rollout_compare", "reft_rollout", "reft_old_ref_forward",
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="where the phases run (cpu: with --small, for the tests)")
     p.add_argument("--small", action="store_true", help="tiny widths and shapes (for the CPU test)")
-    p.add_argument("--out", default=None, help="JSON path (default: $OUT/gpu_check.json, else runs/gpu_check.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (None: $OUT/gpu_check.json when $OUT is set, else runs/gpu_check.json)")
     p.add_argument("--budget_s", type=float, default=420.0, help="start no phase after this many seconds")
-    p.add_argument("--grace_s", type=float, default=90.0, help="watchdog: write the JSON and exit this much later")
-    p.add_argument("--families", default="llama,opt", help="comma-separated: llama, opt")
+    p.add_argument("--grace_s", type=float, default=90.0,
+                   help="watchdog: write the JSON and exit this many seconds after --budget_s")
+    p.add_argument("--families", default="llama,opt", help="comma-separated model families: llama, opt")
     p.add_argument("--layers", default="2,4", help="comma-separated layer counts (extrapolation needs 2 values)")
-    p.add_argument("--fail_phase", default="", help="raise inside this phase (tests the error isolation)")
+    p.add_argument("--fail_phase", default="", help="raise inside this phase (tests the error isolation; empty: none)")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = os.path.join(os.environ["OUT"], "gpu_check.json") if os.environ.get("OUT") \

@@ -56,17 +56,18 @@ SHARED = ("generation", "reference_forward", "policy_forward_and_loss", "backwar
 
 
 def parse():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--iters", type=int, default=6, help="timed iterations per side in each pair (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="iterations each run does first and are not timed")
     p.add_argument("--pairs", type=int, default=3, help="runs of each side, alternating reft.py and TRL")
     p.add_argument("--questions", type=int, default=8, help="questions per iteration")
     p.add_argument("--samples", type=int, default=4, help="samples per question (the group size)")
-    p.add_argument("--response_length", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--response_length", type=int, default=32, help="tokens sampled per sequence")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each side")
     p.add_argument("--max_wait", type=float, default=120, help="seconds to wait for a quiet machine before each pair")
     p.add_argument("--retries", type=int, default=2, help="reruns of a pair measured on a busy machine")
-    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--json", help="write the figures to this JSON file (None: print only)")
     p.add_argument("--trl_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--prompts", help=argparse.SUPPRESS)

@@ -153,17 +153,18 @@ def add_mfu(name, r, peak):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=30)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=30, help="sft.py steps of the tiny model")
     p.add_argument("--skip", type=int, default=5, help="first steps left out (warm-up)")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch_size", type=int, default=32, help="examples per step (one micro-batch)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of sft.py and of the matmul peak")
     p.add_argument("--wide", default="512,4,8,1536", help="hidden,layers,heads,intermediate of the second model")
-    p.add_argument("--wide_steps", type=int, default=20)
+    p.add_argument("--wide_steps", type=int, default=20, help="sft.py steps of the second model")
     p.add_argument("--no-wide", dest="no_wide", action="store_true", help="measure tiny only")
     p.add_argument("--max_wait", type=float, default=120, help="seconds to wait for a quiet machine before a run")
     p.add_argument("--retries", type=int, default=2, help="reruns of a run measured on a busy machine")
-    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--json", help="write the figures to this JSON file (None: print only)")
     args = p.parse_args()
     peak_before = matmul_gflops(threads=args.threads)
     res = {"tiny": measure("tiny", [], args)}

@@ -35,17 +35,19 @@ TRL_PIP = ["torch==2.13.0", "trl==1.12.0"]  # one pip command: a torch pulled in
 
 
 def parse():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--iters", type=int, default=6, help="timed iterations per side (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="iterations run first and not timed")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--response_length", type=int, default=32)
-    p.add_argument("--ppo_epochs", type=int, default=2, help="the paper's 2 (TRL's default would be 4)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch_size", type=int, default=32, help="prompts per iteration (one sample each)")
+    p.add_argument("--response_length", type=int, default=32, help="tokens sampled per prompt")
+    p.add_argument("--ppo_epochs", type=int, default=2,
+                   help="PPO passes over each batch: the paper's 2 (TRL's default would be 4)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each side")
     p.add_argument("--skip_separate", action="store_true", help="skip the reft.py --separate_value_model run")
     p.add_argument("--max_wait", type=float, default=120, help="seconds to wait for a quiet machine before each side")
     p.add_argument("--retries", type=int, default=2, help="reruns of a side measured on a busy machine")
-    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--json", help="write the figures to this JSON file (None: print only)")
     p.add_argument("--trl_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--prompts", help=argparse.SUPPRESS)

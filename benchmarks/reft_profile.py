@@ -171,15 +171,16 @@ def generation_rate(ckpt, prompt_file, args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=5, help="timed PPO steps (median per phase)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="PPO steps run first and not timed")
     p.add_argument("--pairs", type=int, default=7, help="interleaved sample/generate timings")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--response_length", type=int, default=32)
-    p.add_argument("--ppo_epochs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--batch_size", type=int, default=32, help="prompts per PPO step and per generation timing")
+    p.add_argument("--response_length", type=int, default=32, help="tokens sampled per prompt")
+    p.add_argument("--ppo_epochs", type=int, default=2, help="PPO passes over each batch")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--json", help="write the figures to this JSON file (None: print only)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ckpt = ensure_checkpoint()

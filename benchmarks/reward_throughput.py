@@ -38,8 +38,9 @@ def generated_records(n, seed=0):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workers", type=int, default=None, help="sandbox processes (default: usable CPUs)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--workers", type=int, default=None, help="sandbox processes (None: usable CPUs)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over all programs")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds per program")
     args = parser.parse_args()

@@ -71,10 +71,11 @@ def reward_figure(quick, max_wait):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke test: few iterations, results not meant to be kept")
-    p.add_argument("--out", help=f"where to write the results (default {RESULTS.relative_to(ROOT)}, or "
-                                 f"runs/bench/results_quick.json with --quick)")
+    p.add_argument("--out", help=f"where to write the results JSON (None: {RESULTS.relative_to(ROOT)}, or "
+                                 f"{(BENCH_DIR / 'results_quick.json').relative_to(ROOT)} with --quick)")
     p.add_argument("--max_wait", type=float, default=120,
                    help="seconds to wait for a quiet machine before each figure (0: never wait)")
     p.add_argument("--retries", type=int, default=2, help="reruns of a figure measured on a busy machine")

@@ -84,10 +84,11 @@ def compare(a, b):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("a", help="evaluate.py output dir of the baseline (A)")
     p.add_argument("b", help="evaluate.py output dir of the model compared with it (B)")
-    p.add_argument("--json", default="", help="also write the numbers to this file")
+    p.add_argument("--json", default="", help="also write the numbers to this JSON file (empty: print only)")
     args = p.parse_args(argv)
     out = compare(load_predictions(args.a), load_predictions(args.b))
     print(f"n = {out['n']} questions;  A = {args.a}  B = {args.b}")

@@ -62,10 +62,12 @@ def diagnose(predictions, gold):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("predictions", nargs="+", help="predictions.jsonl files written by evaluate.py")
     p.add_argument("--data", required=True, help="a minigsm folder with CoTs in the question's order")
-    p.add_argument("--split", default="validation")
+    p.add_argument("--split", default="validation",
+                   help="split the predictions were made on (reads its <split>_nl.jsonl in --data)")
     args = p.parse_args(argv)
     gold_path = Path(args.data) / f"{args.split}_nl.jsonl"
     if not gold_path.is_file():

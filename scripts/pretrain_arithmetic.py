@@ -48,13 +48,14 @@ def chain(rng):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="the minigsm folder whose training texts build the tokenizer")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak lr: 5% linear warm-up, then linear decay to 0")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", required=True, help="where the pretrained model and its tokenizer are saved")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--batch_size", type=int, default=64, help="random CoT chains per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak lr: 5%% linear warm-up, then linear decay to 0")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, the tokenizer and the chains")
     args = p.parse_args(argv)
     records = reward.load_records(args.data, "train", "nl", require_cot=True)
     texts = [reward.build_prompt(r["question"], "nl") + reward.build_target(r, "nl") for r in records]

@@ -1,6 +1,7 @@
 """The commands as users type them: `--help` documents every flag, and closed sets of values are enforced."""
 import ast
 import json
+import re
 import sys
 
 import pytest
@@ -37,6 +38,82 @@ def test_help_shows_every_flag_with_its_docstring_and_default(script):
         assert flat(doc) in out, f"the docstring of --{name} is not in {script} --help"
         after = out[out.index(flat(doc)) + len(flat(doc)):]
         assert after.startswith(f"(default:{flat(str(default))})"), f"--{name}'s default {default!r}: {after[:40]}"
+
+
+OTHER_SCRIPTS = ["reward.py", "data/minigsm/prepare.py", "data/gsm8k/prepare.py", "data/gsm_symbolic/prepare.py",
+                 "data/mwp_reft/prepare.py", "scripts/walkthrough.py", "scripts/compare.py",
+                 "scripts/compare_methods.py", "scripts/cot_diagnostics.py", "scripts/pretrain_arithmetic.py",
+                 "benchmarks/fsdp_rollout.py", "benchmarks/gpu_check.py", "benchmarks/grpo_vs_trl.py",
+                 "benchmarks/mfu.py", "benchmarks/ppo_vs_trl.py", "benchmarks/reft_profile.py",
+                 "benchmarks/reward_throughput.py", "benchmarks/run_all.py"]
+NO_DEFAULT = object()  # a default the source computes (a path), so its value is not checked
+
+
+def declared_arguments(path):
+    """{name: (suppressed, expected default text or NO_DEFAULT)} of every add_argument call in the source, read
+    with ast (independently of argparse); name is the first flag ("--out_dir") or the positional's name."""
+    out = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "add_argument"):
+            continue
+        kw = {k.arg: k.value for k in node.keywords}
+        suppressed = isinstance(kw.get("help"), ast.Attribute) and kw["help"].attr == "SUPPRESS"
+        action = kw["action"].value if isinstance(kw.get("action"), ast.Constant) else None
+        if "default" in kw:
+            try:
+                default = str(ast.literal_eval(kw["default"]))
+            except ValueError:
+                default = NO_DEFAULT
+        else:
+            default = {"store_true": "False", "store_false": "True"}.get(action, "None")
+        out[node.args[0].value] = (suppressed, default)
+    return out
+
+
+def help_entries(text, section):
+    """{first option string or positional name: its description, wrapped lines joined} of one section of
+    argparse's --help output ("options" or "positional arguments")."""
+    lines = text.splitlines()
+    titles = {f"{section}:", "optional arguments:"} if section == "options" else {f"{section}:"}  # < 3.10: optional
+    heads = [i for i, line in enumerate(lines) if line in titles]
+    if not heads:
+        return {}
+    entries, name = {}, None
+    for line in lines[heads[0] + 1:]:
+        if m := re.fullmatch(r"  (\S.*?)(?: {2,}(\S.*))?", line):  # "  --flag VALUE   description"
+            name = re.split(r"[ ,]", m.group(1))[0]
+            entries[name] = m.group(2) or ""
+        elif name and (m := re.fullmatch(r" {3,}(\S.*)", line)):  # a wrapped description line
+            entries[name] = f"{entries[name]} {m.group(1)}".strip()
+        else:  # a blank line or the epilog ends the section
+            break
+    return entries
+
+
+@pytest.mark.parametrize("script", OTHER_SCRIPTS)
+def test_help_of_every_other_script_gives_each_flag_a_text_and_its_default(script):
+    """The data, scripts/ and benchmarks/ commands: `--help` works without a GPU, every flag the source declares is
+    listed with a description and "(default: ...)" (the source's value where it is a literal), every positional
+    has a description, and the flags that exist only for a script to call itself (help=SUPPRESS) are not listed."""
+    declared = declared_arguments(ROOT / script)
+    assert declared, f"no add_argument call found in {script}"
+    text = run([PY, script, "--help"], timeout=120).stdout
+    options, positionals = help_entries(text, "options"), help_entries(text, "positional arguments")
+    options.pop("-h")
+    flags = {name for name in declared if name.startswith("-")}
+    shown = {name for name in flags if not declared[name][0]}
+    assert set(options) == shown, f"{script} --help lists {sorted(options)}, the source declares {sorted(shown)}"
+    for name, desc in options.items():
+        m = re.search(r"\(default: (.*)\)$", desc)
+        assert m, f"{script} {name}: no (default: ...) at the end of its description {desc!r}"
+        assert desc[:m.start()].strip(), f"{script} {name}: no help text, only {desc!r}"
+        default = declared[name][1]
+        if default is not NO_DEFAULT:
+            assert flat(m.group(1)) == flat(default), f"{script} {name}: shows default {m.group(1)!r}, not {default!r}"
+    assert set(positionals) == set(declared) - flags, f"{script}: positionals {sorted(positionals)}"
+    for name, desc in positionals.items():
+        assert desc.strip(), f"{script}: the positional {name} has no help text"
 
 
 @pytest.mark.parametrize("script, flag, bad", [("sft.py", "--cot", "latex"), ("reft.py", "--cot", "latex"),

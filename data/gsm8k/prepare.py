@@ -59,11 +59,14 @@ def to_record(row, item_id, where):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--source", default=None, help="folder with train.jsonl and test.jsonl (default: the HF hub)")
-    p.add_argument("--n_validation", type=int, default=500, help="questions carved out of train")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--source", default=None,
+                   help="folder with train.jsonl and test.jsonl (None: download openai/gsm8k from the HF hub)")
+    p.add_argument("--n_validation", type=int, default=500, help="questions carved out of train for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the choice of validation questions")
+    p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent),
+                   help="where {train,validation,test}_nl.jsonl are written")
     args = p.parse_args()
     if args.source is None:
         rows, names = load_hub(), {"train": "hub openai/gsm8k train", "test": "hub openai/gsm8k test"}

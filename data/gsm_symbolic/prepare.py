@@ -222,13 +222,18 @@ def convert(template, idx, item, split, i):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n_train", type=int, default=5000)
-    p.add_argument("--n_validation", type=int, default=500)
-    p.add_argument("--n_test", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--templates", default="", help="comma-separated template ids (reasoning-gym task indices)")
-    p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n_train", type=int, default=5000,
+                   help="training questions drawn (train_python keeps only those with a program)")
+    p.add_argument("--n_validation", type=int, default=500, help="validation questions drawn")
+    p.add_argument("--n_test", type=int, default=1000, help="test questions drawn")
+    p.add_argument("--seed", type=int, default=0,
+                   help="base seed of reasoning-gym's streams (test, validation, train: one stream each)")
+    p.add_argument("--templates", default="",
+                   help="comma-separated template ids (reasoning-gym task indices); empty: all 85 usable ones")
+    p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent),
+                   help="where {train,validation,test}_{nl,python}.jsonl are written")
     args = p.parse_args()
     from reasoning_gym.arithmetic.gsm_symbolic.gsm_symbolic import tasks_ok  # the 85 usable template ids
     try:

@@ -66,12 +66,16 @@ def read(source, name):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True, choices=["gsm8k", "svamp", "mathqa", "mathqa-numeric"])
-    p.add_argument("--source", default=None, help="folder with the released files (default: download from GitHub)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=["gsm8k", "svamp", "mathqa", "mathqa-numeric"],
+                   help="which of the released datasets to prepare")
+    p.add_argument("--source", default=None,
+                   help="folder with the released files (None: download them from GitHub)")
     p.add_argument("--n_validation", type=int, default=300, help="training questions carved out for validation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out_dir", default=None, help="default: data/<dataset>/ (data/gsm8k_reft/ for gsm8k)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the choice of validation questions")
+    p.add_argument("--out_dir", default=None,
+                   help="where the splits are written (None: data/<dataset>/, data/gsm8k_reft/ for gsm8k)")
     args = p.parse_args()
     if args.source is not None and not Path(args.source).is_dir():
         raise SystemExit(f"error: --source {args.source}: folder not found")
