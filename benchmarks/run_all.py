@@ -1,6 +1,6 @@
 """Run every benchmark one after the other and write benchmarks/results.json.
 
-    python benchmarks/run_all.py            # ~8 min on 2 idle cores (first run: + ~2 min for each TRL venv)
+    python benchmarks/run_all.py            # ~6 min on 2 idle cores (first run: + ~2 min for each TRL venv)
     python benchmarks/run_all.py --quick    # smoke test: a few iterations of everything
 
 Each benchmark is a separate process (see README.md); this script records the machine, the date, the package
