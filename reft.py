@@ -161,7 +161,8 @@ class Args:
     """seed for data order and sampling; a question's sample depends on (seed, step, question), not on ranks"""
     resume: bool = False
     """continue the run in --output_dir from its newest intact resume state (checkpoint-STEP/), with the flags it
-    was started with (only those of MAY_CHANGE may differ); with no resume state there, start at step 0"""
+    last ran with: pass only --output_dir and --resume (a flag given too must be one of MAY_CHANGE, or equal the
+    run's); with no resume state there, start at step 0"""
     overwrite: bool = False
     """start over in an --output_dir that holds a run, removing it (without --resume or --overwrite such a folder is
     refused)"""
@@ -1035,14 +1036,19 @@ def save(run, args, epoch, end_of_epoch):
 
 # a copy kept identical across stage files: tests/test_copies.py
 def parse_args(cls, argv=None):
-    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names). `--help` shows
-    each field's docstring, read from the source (attribute docstrings do not exist at run time), its default, and
-    its choices when the field is a Literal (a value outside them gets argparse's one-line error)."""
+    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names), never
+    abbreviated (`--ov` is an error, not `--overwrite`). `--help` shows each field's docstring, read from the source
+    (attribute docstrings do not exist at run time), its default, and its choices when the field is a Literal (a
+    value outside them gets argparse's one-line error).
+
+    With --resume, a flag not on the command line takes the value the run in --output_dir last ran with (its
+    args.json and the changes of its last launch in launches.jsonl), not its default: `--output_dir D --resume`
+    alone continues the run; plan_run refuses a flag given with another value unless the stage lets it change."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
     p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(cls):
         names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
         kw = {"default": f.default, "help": docs.get(f.name, "").replace("%", "%%")}
@@ -1053,7 +1059,24 @@ def parse_args(cls, argv=None):
         else:
             kw["type"] = type(f.default)
         p.add_argument(*names, **kw)
-    return cls(**vars(p.parse_args(argv)))
+    values = vars(p.parse_args(argv))
+    if values.get("resume"):
+        p.set_defaults(**dict.fromkeys(values, argparse.SUPPRESS))
+        given = vars(p.parse_args(argv))  # only the flags on the command line, whatever their spelling
+        run = {}
+        try:
+            with open(os.path.join(values["output_dir"], "args.json")) as f:
+                run = json.load(f)
+            with open(os.path.join(values["output_dir"], "launches.jsonl")) as f:
+                whole = [line for line in f if line.endswith("\n")]
+            # Each launch records every flag that differed from args.json then: the last one is the run's now.
+            run.update({k: new for k, (_, new) in json.loads(whole[-1])["changed"].items()} if whole else {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # plan_run says what is wrong, when there is a run to continue
+        # Where the run is and whether to continue or start it over are this launch's own.
+        values.update({k: v for k, v in run.items() if k in values and k not in given
+                       and k not in ("output_dir", "resume", "overwrite")})
+    return cls(**values)
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -1159,9 +1182,11 @@ def plan_run(args, flags, may_change, resumable=()):
 
     A folder that holds a run is never written over by accident: without --resume (continue it) or --overwrite
     (start over) the command stops with one line and the folder stays as it was. --resume continues only the run
-    that was started: every flag but those in `may_change` (how long, how often, in how much memory) must equal
-    the saved args.json. --resume with nothing to resume (no resume state, nor a `resumable` file) starts at step
-    0 and says so, so that a requeued job works the first time too."""
+    that was started: parse_args filled every flag not on the command line from the run, and a flag given there
+    must equal the saved args.json unless it is in `may_change` (how long, how often, in how much memory). An
+    automatic flag (-1 or auto) is recorded as such: passing the value it resolved to counts as a change. --resume
+    with nothing to resume (no resume state, nor a `resumable` file) starts at step 0 and says so, so that a
+    requeued job works the first time too."""
     check_output_dir(args.output_dir)
     if args.resume and args.overwrite:
         raise SystemExit("error: --resume continues the run in --output_dir and --overwrite starts it over: pass one")
@@ -1188,20 +1213,26 @@ def plan_run(args, flags, may_change, resumable=()):
     differ = [f"--{k} {v} (the run's: {saved[k]})" for k, v in flags.items() if k not in may_change and saved[k] != v]
     if differ:
         raise SystemExit(f"error: --resume in {args.output_dir}: flags differ from the run's args.json: "
-                         f"{', '.join(differ)}; pass the run's values, or --overwrite to start over")
+                         f"{', '.join(differ)}; drop them to continue with the run's, or pass --overwrite to start "
+                         f"over")
     return True
 
 
 # a copy kept identical across stage files: tests/test_copies.py
 def begin_run(args, flags, world, resuming):
     """Rank 0, once the checks passed and before the first step. A run that starts at step 0 first removes what an
-    earlier run left (--overwrite, or --resume with nothing to resume) and writes args.json, the flags it starts
-    with (before any automatic value is filled in); a resumed run keeps its args.json. Every launch appends its time,
-    world size and the flags that changed to launches.jsonl beside it."""
+    earlier run left (--overwrite, or --resume with nothing to resume), naming it in one line, and writes args.json,
+    the flags it starts with (before any automatic value is filled in); a resumed run keeps its args.json. Every
+    launch appends its time, world size and the flags that changed to launches.jsonl beside it."""
     if not resuming:
+        removed = []
         for entry in run_entries(args.output_dir):
             path = os.path.join(args.output_dir, entry)
+            removed.append(entry + "/" * os.path.isdir(path))
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if removed:
+            print(f"{'--overwrite' if args.overwrite else '--resume with nothing to resume'}: removed "
+                  f"{os.path.join(args.output_dir, '')}{{{', '.join(removed)}}}", flush=True)
     os.makedirs(args.output_dir, exist_ok=True)
     changed = {}
     if resuming:
