@@ -451,8 +451,9 @@ def parse_args(cls, argv=None):
         p.add_argument(*names, **kw)
     values = vars(p.parse_args(argv))
     if values.get("resume"):
-        p.set_defaults(**dict.fromkeys(values, argparse.SUPPRESS))
-        given = vars(p.parse_args(argv))  # only the flags on the command line, whatever their spelling
+        unset = object()  # argparse keeps a value already in the namespace unless the command line sets it
+        given = {k for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(values, unset)))).items()
+                 if v is not unset}
         run = {}
         try:
             with open(os.path.join(values["output_dir"], "args.json")) as f:

@@ -42,9 +42,13 @@ import inspect
 import io
 import json
 import os
+import shlex
 import shutil
+import signal
+import socket
 import sys
 import textwrap
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -480,8 +484,9 @@ def parse_args(cls, argv=None):
         p.add_argument(*names, **kw)
     values = vars(p.parse_args(argv))
     if values.get("resume"):
-        p.set_defaults(**dict.fromkeys(values, argparse.SUPPRESS))
-        given = vars(p.parse_args(argv))  # only the flags on the command line, whatever their spelling
+        unset = object()  # argparse keeps a value already in the namespace unless the command line sets it
+        given = {k for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(values, unset)))).items()
+                 if v is not unset}
         run = {}
         try:
             with open(os.path.join(values["output_dir"], "args.json")) as f:
@@ -1251,5 +1256,36 @@ def load_resume_state(model, opt, sched, args, rank):
     return extra["step"]
 
 
+# a copy kept identical across stage files: tests/test_copies.py
+def stop_on_interrupt(args):
+    """Ctrl-C (SIGINT, which torchrun passes to every rank) ends each process at once with status 130, and rank 0
+    says in one line how far the run got and how to continue it, instead of a traceback per rank. A thread ends the
+    process, woken by the byte Python's signal handler writes from any thread: it works while the main thread waits
+    in a collective whose other ranks are gone. Ending without unwinding is what a kill does, which a run survives."""
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    signal.set_wakeup_fd(writer.fileno())
+    signal.signal(signal.SIGINT, lambda *_: None)  # no KeyboardInterrupt in the main thread: the thread below stops
+
+    def stop(reader, writer):  # holds the writer: the handler's fd stays open
+        while reader.recv(1) != bytes([signal.SIGINT]):
+            pass
+        if int(os.environ.get("RANK", 0)) == 0:
+            try:
+                with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
+                    step = json.loads([line for line in f if line.endswith("\n")][-1])["step"]
+            except (OSError, ValueError, IndexError, KeyError, TypeError):
+                step = 0
+            progress = run_progress(args.output_dir)
+            print(f"\ninterrupted at step {step}{f' ({progress})' if progress else ''}; continue with: "
+                  f"{os.path.basename(sys.argv[0])} --output_dir {shlex.quote(args.output_dir)} --resume",
+                  file=sys.stderr, flush=True)
+        os._exit(130)
+
+    threading.Thread(target=stop, args=(reader, writer), daemon=True).start()
+
+
 if __name__ == "__main__":
-    main(parse_args(Args))
+    args = parse_args(Args)
+    stop_on_interrupt(args)
+    main(args)

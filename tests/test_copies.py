@@ -46,6 +46,7 @@ COPIES = {
     "load_state": ["sft.py", "reft.py", "rerank.py"],
     "append_metrics": ["sft.py", "reft.py", "rerank.py"],
     "trim_metrics": ["sft.py", "reft.py", "rerank.py"],
+    "stop_on_interrupt": ["sft.py", "reft.py", "rerank.py"],
     "load": ["rerank.py", "evaluate.py"],
     "num_calls": ["rerank.py", "evaluate.py"],
 }
