@@ -497,8 +497,9 @@ def check_output_dir(path, flag="--output_dir"):
 
 # a copy kept identical across stage files: tests/test_copies.py
 def check_checkpoint(path, flag):
-    """One error line, before any model loads, when a checkpoint folder is missing or holds no model; for a run
-    folder, the checkpoints inside it are suggested (`runs/w/final` for `runs/w`)."""
+    """One error line, before any model loads, when a checkpoint folder is missing or holds no model, or one of its
+    safetensors files is cut short or has an unreadable header (transformers would stop on it with a traceback of
+    safetensors' own); for a run folder, the checkpoints inside it are suggested (`runs/w/final` for `runs/w`)."""
     if not os.path.isdir(path):
         raise SystemExit(f"error: {flag} {path!r}: no such checkpoint folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -506,6 +507,21 @@ def check_checkpoint(path, flag):
                         key=lambda d: (d != "final", d != "best", d))
         hint = f"; did you mean {os.path.join(path, inside[0])}?" if inside else " (no config.json)"
         raise SystemExit(f"error: {flag} {path}: not a checkpoint folder{hint}")
+    for name in sorted(n for n in os.listdir(path) if n.endswith(".safetensors")):
+        file, need = os.path.join(path, name), None
+        size = os.path.getsize(file)
+        try:
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n)) if 8 + n <= size else None
+            # The header lists each tensor's [start, end) in the data after it: the file must reach the last end.
+            need = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+            pass
+        if need is None or size < need:
+            damage = "its header is unreadable" if need is None else f"cut short: {size:,} of its {need:,} bytes"
+            raise SystemExit(f"error: {flag} {path}: {name} is damaged ({damage}); write it again, or take another "
+                             f"checkpoint")
 
 
 # a copy kept identical across stage files: tests/test_copies.py

@@ -1107,8 +1107,9 @@ def check_output_dir(path, flag="--output_dir"):
 
 # a copy kept identical across stage files: tests/test_copies.py
 def check_checkpoint(path, flag):
-    """One error line, before any model loads, when a checkpoint folder is missing or holds no model; for a run
-    folder, the checkpoints inside it are suggested (`runs/w/final` for `runs/w`)."""
+    """One error line, before any model loads, when a checkpoint folder is missing or holds no model, or one of its
+    safetensors files is cut short or has an unreadable header (transformers would stop on it with a traceback of
+    safetensors' own); for a run folder, the checkpoints inside it are suggested (`runs/w/final` for `runs/w`)."""
     if not os.path.isdir(path):
         raise SystemExit(f"error: {flag} {path!r}: no such checkpoint folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -1116,6 +1117,21 @@ def check_checkpoint(path, flag):
                         key=lambda d: (d != "final", d != "best", d))
         hint = f"; did you mean {os.path.join(path, inside[0])}?" if inside else " (no config.json)"
         raise SystemExit(f"error: {flag} {path}: not a checkpoint folder{hint}")
+    for name in sorted(n for n in os.listdir(path) if n.endswith(".safetensors")):
+        file, need = os.path.join(path, name), None
+        size = os.path.getsize(file)
+        try:
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n)) if 8 + n <= size else None
+            # The header lists each tensor's [start, end) in the data after it: the file must reach the last end.
+            need = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+            pass
+        if need is None or size < need:
+            damage = "its header is unreadable" if need is None else f"cut short: {size:,} of its {need:,} bytes"
+            raise SystemExit(f"error: {flag} {path}: {name} is damaged ({damage}); write it again, or take another "
+                             f"checkpoint")
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -1483,13 +1499,14 @@ def save_checkpoint(model, tok, args, path, rank, dtype):
         for k in sd:
             sd[k] = sd[k].to(dtype)
         model.lm.config.dtype = dtype
-        model.lm.save_pretrained(path, state_dict={k[3:]: v for k, v in sd.items() if k.startswith("lm.")})
-        tok.save_pretrained(path)
-        head = {k: v.contiguous() for k, v in sd.items() if not k.startswith("lm.")}
-        if head:
-            save_file(head, os.path.join(path, "value_head.safetensors"))
-        with open(os.path.join(path, "train_args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
+        with stop_if_disk_full(path):
+            model.lm.save_pretrained(path, state_dict={k[3:]: v for k, v in sd.items() if k.startswith("lm.")})
+            tok.save_pretrained(path)
+            head = {k: v.contiguous() for k, v in sd.items() if not k.startswith("lm.")}
+            if head:
+                save_file(head, os.path.join(path, "value_head.safetensors"))
+            with open(os.path.join(path, "train_args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=2)
     dist.barrier()
 
 
@@ -1592,16 +1609,34 @@ def check_disk_space(output_dir, n_params):
 
 def is_disk_full(error):
     """Whether a failed save ran out of disk: ENOSPC in the exception or any it wraps (DCP gathers every rank's
-    failure into one CheckpointException)."""
+    failure into one CheckpointException), or in safetensors' message."""
     pending = [error]
     while pending:
         e = pending.pop()
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(e):
+            return True  # the second: safetensors' writer, whose Rust I/O errors are not OSError
         pending += [c for c in (e.__cause__, e.__context__) if c is not None]
         if isinstance(e, dcp.CheckpointException):
             pending += [exc for exc, _ in e.failures.values()]
     return False
+
+
+@contextmanager
+def stop_if_disk_full(path):
+    """Around a write of `path` by one rank (an HF checkpoint, samples, metrics): a full disk ends the run with one
+    line naming it instead of a traceback; once there is room, --resume continues from the last whole resume
+    state. Under torchrun the other ranks, waiting for this one, are ended by torchrun when it exits."""
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.isdir(folder):
+            folder = os.path.dirname(folder)
+        raise SystemExit(f"error: no space left on the disk of {folder} while writing {path} "
+                         f"({shutil.disk_usage(folder).free / 1e9:.3g} GB free now): make room, then continue with "
+                         f"--resume") from None
 
 
 def stop_if_write_failed(error, tmp, output_dir):
@@ -1708,7 +1743,7 @@ def load_state(model, opt, output_dir):
 
 def append_metrics(path, row):
     """Rank 0: one metrics row as one whole line in one write, so a kill can cut only the line being written."""
-    with open(path, "a") as f:
+    with stop_if_disk_full(path), open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 

@@ -47,6 +47,9 @@ def runs(minigsm, warmup, tmp_path_factory):
          "--max_new_tokens", 24, "--batch_size", 2, "--holdout_fraction", 0, "--epochs", 1,
          "--output_dir", root / "rerank"], check=False)  # the samples are what counts here, not the verifier
     shutil.copytree(warmup, root / "other_model")
+    shutil.copytree(warmup, root / "cut_model")  # model.safetensors cut short, as by a full disk or a broken copy
+    with open(root / "cut_model" / "model.safetensors", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
     (root / "a_file").write_text("not a folder\n")
     records = reward.load_records(str(minigsm), "train", "nl", require_cot=True)[:40]
     for name, correct in (("all_correct.jsonl", True), ("all_wrong.jsonl", False)):
@@ -114,6 +117,12 @@ CASES = [
     ("rerank.py", ["--samples", "RUNS/all_correct.jsonl", "--init", "WARMUP"],
      "RUNS/all_correct.jsonl: all 36 training samples are correct, and a verifier needs both kinds"),
     ("rerank.py", ["--samples", "RUNS/all_wrong.jsonl", "--init", "WARMUP"], "training samples are wrong"),
+    # a damaged checkpoint file: safetensors' SafetensorError traceback before
+    ("sft.py", ["--model", "RUNS/cut_model"], "--model RUNS/cut_model: model.safetensors is damaged (cut short: "),
+    ("reft.py", ["--model", "RUNS/cut_model"], "--model RUNS/cut_model: model.safetensors is damaged (cut short: "),
+    ("rerank.py", ["--model", "RUNS/cut_model"], "--model RUNS/cut_model: model.safetensors is damaged (cut short: "),
+    ("evaluate.py", ["--model", "RUNS/cut_model"], "--model RUNS/cut_model: model.safetensors is damaged (cut "
+                                                   "short: "),
     # run folders: never reused or overwritten without --resume or --overwrite
     ("sft.py", ["--output_dir", "RUNS/sft"], "--output_dir RUNS/sft holds a run (96 steps logged in metrics.jsonl"),
     ("reft.py", ["--output_dir", "RUNS/reft"], "--output_dir RUNS/reft holds a run (1 steps logged in metrics.jsonl, "

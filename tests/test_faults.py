@@ -175,6 +175,8 @@ def interrupted(cmd, out, processes):
         shell = f"{PY} \"$@\"; echo $? > {out}.rank$RANK"
         cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "--no-python",
                "bash", "-c", shell, "rank", *cmd]
+    else:
+        cmd = [PY, *cmd]
     p = subprocess.Popen([str(a) for a in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
@@ -194,9 +196,12 @@ def test_ctrl_c_is_one_line_and_130_on_every_rank_and_the_resume_continues(pool,
     Now every rank exits 130 at once, rank 0 with one line saying how far the run got and the command that
     continues it, and that command ends on the uninterrupted run's weights."""
     out = tmp_path / "run"
-    statuses, stderr = interrupted(["sft.py", "--data", pool, *TINY, "--output_dir", out], out, processes)
+    statuses, stderr = interrupted(["sft.py", "--data", pool, *TINY, "--micro_batch_size", 16 // processes,
+                                    "--output_dir", out], out, processes)
     assert statuses == [130] * processes, stderr[-3000:]
-    ours = [line for line in stderr.splitlines() if "interrupted" in line or "Traceback" in line or "[rank" in line]
+    ours = [line for line in stderr.splitlines() if "interrupted" in line or "[rank" in line]
+    # torchrun's own SignalException traceback is the launcher's, not a rank's
+    assert stderr.count("Traceback") == stderr.count("elastic.multiprocessing.api.SignalException: Process"), stderr
     assert len(ours) == 1 and re.fullmatch(rf"interrupted at step \d \(.*\); continue with: sft.py --output_dir "
                                            rf"{out} --resume", ours[0]), stderr[-3000:]
     if processes == 1:
@@ -279,6 +284,29 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_partial_state(pool,
     assert error.startswith(f"error: no space left on the disk of {out} while saving the resume state checkpoint-1 "
                             f"(removed; ") and " GB free now)" in error and "\n" not in error, error
     assert not [name for name in os.listdir(out) if name.startswith("checkpoint")]
+
+
+@pytest.mark.parametrize("folder", ["init", "final"])
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line(pool, tmp_path, monkeypatch, folder):
+    """safetensors' writer on a full disk raises SafetensorError("... No space left on device (os error 28)", the
+    message measured on a 200 KB tmpfs), not an OSError: writing init/ or final/ ended in a traceback. Now one line
+    naming the folder; a metrics line on a full disk (/dev/full) is one line too."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+    real = transformers.modeling_utils.safe_save_file
+
+    def full_disk(tensors, path, *a, **kw):
+        if os.path.basename(os.path.dirname(path)) == folder:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, *a, **kw)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    out = tmp_path / "run"
+    error = main_error(sft, ["--data", pool, *TINY, "--output_dir", out])
+    assert error.startswith(f"error: no space left on the disk of {out} while writing {out / folder} (") \
+        and error.endswith("GB free now): make room, then continue with --resume") and "\n" not in error, error
+    with pytest.raises(SystemExit, match=r"^error: no space left on the disk of /dev while writing /dev/full \("):
+        sft.append_metrics("/dev/full", {"step": 1})
 
 
 def test_too_little_disk_for_two_states_is_refused_before_training(pool, tmp_path, monkeypatch):
