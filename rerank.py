@@ -67,9 +67,13 @@ import itertools
 import json
 import math
 import os
+import shlex
 import shutil
+import signal
+import socket
 import sys
 import textwrap
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -153,10 +157,10 @@ class Args:
     """seed for sampling (with the question's index: a question's samples depend on nothing else), the head init,
     the held-out split and the data order"""
     resume: bool = False
-    """continue the run in --output_dir, with the flags it was started with (only those of MAY_CHANGE may differ):
-    the sampling where samples.jsonl ends (a question cut by a kill is sampled again), the verifier training from its
-    newest intact resume state checkpoint-STEP/ (model, optimizer, scheduler, RNG, data position); with neither
-    there, start afresh"""
+    """continue the run in --output_dir, with the flags it last ran with (pass only --output_dir and --resume; a
+    flag given too must be one of MAY_CHANGE, or equal the run's): the sampling where samples.jsonl ends (a question
+    cut by a kill is sampled again), the verifier training from its newest intact resume state checkpoint-STEP/
+    (model, optimizer, scheduler, RNG, data position); with neither there, start afresh"""
     overwrite: bool = False
     """start over in an --output_dir that holds a run (samples included), removing it (without --resume or
     --overwrite such a folder is refused)"""
@@ -263,7 +267,7 @@ def sample(args, path, rank, world, device, mesh, log, reward_fn):
                 # The ranks' groups together are the next questions of `todo`: in their order, the file is the
                 # same at any number of processes.
                 rows = sorted((row for _, part in parts for row in part), key=lambda row: position[row["item_id"]])
-                with open(path, "a") as f:  # one write per group; what a kill cuts of it is sampled again
+                with stop_if_disk_full(path), open(path, "a") as f:  # one write per group; a cut one is redone
                     f.write("".join(json.dumps(row) + "\n" for row in rows))
                 bar.update(sum(n for n, _ in parts))
     bar.close()
@@ -550,14 +554,19 @@ def main(args):
 
 # a copy kept identical across stage files: tests/test_copies.py
 def parse_args(cls, argv=None):
-    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names). `--help` shows
-    each field's docstring, read from the source (attribute docstrings do not exist at run time), its default, and
-    its choices when the field is a Literal (a value outside them gets argparse's one-line error)."""
+    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names), never
+    abbreviated (`--ov` is an error, not `--overwrite`). `--help` shows each field's docstring, read from the source
+    (attribute docstrings do not exist at run time), its default, and its choices when the field is a Literal (a
+    value outside them gets argparse's one-line error).
+
+    With --resume, a flag not on the command line takes the value the run in --output_dir last ran with (its
+    args.json and the changes of its last launch in launches.jsonl), not its default: `--output_dir D --resume`
+    alone continues the run; plan_run refuses a flag given with another value unless the stage lets it change."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
     p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(cls):
         names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
         kw = {"default": f.default, "help": docs.get(f.name, "").replace("%", "%%")}
@@ -568,7 +577,25 @@ def parse_args(cls, argv=None):
         else:
             kw["type"] = type(f.default)
         p.add_argument(*names, **kw)
-    return cls(**vars(p.parse_args(argv)))
+    values = vars(p.parse_args(argv))
+    if values.get("resume"):
+        unset = object()  # argparse keeps a value already in the namespace unless the command line sets it
+        given = {k for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(values, unset)))).items()
+                 if v is not unset}
+        run = {}
+        try:
+            with open(os.path.join(values["output_dir"], "args.json")) as f:
+                run = json.load(f)
+            with open(os.path.join(values["output_dir"], "launches.jsonl")) as f:
+                whole = [line for line in f if line.endswith("\n")]
+            # Each launch records every flag that differed from args.json then: the last one is the run's now.
+            run.update({k: new for k, (_, new) in json.loads(whole[-1])["changed"].items()} if whole else {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # plan_run says what is wrong, when there is a run to continue
+        # Where the run is and whether to continue or start it over are this launch's own.
+        values.update({k: v for k, v in run.items() if k in values and k not in given
+                       and k not in ("output_dir", "resume", "overwrite")})
+    return cls(**values)
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -594,8 +621,9 @@ def check_output_dir(path, flag="--output_dir"):
 
 # a copy kept identical across stage files: tests/test_copies.py
 def check_checkpoint(path, flag):
-    """One error line, before any model loads, when a checkpoint folder is missing or holds no model; for a run
-    folder, the checkpoints inside it are suggested (`runs/w/final` for `runs/w`)."""
+    """One error line, before any model loads, when a checkpoint folder is missing or holds no model, or one of its
+    safetensors files is cut short or has an unreadable header (transformers would stop on it with a traceback of
+    safetensors' own); for a run folder, the checkpoints inside it are suggested (`runs/w/final` for `runs/w`)."""
     if not os.path.isdir(path):
         raise SystemExit(f"error: {flag} {path!r}: no such checkpoint folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -603,6 +631,21 @@ def check_checkpoint(path, flag):
                         key=lambda d: (d != "final", d != "best", d))
         hint = f"; did you mean {os.path.join(path, inside[0])}?" if inside else " (no config.json)"
         raise SystemExit(f"error: {flag} {path}: not a checkpoint folder{hint}")
+    for name in sorted(n for n in os.listdir(path) if n.endswith(".safetensors")):
+        file, need = os.path.join(path, name), None
+        size = os.path.getsize(file)
+        try:
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n)) if 8 + n <= size else None
+            # The header lists each tensor's [start, end) in the data after it: the file must reach the last end.
+            need = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+            pass
+        if need is None or size < need:
+            damage = "its header is unreadable" if need is None else f"cut short: {size:,} of its {need:,} bytes"
+            raise SystemExit(f"error: {flag} {path}: {name} is damaged ({damage}); write it again, or take another "
+                             f"checkpoint")
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -674,9 +717,11 @@ def plan_run(args, flags, may_change, resumable=()):
 
     A folder that holds a run is never written over by accident: without --resume (continue it) or --overwrite
     (start over) the command stops with one line and the folder stays as it was. --resume continues only the run
-    that was started: every flag but those in `may_change` (how long, how often, in how much memory) must equal
-    the saved args.json. --resume with nothing to resume (no resume state, nor a `resumable` file) starts at step
-    0 and says so, so that a requeued job works the first time too."""
+    that was started: parse_args filled every flag not on the command line from the run, and a flag given there
+    must equal the saved args.json unless it is in `may_change` (how long, how often, in how much memory). An
+    automatic flag (-1 or auto) is recorded as such: passing the value it resolved to counts as a change. --resume
+    with nothing to resume (no resume state, nor a `resumable` file) starts at step 0 and says so, so that a
+    requeued job works the first time too."""
     check_output_dir(args.output_dir)
     if args.resume and args.overwrite:
         raise SystemExit("error: --resume continues the run in --output_dir and --overwrite starts it over: pass one")
@@ -703,20 +748,26 @@ def plan_run(args, flags, may_change, resumable=()):
     differ = [f"--{k} {v} (the run's: {saved[k]})" for k, v in flags.items() if k not in may_change and saved[k] != v]
     if differ:
         raise SystemExit(f"error: --resume in {args.output_dir}: flags differ from the run's args.json: "
-                         f"{', '.join(differ)}; pass the run's values, or --overwrite to start over")
+                         f"{', '.join(differ)}; drop them to continue with the run's, or pass --overwrite to start "
+                         f"over")
     return True
 
 
 # a copy kept identical across stage files: tests/test_copies.py
 def begin_run(args, flags, world, resuming):
     """Rank 0, once the checks passed and before the first step. A run that starts at step 0 first removes what an
-    earlier run left (--overwrite, or --resume with nothing to resume) and writes args.json, the flags it starts
-    with (before any automatic value is filled in); a resumed run keeps its args.json. Every launch appends its time,
-    world size and the flags that changed to launches.jsonl beside it."""
+    earlier run left (--overwrite, or --resume with nothing to resume), naming it in one line, and writes args.json,
+    the flags it starts with (before any automatic value is filled in); a resumed run keeps its args.json. Every
+    launch appends its time, world size and the flags that changed to launches.jsonl beside it."""
     if not resuming:
+        removed = []
         for entry in run_entries(args.output_dir):
             path = os.path.join(args.output_dir, entry)
+            removed.append(entry + "/" * os.path.isdir(path))
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if removed:
+            print(f"{'--overwrite' if args.overwrite else '--resume with nothing to resume'}: removed "
+                  f"{os.path.join(args.output_dir, '')}{{{', '.join(removed)}}}", flush=True)
     os.makedirs(args.output_dir, exist_ok=True)
     changed = {}
     if resuming:
@@ -1008,11 +1059,12 @@ def save_verifier(model, tok, args, path, rank):
     """Full state dict on rank 0 → an AutoModelForSequenceClassification folder (+ tokenizer, train_args.json)."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        model.save_pretrained(path, state_dict=sd)
         tok.model_max_length = args.max_length  # evaluate.py cuts its inputs where training did
-        tok.save_pretrained(path)
-        with open(os.path.join(path, "train_args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
+        with stop_if_disk_full(path):
+            model.save_pretrained(path, state_dict=sd)
+            tok.save_pretrained(path)
+            with open(os.path.join(path, "train_args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=2)
     dist.barrier()
 
 
@@ -1115,16 +1167,34 @@ def check_disk_space(output_dir, n_params):
 
 def is_disk_full(error):
     """Whether a failed save ran out of disk: ENOSPC in the exception or any it wraps (DCP gathers every rank's
-    failure into one CheckpointException)."""
+    failure into one CheckpointException), or in safetensors' message."""
     pending = [error]
     while pending:
         e = pending.pop()
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(e):
+            return True  # the second: safetensors' writer, whose Rust I/O errors are not OSError
         pending += [c for c in (e.__cause__, e.__context__) if c is not None]
         if isinstance(e, dcp.CheckpointException):
             pending += [exc for exc, _ in e.failures.values()]
     return False
+
+
+@contextmanager
+def stop_if_disk_full(path):
+    """Around a write of `path` by one rank (an HF checkpoint, samples, metrics): a full disk ends the run with one
+    line naming it instead of a traceback; once there is room, --resume continues from the last whole resume
+    state. Under torchrun the other ranks, waiting for this one, are ended by torchrun when it exits."""
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.isdir(folder):
+            folder = os.path.dirname(folder)
+        raise SystemExit(f"error: no space left on the disk of {folder} while writing {path} "
+                         f"({shutil.disk_usage(folder).free / 1e9:.3g} GB free now): make room, then continue with "
+                         f"--resume") from None
 
 
 def stop_if_write_failed(error, tmp, output_dir):
@@ -1231,7 +1301,7 @@ def load_state(model, opt, output_dir):
 
 def append_metrics(path, row):
     """Rank 0: one metrics row as one whole line in one write, so a kill can cut only the line being written."""
-    with open(path, "a") as f:
+    with stop_if_disk_full(path), open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
@@ -1270,5 +1340,36 @@ def load_resume_state(model, opt, sched, args, rank):
     return extra["step"]
 
 
+# a copy kept identical across stage files: tests/test_copies.py
+def stop_on_interrupt(args):
+    """Ctrl-C (SIGINT, which torchrun passes to every rank) ends each process at once with status 130, and rank 0
+    says in one line how far the run got and how to continue it, instead of a traceback per rank. A thread ends the
+    process, woken by the byte Python's signal handler writes from any thread: it works while the main thread waits
+    in a collective whose other ranks are gone. Ending without unwinding is what a kill does, which a run survives."""
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    signal.set_wakeup_fd(writer.fileno())
+    signal.signal(signal.SIGINT, lambda *_: None)  # no KeyboardInterrupt in the main thread: the thread below stops
+
+    def stop(reader, writer):  # holds the writer: the handler's fd stays open
+        while reader.recv(1) != bytes([signal.SIGINT]):
+            pass
+        if int(os.environ.get("RANK", 0)) == 0:
+            try:
+                with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
+                    step = json.loads([line for line in f if line.endswith("\n")][-1])["step"]
+            except (OSError, ValueError, IndexError, KeyError, TypeError):
+                step = 0
+            progress = run_progress(args.output_dir)
+            print(f"\ninterrupted at step {step}{f' ({progress})' if progress else ''}; continue with: "
+                  f"{os.path.basename(sys.argv[0])} --output_dir {shlex.quote(args.output_dir)} --resume",
+                  file=sys.stderr, flush=True)
+        os._exit(130)
+
+    threading.Thread(target=stop, args=(reader, writer), daemon=True).start()
+
+
 if __name__ == "__main__":
-    main(parse_args(Args))
+    args = parse_args(Args)
+    stop_on_interrupt(args)
+    main(args)

@@ -855,7 +855,7 @@ def run_programs(programs, timeout=2.0):
 # ---------------------------------------------------------------- CLI: score the gold CoTs of a dataset
 def main():
     parser = argparse.ArgumentParser(description="Score each record's gold CoT as if a model had written it.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("--data", required=True, help="a .jsonl/.json file, a folder, or a prepared dataset name")
     parser.add_argument("--cot", choices=COTS, default="nl", help="chain-of-thought kind of the gold CoTs")
     parser.add_argument("--split", default="train", help="split of a prepared dataset (a file is its own split)")

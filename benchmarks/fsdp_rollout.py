@@ -35,7 +35,7 @@ import reward  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--ckpt", required=True, help="the policy checkpoint folder (run_all.py makes a tiny one)")
     p.add_argument("--prompts", required=True, help="a .jsonl of records whose prompts share one token length")
     p.add_argument("--batch_size", type=int, default=32, help="prompts summed over ranks")

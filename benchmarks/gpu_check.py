@@ -92,7 +92,7 @@ PHASES = ("sft_step", "rollout_compare", "reft_rollout", "reft_old_ref_forward",
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="where the phases run (cpu: with --small, for the tests)")
     p.add_argument("--small", action="store_true", help="tiny widths and shapes (for the CPU test)")

@@ -57,7 +57,7 @@ SHARED = ("generation", "reference_forward", "policy_forward_and_loss", "backwar
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--iters", type=int, default=6, help="timed iterations per side in each pair (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="iterations each run does first and are not timed")
     p.add_argument("--pairs", type=int, default=3, help="runs of each side, alternating reft.py and TRL")

@@ -154,7 +154,7 @@ def add_mfu(name, r, peak):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--steps", type=int, default=30, help="sft.py steps of the tiny model")
     p.add_argument("--skip", type=int, default=5, help="first steps left out (warm-up)")
     p.add_argument("--batch_size", type=int, default=32, help="examples per step (one micro-batch)")

@@ -36,7 +36,7 @@ TRL_PIP = ["torch==2.13.0", "trl==1.12.0"]  # one pip command: a torch pulled in
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--iters", type=int, default=6, help="timed iterations per side (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="iterations run first and not timed")
     p.add_argument("--batch_size", type=int, default=32, help="prompts per iteration (one sample each)")

@@ -172,7 +172,7 @@ def generation_rate(ckpt, prompt_file, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--steps", type=int, default=5, help="timed PPO steps (median per phase)")
     p.add_argument("--warmup", type=int, default=1, help="PPO steps run first and not timed")
     p.add_argument("--pairs", type=int, default=7, help="interleaved sample/generate timings")

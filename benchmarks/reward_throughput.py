@@ -39,7 +39,7 @@ def generated_records(n, seed=0):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("--workers", type=int, default=None, help="sandbox processes (None: usable CPUs)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over all programs")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds per program")

@@ -72,7 +72,7 @@ def reward_figure(quick, max_wait):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="smoke test: few iterations, results not meant to be kept")
     p.add_argument("--out", help=f"where to write the results JSON (None: {RESULTS.relative_to(ROOT)}, or "
                                  f"{(BENCH_DIR / 'results_quick.json').relative_to(ROOT)} with --quick)")

@@ -85,7 +85,7 @@ def compare(a, b):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("a", help="evaluate.py output dir of the baseline (A)")
     p.add_argument("b", help="evaluate.py output dir of the model compared with it (B)")
     p.add_argument("--json", default="", help="also write the numbers to this JSON file (empty: print only)")

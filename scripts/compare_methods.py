@@ -196,7 +196,7 @@ def run_seed(seed, seed_dir, fast, passed):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 epilog="Flags not listed here go to each seed's scripts/quickstart.py run.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds to run (none: only aggregate)")
     p.add_argument("--out_dir", default="runs/compare", help="seed_S/ folders and results.{json,md,png} go here")
     p.add_argument("--seed_dirs", nargs="*", default=[],

@@ -63,7 +63,7 @@ def diagnose(predictions, gold):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("predictions", nargs="+", help="predictions.jsonl files written by evaluate.py")
     p.add_argument("--data", required=True, help="a minigsm folder with CoTs in the question's order")
     p.add_argument("--split", default="validation",

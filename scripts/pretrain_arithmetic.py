@@ -49,7 +49,7 @@ def chain(rng):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--data", required=True, help="the minigsm folder whose training texts build the tokenizer")
     p.add_argument("--output_dir", required=True, help="where the pretrained model and its tokenizer are saved")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps")

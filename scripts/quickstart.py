@@ -164,14 +164,19 @@ class Args:
 
 # a copy kept identical across stage files: tests/test_copies.py
 def parse_args(cls, argv=None):
-    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names). `--help` shows
-    each field's docstring, read from the source (attribute docstrings do not exist at run time), its default, and
-    its choices when the field is a Literal (a value outside them gets argparse's one-line error)."""
+    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names), never
+    abbreviated (`--ov` is an error, not `--overwrite`). `--help` shows each field's docstring, read from the source
+    (attribute docstrings do not exist at run time), its default, and its choices when the field is a Literal (a
+    value outside them gets argparse's one-line error).
+
+    With --resume, a flag not on the command line takes the value the run in --output_dir last ran with (its
+    args.json and the changes of its last launch in launches.jsonl), not its default: `--output_dir D --resume`
+    alone continues the run; plan_run refuses a flag given with another value unless the stage lets it change."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
     p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(cls):
         names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
         kw = {"default": f.default, "help": docs.get(f.name, "").replace("%", "%%")}
@@ -182,7 +187,25 @@ def parse_args(cls, argv=None):
         else:
             kw["type"] = type(f.default)
         p.add_argument(*names, **kw)
-    return cls(**vars(p.parse_args(argv)))
+    values = vars(p.parse_args(argv))
+    if values.get("resume"):
+        unset = object()  # argparse keeps a value already in the namespace unless the command line sets it
+        given = {k for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(values, unset)))).items()
+                 if v is not unset}
+        run = {}
+        try:
+            with open(os.path.join(values["output_dir"], "args.json")) as f:
+                run = json.load(f)
+            with open(os.path.join(values["output_dir"], "launches.jsonl")) as f:
+                whole = [line for line in f if line.endswith("\n")]
+            # Each launch records every flag that differed from args.json then: the last one is the run's now.
+            run.update({k: new for k, (_, new) in json.loads(whole[-1])["changed"].items()} if whole else {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # plan_run says what is wrong, when there is a run to continue
+        # Where the run is and whether to continue or start it over are this launch's own.
+        values.update({k: v for k, v in run.items() if k in values and k not in given
+                       and k not in ("output_dir", "resume", "overwrite")})
+    return cls(**values)
 
 
 # a copy kept identical across stage files: tests/test_copies.py

@@ -42,7 +42,7 @@ COLUMNS = [  # (name, what it is): one line each, printed above the tables
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--model", default="", help="a warm-up checkpoint; empty: make a tiny one in --work_dir")
     p.add_argument("--data", default="", help="prepared dataset or folder; empty: prepare minigsm in --work_dir")
     p.add_argument("--work_dir", default="runs/walkthrough", help="where the tiny warm-up and its data go")

@@ -240,7 +240,7 @@ def pytest(repo, tests, env, timeout):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("names", nargs="*", help="mutants to run (default: all)")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--timeout", type=int, default=900, help="seconds per pytest session")

@@ -47,6 +47,9 @@ def runs(minigsm, warmup, tmp_path_factory):
          "--max_new_tokens", 24, "--batch_size", 2, "--holdout_fraction", 0, "--epochs", 1,
          "--output_dir", root / "rerank"], check=False)  # the samples are what counts here, not the verifier
     shutil.copytree(warmup, root / "other_model")
+    shutil.copytree(warmup, root / "cut_model")  # model.safetensors cut short, as by a full disk or a broken copy
+    with open(root / "cut_model" / "model.safetensors", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
     (root / "a_file").write_text("not a folder\n")
     records = reward.load_records(str(minigsm), "train", "nl", require_cot=True)[:40]
     for name, correct in (("all_correct.jsonl", True), ("all_wrong.jsonl", False)):
@@ -114,13 +117,19 @@ CASES = [
     ("rerank.py", ["--samples", "RUNS/all_correct.jsonl", "--init", "WARMUP"],
      "RUNS/all_correct.jsonl: all 36 training samples are correct, and a verifier needs both kinds"),
     ("rerank.py", ["--samples", "RUNS/all_wrong.jsonl", "--init", "WARMUP"], "training samples are wrong"),
+    # a damaged checkpoint file: safetensors' SafetensorError traceback before
+    ("sft.py", ["--model", "RUNS/cut_model"], "--model RUNS/cut_model: model.safetensors is damaged (cut short: "),
+    ("reft.py", ["--model", "RUNS/cut_model"], "--model RUNS/cut_model: model.safetensors is damaged (cut short: "),
+    ("rerank.py", ["--model", "RUNS/cut_model"], "--model RUNS/cut_model: model.safetensors is damaged (cut short: "),
+    ("evaluate.py", ["--model", "RUNS/cut_model"], "--model RUNS/cut_model: model.safetensors is damaged (cut "
+                                                   "short: "),
     # run folders: never reused or overwritten without --resume or --overwrite
     ("sft.py", ["--output_dir", "RUNS/sft"], "--output_dir RUNS/sft holds a run (96 steps logged in metrics.jsonl"),
     ("reft.py", ["--output_dir", "RUNS/reft"], "--output_dir RUNS/reft holds a run (1 steps logged in metrics.jsonl, "
                                                "a resume state at step"),
     ("reft.py", ["--output_dir", "RUNS/reft", "--resume", "--batch_size", 16, "--kl_coef", 0.5],
-     "--resume in RUNS/reft: flags differ from the run's args.json: --batch_size 16 (the run's: 8), --lr -1.0 (the "
-     "run's: 0.0), --kl_coef 0.5 (the run's: -1.0); pass the run's values, or --overwrite to start over"),
+     "--resume in RUNS/reft: flags differ from the run's args.json: --batch_size 16 (the run's: 8), --kl_coef 0.5 "
+     "(the run's: -1.0); drop them to continue with the run's, or pass --overwrite to start over"),
     ("reft.py", ["--output_dir", "RUNS/reft", "--resume", "--overwrite"], "--resume continues the run in --output_dir "
                                                                           "and --overwrite starts it over: pass one"),
     ("rerank.py", ["--output_dir", "RUNS/rerank"], "--output_dir RUNS/rerank holds a run ("),
@@ -242,6 +251,68 @@ def test_resume_says_what_it_does(runs, warmup, minigsm, tmp_path):
     assert [m["step"] for m in read_metrics(folder / "metrics.jsonl")] == [1, 2]
 
 
+@dataclasses.dataclass
+class Flags:
+    output_dir: str = "runs/x"
+    resume: bool = False
+    overwrite: bool = False
+    k: int = 8
+    lr: float = -1.0
+    cot: str = "auto"
+    save_steps: int = 0
+    save_best: bool = True
+    note: str = "default"
+
+
+def test_resume_takes_every_flag_not_given_from_the_run(tmp_path):
+    """`--output_dir D --resume` alone continues the run as it last ran: args.json's flags (an automatic -1 stays
+    -1), with the flags its last launch changed; a flag given on the command line, in any spelling (`-k`, `--no-x`),
+    is this launch's. It used to take every flag not given from the defaults: the resume was refused unless every
+    flag was typed again, and a flag that may change silently went back to its default (--save_steps 2 -> 0)."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "args.json").write_text(json.dumps({
+        "output_dir": "elsewhere/run", "resume": False, "overwrite": True, "k": 4, "lr": -1.0, "cot": "nl",
+        "save_steps": 2, "save_best": True, "gone": 1, "world_size": 2, "python": "3.11.0", "torch": "2.13.0"}))
+    (folder / "launches.jsonl").write_text(
+        json.dumps({"resumed": False, "changed": {}}) + "\n"
+        + json.dumps({"resumed": True, "changed": {"save_steps": [2, 5], "note": ["default", "old"]}}) + "\n"
+        + json.dumps({"resumed": True, "changed": {"note": ["default", "last"]}}) + "\n"
+        + '{"resumed": true, "changed": {"note": ["default", "cut by a ki')
+    parse = sft.parse_args
+    assert parse(Flags, ["--output_dir", str(folder), "--resume"]) == Flags(
+        output_dir=str(folder), resume=True, k=4, lr=-1.0, cot="nl", save_steps=2, save_best=True, note="last")
+    assert parse(Flags, ["--output_dir", str(folder), "--resume", "-k", "8", "--no-save_best", "--save_steps",
+                         "0", "--lr", "-1"]) == Flags(output_dir=str(folder), resume=True, k=8, lr=-1.0, cot="nl",
+                                                       save_steps=0, save_best=False, note="last")
+    assert parse(Flags, ["--output_dir", str(folder), "--resume", "--k", "3"]).k == 3
+    assert parse(Flags, ["--output_dir", str(folder), "--resume", "--overwrite"]).overwrite is True
+    assert parse(Flags, ["--output_dir", str(folder)]) == Flags(output_dir=str(folder))  # without --resume: defaults
+    assert parse(Flags, ["--output_dir", str(tmp_path / "none"), "--resume"]) == Flags(
+        output_dir=str(tmp_path / "none"), resume=True)
+    (folder / "args.json").write_text("{cut")
+    assert parse(Flags, ["--output_dir", str(folder), "--resume"]) == Flags(output_dir=str(folder), resume=True)
+
+
+def test_no_flag_is_abbreviated(runs, tmp_path):
+    """`--ov` was taken as --overwrite and erased the run; now it is argparse's unrecognized argument, and the folder
+    stays as it was. Every parser of the project refuses abbreviations."""
+    import ast
+    before = snapshot(runs / "reft")
+    p = run([PY, "reft.py", "--output_dir", runs / "reft", "--ov"], check=False, timeout=60)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == "reft.py: error: unrecognized arguments: --ov"
+    assert snapshot(runs / "reft") == before
+    parsers = []
+    for path in sorted(ROOT.glob("**/*.py")):
+        if ".venv" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "ArgumentParser":
+                parsers.append(path.relative_to(ROOT))
+                assert any(k.arg == "allow_abbrev" and k.value.value is False for k in node.keywords), path
+    assert len(parsers) > 20
+
+
 def test_lr_zero_trains_at_zero(runs, warmup):
     """--lr 0 used to mean "the automatic rate"; the frozen-policy control needs it to mean 0."""
     from safetensors.torch import load_file
@@ -292,8 +363,10 @@ def test_overwrite_starts_over(runs, warmup, minigsm, tmp_path):
     folder = tmp_path / "reft"
     shutil.copytree(runs / "reft", folder)
     (folder / "notes.txt").write_text("mine\n")
-    run([PY, "reft.py", "--model", warmup, "--data", minigsm, *REFT, "--max_steps", 1, "--output_dir", folder,
-         "--overwrite"])
+    p = run([PY, "reft.py", "--model", warmup, "--data", minigsm, *REFT, "--max_steps", 1, "--output_dir", folder,
+             "--overwrite"])
+    assert (f"--overwrite: removed {folder}/{{args.json, checkpoint-1/, final/, launches.jsonl, metrics.jsonl}}"
+            in p.stdout.splitlines())
     launches = (folder / "launches.jsonl").read_text().splitlines()
     assert len(launches) == 1 and (folder / "notes.txt").read_text() == "mine\n"
     assert [m["step"] for m in read_metrics(folder / "metrics.jsonl")] == [1]

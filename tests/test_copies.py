@@ -42,10 +42,12 @@ COPIES = {
     "check_disk_space": ["sft.py", "reft.py", "rerank.py"],
     "is_disk_full": ["sft.py", "reft.py", "rerank.py"],
     "stop_if_write_failed": ["sft.py", "reft.py", "rerank.py"],
+    "stop_if_disk_full": ["sft.py", "reft.py", "rerank.py"],
     "save_state": ["sft.py", "reft.py", "rerank.py"],
     "load_state": ["sft.py", "reft.py", "rerank.py"],
     "append_metrics": ["sft.py", "reft.py", "rerank.py"],
     "trim_metrics": ["sft.py", "reft.py", "rerank.py"],
+    "stop_on_interrupt": ["sft.py", "reft.py", "rerank.py"],
     "load": ["rerank.py", "evaluate.py"],
     "num_calls": ["rerank.py", "evaluate.py"],
 }

@@ -152,6 +152,66 @@ def test_a_kill_at_each_rename_of_a_save_resumes_from_the_newest_whole_state(poo
                                                                                        "checkpoint-4"]
 
 
+def test_a_resume_given_only_its_folder_ends_as_the_uninterrupted_run(pool, uninterrupted, faulty, tmp_path):
+    """`sft.py --output_dir D --resume` takes every other flag from the run's args.json: it used to take their
+    defaults and refuse the resume (--data, --batch_size, ... differ), or with them all typed again, put the flags
+    that may change back to their defaults (--save_steps 1 -> 0)."""
+    out = tmp_path / "run"
+    killed(faulty, "rename:5", "sft.py", "--data", pool, *TINY, "--output_dir", out)
+    run([PY, "sft.py", "--output_dir", out, "--resume"])
+    assert_same_run(out, uninterrupted)
+    launches = [json.loads(line) for line in (out / "launches.jsonl").read_text().splitlines()]
+    assert [(x["resumed"], x["changed"]) for x in launches] == [(False, {}), (True, {})]
+
+
+def interrupted(cmd, out, processes):
+    """Run `cmd` in a session of its own, Ctrl-C it (SIGINT to its process group, as a terminal does) once a step is
+    logged, and return (each rank's exit status, stderr). Under torchrun each rank runs in a shell that writes the
+    rank's status to out.rank{RANK}."""
+    import signal
+    import subprocess
+    import time
+    if processes > 1:
+        shell = f"{PY} \"$@\"; echo $? > {out}.rank$RANK"
+        cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "--no-python",
+               "bash", "-c", shell, "rank", *cmd]
+    else:
+        cmd = [PY, *cmd]
+    p = subprocess.Popen([str(a) for a in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)
+    _, stderr = p.communicate(timeout=120)
+    if processes == 1:
+        return [p.returncode], stderr
+    return [int((out.parent / f"{out.name}.rank{r}").read_text()) for r in range(processes)], stderr
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_ctrl_c_is_one_line_and_130_on_every_rank_and_the_resume_continues(pool, uninterrupted, tmp_path,
+                                                                            processes):
+    """Ctrl-C printed a KeyboardInterrupt traceback per rank (~80 lines of [rank0]: ...) and no word of --resume.
+    Now every rank exits 130 at once, rank 0 with one line saying how far the run got and the command that
+    continues it, and that command ends on the uninterrupted run's weights."""
+    out = tmp_path / "run"
+    statuses, stderr = interrupted(["sft.py", "--data", pool, *TINY, "--micro_batch_size", 16 // processes,
+                                    "--output_dir", out], out, processes)
+    assert statuses == [130] * processes, stderr[-3000:]
+    ours = [line for line in stderr.splitlines() if "interrupted" in line or "[rank" in line]
+    # torchrun's own SignalException traceback is the launcher's, not a rank's
+    assert stderr.count("Traceback") == stderr.count("elastic.multiprocessing.api.SignalException: Process"), stderr
+    assert len(ours) == 1 and re.fullmatch(rf"interrupted at step \d \(.*\); continue with: sft.py --output_dir "
+                                           rf"{out} --resume", ours[0]), stderr[-3000:]
+    if processes == 1:
+        run([PY, "sft.py", "--output_dir", out, "--resume"])
+        assert_same_run(out, uninterrupted)
+    else:
+        torchrun(2, "sft.py", "--output_dir", out, "--resume")
+        assert [step for step, _ in losses(out)] == [1, 2, 3, 4]
+
+
 def test_a_cut_metrics_line_is_dropped_with_one_warning(pool, uninterrupted, faulty, tmp_path):
     """A kill in the middle of a metrics line made every later --resume crash on it (JSONDecodeError)."""
     out = tmp_path / "run"
@@ -224,6 +284,27 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_partial_state(pool,
     assert error.startswith(f"error: no space left on the disk of {out} while saving the resume state checkpoint-1 "
                             f"(removed; ") and " GB free now)" in error and "\n" not in error, error
     assert not [name for name in os.listdir(out) if name.startswith("checkpoint")]
+
+
+@pytest.mark.parametrize("folder", ["init", "final"])
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line(pool, tmp_path, monkeypatch, folder):
+    """safetensors' writer on a full disk raises SafetensorError("... No space left on device (os error 28)", the
+    message measured on a 200 KB tmpfs), not an OSError: writing init/ or final/ ended in a traceback. Now one line
+    naming the folder."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+    real = transformers.modeling_utils.safe_save_file
+
+    def full_disk(tensors, path, *a, **kw):
+        if os.path.basename(os.path.dirname(path)) == folder:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, *a, **kw)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    out = tmp_path / "run"
+    error = main_error(sft, ["--data", pool, *TINY, "--output_dir", out])
+    assert error.startswith(f"error: no space left on the disk of {out} while writing {out / folder} (") \
+        and error.endswith("GB free now): make room, then continue with --resume") and "\n" not in error, error
 
 
 def test_too_little_disk_for_two_states_is_refused_before_training(pool, tmp_path, monkeypatch):

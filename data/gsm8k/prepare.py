@@ -60,7 +60,7 @@ def to_record(row, item_id, where):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--source", default=None,
                    help="folder with train.jsonl and test.jsonl (None: download openai/gsm8k from the HF hub)")
     p.add_argument("--n_validation", type=int, default=500, help="questions carved out of train for validation")

@@ -223,7 +223,7 @@ def convert(template, idx, item, split, i):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--n_train", type=int, default=5000,
                    help="training questions drawn (train_python keeps only those with a program)")
     p.add_argument("--n_validation", type=int, default=500, help="validation questions drawn")

@@ -123,7 +123,7 @@ def stated_numbers(steps):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--n_train", type=int, default=400, help="training pool size (small and fixed, as in the paper)")
     p.add_argument("--n_validation", type=int, default=500, help="validation questions (model selection)")
     p.add_argument("--n_test", type=int, default=1000, help="test questions (reported, never tuned on)")

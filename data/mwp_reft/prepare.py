@@ -67,7 +67,7 @@ def read(source, name):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--dataset", required=True, choices=["gsm8k", "svamp", "mathqa", "mathqa-numeric"],
                    help="which of the released datasets to prepare")
     p.add_argument("--source", default=None,
