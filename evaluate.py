@@ -746,8 +746,8 @@ def memory_advice(device_bytes, peak, world, batches, gradient_checkpointing):
         smaller = next((b for b in range(value - 1, 0, -1) if peak(world, {**batches, flag: b}, gc) <= device_bytes),
                        None)
         fits += [] if smaller is None else [f"{flag} {smaller}"]
-    return (f"error: the estimated peak memory is {need / 1e9:.1f} GB per device on {world} process(es) "
-            f"(docs/scaling.md), more than this device's {device_bytes / 1e9:.1f} GB; "
+    return (f"error: the estimated peak memory is {need / 1e9:.3g} GB per device on {world} process(es) "
+            f"(docs/scaling.md), more than this device's {device_bytes / 1e9:.3g} GB; "
             + (f"would fit: {' or '.join(fits)}" if fits else "no single change fits (more processes, "
                "--gradient_checkpointing, smaller batches): combine them, or use devices with more memory"))
 

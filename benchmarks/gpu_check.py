@@ -98,12 +98,12 @@ ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
 H200_BF16_DENSE_FLOPS = 989e12  # NVIDIA's H100/H200 SXM datasheet, dense (no sparsity)
 
-# docs/scaling.md (once README.md), "Memory per GPU: 7B policy + value head, 7B reference, FSDP2 over 8 × 80 GB":
-# resident 20 P / N = 16.9 GB; rollout peak ≈ 16.9 + 13.8 (gathered policy, fp32 LM head) + 1.5 (KV cache) ≈ 32 GB;
-# PPO peak ≈ 16.9 + 0.8 + 1.3 + 1.1 + 2 ≈ 22 GB with --gradient_checkpointing, ≈ 32 GB without. No SFT or
-# evaluation row. Update these when that table changes.
-README_GB = {("resident", None): 16.9, ("reft_rollout", None): 32.0,
-             ("reft_ppo_update", True): 22.0, ("reft_ppo_update", False): 32.0}
+# docs/scaling.md (once README.md), "Memory per GPU: 7B policy + value head, 7B reference, FSDP2 over 8 × 80 GB"
+# (the stages' memory_estimate): resident 16 P / N = 13.5 GB (+ 4 P / N of gradients while training); rollout peak
+# ≈ 13.5 + 13.7 (gathered policy, fp32 LM head) + 1.5 (KV cache) ≈ 28.7 GB; PPO peak ≈ 13.5 + 3.4 + 0.8 + 1.3 +
+# 1.1 + 1.1 ≈ 21.3 GB with --gradient_checkpointing, ≈ 32.6 GB without. Update these when that table changes.
+README_GB = {("resident", None): 13.5, ("reft_rollout", None): 28.7,
+             ("reft_ppo_update", True): 21.3, ("reft_ppo_update", False): 32.6}
 
 PHASES = ("sft_step", "rollout_compare", "reft_rollout", "reft_old_ref_forward", "reft_ppo_update",
           "eval_generation", "padded_batch", "checkpoint_round_trip", "resume_round_trip")
@@ -1071,7 +1071,7 @@ def report(result):
                          f"{fmt(e.get('fsdp8_gb')):>8}{fmt(e.get('fsdp8_max_gb')):>8}"
                          f"{fmt(e.get('fsdp8_resident_gb')):>8}{fmt(e.get('readme_gb'), '.1f'):>8}")
         lines.append(f"(Llama at CodeLlama-7B width, 2 and 4 layers extrapolated to 32; docs/scaling.md's resident "
-                     f"20 P / N = {README_GB[('resident', None)]} GB counts the gradients, resid/8 does not)")
+                     f"16 P / N = {README_GB[('resident', None)]} GB: weights, AdamW's moments and the reference)")
     return "\n".join(lines)
 
 
