@@ -503,8 +503,8 @@ def paper_estimate(args, out):
     ]
     memory = memory_per_gpu(args, n, config, d)
     lines.append(
-        f"  memory per GPU, peak (docs/scaling.md's arithmetic, which each stage checks against its GPU before "
-        f"loading): " + ", ".join(f"{stage} {gb(b)}" for stage, b in memory.items())
+        "  memory per GPU, peak (docs/scaling.md's arithmetic, which each stage checks against its GPU before "
+        "loading): " + ", ".join(f"{stage} {gb(b)}" for stage, b in memory.items())
         + f" on {args.nproc} GPUs; an A100 has 80 GB"
         + ("" if max(memory.values()) <= 80e9 else
            f" ({', '.join(s for s, b in memory.items() if b > 80e9)} would stop: more GPUs needed)"))
