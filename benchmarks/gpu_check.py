@@ -798,6 +798,7 @@ class Check:
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         want = get_model_state_dict(policy, options=full)
         folder = tempfile.mkdtemp(prefix="gpu_check_checkpoint_")
+        config_dtype = policy.lm.config.dtype  # save_checkpoint sets it to the saved dtype; the later phases keep theirs
         try:
             path = os.path.join(folder, "final")
             self.sync()
@@ -816,6 +817,7 @@ class Check:
             buffers = dict(policy.lm.named_buffers())
             bad_buffers = [n for n, b in loaded.named_buffers() if not torch.equal(b.cpu(), buffers[n].cpu())]
         finally:
+            policy.lm.config.dtype = config_dtype
             shutil.rmtree(folder, ignore_errors=True)
         expected = {k.removeprefix("lm."): v for k, v in want.items() if k.startswith("lm.")}
         bad = sorted(k for k in expected.keys() | got.keys() if k not in got or k not in expected
