@@ -263,6 +263,17 @@ def main(args):
     mine = records[rank::world]
     rows = [{"index": rank + world * i, "item_id": r["item_id"], "gold": r["answer_value"]} for i, r in enumerate(mine)]
 
+    device_bytes = device_memory(device)
+    if device_bytes is not None:  # a run that cannot fit stops now, not at an OOM after minutes of loading
+        import transformers
+        config = transformers.AutoConfig.from_pretrained(args.model)
+        ptok = transformers.AutoTokenizer.from_pretrained(args.model)
+        longest = max(len(reward.encode_prompt(ptok, reward.build_prompt(r["question"], args.cot, sampling=True)))
+                      for r in records)
+        error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
+                             device_bytes, longest)
+        if error is not None:
+            raise SystemExit(error)
     model, tok = load("AutoModelForCausalLM", args.model, "--model", mesh, device)
     model.eval()
     if rank == 0:  # after the checks and the policy's loading: a refused command writes nothing
@@ -404,6 +415,17 @@ def check_verifier(path):
         raise SystemExit(f"error: --verifier {path}: cannot read its config ({str(e).splitlines()[0]})")
     if num_labels != 1:
         raise SystemExit(f"error: --verifier {path}: not a verifier written by rerank.py (a classifier with one label)")
+
+
+def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
+    """None when this run's estimated peak memory per device (memory_estimate) fits `device_bytes`, else the error
+    line (memory_advice): the policy's fp32 weights (4 bytes per parameter), gathered for generation with the KV cache
+    of --batch_size sequences of the longest prompt (`prompt_tokens`) + --max_new_tokens. The verifier comes after
+    the policy is dropped and only scores (no KV cache, no gradients)."""
+    def peak(world, batches, gradient_checkpointing):
+        return memory_estimate(n_params, config, world, bf16, 4, 0, 0, False,
+                               batches["--batch_size"] * (prompt_tokens + args.max_new_tokens))["generation"]
+    return memory_advice(device_bytes, peak, world, {"--batch_size": args.batch_size}, None)
 
 
 def load_questions(args):
@@ -688,6 +710,85 @@ def gathered_for_generation(model):
                 for group in groups:  # (older torch: one group per module)
                     if group is not None:
                         group._post_forward_indices.clear()
+
+
+# ----------------------------------------------------------------------------- memory before loading
+
+# a copy kept identical across stage files: tests/test_copies.py
+def device_memory(device):
+    """The device's memory in bytes on CUDA; None elsewhere (no memory check on the CPU)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def config_params(config):
+    """The parameter count of a causal LM of `config` (config.json, read before anything loads), built on the meta
+    device: no memory, no weights read."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def memory_estimate(n_params, config, world, bf16, state_bytes, grad_bytes, train_tokens, gradient_checkpointing,
+                    gen_tokens):
+    """Estimated peak bytes per device of each phase of a stage, {"training": ..., "generation": ...} (0 for a phase
+    it does not run), before anything loads: the arithmetic of docs/scaling.md's table "Memory per GPU", row by row,
+    for any model from its config.json. P = n_params, N = world (one device per process), c = 2 bytes per gathered
+    parameter in bf16 (4 in fp32).
+
+    Every phase: `state_bytes` per parameter, sharded (÷ N): the fp32 weights 4, AdamW's two moments 8, ReFT's fp32
+    reference 4. Generation (gathered_for_generation; one call's KV cache holds `gen_tokens` = sequences × their
+    prompt + new tokens): the model gathered once, c · P with the LM head in fp32 (head_groups), and the KV cache,
+    2 · layers · KV width · c bytes per token; no gradients (zero_grad frees them after every step).
+    Training (one micro-batch of `train_tokens`): `grad_bytes` per parameter of sharded fp32 gradients; two blocks
+    gathered (one computing, the next prefetched) and one block's unsharded fp32 gradient before its reduce-scatter,
+    P / layers parameters each; the LM head gathered in fp32; fp32 logits of tokens × vocabulary, ~3 live copies
+    (logits, log-softmax, its gradient); activations: 34 · tokens · hidden bytes per layer in 16 bits (Korthikanti et
+    al. 2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 1 without its attention-score term,
+    which SDPA's fused kernels never store) in every layer, or with gradient checkpointing each layer's input
+    (tokens · hidden · c) and one layer recomputed.
+    Not counted: the CUDA context, NCCL's buffers and the allocator's fragmentation (a few GB): an estimate just under
+    the device's memory can still run out."""
+    c = 2 if bf16 else 4
+    layers, hidden, heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
+    kv_width = hidden // heads * (getattr(config, "num_key_value_heads", None) or heads)
+    head = config.vocab_size * hidden
+    resident = state_bytes * n_params / world
+    generation = training = 0
+    if gen_tokens:
+        generation = resident + c * (n_params - head) + 4 * head + gen_tokens * 2 * layers * kv_width * c
+    if train_tokens:
+        layer = 34 * train_tokens * hidden * c / 2
+        activations = layers * train_tokens * hidden * c + layer if gradient_checkpointing else layers * layer
+        training = (resident + grad_bytes * n_params / world + (2 * c + 4) * n_params / layers + 4 * head
+                    + 3 * 4 * train_tokens * config.vocab_size + activations)
+    return {"training": training, "generation": generation}
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def memory_advice(device_bytes, peak, world, batches, gradient_checkpointing):
+    """None when the estimated peak bytes per device, peak(world, batches, gradient_checkpointing), fit in
+    `device_bytes`; else the one error line: the estimate, the device's memory and each single change that fits:
+    more processes (one device each: the fewest of 2, 4, ..., 1024 times as many), --gradient_checkpointing (unless
+    `gradient_checkpointing` is None: a stage without the flag), or the largest smaller value of one of `batches`
+    ({flag: value})."""
+    gc = bool(gradient_checkpointing)
+    need = peak(world, batches, gc)
+    if need <= device_bytes:
+        return None
+    more = next((world * 2 ** i for i in range(1, 11) if peak(world * 2 ** i, batches, gc) <= device_bytes), None)
+    fits = [] if more is None else [f"{more} processes"]
+    if gradient_checkpointing is False and peak(world, batches, True) <= device_bytes:
+        fits.append("--gradient_checkpointing")
+    for flag, value in batches.items():
+        smaller = next((b for b in range(value - 1, 0, -1) if peak(world, {**batches, flag: b}, gc) <= device_bytes),
+                       None)
+        fits += [] if smaller is None else [f"{flag} {smaller}"]
+    return (f"error: the estimated peak memory is {need / 1e9:.3g} GB per device on {world} process(es) "
+            f"(docs/scaling.md), more than this device's {device_bytes / 1e9:.3g} GB; "
+            + (f"would fit: {' or '.join(fits)}" if fits else "no single change fits (more processes, "
+               "--gradient_checkpointing, smaller batches): combine them, or use devices with more memory"))
 
 
 # a copy kept identical across stage files: tests/test_copies.py

@@ -358,6 +358,17 @@ def main(args):
         f"accumulation {accum}, world {world}")
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
 
+    device_bytes = device_memory(device)
+    if device_bytes is not None and args.model != "tiny":  # `tiny` is a few MB
+        # a run that cannot fit stops now, not at its first OOM after minutes of loading
+        from transformers import AutoConfig
+        path, kw = hf_location(args.model)
+        config = AutoConfig.from_pretrained(path, **kw)
+        prompts = [reward.build_prompt(r["question"], args.cot, sampling=True) for r in eval_records or []]
+        error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
+                             device_bytes, max((len(reward.encode_prompt(tok, p)) for p in prompts), default=0))
+        if error is not None:
+            raise SystemExit(error)
     if rank == 0:
         begin_run(args, flags, world, resuming)
     dist.barrier()
@@ -833,6 +844,85 @@ def gathered_for_generation(model):
                         group._post_forward_indices.clear()
 
 
+# ----------------------------------------------------------------------------- memory before loading
+
+# a copy kept identical across stage files: tests/test_copies.py
+def device_memory(device):
+    """The device's memory in bytes on CUDA; None elsewhere (no memory check on the CPU)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def config_params(config):
+    """The parameter count of a causal LM of `config` (config.json, read before anything loads), built on the meta
+    device: no memory, no weights read."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def memory_estimate(n_params, config, world, bf16, state_bytes, grad_bytes, train_tokens, gradient_checkpointing,
+                    gen_tokens):
+    """Estimated peak bytes per device of each phase of a stage, {"training": ..., "generation": ...} (0 for a phase
+    it does not run), before anything loads: the arithmetic of docs/scaling.md's table "Memory per GPU", row by row,
+    for any model from its config.json. P = n_params, N = world (one device per process), c = 2 bytes per gathered
+    parameter in bf16 (4 in fp32).
+
+    Every phase: `state_bytes` per parameter, sharded (÷ N): the fp32 weights 4, AdamW's two moments 8, ReFT's fp32
+    reference 4. Generation (gathered_for_generation; one call's KV cache holds `gen_tokens` = sequences × their
+    prompt + new tokens): the model gathered once, c · P with the LM head in fp32 (head_groups), and the KV cache,
+    2 · layers · KV width · c bytes per token; no gradients (zero_grad frees them after every step).
+    Training (one micro-batch of `train_tokens`): `grad_bytes` per parameter of sharded fp32 gradients; two blocks
+    gathered (one computing, the next prefetched) and one block's unsharded fp32 gradient before its reduce-scatter,
+    P / layers parameters each; the LM head gathered in fp32; fp32 logits of tokens × vocabulary, ~3 live copies
+    (logits, log-softmax, its gradient); activations: 34 · tokens · hidden bytes per layer in 16 bits (Korthikanti et
+    al. 2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 1 without its attention-score term,
+    which SDPA's fused kernels never store) in every layer, or with gradient checkpointing each layer's input
+    (tokens · hidden · c) and one layer recomputed.
+    Not counted: the CUDA context, NCCL's buffers and the allocator's fragmentation (a few GB): an estimate just under
+    the device's memory can still run out."""
+    c = 2 if bf16 else 4
+    layers, hidden, heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
+    kv_width = hidden // heads * (getattr(config, "num_key_value_heads", None) or heads)
+    head = config.vocab_size * hidden
+    resident = state_bytes * n_params / world
+    generation = training = 0
+    if gen_tokens:
+        generation = resident + c * (n_params - head) + 4 * head + gen_tokens * 2 * layers * kv_width * c
+    if train_tokens:
+        layer = 34 * train_tokens * hidden * c / 2
+        activations = layers * train_tokens * hidden * c + layer if gradient_checkpointing else layers * layer
+        training = (resident + grad_bytes * n_params / world + (2 * c + 4) * n_params / layers + 4 * head
+                    + 3 * 4 * train_tokens * config.vocab_size + activations)
+    return {"training": training, "generation": generation}
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def memory_advice(device_bytes, peak, world, batches, gradient_checkpointing):
+    """None when the estimated peak bytes per device, peak(world, batches, gradient_checkpointing), fit in
+    `device_bytes`; else the one error line: the estimate, the device's memory and each single change that fits:
+    more processes (one device each: the fewest of 2, 4, ..., 1024 times as many), --gradient_checkpointing (unless
+    `gradient_checkpointing` is None: a stage without the flag), or the largest smaller value of one of `batches`
+    ({flag: value})."""
+    gc = bool(gradient_checkpointing)
+    need = peak(world, batches, gc)
+    if need <= device_bytes:
+        return None
+    more = next((world * 2 ** i for i in range(1, 11) if peak(world * 2 ** i, batches, gc) <= device_bytes), None)
+    fits = [] if more is None else [f"{more} processes"]
+    if gradient_checkpointing is False and peak(world, batches, True) <= device_bytes:
+        fits.append("--gradient_checkpointing")
+    for flag, value in batches.items():
+        smaller = next((b for b in range(value - 1, 0, -1) if peak(world, {**batches, flag: b}, gc) <= device_bytes),
+                       None)
+        fits += [] if smaller is None else [f"{flag} {smaller}"]
+    return (f"error: the estimated peak memory is {need / 1e9:.3g} GB per device on {world} process(es) "
+            f"(docs/scaling.md), more than this device's {device_bytes / 1e9:.3g} GB; "
+            + (f"would fit: {' or '.join(fits)}" if fits else "no single change fits (more processes, "
+               "--gradient_checkpointing, smaller batches): combine them, or use devices with more memory"))
+
+
 # ----------------------------------------------------------------------------- model and tokenizer
 
 def train_tiny_tokenizer(texts, vocab_size):
@@ -874,6 +964,22 @@ def load_tokenizer(args, train_texts):
         else:
             tok.add_special_tokens({"pad_token": "<pad>"})
     return tok
+
+
+def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
+    """None when this run's estimated peak memory per device (memory_estimate) fits `device_bytes`, else the error
+    line (memory_advice). Resident: the fp32 weights and AdamW's moments, 12 bytes per parameter; the fp32 gradients,
+    4, during training. Training: --micro_batch_size examples of up to --max_length tokens. Generation (with
+    --eval_every_epoch): --eval_batch_size sequences of the longest evaluation prompt (`prompt_tokens`) +
+    --max_new_tokens."""
+    def peak(world, batches, gradient_checkpointing):
+        gen = batches["--eval_batch_size"] * (prompt_tokens + args.max_new_tokens) if args.eval_every_epoch else 0
+        return max(memory_estimate(n_params, config, world, bf16, 12, 4,
+                                   batches["--micro_batch_size"] * args.max_length, gradient_checkpointing,
+                                   gen).values())
+    return memory_advice(device_bytes, peak, world, {"--micro_batch_size": args.micro_batch_size,
+                                                     "--eval_batch_size": args.eval_batch_size},
+                         args.gradient_checkpointing)
 
 
 def hf_location(model):

@@ -1,6 +1,7 @@
-"""A prepared one-GPU check of the 7B path: memory per phase, training MFU and rollout speed (est. 3-5 min).
+"""A prepared one-GPU check of the 7B path: the real path's checks (padded batches, the checkpoint and the resume
+state round trips, FSDP against a plain copy), memory per phase, training MFU and rollout speed (under 8 minutes).
 
-    python benchmarks/gpu_check.py --out $OUT/gpu_check.json          # one GPU (H200), at most ~8 minutes
+    python benchmarks/gpu_check.py --out $OUT/gpu_check.json          # one GPU (H200), under 8 minutes in all
     python benchmarks/gpu_check.py --device cpu --small --out x.json   # the same code on tiny models (the tests)
 
 Nothing is downloaded: the models are random-init Llamas of CodeLlama-7B's width (hidden 4096, 32 heads,
@@ -11,12 +12,28 @@ fp32 master weights, bf16 compute on GPU), `sft.token_nll_sum`, `reft.PolicyWith
 `reft.gathered_for_generation`, the PPO losses, and `model.generate` inside `evaluate.gathered_for_generation`.
 Shapes are the paper's: SFT micro-batch 4 × 1024 tokens; ReFT micro-batch 4 × (300 prompt + 400 response) = 700
 tokens (the response never ends: EOS id -1, the worst case); evaluation batch 50 × (300 + 700 sampled tokens).
+Sequences have different lengths everywhere, padded as the stages pad them: prompts on the left, from the full
+length down to about half of it (`tokens`), SFT examples on the right (sft.collate).
 
-Phases, for each (family, layers, gradient checkpointing off/on); each one is timed between
-torch.cuda.synchronize() calls and has its own peak (reset_peak_memory_stats / max_memory_allocated):
+The checks, each with a verdict in the JSON's `verdicts` (pass, fail with the reason, or skipped with the reason;
+any fail or phase error makes the exit status 1), run early (with the first ReFT group of each family, gc off):
+  padded_batch            (each layer count) a left-padded batch through the sharded policy and reference (log-probs,
+                          values) and greedy generation in gathered_for_generation (generate's prefill and decoding
+                          with the KV cache, and reft.sample): finite, and each row equal to that row run alone,
+                          unpadded (1e-4 in fp32, 0.1 in bf16: `padded_check` says why)
+  checkpoint_round_trip   reft.save_checkpoint, then reft.load_sharded (meta device, to_empty, rank 0's broadcast):
+                          every tensor equal to the policy's in the saved dtype; save and load timed
+  resume_round_trip       reft.save_resume_state (DCP, manifest, rename), weights and AdamW state changed, then
+                          reft.load_resume_state: all equal to what was saved; timed (both round trips write to a
+                          temporary folder, removed after: ~8 GB for the 2-layer Llama's resume state)
+  same_samples_fsdp_vs_plain  (rollout_compare) the sharded policy and a plain copy computing as FSDP does
+                          (fsdp_like_copy: bf16 blocks, fp32 LM head) sample the same tokens
+
+Phases, for each (family, layers, gradient checkpointing off/on), each timed between
+torch.cuda.synchronize() calls, with its own peak (reset_peak_memory_stats / max_memory_allocated):
   sft_step              sft.py's step: token_nll_sum, backward, clip, AdamW(foreach).step, zero_grad
   rollout_compare       (checkpointing off, Llama) batch 4 and 32: reft.sample and HF generate, each on the
-                        FSDP-sharded policy inside reft.gathered_for_generation and on a plain bf16 copy of it
+                        FSDP-sharded policy inside reft.gathered_for_generation and on a plain copy (fsdp_like_copy)
   reft_rollout          reft.sample of 4 × 400 tokens inside gathered_for_generation
   reft_old_ref_forward  old log-probs, values and entropy from the policy, reference log-probs (bf16 model)
   reft_ppo_update       one PPO minibatch: forward, policy + value loss, backward, clip, AdamW step
@@ -58,8 +75,8 @@ would halve them);
 embedding look-ups are not FLOPs; recomputation under gradient checkpointing is not counted (model FLOPs,
 not hardware FLOPs). Rollouts report generated tokens/s (batch × new tokens ÷ seconds) and the FSDP hook cost:
 (ms per decoding step of reft.sample on the sharded, gathered policy, its one gather and reshard included) -
-(the same on the plain bf16 copy, whose parameters alone are cast: buffers such as rotary inv_freq stay fp32, as
-under FSDP's policy, so both sample the same tokens: `same_samples_fsdp_vs_plain`).
+(the same on the plain copy, which computes as FSDP's policy does: bf16 blocks, the LM head in fp32, buffers such
+as rotary inv_freq in fp32, so both sample the same tokens: `same_samples_fsdp_vs_plain`).
 
 Versions: written for torch ≥ 2.11 and transformers ≥ 5.17 (the GPU machine's); nothing newer is used.
 """
@@ -68,7 +85,9 @@ import copy
 import gc
 import json
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -79,15 +98,18 @@ ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
 H200_BF16_DENSE_FLOPS = 989e12  # NVIDIA's H100/H200 SXM datasheet, dense (no sparsity)
 
-# docs/scaling.md (once README.md), "Memory per GPU: 7B policy + value head, 7B reference, FSDP2 over 8 × 80 GB":
-# resident 20 P / N = 16.9 GB; rollout peak ≈ 16.9 + 13.8 (gathered policy, fp32 LM head) + 1.5 (KV cache) ≈ 32 GB;
-# PPO peak ≈ 16.9 + 0.8 + 1.3 + 1.1 + 2 ≈ 22 GB with --gradient_checkpointing, ≈ 32 GB without. No SFT or
-# evaluation row. Update these when that table changes.
-README_GB = {("resident", None): 16.9, ("reft_rollout", None): 32.0,
-             ("reft_ppo_update", True): 22.0, ("reft_ppo_update", False): 32.0}
+# docs/scaling.md (once README.md), "Memory per GPU: 7B policy + value head, 7B reference, FSDP2 over 8 × 80 GB"
+# (the stages' memory_estimate): resident 16 P / N = 13.5 GB (+ 4 P / N of gradients while training); rollout peak
+# ≈ 13.5 + 13.7 (gathered policy, fp32 LM head) + 1.5 (KV cache) ≈ 28.7 GB; PPO peak ≈ 13.5 + 3.4 + 0.8 + 1.3 +
+# 1.1 + 1.1 ≈ 21.3 GB with --gradient_checkpointing, ≈ 32.6 GB without. Update these when that table changes.
+README_GB = {("resident", None): 13.5, ("reft_rollout", None): 28.7,
+             ("reft_ppo_update", True): 21.3, ("reft_ppo_update", False): 32.6}
 
 PHASES = ("sft_step", "rollout_compare", "reft_rollout", "reft_old_ref_forward", "reft_ppo_update",
-          "eval_generation")
+          "eval_generation", "padded_batch", "checkpoint_round_trip", "resume_round_trip")
+# The checks with a verdict (pass, fail, or skipped with the reason) in the JSON's `verdicts`: the three phases of
+# that name (each returns "pass") and rollout_compare's same_samples_fsdp_vs_plain.
+CHECKS = ("same_samples_fsdp_vs_plain", "padded_batch", "checkpoint_round_trip", "resume_round_trip")
 
 
 def parse_args(argv=None):
@@ -98,7 +120,8 @@ def parse_args(argv=None):
     p.add_argument("--small", action="store_true", help="tiny widths and shapes (for the CPU test)")
     p.add_argument("--out", default=None,
                    help="JSON path (None: $OUT/gpu_check.json when $OUT is set, else runs/gpu_check.json)")
-    p.add_argument("--budget_s", type=float, default=420.0, help="start no phase after this many seconds")
+    p.add_argument("--budget_s", type=float, default=330.0,
+                   help="start no phase after this many seconds (with --grace_s and the imports: under 8 minutes)")
     p.add_argument("--grace_s", type=float, default=90.0,
                    help="watchdog: write the JSON and exit this many seconds after --budget_s")
     p.add_argument("--families", default="llama,opt", help="comma-separated model families: llama, opt")
@@ -122,10 +145,12 @@ def shapes(small):
     if small:
         return dict(sft_batch=2, sft_len=64, sft_prompt=16, reft_batch=2, prompt=16, response=48,
                     eval_batch=4, eval_prompt=16, eval_new=32, rollout_batches=(2, 4), rollout_prompt=16,
-                    rollout_new=16, sft_steps=2, reft_iters=2, repeats=1, matmul_n=256)
+                    rollout_new=16, sft_steps=2, reft_iters=2, repeats=1, matmul_n=256, pad_batch=3,
+                    pad_response=8, pad_new=8)
     return dict(sft_batch=4, sft_len=1024, sft_prompt=200, reft_batch=4, prompt=300, response=400,
                 eval_batch=50, eval_prompt=300, eval_new=700, rollout_batches=(4, 32), rollout_prompt=300,
-                rollout_new=256, sft_steps=3, reft_iters=2, repeats=2, matmul_n=8192)
+                rollout_new=256, sft_steps=3, reft_iters=2, repeats=2, matmul_n=8192, pad_batch=4, pad_response=16,
+                pad_new=16)
 
 
 def model_config(family, layers, small):
@@ -151,6 +176,33 @@ def params_to(model, dtype):
     for p in model.parameters():
         p.data = p.data.to(dtype)
     return model
+
+
+def fsdp_like_copy(lm, dtype, stage):
+    """A plain (unsharded) copy of `lm` that computes as the stages' FSDP2 sharding (stage.shard) does: parameters in
+    `dtype`, buffers untouched (as params_to), but the head groups' (stage.head_groups: the LM head, with the input
+    embedding when tied) kept in fp32; each module's floating inputs cast as FSDP's MixedPrecisionPolicy casts them
+    (cast_forward_inputs): to fp32 for a head group, to `dtype` for a decoder block. A copy whose LM head is bf16
+    too draws other Gumbel-max tokens than the sharded policy (0.23% of them at 7B width and batch 32 × 256)."""
+    import torch
+    plain = copy.deepcopy(lm)
+    fp32 = {id(p) for group in stage.head_groups(plain) for module in group for p in module.parameters()}
+    for p in plain.parameters():
+        if id(p) not in fp32:
+            p.data = p.data.to(dtype)
+
+    def cast_inputs(to):
+        def hook(module, args, kwargs):
+            def cast(x):
+                return x.to(to) if torch.is_tensor(x) and x.is_floating_point() else x
+            return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+        return hook
+    for block in stage.decoder_blocks(plain):
+        block.register_forward_pre_hook(cast_inputs(dtype), with_kwargs=True)
+    for group in stage.head_groups(plain):
+        for module in group:
+            module.register_forward_pre_hook(cast_inputs(torch.float32), with_kwargs=True)
+    return plain
 
 
 # ----------------------------------------------------------------------------- arithmetic (pure)
@@ -230,6 +282,29 @@ def summarize(phases):
                                   "same_samples_fsdp_vs_plain")}
                for r in phases if r["phase"] == "rollout_compare" and r["status"] == "ok"]
     return ext, rollout
+
+
+def verdicts(phases):
+    """{check: {"verdict": "pass" | "fail" | "skipped", ...}} for each of CHECKS from the recorded phases: fail when
+    any of its runs failed or raised (each named, with its reason), skipped (with the reason) when none ran, else
+    pass with the number of runs."""
+    out = {}
+    for name in CHECKS:
+        phase, key = ("rollout_compare", name) if name == "same_samples_fsdp_vs_plain" else (name, "pass")
+        recs = [r for r in phases if r["phase"] == phase]
+        ran = [r for r in recs if r["status"] != "skipped"]
+        failed = [r for r in ran if r["status"] == "error" or not r.get(key)]
+        where = lambda r: " ".join(f"{k}={r[k]}" for k in ("family", "layers", "batch") if k in r)  # noqa: E731
+        if failed:
+            out[name] = {"verdict": "fail", "reason": "; ".join(
+                f"{where(r)}: {r.get('error') or r.get('reason') or 'the FSDP and plain samplers drew other tokens'}"
+                for r in failed)[:2000]}
+        elif ran:
+            out[name] = {"verdict": "pass", "runs": len(ran)}
+        else:
+            out[name] = {"verdict": "skipped", "reason": recs[0]["reason"] if recs else
+                         "not reached (its family or layer count was not asked for, or the run stopped before it)"}
+    return out
 
 
 # ----------------------------------------------------------------------------- the check
@@ -422,11 +497,17 @@ class Check:
             out["mfu_vs_989"] = flops / seconds / H200_BF16_DENSE_FLOPS
         return out
 
-    def tokens(self, batch, length):
-        """Random token ids above the special ones (0 pad, 1 bos, 2 eos), all real (no padding)."""
-        vocab = self.cfg_vocab
-        ids = self.torch.randint(3, vocab, (batch, length), device=self.device)
-        return ids, self.torch.ones_like(ids)
+    def tokens(self, batch, length, side="left"):
+        """Random token ids above the special ones (0 pad, 1 bos, 2 eos) for `batch` sequences of different lengths,
+        from `length` (the first row) down to about half of it, padded with 0 on `side` as the stages pad: prompts on
+        the left (rollouts, generation), SFT examples on the right (sft.collate). Returns (ids, mask), (batch, length)."""
+        torch = self.torch
+        ids = torch.randint(3, self.cfg_vocab, (batch, length), device=self.device)
+        lengths = torch.tensor([length - i * (length // 2) // max(1, batch - 1) for i in range(batch)],
+                               device=self.device)
+        cols = torch.arange(length, device=self.device)
+        mask = (cols >= length - lengths[:, None]) if side == "left" else (cols < lengths[:, None])
+        return ids.masked_fill(~mask, 0), mask.long()
 
     # -- SFT
     def sft_group(self, family, layers, gc_on):
@@ -449,8 +530,8 @@ class Check:
 
         def step():
             lm, opt = state["lm"], state["opt"]
-            ids, attn = self.tokens(sh["sft_batch"], sh["sft_len"])
-            labels_ = ids.clone()
+            ids, attn = self.tokens(sh["sft_batch"], sh["sft_len"], side="right")
+            labels_ = ids.masked_fill(attn == 0, -100)
             labels_[:, :sh["sft_prompt"]] = -100
             n_tokens = int((labels_[:, 1:] != -100).sum())
             rec = {}
@@ -501,7 +582,7 @@ class Check:
             state["flops_params"] = self.matmul_params(lm)
             ref_lm = params_to(copy.deepcopy(lm), self.ref_dtype)
             if compare:
-                state["plain"] = params_to(copy.deepcopy(lm), self.compute_dtype).eval()
+                state["plain"] = fsdp_like_copy(lm, self.compute_dtype, reft).eval()
             with torch.device(self.device):
                 torch.manual_seed(1)
                 policy = reft.PolicyWithValueHead(lm)
@@ -531,6 +612,12 @@ class Check:
             warm = self.phase("reft_warmup_iteration", lambda: self.reft_iteration(state), needs=needs, **labels)
             needs = needs if warm or needs is not True else "needs reft_warmup_iteration, which failed"
         self.reft_iteration(state, record=labels, needs=needs)
+        if not gc_on:
+            built = self.after(ok, "build_reft")
+            self.phase("padded_batch", lambda: self.padded_check(state), needs=built, **labels)
+            if layers == min(self.args.layers):  # the files do not change with depth: once per family
+                self.phase("checkpoint_round_trip", lambda: self.checkpoint_round_trip(state), needs=built, **labels)
+                self.phase("resume_round_trip", lambda: self.resume_round_trip(state), needs=built, **labels)
 
     def reft_iteration(self, state, record=None, needs=True):
         """One iteration of reft.main's loop: rollout (step 1), old/ref log-probs (3), rewards and GAE (4-5) and one
@@ -627,8 +714,188 @@ class Check:
         self.phase("reft_ppo_update", ppo, needs=self.after(ok, "reft_old_ref_forward"), **record)
         return {}
 
+    # -- the checks of the real path: padded batches, the checkpoint and the resume state
+    def padded_check(self, state):
+        """A batch of prompts of different lengths, left-padded, + responses: through the sharded policy (log-probs and
+        values, as the rollout forwards and the PPO update take them) and the reference; and greedy generation inside
+        gathered_for_generation, its prefill and decoding steps with the KV cache (transformers' generate, as
+        evaluate.py and the greedy evaluations, and reft.sample). Passes when every figure is finite and each row
+        equals the same row run alone, unpadded: log-probs, values and generate's logits (at every step up to the
+        first where the two greedy paths part: a bf16 near-tie may flip a token) within the tolerance, and in fp32
+        the same greedy tokens from reft.sample. Tolerance: 1e-4 in fp32 (CPU: the reduction order only); 0.1 in
+        bf16, whose 8-bit significand rounds every activation by up to 2^-9 relative while the padded batch runs
+        other kernels (masked attention, other shapes): logits of std ~1.3 at 7B width then differ by ~0.01, several
+        times that at the maximum over ~10^7 entries. A NaN, a shifted position or a pad leaking into a real row
+        differs by far more."""
+        torch, reft, sh = self.torch, self.reft, self.sh
+        policy, ref = state["policy"], state["ref"]
+        policy.eval()
+        B, P, R, G = sh["pad_batch"], sh["prompt"], sh["pad_response"], sh["pad_new"]
+        fp32 = self.compute_dtype == torch.float32
+        tol = 1e-4 if fp32 else 0.1
+        ids, mask = self.tokens(B, P)
+        full = torch.cat([ids, torch.randint(3, self.cfg_vocab, (B, R), device=self.device)], 1)
+        attn = torch.cat([mask, torch.ones_like(mask[:, :R])], 1)
+        lengths = mask.sum(1).tolist()
+
+        def forwards(x, a, p):  # the policy's log-probs and values, the reference's log-probs: (b, R, V), (b, R), ...
+            logits, values = policy(x, a, p)
+            ref_logits, _ = ref(x, a, p)
+            return torch.log_softmax(logits.float(), -1), values.float(), torch.log_softmax(ref_logits.float(), -1)
+
+        def generate(x, a):  # G tokens each way (no EOS stops it): generate's tokens and raw logits, reft.sample's
+            with reft.gathered_for_generation(policy):
+                out = policy.lm.generate(input_ids=x, attention_mask=a, do_sample=False, max_new_tokens=G,
+                                         min_new_tokens=G, pad_token_id=0, eos_token_id=2, output_logits=True,
+                                         return_dict_in_generate=True)
+                sampled = reft.sample(policy.lm, x, a, G, -1, 0, 0.0, list(range(x.size(0))))
+            return out.sequences[:, x.size(1):], torch.stack(out.logits, 1).float(), sampled
+
+        def gap(a, b):  # the largest difference; inf when either side is not finite
+            d = (a - b).abs().max()
+            return float(d) if bool(torch.isfinite(d)) else float("inf")
+
+        worst = dict(logprobs=0.0, values=0.0, ref_logprobs=0.0, generate_logits=0.0)
+        same_greedy = 0
+        with torch.no_grad():
+            padded = forwards(full, attn, P)
+            gen_tokens, gen_logits, sampled = generate(ids, mask)
+            finite = all(bool(torch.isfinite(t).all()) for t in (*padded, gen_logits))
+            for i, n in enumerate(lengths):
+                row = full[i:i + 1, P - n:]
+                for key, a, b in zip(("logprobs", "values", "ref_logprobs"), padded, forwards(row, attn[i:i + 1, P - n:], n)):
+                    worst[key] = max(worst[key], gap(a[i], b[0]))
+                tokens, logits, alone = generate(ids[i:i + 1, P - n:], mask[i:i + 1, P - n:])
+                parted = (gen_tokens[i] != tokens[0]).nonzero()
+                upto = int(parted[0]) + 1 if len(parted) else G
+                worst["generate_logits"] = max(worst["generate_logits"], gap(gen_logits[i, :upto], logits[0, :upto]))
+                same_greedy += bool(torch.equal(sampled[i], alone[0]))
+        ok = finite and max(worst.values()) <= tol and (same_greedy == B or not fp32)
+        rec = {"pass": ok, "batch": B, "prompt_lengths": lengths, "response": R, "new_tokens": G, "finite": finite,
+               "tolerance": tol, **{f"max_diff_{k}": v for k, v in worst.items()},
+               "sampler_same_greedy_rows": same_greedy}
+        if not ok:
+            rec["reason"] = (f"finite {finite}, largest differences from the unpadded rows {worst} (tolerance {tol}), "
+                             f"reft.sample's greedy tokens equal in {same_greedy} of {B} rows")
+        return rec
+
+    def tokenizer(self):
+        """A small real tokenizer for save_checkpoint to save beside the weights (sft.py's tiny BPE)."""
+        if getattr(self, "_tok", None) is None:
+            self._tok = self.sft.train_tiny_tokenizer(["a prepared check of the GPU path"], 300)
+        return self._tok
+
+    def checkpoint_round_trip(self, state):
+        """reft.save_checkpoint (rank 0 gathers the full state dict and writes the HF folder in the compute dtype,
+        with value_head.safetensors) and back through reft.load_sharded as the stages read a checkpoint (rank 0 reads
+        it; every rank builds the model on the meta device, shards it, to_empty, and receives rank 0's broadcast):
+        passes when every weight, buffer and value-head tensor equals the policy's rounded to the saved dtype. Timed."""
+        torch, reft = self.torch, self.reft
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from transformers import AutoModelForCausalLM
+        policy, dtype = state["policy"], self.compute_dtype
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        want = get_model_state_dict(policy, options=full)
+        folder = tempfile.mkdtemp(prefix="gpu_check_checkpoint_")
+        config_dtype = policy.lm.config.dtype  # save_checkpoint sets it to the saved dtype; the later phases keep theirs
+        try:
+            path = os.path.join(folder, "final")
+            self.sync()
+            t = time.perf_counter()
+            reft.save_checkpoint(policy, self.tokenizer(), reft.Args(output_dir=folder), path, self.rank, dtype)
+            save_s = time.perf_counter() - t
+            t = time.perf_counter()
+            loaded = reft.load_sharded(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                                       lambda config: AutoModelForCausalLM.from_config(config, dtype=torch.float32),
+                                       self.mesh, self.device)
+            self.sync()
+            load_s = time.perf_counter() - t
+            got = get_model_state_dict(loaded, options=full)
+            heads = load_file(os.path.join(path, "value_head.safetensors"))
+            size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+            buffers = dict(policy.lm.named_buffers())
+            bad_buffers = [n for n, b in loaded.named_buffers() if not torch.equal(b.cpu(), buffers[n].cpu())]
+        finally:
+            policy.lm.config.dtype = config_dtype
+            shutil.rmtree(folder, ignore_errors=True)
+        expected = {k.removeprefix("lm."): v for k, v in want.items() if k.startswith("lm.")}
+        bad = sorted(k for k in expected.keys() | got.keys() if k not in got or k not in expected
+                     or not torch.equal(got[k].float(), expected[k].to(dtype).float()))
+        bad += sorted(k for k, v in want.items() if not k.startswith("lm.")
+                      and (k not in heads or not torch.equal(heads[k].float(), v.to(dtype).float())))
+        rec = {"pass": not bad and not bad_buffers, "save_s": save_s, "load_s": load_s, "checkpoint_gb": size / GB,
+               "tensors": len(want), "dtype": str(dtype)}
+        if not rec["pass"]:
+            rec["reason"] = f"differ after the round trip: weights {bad[:10]}, buffers {bad_buffers[:10]}"
+        return rec
+
+    def resume_round_trip(self, state):
+        """reft.save_resume_state (DCP on a gloo group of its own: every rank writes its shards of the fp32 policy and
+        AdamW's state; then the manifest and the atomic rename) and reft.load_resume_state into the same policy and
+        optimizer after every weight and optimizer tensor was changed: passes when all of them equal what was saved,
+        exactly, and the loop state comes back. Timed."""
+        torch, reft = self.torch, self.reft
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        policy, opt = state["policy"], state["opt"]
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+        def snapshot():
+            flat = {}
+
+            def walk(prefix, x):
+                if isinstance(x, dict):
+                    for k, v in x.items():
+                        walk(f"{prefix}/{k}", v)
+                elif isinstance(x, (list, tuple)):
+                    for k, v in enumerate(x):
+                        walk(f"{prefix}/{k}", v)
+                else:
+                    flat[prefix] = x.clone() if torch.is_tensor(x) else x
+            walk("", {"model": get_model_state_dict(policy, options=full),
+                      "optim": get_optimizer_state_dict(policy, opt, options=full)})
+            return flat
+
+        def same(a, b):
+            return torch.equal(a, b) if torch.is_tensor(a) and torch.is_tensor(b) else a == b
+        want = snapshot()
+        loop = {"step": 7, "beta": 0.01, "skipped": 0, "best": -1.0}
+        folder = tempfile.mkdtemp(prefix="gpu_check_resume_")
+        try:
+            args = reft.Args(output_dir=folder)
+            self.sync()
+            t = time.perf_counter()
+            reft.save_resume_state(policy, opt, loop, args, self.rank)
+            save_s = time.perf_counter() - t
+            size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
+            with torch.no_grad():  # so that only the load can bring the saved values back
+                for p in policy.parameters():
+                    p.add_(1.0)
+                for s in opt.state.values():
+                    for v in s.values():
+                        if torch.is_tensor(v):
+                            v.add_(1)
+            changed = sum(not same(v, want[k]) for k, v in snapshot().items() if torch.is_tensor(v))
+            t = time.perf_counter()
+            back = reft.load_resume_state(policy, opt, args)
+            self.sync()
+            load_s = time.perf_counter() - t
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        got = snapshot()
+        bad = sorted(k for k in want.keys() | got.keys() if k not in got or k not in want or not same(got[k], want[k]))
+        tensors = sum(torch.is_tensor(v) for v in want.values())
+        rec = {"pass": not bad and back == loop and changed == tensors, "save_s": save_s, "load_s": load_s,
+               "state_gb": size / GB, "tensors": tensors, "changed_before_load": changed}
+        if not rec["pass"]:
+            rec["reason"] = (f"differ after the round trip: {bad[:10]}; loop state {back} (saved {loop}); "
+                             f"{changed} of {tensors} tensors changed before the load")
+        return rec
+
     def rollout_compare(self, state, batch):
-        """Generated tokens/s of reft.sample and HF generate, on the FSDP policy (gathered) and a plain bf16 copy."""
+        """Generated tokens/s of reft.sample and HF generate, on the FSDP policy (gathered) and a plain copy that computes
+        as FSDP does (fsdp_like_copy)."""
         torch, reft, sh = self.torch, self.reft, self.sh
         policy, plain = state["policy"], state["plain"]
         policy.eval()
@@ -709,6 +976,7 @@ class Check:
         ext, rollout = summarize(self.result["phases"])
         with self.lock:
             self.result["extrapolation"], self.result["rollout"] = ext, rollout
+            self.result["verdicts"] = verdicts(self.result["phases"])
 
     def run(self):
         self.watchdog()
@@ -740,6 +1008,7 @@ class Check:
         counts = {s: sum(r["status"] == s for r in self.result["phases"]) for s in ("ok", "error", "skipped")}
         self.result["status"] = "done"
         self.result["counts"] = counts
+        self.result["verdicts"] = verdicts(self.result["phases"])
         self.save()
         try:
             text = report(self.result)
@@ -747,10 +1016,11 @@ class Check:
             print(text, flush=True)
         except Exception as e:  # noqa: BLE001 - the JSON is written; the table is a convenience
             print(f"the report failed ({type(e).__name__}: {e}); the JSON has every figure", flush=True)
-        print(f"{counts['ok']} phases ok, {counts['error']} failed, {counts['skipped']} skipped in "
-              f"{self.elapsed():.0f} s; JSON in {self.args.out}", flush=True)
+        failed = [name for name, v in self.result["verdicts"].items() if v["verdict"] == "fail"]
+        print(f"{counts['ok']} phases ok, {counts['error']} failed, {counts['skipped']} skipped; checks failed: "
+              f"{', '.join(failed) or 'none'}; {self.elapsed():.0f} s; JSON in {self.args.out}", flush=True)
         self.torch.distributed.destroy_process_group()
-        return 1 if counts["error"] else 0
+        return 1 if counts["error"] or failed else 0
 
 
 # ----------------------------------------------------------------------------- the printed report
@@ -761,7 +1031,9 @@ def fmt(x, spec=".2f"):
 
 def report(result):
     """The readable tables printed at the end (everything is also in the JSON)."""
-    lines = []
+    lines = [f"{name:<28}{v['verdict']}" + (f": {v['reason'][:300]}" if "reason" in v else "")
+             for name, v in result.get("verdicts", {}).items()]
+    lines += [""] if lines else []
     m = result.get("matmul")
     if m:
         lines.append(f"matmul {m['n']}x{m['n']} {m['dtype']}: {m['flops'] / 1e12:.1f} TFLOP/s")
@@ -770,7 +1042,7 @@ def report(result):
            f"{'MFU989':>8}{'resid GB':>10}{'peak GB':>9}"
     lines += [head, "-" * len(head)]
     for r in result["phases"]:
-        if r["phase"] in ("matmul", "rollout_compare") or (r["status"] == "ok" and (
+        if r["phase"] in ("matmul", "rollout_compare", *CHECKS) or (r["status"] == "ok" and (
                 r["phase"].startswith("build") or r["phase"] == "reft_warmup_iteration")):
             continue
         mfu = r.get("mfu_vs_matmul")
@@ -801,7 +1073,7 @@ def report(result):
                          f"{fmt(e.get('fsdp8_gb')):>8}{fmt(e.get('fsdp8_max_gb')):>8}"
                          f"{fmt(e.get('fsdp8_resident_gb')):>8}{fmt(e.get('readme_gb'), '.1f'):>8}")
         lines.append(f"(Llama at CodeLlama-7B width, 2 and 4 layers extrapolated to 32; docs/scaling.md's resident "
-                     f"20 P / N = {README_GB[('resident', None)]} GB counts the gradients, resid/8 does not)")
+                     f"16 P / N = {README_GB[('resident', None)]} GB: weights, AdamW's moments and the reference)")
     return "\n".join(lines)
 
 

@@ -60,6 +60,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal, get_args, get_origin
 
 from compare import compare, load_predictions
@@ -259,11 +260,15 @@ PAPER_FLAGS = {
 MWP_REFT = {"gsm8k_reft": "gsm8k", "svamp": "svamp", "mathqa": "mathqa", "mathqa-numeric": "mathqa-numeric"}
 
 # The estimate's figures beyond the data files, each printed with its source.
-KNOWN_MODELS = {  # parameters (computed from the published config), layers, hidden size, the config in words
-    "codellama/CodeLlama-7b-hf": (6_738_546_688, 32, 4096, "CodeLlama-7B's config: 32 layers, hidden 4096, MLP "
-                                  "11,008, vocabulary 32,016, untied LM head (docs/scaling.md: 6.74e9)"),
-    "facebook/galactica-6.7b": (6_657_359_872, 32, 4096, "Galactica-6.7B's config (the OPT layout): 32 layers, "
-                                "hidden 4096, FFN 16,384, vocabulary 50,000, 2,050 learned positions, tied head"),
+KNOWN_MODELS = {  # parameters (computed from the published config), the config's sizes, the config in words
+    "codellama/CodeLlama-7b-hf": (6_738_546_688, dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+                                                      num_key_value_heads=32, vocab_size=32016),
+                                  "CodeLlama-7B's config: 32 layers, hidden 4096, MLP 11,008, vocabulary 32,016, "
+                                  "untied LM head (docs/scaling.md: 6.74e9)"),
+    "facebook/galactica-6.7b": (6_657_359_872, dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+                                                    vocab_size=50000),
+                                "Galactica-6.7B's config (the OPT layout): 32 layers, hidden 4096, FFN 16,384, "
+                                "vocabulary 50,000, 2,050 learned positions, tied head"),
 }
 PEAK_FLOPS = 312e12      # one A100's dense bf16 peak, FLOP/s (NVIDIA's A100 datasheet)
 HBM_BYTES = 2.039e12     # an A100 80 GB SXM's memory bandwidth, bytes/s (the same datasheet)
@@ -346,12 +351,13 @@ def launch(args, script):
 
 
 def model_size(args, out):
-    """(N parameters, KV-cache bytes per token of context in bf16, where N comes from). The paper's models: counted
-    from their published configs; a local model: its config.json built on the meta device (no weights read); `tiny`
-    before its run: sft.py's tiny Llama at its default --tiny_* sizes and the largest vocabulary its BPE can have."""
+    """(N parameters, KV-cache bytes per token of context in bf16, where N comes from, the config's sizes). The
+    paper's models: counted from their published configs; a local model: its config.json built on the meta device
+    (no weights read); `tiny` before its run: sft.py's tiny Llama at its default --tiny_* sizes and the largest
+    vocabulary its BPE can have."""
     if args.model in KNOWN_MODELS:
-        n, layers, hidden, source = KNOWN_MODELS[args.model]
-        return n, 2 * layers * hidden * 2, source
+        n, sizes, source = KNOWN_MODELS[args.model]
+        return n, 2 * sizes["num_hidden_layers"] * sizes["hidden_size"] * 2, source, SimpleNamespace(**sizes)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
     path = out / "sft/init" if args.model == "tiny" else ROOT / args.model
@@ -368,21 +374,82 @@ def model_size(args, out):
         n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     heads = config.num_attention_heads
     kv_width = config.hidden_size // heads * (getattr(config, "num_key_value_heads", None) or heads)
-    return n, 2 * config.num_hidden_layers * kv_width * 2, source
+    return n, 2 * config.num_hidden_layers * kv_width * 2, source, config
 
 
 def data_stats(args, folder):
-    """Question counts of the splits and mean token counts (characters / CHARS_PER_TOKEN) of the prompts and the
-    gold CoTs (+ EOS), measured on the prepared files."""
+    """Question counts of the splits, mean token counts (characters / CHARS_PER_TOKEN) of the prompts and the gold
+    CoTs (+ EOS) and the longest sampling prompts of train and test, measured on the prepared files."""
     def tokens(texts):
         return statistics.fmean(len(t) for t in texts) / CHARS_PER_TOKEN
+
+    def longest(texts):
+        return max(len(t) for t in texts) / CHARS_PER_TOKEN
     train = reward.load_records(str(folder), "train", args.cot, require_cot=True)
     test = reward.load_records(str(folder), "test", args.cot)
     n_validation = len(reward.load_records(str(folder), "validation", args.cot))
     return dict(n_train=len(train), n_validation=n_validation, n_eval=min(EVAL_LIMIT, n_validation),
                 n_test=len(test), prompt=tokens(reward.build_prompt(r["question"], args.cot) for r in train),
                 cot=tokens(reward.build_target(r, args.cot) for r in train) + 1,
-                test_prompt=tokens(reward.build_prompt(r["question"], args.cot) for r in test))
+                test_prompt=tokens(reward.build_prompt(r["question"], args.cot) for r in test),
+                longest_prompt=longest(reward.build_prompt(r["question"], args.cot, sampling=True) for r in train),
+                longest_test_prompt=longest(reward.build_prompt(r["question"], args.cot, sampling=True)
+                                            for r in test))
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def memory_estimate(n_params, config, world, bf16, state_bytes, grad_bytes, train_tokens, gradient_checkpointing,
+                    gen_tokens):
+    """Estimated peak bytes per device of each phase of a stage, {"training": ..., "generation": ...} (0 for a phase
+    it does not run), before anything loads: the arithmetic of docs/scaling.md's table "Memory per GPU", row by row,
+    for any model from its config.json. P = n_params, N = world (one device per process), c = 2 bytes per gathered
+    parameter in bf16 (4 in fp32).
+
+    Every phase: `state_bytes` per parameter, sharded (÷ N): the fp32 weights 4, AdamW's two moments 8, ReFT's fp32
+    reference 4. Generation (gathered_for_generation; one call's KV cache holds `gen_tokens` = sequences × their
+    prompt + new tokens): the model gathered once, c · P with the LM head in fp32 (head_groups), and the KV cache,
+    2 · layers · KV width · c bytes per token; no gradients (zero_grad frees them after every step).
+    Training (one micro-batch of `train_tokens`): `grad_bytes` per parameter of sharded fp32 gradients; two blocks
+    gathered (one computing, the next prefetched) and one block's unsharded fp32 gradient before its reduce-scatter,
+    P / layers parameters each; the LM head gathered in fp32; fp32 logits of tokens × vocabulary, ~3 live copies
+    (logits, log-softmax, its gradient); activations: 34 · tokens · hidden bytes per layer in 16 bits (Korthikanti et
+    al. 2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 1 without its attention-score term,
+    which SDPA's fused kernels never store) in every layer, or with gradient checkpointing each layer's input
+    (tokens · hidden · c) and one layer recomputed.
+    Not counted: the CUDA context, NCCL's buffers and the allocator's fragmentation (a few GB): an estimate just under
+    the device's memory can still run out."""
+    c = 2 if bf16 else 4
+    layers, hidden, heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
+    kv_width = hidden // heads * (getattr(config, "num_key_value_heads", None) or heads)
+    head = config.vocab_size * hidden
+    resident = state_bytes * n_params / world
+    generation = training = 0
+    if gen_tokens:
+        generation = resident + c * (n_params - head) + 4 * head + gen_tokens * 2 * layers * kv_width * c
+    if train_tokens:
+        layer = 34 * train_tokens * hidden * c / 2
+        activations = layers * train_tokens * hidden * c + layer if gradient_checkpointing else layers * layer
+        training = (resident + grad_bytes * n_params / world + (2 * c + 4) * n_params / layers + 4 * head
+                    + 3 * 4 * train_tokens * config.vocab_size + activations)
+    return {"training": training, "generation": generation}
+
+
+def memory_per_gpu(args, n, config, d):
+    """{stage: estimated peak bytes per GPU} of the paper preset's commands on --nproc GPUs in bf16: the stages' own
+    arithmetic (memory_estimate, which each stage checks against its GPU before loading) with their flags
+    (PAPER_FLAGS, the stages' defaults for the rest: a generation batch of GEN_BATCH) and the prepared data's longest
+    prompts (characters / CHARS_PER_TOKEN)."""
+    W, prompt, test_prompt = args.nproc, d["longest_prompt"], d["longest_test_prompt"]
+    sft = memory_estimate(n, config, W, True, 12, 4, 6 * 1024, True, GEN_BATCH * (prompt + args.max_new_tokens))
+    rollout = max(1, args.reft_batch_size * args.num_samples // W)
+    reft = memory_estimate(n, config, W, True, 16, 4, 4 * args.reft_max_length, True,
+                           max(rollout, GEN_BATCH) * args.reft_max_length)
+    sampling = memory_estimate(n, config, W, True, 4, 0, 0, False,
+                               min(GEN_BATCH, args.verifier_samples) * (prompt + args.max_new_tokens))
+    verifier = memory_estimate(n, config, W, True, 12, 4, 6 * 700, False, 0)
+    evaluation = memory_estimate(n, config, W, True, 4, 0, 0, False, GEN_BATCH * (test_prompt + args.max_new_tokens))
+    return {"SFT": max(sft.values()), "ReFT": max(reft.values()),
+            "verifier": max(sampling["generation"], verifier["training"]), "evaluation": evaluation["generation"]}
 
 
 def gb(n_bytes):
@@ -392,7 +459,7 @@ def gb(n_bytes):
 def paper_estimate(args, out):
     """The paper preset's GPU hours and disk as lines of text: arithmetic from per-token costs, each stated with
     its source, and the data files' measured sizes."""
-    n, kv, source = model_size(args, out)
+    n, kv, source, config = model_size(args, out)
     d = data_stats(args, data_folder(args))
     tp, tc, tt = d["prompt"], d["cot"], d["test_prompt"]
     per_epoch = max(1, d["n_train"] // args.reft_batch_size)
@@ -457,6 +524,13 @@ def paper_estimate(args, out):
         f"With that figure the total is {total - reft + reported:.4g} GPU-hours, "
         f"{(total - reft + reported) / args.nproc:.4g} hours on {args.nproc} GPUs",
     ]
+    memory = memory_per_gpu(args, n, config, d)
+    lines.append(
+        "  memory per GPU, peak (docs/scaling.md's arithmetic, which each stage checks against its GPU before "
+        "loading): " + ", ".join(f"{stage} {gb(b)}" for stage, b in memory.items())
+        + f" on {args.nproc} GPUs; an A100 has 80 GB"
+        + ("" if max(memory.values()) <= 80e9 else
+           f" ({', '.join(s for s, b in memory.items() if b > 80e9)} would stop: more GPUs needed)"))
     checkpoint, state = 2 * n, 12 * n
     n_checkpoints = 7 + (args.model == "tiny")  # + sft/init, the tiny model's initial weights
     text = (samples + 2 * d["n_test"] * (1 + args.k)) * (tc * CHARS_PER_TOKEN + ROW_BYTES)
@@ -473,7 +547,7 @@ def paper_estimate(args, out):
 
 def cpu_estimate(args, out):
     """The cpu preset's estimate: its size and the measured time of the full run."""
-    n, _, source = model_size(args, out)
+    n, _, source, _ = model_size(args, out)
     peak = 8 * 4 * n + 2 * 12 * n  # fp32 checkpoints: sft/init, warmup, best, final; reft/best, final; 2 verifiers
     return [f"estimate, --preset cpu: tiny, N = {n:,} parameters ({source}), fp32 on the CPU",
             "  time: the full run took 26.9 minutes on 2 cores (measured, README and docs/experiments.md); --fast "

@@ -206,6 +206,16 @@ MUTANTS = [
      '    name = "paper"', ["tests/test_chain.py::test_the_stage_defaults_chain_into_the_quickstart"]),
     ("rerank_init_ignores_the_best_beside_the_warmup", "rerank.py", "        args.init = beside  #",
      "        pass  #", ["tests/test_chain.py::test_the_stage_defaults_chain_into_the_quickstart"]),
+    # --- memory before loading
+    ("memory_estimate_forgets_the_gradients", "reft.py",
+     "        training = (resident + grad_bytes * n_params / world + ", "        training = (resident + ",
+     ["tests/test_memory.py::test_7b_reft_is_refused_on_one_80gb_gpu_and_accepted_on_eight"]),
+    ("reft_skips_the_memory_check", "reft.py", "    if device_bytes is not None:  # a run that cannot fit",
+     "    if False:  # a run that cannot fit",
+     ["tests/test_memory.py::test_each_stage_stops_before_loading_when_the_device_is_too_small"]),
+    ("memory_advice_never_suggests_a_smaller_batch", "evaluate.py", "        fits += [] if smaller is None else",
+     "        fits += [] if True else", ["tests/test_memory.py::"
+                                        "test_evaluate_fits_one_80gb_gpu_and_names_the_batch_that_fits_a_smaller_one"]),
     # --- the data
     ("minigsm_question_states_another_number", "data/minigsm/prepare.py",
      "sentences.append(template.format(P=subj, o=obj, F=friend, n=n))",

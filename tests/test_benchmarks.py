@@ -93,6 +93,8 @@ def test_small_run_measures_every_llama_phase(small_run):
                            "reft_old_ref_forward", "reft_ppo_update")}
     expected |= {(ph, L, False, None) for L in (2, 4) for ph in ("build_eval", "eval_generation")}
     expected |= {("rollout_compare", L, False, b) for L in (2, 4) for b in (2, 4)}
+    expected |= {("padded_batch", L, False, None) for L in (2, 4)}
+    expected |= {(ph, 2, False, None) for ph in ("checkpoint_round_trip", "resume_round_trip")}
     assert set(llama) == expected
     bad = {k: r.get("error", r.get("reason")) for k, r in llama.items() if r["status"] != "ok"}
     assert not bad
@@ -114,6 +116,31 @@ def test_small_run_measures_every_llama_phase(small_run):
     assert "rollout (generated tok/s)" in out.with_suffix(".txt").read_text()
 
 
+def test_small_run_checks_padded_batches_and_both_round_trips(small_run):
+    """The real path's checks, each with its verdict: prompts of different lengths left-padded, through the policy,
+    the reference, generate and reft.sample, equal to the rows run alone (fp32: to 1e-4, the same greedy tokens); the
+    HF checkpoint written by save_checkpoint and read by load_sharded; the resume state through DCP, read back over
+    changed weights and optimizer state."""
+    p, result, out = small_run
+    assert p.returncode == 0
+    assert result["verdicts"] == {"same_samples_fsdp_vs_plain": {"verdict": "pass", "runs": 4},
+                                  "padded_batch": {"verdict": "pass", "runs": 4},
+                                  "checkpoint_round_trip": {"verdict": "pass", "runs": 2},
+                                  "resume_round_trip": {"verdict": "pass", "runs": 2}}
+    for family in ("llama", "opt"):
+        ph = phases_of(result, family)
+        for L in (2, 4):
+            pad = ph[("padded_batch", L, False, None)]
+            assert pad["finite"] and pad["tolerance"] == 1e-4 and len(set(pad["prompt_lengths"])) == 3
+            assert max(pad[f"max_diff_{k}"] for k in ("logprobs", "values", "ref_logprobs", "generate_logits")) < 1e-4
+            assert pad["sampler_same_greedy_rows"] == 3
+        ckpt, resume = ph[("checkpoint_round_trip", 2, False, None)], ph[("resume_round_trip", 2, False, None)]
+        assert ckpt["save_s"] > 0 and ckpt["load_s"] > 0 and ckpt["checkpoint_gb"] > 0 and ckpt["tensors"] > 10
+        assert resume["save_s"] > 0 and resume["load_s"] > 0 and resume["changed_before_load"] == resume["tensors"]
+    text = out.with_suffix(".txt").read_text()
+    assert all(f"{name:<28}pass" in text for name in gpu_check.CHECKS)
+
+
 def test_small_run_measures_every_opt_phase(small_run):
     _, result, _ = small_run
     opt = phases_of(result, "opt")
@@ -132,6 +159,16 @@ def test_a_failing_phase_is_recorded_and_the_others_still_run(tmp_path):
     assert ph[("eval_generation", False)]["status"] == "ok"  # after the failure
     assert ph[("sft_step", True)]["status"] == "ok"
     assert result["status"] == "done"
+    assert {name: v["verdict"] for name, v in result["verdicts"].items()} == dict.fromkeys(gpu_check.CHECKS, "pass")
+
+
+def test_a_failing_check_is_a_fail_verdict_and_a_failed_run(tmp_path):
+    p, result, _ = check(tmp_path, "--families", "opt", "--layers", "2", "--fail_phase", "checkpoint_round_trip")
+    assert p.returncode == 1
+    assert result["verdicts"]["checkpoint_round_trip"] == {
+        "verdict": "fail", "reason": "family=opt layers=2: RuntimeError: --fail_phase checkpoint_round_trip"}
+    assert result["verdicts"]["resume_round_trip"]["verdict"] == "pass"
+    assert result["verdicts"]["same_samples_fsdp_vs_plain"]["verdict"] == "skipped"  # Llama only
 
 
 def test_spent_budget_skips_everything_and_still_writes_the_json(tmp_path):
@@ -139,3 +176,59 @@ def test_spent_budget_skips_everything_and_still_writes_the_json(tmp_path):
     assert p.returncode == 0
     assert result["phases"] and all(r["status"] == "skipped" for r in result["phases"])
     assert all("budget" in r["reason"] for r in result["phases"] if r["phase"] in ("matmul", "build_sft"))
+    assert {name: v["verdict"] for name, v in result["verdicts"].items()} == dict.fromkeys(gpu_check.CHECKS, "skipped")
+    assert all(v["reason"] == "needs build_reft, which did not run" for v in result["verdicts"].values())
+
+
+# ----------------------------------------------------------------------------- the plain copy and the verdicts
+
+def test_the_plain_copy_computes_as_the_sharded_model():
+    """rollout_compare's plain copy (fsdp_like_copy) and the model sharded as the stages shard it, both computing in
+    bf16 (FSDP2 casts the same way on a CPU): the same fp32 logits, bit for bit. The former copy, every parameter
+    cast to bf16 (params_to), had a bf16 LM head and other logits: at 7B width 0.23% of its Gumbel-max draws differed
+    from the sharded policy's, a false failure of same_samples_fsdp_vs_plain."""
+    import copy
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import reft
+    _, _, _, mesh = reft.init_distributed()
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(gpu_check.model_config("llama", 2, small=True)).eval()
+    sharded = reft.shard(copy.deepcopy(lm), mesh, torch.bfloat16)
+    plain = gpu_check.fsdp_like_copy(lm, torch.bfloat16, reft)
+    all_bf16 = gpu_check.params_to(copy.deepcopy(lm), torch.bfloat16)
+    ids = torch.randint(3, 512, (2, 12))
+    with torch.no_grad():
+        want = sharded(input_ids=ids).logits
+        got = plain(input_ids=ids).logits
+        before = all_bf16(input_ids=ids).logits
+    assert want.dtype == got.dtype == torch.float32 and torch.equal(got, want)
+    assert plain.lm_head.weight.dtype == torch.float32 and plain.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert not torch.equal(before.float(), want)
+
+
+def test_verdicts_name_each_failure_and_each_skip():
+    ok = {"status": "ok", "pass": True}
+    phases = [{"phase": "rollout_compare", "family": "llama", "layers": 2, "batch": 4, "status": "ok",
+               "same_samples_fsdp_vs_plain": True},
+              {"phase": "rollout_compare", "family": "llama", "layers": 2, "batch": 32, "status": "ok",
+               "same_samples_fsdp_vs_plain": False},
+              {"phase": "padded_batch", "family": "llama", "layers": 2, **ok},
+              {"phase": "padded_batch", "family": "opt", "layers": 2, "status": "ok", "pass": False,
+               "reason": "finite False"},
+              {"phase": "checkpoint_round_trip", "family": "llama", "layers": 2, **ok},
+              {"phase": "checkpoint_round_trip", "family": "opt", "layers": 2, "status": "error",
+               "error": "OSError: disk full"},
+              {"phase": "resume_round_trip", "family": "llama", "layers": 2, "status": "skipped",
+               "reason": "budget of 330 s spent"}]
+    v = gpu_check.verdicts(phases)
+    assert v["same_samples_fsdp_vs_plain"]["verdict"] == "fail"
+    assert "batch=32" in v["same_samples_fsdp_vs_plain"]["reason"] and "batch=4" not in \
+        v["same_samples_fsdp_vs_plain"]["reason"]
+    assert v["padded_batch"] == {"verdict": "fail", "reason": "family=opt layers=2: finite False"}
+    assert v["checkpoint_round_trip"] == {"verdict": "fail", "reason": "family=opt layers=2: OSError: disk full"}
+    assert v["resume_round_trip"] == {"verdict": "skipped", "reason": "budget of 330 s spent"}
+    v = gpu_check.verdicts([r for r in phases if r["phase"] == "padded_batch"][:1])
+    assert v["padded_batch"] == {"verdict": "pass", "runs": 1} and v["resume_round_trip"]["verdict"] == "skipped"

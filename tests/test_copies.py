@@ -14,6 +14,10 @@ COPIES = {
     "shard": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "load_sharded": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "gathered_for_generation": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "device_memory": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "config_params": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "memory_estimate": ["sft.py", "reft.py", "rerank.py", "evaluate.py", "scripts/quickstart.py"],
+    "memory_advice": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "parse_args": ["sft.py", "reft.py", "rerank.py", "evaluate.py", "scripts/quickstart.py"],
     "epochs_to_save": ["sft.py", "reft.py"],
     "greedy_accuracy": ["sft.py", "reft.py"],
@@ -54,7 +58,8 @@ COPIES = {
 # Same name, different job: not copies. Files that define a name of COPIES outside its list are named here.
 DIFFERENT = {"collate": ["sft.py", "rerank.py"],
              "sample": ["reft.py", "rerank.py"], "save_resume_state": ["reft.py"], "load_resume_state": ["reft.py"],
-             "load_tokenizer": ["sft.py", "reft.py"], "score": ["reft.py", "rerank.py"]}
+             "load_tokenizer": ["sft.py", "reft.py"], "score": ["reft.py", "rerank.py"],
+             "memory_error": ["sft.py", "reft.py", "rerank.py", "evaluate.py"]}
 
 
 def function_source(path, name):

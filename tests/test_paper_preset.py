@@ -127,7 +127,8 @@ def test_estimate_only_for_codellama_on_8_gpus_matches_an_independent_computatio
     """--estimate_only for the real paper preset (CodeLlama-7B, python CoTs, 8 GPUs) on a small gsm8k_reft-like
     folder: it writes nothing, prints every stage's torchrun command, and its figures equal the arithmetic written
     out here from CodeLlama-7B's shapes, the files' characters / 4, 8·N / 20·N / 6·N / 2·N FLOPs per token, 312
-    TFLOP/s at 40%, decoding at half of 2,039 GB/s, and 16 GPU-hours per 233 ReFT steps as reported."""
+    TFLOP/s at 40%, decoding at half of 2,039 GB/s, 16 GPU-hours per 233 ReFT steps as reported, and docs/scaling.md's
+    memory per GPU."""
     data, out = fake_reft_data(tmp_path / "gsm8k_like"), tmp_path / "run"
     p = run([PY, "scripts/quickstart.py", "--preset", "paper", "--nproc", 8, "--data", data, "--cot", "python",
              "--estimate_only", "--out_dir", out], timeout=120)
@@ -174,6 +175,23 @@ def test_estimate_only_for_codellama_on_8_gpus_matches_an_independent_computatio
     assert f"{reported:.4g} GPU-hours for these {steps:,} steps" in p.stdout
     with_reported = float(re.search(r"With that figure the total is ([\d.e+-]+) GPU-hours", p.stdout).group(1))
     assert with_reported == pytest.approx(total - reft + reported, rel=1e-3)
+    # memory per GPU, docs/scaling.md's table for each stage's paper flags on 8 GPUs: the larger of its training
+    # micro-batch and its generation call; KV cache 2 × 32 layers × 4096 × 2 bytes per token
+    head, kv = 32016 * 4096, 2 * 32 * 4096 * 2
+    gathered = 2 * (n - head) + 4 * head
+    longest = max(len(reward.build_prompt(r["question"], "python", sampling=True)) for r in train) / 4
+    longest_test = max(len(reward.build_prompt(r["question"], "python", sampling=True)) for r in test) / 4
+
+    def training(state, tokens, checkpointing):
+        activations = 32 * tokens * 4096 * 2 + 34 * tokens * 4096 if checkpointing else 32 * 34 * tokens * 4096
+        return (state + 4) * n / 8 + 8 * n / 32 + 4 * head + 12 * tokens * 32016 + activations
+
+    memory = {"SFT": max(training(12, 6 * 1024, True), 12 * n / 8 + gathered + 64 * (longest + 700) * kv),
+              "ReFT": max(training(16, 4 * 700, True), 16 * n / 8 + gathered + 64 * 700 * kv),
+              "verifier": max(training(12, 6 * 700, False), 4 * n / 8 + gathered + 64 * (longest + 700) * kv),
+              "evaluation": 4 * n / 8 + gathered + 64 * (longest_test + 700) * kv}
+    assert ", ".join(f"{stage} {b / 1e9:,.1f} GB" for stage, b in memory.items()) + " on 8 GPUs; an A100 has 80 GB\n" \
+        in p.stdout
     text = (100 * 100 + 2 * 20 * 101) * (tc * 4 + 200)
     assert f"= {(7 * 2 * n + text) / 1e9:,.1f} GB at the end; at the peak {(7 * 2 * n + text + 24 * n) / 1e9:,.1f} " \
            f"GB" in p.stdout
