@@ -1,0 +1,121 @@
+"""What the first GPU run would meet, checked on CPU: attention rows that allow no key (cuDNN on H100/H200 turns
+them into NaN, the CPU kernel into zeros, so nothing else on CPU notices them)."""
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+import evaluate  # noqa: E402
+import reft  # noqa: E402
+import rerank  # noqa: E402
+import sft  # noqa: E402
+
+
+@contextmanager
+def sdpa_calls(monkeypatch):
+    """Every call of torch's scaled_dot_product_attention (the one attention kernel of the sdpa implementations of
+    Llama and OPT) meanwhile, as (query length, whether it had a mask, rows of its mask that allow no key)."""
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, **kw):
+        empty = 0
+        if attn_mask is not None:
+            allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > torch.finfo(attn_mask.dtype).min
+            empty = int((~allowed.any(-1)).sum())
+        calls.append((query.size(-2), attn_mask is not None, empty))
+        return real(query, key, value, attn_mask=attn_mask, **kw)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        yield calls
+
+
+def run_main(module, argv):
+    try:
+        module.main(module.parse_args(module.Args, [str(a) for a in argv]))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_no_stage_hands_attention_a_fully_masked_row(minigsm, warmup, verifier, tmp_path, monkeypatch):
+    """Each stage in this process on left-padded batches: SFT training and its greedy evaluation; ReFT's sampling
+    (prefill and KV-cache decode), rollout forwards, PPO update and greedy evaluation; the verifier's sampling,
+    training (right-padded) and held-out scoring; evaluate.py's generation (greedy and sampled) and verifier scoring. Every
+    query row of every attention call must allow at least one key."""
+    stages = {
+        "sft": (sft, ["--model", warmup, "--data", minigsm, "--max_steps", 4, "--batch_size", 64,
+                      "--micro_batch_size", 32, "--save_epochs", "none", "--output_dir", tmp_path / "sft"]),
+        "reft": (reft, ["--model", warmup, "--data", minigsm, "--max_steps", 1, "--batch_size", 4,
+                        "--micro_batch_size", 4, "--max_length", 96, "--eval_every", 1, "--output_dir",
+                        tmp_path / "reft"]),
+        "rerank": (rerank, ["--model", warmup, "--init", warmup, "--data", minigsm, "--limit", 8, "--num_samples", 2,
+                            "--max_new_tokens", 32, "--gold_samples", "--holdout_fraction", 0.5, "--epochs", 1,
+                            "--batch_size", 4, "--micro_batch_size", 4, "--output_dir", tmp_path / "rerank"]),
+        "evaluate": (evaluate, ["--model", warmup, "--verifier", verifier, "--data", minigsm, "--mode", "all", "-k", 2,
+                                "--limit", 8, "--max_new_tokens", 32, "--output_dir", tmp_path / "eval"]),
+    }
+    found = {}
+    for name, (module, argv) in stages.items():
+        with sdpa_calls(monkeypatch) as calls:
+            run_main(module, argv)
+        masked = [c for c in calls if c[1]]
+        # teeth: padded batches did run, whole sequences (prefill, training, scoring) and, where prompts of different
+        # lengths are decoded together, single tokens (rerank.py samples one question per generate(): no padding)
+        assert any(q > 1 for q, _, _ in masked), name
+        if name != "rerank":
+            assert any(q == 1 for q, _, _ in masked), name
+        found[name] = sum(empty for _, _, empty in calls)
+    assert found == dict.fromkeys(stages, 0)
+
+
+def tiny(family):
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=64, pad_token_id=0))
+    return OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    ffn_dim=64, word_embed_proj_dim=32, pad_token_id=0))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_real_tokens_compute_exactly_as_with_plain_sdpa(family, monkeypatch):
+    """A model built the way every stage builds one (load_sharded: on the meta device from the config, then filled)
+    on a left-padded batch: no fully masked row, and every real token's logits and greedy continuation are
+    bit for bit those of transformers' plain sdpa, which leaves the pad rows empty (OPT also takes its positions
+    from the 2-D mask: that stays as it was). The real tokens also match each row run alone, without padding."""
+    from transformers import AutoModelForCausalLM
+    _, _, device, mesh = sft.init_distributed()
+    try:
+        full = tiny(family).eval()
+        model = sft.load_sharded(lambda: full, lambda config: AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32), mesh, device).eval()
+        ids = torch.tensor([[0, 0, 0, 5, 6, 7], [0, 9, 8, 7, 6, 5], [11, 12, 13, 14, 15, 16]])
+        mask = (ids != 0).long()
+        real = mask.bool()
+
+        def forward_and_generate():
+            with torch.no_grad(), sft.gathered_for_generation(model), sdpa_calls(monkeypatch) as calls:
+                logits = model(input_ids=ids, attention_mask=mask).logits
+                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=4,
+                                     pad_token_id=0, eos_token_id=1)
+            return logits, out, sum(empty for _, _, empty in calls)
+
+        assert model.config._attn_implementation == "sdpa_no_empty_rows"
+        logits, out, empty = forward_and_generate()
+        model.config._attn_implementation = "sdpa"  # transformers' own, on the same weights
+        plain_logits, plain_out, plain_empty = forward_and_generate()
+        assert empty == 0 and plain_empty > 0
+        assert torch.equal(logits[real], plain_logits[real]) and torch.equal(out, plain_out)
+        with torch.no_grad():
+            for row in range(len(ids)):
+                alone = model(input_ids=ids[row:row + 1, real[row]]).logits[0]
+                torch.testing.assert_close(logits[row, real[row]], alone, rtol=1e-5, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
