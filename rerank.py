@@ -60,6 +60,7 @@ import ast
 import collections
 import dataclasses
 import errno
+import gc
 import hashlib
 import inspect
 import io
@@ -531,6 +532,7 @@ def main(args):
     dist.barrier()
     if rows is None:
         sample(args, path, rank, world, device, mesh, log, reward_fn)
+        gc.collect()  # FSDP2 holds the dropped sampling model in reference cycles: free it before the verifier
         rows = read_samples(path)
         rows = with_gold(rows, records, args.cot) if args.gold_samples else rows
         check_samples(args, rows, path, world)

@@ -119,3 +119,38 @@ def test_real_tokens_compute_exactly_as_with_plain_sdpa(family, monkeypatch):
                 torch.testing.assert_close(logits[row, real[row]], alone, rtol=1e-5, atol=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "rerank"])
+def test_the_dropped_policy_is_freed_before_the_verifier_loads(stage, minigsm, warmup, verifier, tmp_path,
+                                                               monkeypatch):
+    """evaluate.py drops its policy before the verifier loads, rerank.py its sampling model before the verifier it
+    trains: on one GPU the verifier must not load beside 27 GB of dead weights. FSDP2 keeps a sharded model in
+    reference cycles, which only a cyclic collection frees; the automatic ones are switched off here, so that only
+    what the stage does itself counts (and the outcome does not depend on when Python's collector happens to run)."""
+    import gc
+    import weakref
+    module = {"evaluate": evaluate, "rerank": rerank}[stage]
+    policy, alive_at_verifier = [], []
+    real_load = module.load
+
+    def load(cls_name, *a, **kw):
+        if cls_name == "AutoModelForSequenceClassification":
+            alive_at_verifier.append([ref() is not None for ref in policy])
+        model, tok = real_load(cls_name, *a, **kw)
+        if cls_name == "AutoModelForCausalLM":
+            policy.append(weakref.ref(model))
+        return model, tok
+
+    monkeypatch.setattr(module, "load", load)
+    argv = {"evaluate": ["--model", warmup, "--verifier", verifier, "--mode", "rerank", "-k", 2, "--limit", 2,
+                         "--max_new_tokens", 16],
+            "rerank": ["--model", warmup, "--init", warmup, "--limit", 4, "--num_samples", 2, "--max_new_tokens", 16,
+                       "--gold_samples", "--epochs", 1, "--batch_size", 4, "--micro_batch_size", 4]}[stage]
+    gc.collect()
+    gc.disable()
+    try:
+        run_main(module, ["--data", minigsm, "--output_dir", tmp_path, *argv])
+    finally:
+        gc.enable()
+    assert alive_at_verifier == [[False]]
