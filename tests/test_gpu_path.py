@@ -1,13 +1,16 @@
 """What the first GPU run would meet, checked on CPU: attention rows that allow no key (cuDNN on H100/H200 turns
-them into NaN, the CPU kernel into zeros, so nothing else on CPU notices them)."""
+them into NaN, the CPU kernel into zeros, so nothing else on CPU notices them), dropped models that stay in memory
+beside the next one, and a run whose gradient is never finite."""
+import json
 import sys
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT
+from conftest import ROOT, read_metrics
 
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
@@ -107,7 +110,6 @@ def test_real_tokens_compute_exactly_as_with_plain_sdpa(family, monkeypatch):
                                      pad_token_id=0, eos_token_id=1)
             return logits, out, sum(empty for _, _, empty in calls)
 
-        assert model.config._attn_implementation == "sdpa_no_empty_rows"
         logits, out, empty = forward_and_generate()
         model.config._attn_implementation = "sdpa"  # transformers' own, on the same weights
         plain_logits, plain_out, plain_empty = forward_and_generate()
@@ -154,3 +156,66 @@ def test_the_dropped_policy_is_freed_before_the_verifier_loads(stage, minigsm, w
     finally:
         gc.enable()
     assert alive_at_verifier == [[False]]
+
+
+def test_a_step_with_a_nan_gradient_is_skipped(monkeypatch):
+    """clipped_step on a sharded model: a NaN in one gradient (its norm is NaN) leaves every weight and the optimizer
+    state as they were and clears the gradients; a finite gradient steps."""
+    from transformers import AutoModelForCausalLM
+    _, _, device, mesh = reft.init_distributed()
+    try:
+        model = reft.load_sharded(lambda: tiny("llama"), lambda config: AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32), mesh, device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        ids = torch.tensor([[3, 4, 5, 6]])
+        before = [p.full_tensor().clone() for p in model.parameters()]
+        model(input_ids=ids, labels=ids).loss.backward()
+        next(model.parameters()).grad.mul_(float("nan"))
+        assert reft.clipped_step(model, opt) is False
+        assert all(torch.equal(p.full_tensor(), b) for p, b in zip(model.parameters(), before))
+        assert not opt.state and all(p.grad is None for p in model.parameters())
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert reft.clipped_step(model, opt) is True
+        assert not all(torch.equal(p.full_tensor(), b) for p, b in zip(model.parameters(), before))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_skipped_steps_in_a_row_stop_the_run():
+    """count_skipped: only skips in a row count towards --max_skipped_steps (a step that steps starts over), the
+    total goes on; 0 never stops."""
+    run = SimpleNamespace(step=6, skipped=0, skipped_in_a_row=0)
+    for stepped in (False, False, True, False, False):
+        reft.count_skipped(run, SimpleNamespace(max_skipped_steps=3), stepped)
+    assert (run.skipped, run.skipped_in_a_row) == (4, 2)
+    with pytest.raises(SystemExit, match=r"^error: step 7: 3 optimizer steps in a row skipped \(--max_skipped_steps "
+                                         r"3\), 5 in all: .*not finite.*fully masked attention rows on GPU"):
+        reft.count_skipped(run, SimpleNamespace(max_skipped_steps=3), False)
+    for _ in range(100):
+        reft.count_skipped(run, SimpleNamespace(max_skipped_steps=0), False)
+
+
+def test_a_run_whose_gradient_is_never_finite_stops(minigsm, warmup, tmp_path, monkeypatch):
+    """reft.py with a NaN put into every PPO gradient: each optimizer step is skipped and counted in skipped_steps,
+    the policy stays the warm-up's, and with --max_skipped_steps 2 the second step stops the run with one error
+    line (the metrics of the first are written); with 0 the run goes to its end."""
+    from safetensors.torch import load_file
+    real = reft.ppo_backward
+
+    def nan_gradient(model, *a):
+        real(model, *a)
+        next(model.parameters()).grad.mul_(float("nan"))
+
+    monkeypatch.setattr(reft, "ppo_backward", nan_gradient)
+    common = ["--model", warmup, "--data", minigsm, "--max_steps", 2, "--batch_size", 4, "--micro_batch_size", 4,
+              "--ppo_epochs", 1, "--max_length", 96, "--eval_every", 0]
+    run_main(reft, [*common, "--max_skipped_steps", 0, "--output_dir", tmp_path / "never"])
+    assert [m["skipped_steps"] for m in read_metrics(tmp_path / "never" / "metrics.jsonl")] == [1, 2]
+    final, warm = load_file(tmp_path / "never" / "final" / "model.safetensors"), load_file(warmup / "model.safetensors")
+    assert final.keys() == warm.keys() and all(torch.equal(final[k], warm[k]) for k in warm)
+    with pytest.raises(SystemExit) as e:
+        run_main(reft, [*common, "--max_skipped_steps", 2, "--output_dir", tmp_path / "stops"])
+    assert str(e.value).startswith("error: step 2: 2 optimizer steps in a row skipped (--max_skipped_steps 2), 2 in "
+                                   "all: the gradient norm is not finite"), str(e.value)
+    assert [m["skipped_steps"] for m in read_metrics(tmp_path / "stops" / "metrics.jsonl")] == [1]
+    assert json.loads((tmp_path / "stops" / "args.json").read_text())["max_skipped_steps"] == 2
