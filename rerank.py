@@ -762,13 +762,15 @@ def init_distributed():
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # On CUDA the group is bound to this rank's GPU: NCCL and barrier() would otherwise guess the device.
+    device_id = device if device.type == "cuda" else None
     if not dist.is_initialized():
         if world == 1 and "MASTER_ADDR" not in os.environ:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
         else:
             # Rank 0 alone reads checkpoints and writes them (27 GB for a 7B model in fp32) while the other ranks
             # wait in a collective: longer than the 10-minute default timeout on slow disks.
-            dist.init_process_group(backend, timeout=timedelta(hours=2))
+            dist.init_process_group(backend, timeout=timedelta(hours=2), device_id=device_id)
     mesh = init_device_mesh(device.type, (world,))
     return rank, world, device, mesh
 

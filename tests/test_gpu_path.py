@@ -219,3 +219,25 @@ def test_a_run_whose_gradient_is_never_finite_stops(minigsm, warmup, tmp_path, m
                                    "all: the gradient norm is not finite"), str(e.value)
     assert [m["skipped_steps"] for m in read_metrics(tmp_path / "stops" / "metrics.jsonl")] == [1]
     assert json.loads((tmp_path / "stops" / "args.json").read_text())["max_skipped_steps"] == 2
+
+
+@pytest.mark.parametrize("launch", [{}, {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "localhost"}])
+@pytest.mark.parametrize("module", [sft, reft, rerank, evaluate])
+def test_on_cuda_the_process_group_is_bound_to_the_rank_s_gpu(module, launch, monkeypatch):
+    """init_distributed on a machine with GPUs (faked: this one has none), as plain python and as torchrun's rank 1
+    on LOCAL_RANK 3: NCCL, and the group bound to cuda:3, so that NCCL and barrier() need not guess the device."""
+    seen = {}
+
+    def init_process_group(backend, **kw):
+        seen.update(kw, backend=backend)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: seen.update(set_device=device))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    for name, value in {"LOCAL_RANK": "3", **launch}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match="stop here"):
+        module.init_distributed()
+    assert seen["backend"] == "nccl" and seen.get("device_id") == seen["set_device"] == torch.device("cuda:3")
