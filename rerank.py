@@ -452,6 +452,10 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
             n_right += int(((logits > 0).float() == labels).sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if not torch.isfinite(grad_norm):  # every rank sees the same norm: every rank stops, before AdamW writes NaN
+            raise SystemExit(f"error: step {step + 1}: the gradient norm is not finite, NaN or inf in the loss, and "
+                             f"the step would put NaN into every weight. Likely causes: fully masked attention rows "
+                             f"on GPU, a learning rate too high, bf16 overflow")
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()

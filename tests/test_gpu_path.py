@@ -241,3 +241,23 @@ def test_on_cuda_the_process_group_is_bound_to_the_rank_s_gpu(module, launch, mo
     with pytest.raises(RuntimeError, match="stop here"):
         module.init_distributed()
     assert seen["backend"] == "nccl" and seen.get("device_id") == seen["set_device"] == torch.device("cuda:3")
+
+
+@pytest.mark.parametrize("stage", ["sft", "rerank"])
+def test_sft_and_the_verifier_stop_at_a_gradient_that_is_not_finite(stage, minigsm, warmup, tmp_path, monkeypatch):
+    """sft.py and rerank.py have no step to skip to (AdamW would put NaN into every weight, and the run would go on
+    to its end): a NaN loss stops the run at that step with one error line, before it writes a checkpoint."""
+    if stage == "sft":
+        module, real = sft, sft.token_nll_sum
+        monkeypatch.setattr(sft, "token_nll_sum", lambda *a: real(*a) * float("nan"))
+        argv = ["--model", warmup, "--max_steps", 2, "--batch_size", 8, "--save_epochs", "none"]
+    else:
+        module, real = rerank, torch.nn.functional.binary_cross_entropy_with_logits
+        monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy_with_logits",
+                            lambda *a, **kw: real(*a, **kw) * float("nan"))
+        argv = ["--model", warmup, "--init", warmup, "--limit", 4, "--num_samples", 2, "--max_new_tokens", 16,
+                "--gold_samples", "--epochs", 1, "--batch_size", 4, "--micro_batch_size", 4]
+    with pytest.raises(SystemExit) as e:
+        run_main(module, [*argv, "--data", minigsm, "--output_dir", tmp_path])
+    assert str(e.value).startswith("error: step 1: the gradient norm is not finite"), str(e.value)
+    assert not (tmp_path / "final").exists() and not list(tmp_path.glob("checkpoint-*"))
