@@ -657,7 +657,8 @@ def online_st_update(model, opt, examples, pad_id, mini, world, step, args, devi
             loss.backward()
             loss_sum += loss.item()
         stepped.append(clipped_step(model, opt))
-    return {"loss": [loss_sum / len(stepped)]}, stepped  # step_metrics sums over ranks and divides by world: the mean loss
+    # step_metrics sums over ranks and divides by world: the mean loss
+    return {"loss": [loss_sum / len(stepped)]}, stepped
 
 
 def step_metrics(scores, no_answer, kl, entropy, mask, ended, returns, old_values, stats, world, device, num_samples):

@@ -49,8 +49,8 @@ def run_main(module, argv):
 def test_no_stage_hands_attention_a_fully_masked_row(minigsm, warmup, verifier, tmp_path, monkeypatch):
     """Each stage in this process on left-padded batches: SFT training and its greedy evaluation; ReFT's sampling
     (prefill and KV-cache decode), rollout forwards, PPO update and greedy evaluation; the verifier's sampling,
-    training (right-padded) and held-out scoring; evaluate.py's generation (greedy and sampled) and verifier scoring. Every
-    query row of every attention call must allow at least one key."""
+    training (right-padded) and held-out scoring; evaluate.py's generation (greedy and sampled) and verifier
+    scoring. Every query row of every attention call must allow at least one key."""
     stages = {
         "sft": (sft, ["--model", warmup, "--data", minigsm, "--max_steps", 4, "--batch_size", 64,
                       "--micro_batch_size", 32, "--save_epochs", "none", "--output_dir", tmp_path / "sft"]),
