@@ -3,6 +3,7 @@ them into NaN, the CPU kernel into zeros, so nothing else on CPU notices them), 
 beside the next one, and a run whose gradient is never finite."""
 import json
 import sys
+import textwrap
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT, read_metrics
+from conftest import ROOT, read_metrics, torchrun
 
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
@@ -219,6 +220,34 @@ def test_a_run_whose_gradient_is_never_finite_stops(minigsm, warmup, tmp_path, m
                                    "all: the gradient norm is not finite"), str(e.value)
     assert [m["skipped_steps"] for m in read_metrics(tmp_path / "stops" / "metrics.jsonl")] == [1]
     assert json.loads((tmp_path / "stops" / "args.json").read_text())["max_skipped_steps"] == 2
+
+
+NAN_GRADIENT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import reft
+    real = reft.ppo_backward
+
+    def nan_gradient(model, *a):
+        real(model, *a)
+        next(model.parameters()).grad.mul_(float("nan"))
+
+    reft.ppo_backward = nan_gradient
+    reft.main(reft.parse_args(reft.Args, sys.argv[2:]))
+""")
+
+
+def test_every_rank_stops_when_the_gradient_is_never_finite(minigsm, warmup, tmp_path):
+    """Under torchrun with 2 processes and a NaN in every PPO gradient, both ranks stop at the same step with the
+    error line and a non-zero exit: none is left waiting in a collective for the other."""
+    script = tmp_path / "nan_gradient.py"
+    script.write_text(NAN_GRADIENT)
+    p = torchrun(2, script, ROOT, "--model", warmup, "--data", minigsm, "--max_steps", 3, "--batch_size", 4,
+                 "--micro_batch_size", 2, "--ppo_epochs", 1, "--max_length", 96, "--eval_every", 0,
+                 "--max_skipped_steps", 2, "--output_dir", tmp_path / "out", check=False, timeout=600)
+    assert p.returncode != 0
+    # each rank prints it (two processes' stderr may share a line); torchrun then ends the one still exiting
+    assert (p.stdout + p.stderr).count("error: step 2: 2 optimizer steps in a row skipped") == 2, p.stderr[-3000:]
 
 
 @pytest.mark.parametrize("launch", [{}, {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "localhost"}])
