@@ -55,6 +55,7 @@ sft.py, with the full parameters gathered once around each generate() call.
 import argparse
 import ast
 import dataclasses
+import gc
 import inspect
 import json
 import math
@@ -305,7 +306,10 @@ def main(args):
                        votes=vote_counts(voters, args.scoring), vote_answer=None if chosen is None else answers[chosen])
             row.update(vote_correct=chosen is not None and row["sample_correct"][chosen],
                        pass_at_k=pass_at_k(row["sample_correct"]))
+    # FSDP2 holds a sharded model in reference cycles: only a collection frees the policy's weights (27 GB of a 7B
+    # model on one GPU) before the verifier loads.
     del model
+    gc.collect()
     if do_rerank:
         verifier, vtok = load("AutoModelForSequenceClassification", args.verifier, "--verifier", mesh, device)
         verifier.eval()
@@ -595,13 +599,15 @@ def init_distributed():
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # On CUDA the group is bound to this rank's GPU: NCCL and barrier() would otherwise guess the device.
+    device_id = device if device.type == "cuda" else None
     if not dist.is_initialized():
         if world == 1 and "MASTER_ADDR" not in os.environ:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
         else:
             # Rank 0 alone reads checkpoints and writes them (27 GB for a 7B model in fp32) while the other ranks
             # wait in a collective: longer than the 10-minute default timeout on slow disks.
-            dist.init_process_group(backend, timeout=timedelta(hours=2))
+            dist.init_process_group(backend, timeout=timedelta(hours=2), device_id=device_id)
     mesh = init_device_mesh(device.type, (world,))
     return rank, world, device, mesh
 
@@ -647,6 +653,30 @@ def shard(model, mesh, dtype):
     return model
 
 
+def without_empty_attention_rows(config):
+    """`config`, set to build models whose attention has no fully masked query row (returned for chaining).
+
+    A left-padded batch gives each pad position a causal mask row that allows no key. transformers 5 hands such rows
+    to scaled_dot_product_attention unchanged (4.x un-masked them; its `allow_torch_fix` is gone): the CPU kernel
+    returns zeros there, but cuDNN, which torch prefers on H100/H200 (sm90), returns NaN, which the next layer carries
+    into the real tokens and the gradient norm into every weight. Here such a row attends to every key instead. No
+    real token attends to a pad key, so real tokens compute exactly as before, bit for bit. It is SDPA under its own
+    name, "sdpa_no_empty_rows" (transformers picks the mask function by that name), for configs that ask for sdpa."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def mask(*args, **kwargs):
+        allowed = sdpa_mask(*args, **kwargs)  # (B, 1, Q, K) bool, or None for a plain causal mask (no padding)
+        return None if allowed is None else allowed | ~allowed.any(-1, keepdim=True)
+
+    AttentionInterface.register("sdpa_no_empty_rows", sdpa_attention_forward)
+    AttentionMaskInterface.register("sdpa_no_empty_rows", mask)
+    if config._attn_implementation == "sdpa":
+        config._attn_implementation = "sdpa_no_empty_rows"
+    return config
+
+
 def load_sharded(load, make, mesh, device):
     """The model that `load()` builds on rank 0, sharded over all ranks without a full copy anywhere else.
 
@@ -667,7 +697,7 @@ def load_sharded(load, make, mesh, device):
     if error is not None:
         raise SystemExit(error)
     with torch.device("meta"):
-        model = make(config)
+        model = make(without_empty_attention_rows(config))
     if generation_config is not None:  # the checkpoint's generation_config.json, which from_config does not read
         model.generation_config = generation_config
     shard(model, mesh, compute_dtype(device))

@@ -194,11 +194,15 @@ class Args:
     """recompute activations in the PPO backward to save memory (7B models)"""
     log_every: int = 10
     """print a one-line summary of the metrics every this many steps (0: never)"""
+    max_skipped_steps: int = 10
+    """stop the run with an error after this many optimizer steps in a row skipped for a gradient norm that is not
+    finite (NaN or inf in the loss; each is counted in skipped_steps); 0: never stop"""
 
 
 # Flags a resumed run may change: how long, how often, in how much memory (plan_run).
 MAY_CHANGE = ("output_dir", "resume", "overwrite", "epochs", "max_steps", "save_steps", "save_epochs", "save_best",
-              "eval_every", "eval_batch_size", "micro_batch_size", "gradient_checkpointing", "log_every")
+              "eval_every", "eval_batch_size", "micro_batch_size", "gradient_checkpointing", "log_every",
+              "max_skipped_steps")
 SIZED = "-1 (by model size) or "
 RANGES = [("epochs", lambda v: v == -1 or v >= 1, SIZED + "at least 1"), ("batch_size", lambda v: v >= 1, "at least 1"),
           ("num_samples", lambda v: v == -1 or v >= 1, SIZED + "at least 1"),
@@ -215,7 +219,8 @@ RANGES = [("epochs", lambda v: v == -1 or v >= 1, SIZED + "at least 1"), ("batch
           ("max_length", lambda v: v == -1 or v >= 2, SIZED + "at least 2"),
           ("save_steps", lambda v: v >= 0, "at least 0"), ("eval_every", lambda v: v >= -1, SIZED + "at least 0"),
           ("eval_limit", lambda v: v == -1 or v >= 1, "-1 (all) or at least 1"),
-          ("eval_batch_size", lambda v: v >= 1, "at least 1"), ("log_every", lambda v: v >= 0, "at least 0")]
+          ("eval_batch_size", lambda v: v >= 1, "at least 1"), ("log_every", lambda v: v >= 0, "at least 0"),
+          ("max_skipped_steps", lambda v: v >= 0, "at least 0")]
 
 # What a flag left at -1 becomes, by the size of --model. A pretrained model (50 M parameters or more, or a hub id) gets
 # the paper's code's values; a smaller one is the tiny Llama trained from scratch on minigsm, and gets the quickstart's
@@ -557,6 +562,19 @@ def clipped_step(model, opt):
     return finite
 
 
+def count_skipped(run, args, stepped):
+    """Count an optimizer step that clipped_step skipped, and stop the run after --max_skipped_steps of them in a row:
+    a gradient that is never finite would otherwise burn days of GPU time, only skipped_steps growing. Every rank
+    sees the same norm, so every rank stops."""
+    run.skipped += not stepped
+    run.skipped_in_a_row = 0 if stepped else run.skipped_in_a_row + 1
+    if 0 < args.max_skipped_steps <= run.skipped_in_a_row:
+        raise SystemExit(f"error: step {run.step + 1}: {run.skipped_in_a_row} optimizer steps in a row skipped "
+                         f"(--max_skipped_steps {args.max_skipped_steps}), {run.skipped} in all: the gradient norm is "
+                         f"not finite, NaN or inf in the loss. Likely causes: fully masked attention rows on GPU, a "
+                         f"learning rate too high, bf16 overflow")
+
+
 def ppo_backward(model, micro_batches, rollout, P, mini, world, beta, args, device, stats):
     """Step 6 for one minibatch: forward and backward of this rank's micro-batches, the gradient accumulating.
 
@@ -629,9 +647,10 @@ def online_st_update(model, opt, examples, pad_id, mini, world, step, args, devi
     each NLL a mean over its target tokens on all ranks, so N processes take one process's step; without a correct
     sample, the gold half alone (as the paper's code). `examples`: per row (gold, sample), each (ids, n_prompt), the
     sample None unless it scored 1. A micro-batch of rows is one forward of both (≤ 2 × --micro_batch_size
-    sequences), so every rank runs as many forwards, as FSDP needs. Returns (stats, optimizer steps skipped)."""
+    sequences), so every rank runs as many forwards, as FSDP needs. Returns (stats, whether each optimizer step
+    stepped: clipped_step)."""
     model.train()
-    loss_sum, n_steps, skipped = 0.0, 0, 0
+    loss_sum, stepped = 0.0, []
     for micro_batches in minibatches(len(examples), mini // world, args, step):
         rows = [examples[i] for i in torch.cat(micro_batches).tolist()]
         n_tokens = global_sums([sum(len(r[h][0]) - r[h][1] for r in rows if r[h] is not None) for h in (0, 1)], device)
@@ -642,9 +661,9 @@ def online_st_update(model, opt, examples, pad_id, mini, world, step, args, devi
             loss = (nll * torch.tensor([w for _, w in batch], device=device)).sum()
             loss.backward()
             loss_sum += loss.item()
-        skipped += not clipped_step(model, opt)
-        n_steps += 1
-    return {"loss": [loss_sum / n_steps]}, skipped  # step_metrics sums over ranks and divides by world: the mean loss
+        stepped.append(clipped_step(model, opt))
+    # step_metrics sums over ranks and divides by world: the mean loss
+    return {"loss": [loss_sum / len(stepped)]}, stepped
 
 
 def step_metrics(scores, no_answer, kl, entropy, mask, ended, returns, old_values, stats, world, device, num_samples):
@@ -816,7 +835,7 @@ def ppo_update(run, args, batch):
     for micro_batches in minibatches(len(batch.rows), run.mini // run.world, args, run.step):
         ppo_backward(run.model, micro_batches, vars(batch), batch.P, run.mini, run.world, run.beta, args, run.device,
                      stats)
-        run.skipped += not clipped_step(run.model, run.opt)
+        count_skipped(run, args, clipped_step(run.model, run.opt))
     return stats
 
 
@@ -824,9 +843,10 @@ def online_st_step(run, args, batch):
     """The paper's Online-ST baseline instead of the PPO steps: NLL steps on the samples that scored 1 and the gold
     CoTs (online_st_update). Returns its losses."""
     examples = online_st_examples(run.gold, run.prompts, batch.rows, batch.responses, batch.mask, batch.scores)
-    stats, n_skipped = online_st_update(run.model, run.opt, examples, run.tok.pad_token_id, run.mini, run.world,
-                                        run.step, args, run.device)
-    run.skipped += n_skipped
+    stats, stepped = online_st_update(run.model, run.opt, examples, run.tok.pad_token_id, run.mini, run.world,
+                                      run.step, args, run.device)
+    for s in stepped:
+        count_skipped(run, args, s)
     batch.kl = batch.entropy = batch.returns = batch.old_values = None
     return stats
 
@@ -941,7 +961,7 @@ def setup(args):
 
     run: rank, world, device, log, reward_fn, tok, model, ref, opt, records, prompts, gold (Online-ST's gold CoTs),
     eval_records, eval_budget, keep_epochs, mini (sequences per minibatch, all ranks), steps_per_epoch, total_steps,
-    metrics_path, and the loop state step, beta, skipped, best."""
+    metrics_path, and the loop state step, beta, skipped (optimizer steps), skipped_in_a_row, best."""
     check_ranges(args, RANGES)
     reward_fn = reward.load_reward(args.reward)
     check_checkpoint(args.model, "--model")
@@ -1023,7 +1043,7 @@ def setup(args):
                           ref=ref, opt=opt, records=records, prompts=prompts, gold=gold, eval_records=eval_records,
                           eval_budget=eval_budget, keep_epochs=keep_epochs, mini=mini, steps_per_epoch=steps_per_epoch,
                           total_steps=total_steps, metrics_path=os.path.join(args.output_dir, "metrics.jsonl"),
-                          step=0, beta=beta, skipped=0, best=-1.0)
+                          step=0, beta=beta, skipped=0, skipped_in_a_row=0, best=-1.0)
     if resuming:
         state = load_resume_state(model, opt, args)
         run.step, run.beta, run.skipped, run.best = state["step"], state["beta"], state["skipped"], state["best"]
@@ -1328,13 +1348,15 @@ def init_distributed():
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # On CUDA the group is bound to this rank's GPU: NCCL and barrier() would otherwise guess the device.
+    device_id = device if device.type == "cuda" else None
     if not dist.is_initialized():
         if world == 1 and "MASTER_ADDR" not in os.environ:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
         else:
             # Rank 0 alone reads checkpoints and writes them (27 GB for a 7B model in fp32) while the other ranks
             # wait in a collective: longer than the 10-minute default timeout on slow disks.
-            dist.init_process_group(backend, timeout=timedelta(hours=2))
+            dist.init_process_group(backend, timeout=timedelta(hours=2), device_id=device_id)
     mesh = init_device_mesh(device.type, (world,))
     return rank, world, device, mesh
 
@@ -1380,6 +1402,30 @@ def shard(model, mesh, dtype):
     return model
 
 
+def without_empty_attention_rows(config):
+    """`config`, set to build models whose attention has no fully masked query row (returned for chaining).
+
+    A left-padded batch gives each pad position a causal mask row that allows no key. transformers 5 hands such rows
+    to scaled_dot_product_attention unchanged (4.x un-masked them; its `allow_torch_fix` is gone): the CPU kernel
+    returns zeros there, but cuDNN, which torch prefers on H100/H200 (sm90), returns NaN, which the next layer carries
+    into the real tokens and the gradient norm into every weight. Here such a row attends to every key instead. No
+    real token attends to a pad key, so real tokens compute exactly as before, bit for bit. It is SDPA under its own
+    name, "sdpa_no_empty_rows" (transformers picks the mask function by that name), for configs that ask for sdpa."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def mask(*args, **kwargs):
+        allowed = sdpa_mask(*args, **kwargs)  # (B, 1, Q, K) bool, or None for a plain causal mask (no padding)
+        return None if allowed is None else allowed | ~allowed.any(-1, keepdim=True)
+
+    AttentionInterface.register("sdpa_no_empty_rows", sdpa_attention_forward)
+    AttentionMaskInterface.register("sdpa_no_empty_rows", mask)
+    if config._attn_implementation == "sdpa":
+        config._attn_implementation = "sdpa_no_empty_rows"
+    return config
+
+
 def load_sharded(load, make, mesh, device):
     """The model that `load()` builds on rank 0, sharded over all ranks without a full copy anywhere else.
 
@@ -1400,7 +1446,7 @@ def load_sharded(load, make, mesh, device):
     if error is not None:
         raise SystemExit(error)
     with torch.device("meta"):
-        model = make(config)
+        model = make(without_empty_attention_rows(config))
     if generation_config is not None:  # the checkpoint's generation_config.json, which from_config does not read
         model.generation_config = generation_config
     shard(model, mesh, compute_dtype(device))

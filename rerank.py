@@ -60,6 +60,7 @@ import ast
 import collections
 import dataclasses
 import errno
+import gc
 import hashlib
 import inspect
 import io
@@ -455,6 +456,10 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
             n_right += int(((logits > 0).float() == labels).sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if not torch.isfinite(grad_norm):  # every rank sees the same norm: every rank stops, before AdamW writes NaN
+            raise SystemExit(f"error: step {step + 1}: the gradient norm is not finite, NaN or inf in the loss, and "
+                             f"the step would put NaN into every weight. Likely causes: fully masked attention rows "
+                             f"on GPU, a learning rate too high, bf16 overflow")
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
@@ -548,6 +553,7 @@ def main(args):
     dist.barrier()
     if rows is None:
         sample(args, path, rank, world, device, mesh, log, reward_fn)
+        gc.collect()  # FSDP2 holds the dropped sampling model in reference cycles: free it before the verifier
         rows = read_samples(path)
         rows = with_gold(rows, records, args.cot) if args.gold_samples else rows
         check_samples(args, rows, path, world)
@@ -824,13 +830,15 @@ def init_distributed():
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # On CUDA the group is bound to this rank's GPU: NCCL and barrier() would otherwise guess the device.
+    device_id = device if device.type == "cuda" else None
     if not dist.is_initialized():
         if world == 1 and "MASTER_ADDR" not in os.environ:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
         else:
             # Rank 0 alone reads checkpoints and writes them (27 GB for a 7B model in fp32) while the other ranks
             # wait in a collective: longer than the 10-minute default timeout on slow disks.
-            dist.init_process_group(backend, timeout=timedelta(hours=2))
+            dist.init_process_group(backend, timeout=timedelta(hours=2), device_id=device_id)
     mesh = init_device_mesh(device.type, (world,))
     return rank, world, device, mesh
 
@@ -876,6 +884,30 @@ def shard(model, mesh, dtype):
     return model
 
 
+def without_empty_attention_rows(config):
+    """`config`, set to build models whose attention has no fully masked query row (returned for chaining).
+
+    A left-padded batch gives each pad position a causal mask row that allows no key. transformers 5 hands such rows
+    to scaled_dot_product_attention unchanged (4.x un-masked them; its `allow_torch_fix` is gone): the CPU kernel
+    returns zeros there, but cuDNN, which torch prefers on H100/H200 (sm90), returns NaN, which the next layer carries
+    into the real tokens and the gradient norm into every weight. Here such a row attends to every key instead. No
+    real token attends to a pad key, so real tokens compute exactly as before, bit for bit. It is SDPA under its own
+    name, "sdpa_no_empty_rows" (transformers picks the mask function by that name), for configs that ask for sdpa."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def mask(*args, **kwargs):
+        allowed = sdpa_mask(*args, **kwargs)  # (B, 1, Q, K) bool, or None for a plain causal mask (no padding)
+        return None if allowed is None else allowed | ~allowed.any(-1, keepdim=True)
+
+    AttentionInterface.register("sdpa_no_empty_rows", sdpa_attention_forward)
+    AttentionMaskInterface.register("sdpa_no_empty_rows", mask)
+    if config._attn_implementation == "sdpa":
+        config._attn_implementation = "sdpa_no_empty_rows"
+    return config
+
+
 def load_sharded(load, make, mesh, device):
     """The model that `load()` builds on rank 0, sharded over all ranks without a full copy anywhere else.
 
@@ -896,7 +928,7 @@ def load_sharded(load, make, mesh, device):
     if error is not None:
         raise SystemExit(error)
     with torch.device("meta"):
-        model = make(config)
+        model = make(without_empty_attention_rows(config))
     if generation_config is not None:  # the checkpoint's generation_config.json, which from_config does not read
         model.generation_config = generation_config
     shard(model, mesh, compute_dtype(device))

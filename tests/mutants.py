@@ -158,6 +158,17 @@ MUTANTS = [
      ["tests/test_reft.py::test_sigkill_and_resume_across_epochs_restores_beta_and_best"]),
     ("rerank_optimizer_not_restored", "rerank.py", '    set_optimizer_state_dict(model, opt, sd["optim"])\n', "",
      ["tests/test_rerank.py::test_sigkill_and_resume_of_the_verifier_training_repeats_the_same_run"]),
+    # --- the GPU path
+    ("attention_rows_left_empty", "reft.py",
+     "return None if allowed is None else allowed | ~allowed.any(-1, keepdim=True)", "return allowed",
+     ["tests/test_gpu_path.py::test_no_stage_hands_attention_a_fully_masked_row"]),
+    ("nan_gradient_steps", "reft.py", "    if finite:\n        opt.step()\n", "    opt.step()\n",
+     ["tests/test_gpu_path.py::test_a_step_with_a_nan_gradient_is_skipped"]),
+    ("skips_in_a_row_never_reset", "reft.py",
+     "run.skipped_in_a_row = 0 if stepped else run.skipped_in_a_row + 1", "run.skipped_in_a_row += not stepped",
+     ["tests/test_gpu_path.py::test_skipped_steps_in_a_row_stop_the_run"]),
+    ("evaluate_keeps_the_dropped_policy", "evaluate.py", "    del model\n    gc.collect()\n", "    del model\n",
+     ["tests/test_gpu_path.py::test_the_dropped_policy_is_freed_before_the_verifier_loads[evaluate]"]),
     # --- faults
     ("resume_manifest_not_checked", "sft.py", "            damage = damaged_file(path)\n",
      "            damage = None\n",

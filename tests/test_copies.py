@@ -12,6 +12,7 @@ COPIES = {
     "decoder_blocks": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "head_groups": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "shard": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "without_empty_attention_rows": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "load_sharded": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "gathered_for_generation": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "device_memory": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],

@@ -110,11 +110,11 @@ def test_online_st_step_is_half_gold_half_correct_samples_each_a_token_mean():
 
     reft.init_distributed()
     try:
-        stats, skipped = reft.online_st_update(model, Recorder(), examples, 0, 3, 1, 0,
+        stats, stepped = reft.online_st_update(model, Recorder(), examples, 0, 3, 1, 0,
                                                reft.Args(ppo_epochs=1, micro_batch_size=2), "cpu")
     finally:
         torch.distributed.destroy_process_group()
-    assert len(seen) == 1 and skipped == 0
+    assert len(seen) == 1 and stepped == [True]
 
     def nll(ids, n_prompt):
         logits = lm(torch.tensor([ids])).logits[0, :-1]
