@@ -475,12 +475,16 @@ class Check:
 
     # -- models
     def build_lm(self, family, layers):
-        """A random-init causal LM in fp32 (the master weights), built directly on the device."""
+        """A random-init causal LM in fp32 (the master weights), built directly on the device, with the stages'
+        attention (reft.without_empty_attention_rows, as their load_sharded builds it): no left-padded row reaches
+        SDPA fully masked, which cuDNN on sm90 answers with NaN."""
         from transformers import LlamaForCausalLM, OPTForCausalLM
         cls = LlamaForCausalLM if family == "llama" else OPTForCausalLM
         self.torch.manual_seed(0)
         with self.torch.device(self.device):
-            return cls(model_config(family, layers, self.args.small))
+            lm = cls(model_config(family, layers, self.args.small))
+        self.reft.without_empty_attention_rows(lm.config)  # read at every forward: switching after the build works
+        return lm
 
     def matmul_params(self, lm):
         """(trunk, LM head) weights that take part in matmuls: every nn.Linear but the output layer, and that one."""
