@@ -206,6 +206,13 @@ MUTANTS = [
      '    name = "paper"', ["tests/test_chain.py::test_the_stage_defaults_chain_into_the_quickstart"]),
     ("rerank_init_ignores_the_best_beside_the_warmup", "rerank.py", "        args.init = beside  #",
      "        pass  #", ["tests/test_chain.py::test_the_stage_defaults_chain_into_the_quickstart"]),
+    ("repeated_item_ids_accepted", "reward.py", "    if repeated:", "    if False:",
+     ["tests/test_bad_input.py::test_bad_invocation_is_one_error_line[evaluate.py --data RUNS/repeated_ids.jsonl]"]),
+    ("verifier_taken_as_a_policy", "evaluate.py", "    if policy and classifier:", "    if False:",
+     ["tests/test_bad_input.py::test_bad_invocation_is_one_error_line[evaluate.py --model RUNS/verifier]"]),
+    ("explained_variance_divides_by_rounding", "reft.py", "if var_ret > 1e-6 * ret_sq_sum / n else None",
+     "if var_ret > 0 else None",
+     ["tests/test_reft.py::test_explained_variance_of_constant_returns_summed_in_float32_is_none"]),
     # --- the data
     ("minigsm_question_states_another_number", "data/minigsm/prepare.py",
      "sentences.append(template.format(P=subj, o=obj, F=friend, n=n))",
