@@ -112,7 +112,7 @@ class Args:
     gold_samples: bool = False
     """also train on each sampled question's gold CoT from --data, as a correct sample: a verifier then sees both kinds
     even from a sampler that gets nothing right (the quickstart's --fast, whose warm-up writes no whole program; the
-    paper trains on samples only)"""
+    paper trains on samples only). `--resume --gold_samples` adds them to the samples a run drew, drawing none again"""
     reward: str = "reward:compute_rewards"
     """labels the samples: correct when this `module:function` gives 1.0 (partial_reward=False), a callable with
     reward.compute_rewards' signature (module from sys.path or the current directory)"""
@@ -640,6 +640,7 @@ def check_checkpoint(path, flag):
         hint = f"; did you mean {os.path.join(path, inside[0])}?" if inside else " (no config.json)"
         raise SystemExit(f"error: {flag} {path}: not a checkpoint folder{hint}")
 
+
 # a copy kept identical across stage files: tests/test_copies.py
 def check_model_config(path, flag, lengths, policy=True, positions=None):
     """One error line, before any model loads, from the checkpoint's config.json: a verifier written by rerank.py (a
@@ -662,6 +663,7 @@ def check_model_config(path, flag, lengths, policy=True, positions=None):
         if isinstance(maximum, int) and value > maximum:
             raise SystemExit(f"error: --{name} {value} is over the model's maximum of {maximum} positions "
                              f"({flag} {path}); pass at most {maximum}")
+
 
 # a copy kept identical across stage files: tests/test_copies.py
 def check_default_model(model, default):

@@ -526,6 +526,7 @@ def check_checkpoint(path, flag):
         hint = f"; did you mean {os.path.join(path, inside[0])}?" if inside else " (no config.json)"
         raise SystemExit(f"error: {flag} {path}: not a checkpoint folder{hint}")
 
+
 # a copy kept identical across stage files: tests/test_copies.py
 def check_model_config(path, flag, lengths, policy=True, positions=None):
     """One error line, before any model loads, from the checkpoint's config.json: a verifier written by rerank.py (a

@@ -347,13 +347,13 @@ def test_a_flag_newer_than_the_run_counts_as_its_default(runs, warmup, minigsm, 
     folder = tmp_path / "rerank"
     shutil.copytree(runs / "rerank", folder)
     saved = json.loads((folder / "args.json").read_text())
-    del saved["gold_samples"]
+    del saved["top_k"]
     (folder / "args.json").write_text(json.dumps(saved))
     args = rerank.Args(**{k: v for k, v in saved.items() if k in rerank.Args.__dataclass_fields__})
     args.output_dir, args.resume = str(folder), True
     assert rerank.plan_run(args, dataclasses.asdict(args), rerank.MAY_CHANGE, ("samples.jsonl",)) is True
-    args.gold_samples = True
-    with pytest.raises(SystemExit, match=r"--gold_samples True \(the run's: False\)"):
+    args.top_k = 5
+    with pytest.raises(SystemExit, match=r"--top_k 5 \(the run's: 0\)"):
         rerank.plan_run(args, dataclasses.asdict(args), rerank.MAY_CHANGE, ("samples.jsonl",))
 
 
