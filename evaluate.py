@@ -82,15 +82,17 @@ import reward
 @dataclass
 class Args:
     mode: Literal["greedy", "vote", "rerank", "all"] = "greedy"
-    """greedy | vote | rerank | all"""
+    """what to report: `greedy` top-1, `vote` majority voting@k and pass@k over k samples, `rerank` rerank@k of the
+    same samples by --verifier, `all` every one"""
     model: str = ""
-    """policy checkpoint: an HF folder written by sft.py or reft.py"""
+    """required: the policy checkpoint, an HF folder written by sft.py or reft.py"""
     verifier: str = ""
-    """verifier checkpoint written by rerank.py (`{output_dir}/final`); required by --mode rerank"""
+    """verifier checkpoint written by rerank.py (`{output_dir}/final`); required by --mode rerank (--mode all
+    skips rerank without it); not given: none"""
     data: str = "minigsm"
     """a prepared dataset name under data/ or a .jsonl/.json file of {item_id, question, answer_value}"""
     split: str = ""
-    """split of a prepared dataset or folder (default: test); a --data file is evaluated as it is, with no --split"""
+    """split of a prepared dataset or folder; not given: test (a --data file is evaluated as it is, with no --split)"""
     cot: Literal["auto", "nl", "python"] = "auto"
     """chain-of-thought kind: `nl` or `python`; `auto` = the kind --model (and --verifier) were trained on (their
     train_args.json)"""
@@ -404,6 +406,7 @@ def check_args(args):
     if args.max_new_tokens == -1:
         n = checkpoint_params(args.model)
         args.max_new_tokens = 48 if n is not None and n < 50_000_000 else 700
+    check_model_config(args.model, "--model", {"max_new_tokens": args.max_new_tokens})
     if not args.output_dir:
         name = os.path.normpath(args.model).removeprefix("runs" + os.sep).strip(os.sep).replace(os.sep, "_")
         args.output_dir = os.path.join("runs", "eval", name)
@@ -467,7 +470,9 @@ def parse_args(cls, argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(cls):
         names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
-        kw = {"default": f.default, "help": docs.get(f.name, "").replace("%", "%%")}
+        # An empty default is "not given" (its docstring says what that means), not a value to show as "(default: )"
+        kw = {"default": argparse.SUPPRESS if f.default == "" else f.default,
+              "help": docs.get(f.name, "").replace("%", "%%")}
         if f.type is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif get_origin(f.type) is Literal:
@@ -548,6 +553,30 @@ def check_checkpoint(path, flag):
             damage = "its header is unreadable" if need is None else f"cut short: {size:,} of its {need:,} bytes"
             raise SystemExit(f"error: {flag} {path}: {name} is damaged ({damage}); write it again, or take another "
                              f"checkpoint")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def check_model_config(path, flag, lengths, policy=True, positions=None):
+    """One error line, before any model loads, from the checkpoint's config.json: a verifier written by rerank.py (a
+    *ForSequenceClassification) where a policy is needed (it would load with a fresh random LM head), or a length flag
+    of `lengths` ({flag name: value}) over the model's positions (max_position_embeddings, else `positions`; past it
+    a model writes garbage). A hub id, or a config without the key, is not checked."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    classifier = next((a for a in config.get("architectures") or [] if str(a).endswith("ForSequenceClassification")),
+                      None)
+    if policy and classifier:
+        raise SystemExit(f"error: {flag} {path}: a verifier ({classifier}, as rerank.py writes), not a policy; pass a "
+                         f"checkpoint written by sft.py or reft.py")
+    maximum = config.get("max_position_embeddings", positions)
+    for name, value in lengths.items():
+        if isinstance(maximum, int) and value > maximum:
+            raise SystemExit(f"error: --{name} {value} is over the model's maximum of {maximum} positions "
+                             f"({flag} {path}); pass at most {maximum}")
 
 
 # a copy kept identical across stage files: tests/test_copies.py

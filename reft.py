@@ -27,7 +27,7 @@ ratios and clipped losses of 2 questions × 2 samples): docs/walkthrough.md, mad
 
 Run it (CPU, the offline default: sft.py's tiny warm-up runs/sft/warmup on `minigsm`; the flags left at -1 take the
 quickstart's values for a model this small and the paper's for a pretrained one, RECIPES):
-    python reft.py                                       # ~52 PPO steps, the best validation step in runs/reft/best
+    python reft.py                                       # 48 PPO steps, the best validation step in runs/reft/best
     python reft.py --max_steps 1 --output_dir runs/reft_smoke                                 # a smoke run, seconds
     torchrun --standalone --nproc_per_node 2 reft.py --output_dir runs/reft2                  # 2 CPU processes
 The paper's setting (8 GPUs, CodeLlama-7B warm-up = epoch 2 of SFT, GSM8K program CoT; these are RECIPES["paper"]):
@@ -183,7 +183,7 @@ class Args:
     """split of --data for the periodic greedy evaluation (never pick settings on test)"""
     eval_data: str = ""
     """questions of the periodic evaluation from elsewhere: a prepared dataset or folder (its --eval_split) or a file
-    (all of it); needed when --data is a file, which is training data only"""
+    (all of it); needed when --data is a file, which is training data only; not given: the --eval_split of --data"""
     eval_limit: int = 500
     """questions in each periodic evaluation (-1: all)"""
     eval_batch_size: int = 64
@@ -404,9 +404,11 @@ def adaptive_beta(beta, kl, target_kl, n_sequences, horizon=10_000):
 
 def explained_variance(err_sum, err_sq_sum, ret_sum, ret_sq_sum, n):
     """1 - Var(R - V) / Var(R) over n valid tokens, from sums; None when the returns do not vary (e.g. every score
-    0 and no KL yet on the first step), where it is undefined."""
+    0 and no KL yet on the first step), where it is undefined. The sums are float32, so constant returns leave Var(R)
+    a rounding residue of about 1e-7 of their second moment, not 0: a variance within 1e-6 of it counts as none
+    (divided by the residue, the ratio came out as -4e13)."""
     var_ret = ret_sq_sum / n - (ret_sum / n) ** 2
-    return 1 - (err_sq_sum / n - (err_sum / n) ** 2) / var_ret if var_ret > 0 else None
+    return 1 - (err_sq_sum / n - (err_sum / n) ** 2) / var_ret if var_ret > 1e-6 * ret_sq_sum / n else None
 
 
 def response_mask(responses, eos_id):
@@ -707,7 +709,12 @@ def greedy_budget(tok, records, args):
 def eval_questions(args):
     """The questions of the evaluation during training: --eval_data (a file as it is, or the --eval_split of a
     prepared dataset or folder), else the --eval_split of --data. A --data file is training data only: evaluating
-    it would report (and --save_best select on) the training questions as validation."""
+    it would report (and --save_best select on) the training questions as validation. A test split is refused: the
+    checkpoint picked on it would be scored on the questions it was picked with."""
+    if args.eval_split.startswith("test") and not reward.is_data_file(args.eval_data or args.data):
+        raise SystemExit(f"error: --eval_split {args.eval_split}: the evaluation during training picks a checkpoint, "
+                         f"never on a test split; pass --eval_split validation (evaluate.py scores the test split "
+                         f"once, at the end)")
     if args.eval_data:
         records = reward.load_records(args.eval_data, None if reward.is_data_file(args.eval_data) else args.eval_split,
                                       args.cot)
@@ -964,10 +971,13 @@ def setup(args):
     metrics_path, and the loop state step, beta, skipped (optimizer steps), skipped_in_a_row, best."""
     check_ranges(args, RANGES)
     reward_fn = reward.load_reward(args.reward)
+    check_default_model(args.model, Args.model)
     check_checkpoint(args.model, "--model")
     resolve_cot(args, {"--model": args.model})
     flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
     recipe = fill_recipe(args)
+    check_model_config(args.model, "--model", {"max_length": args.max_length,
+                                               "max_prompt_length": args.max_prompt_length})
     if args.advantage != "gae" and args.num_samples < 2:
         raise SystemExit(f"error: --advantage {args.advantage} compares the samples of a question: it needs "
                          f"--num_samples 2 or more (a group of one has no baseline)")
@@ -1106,7 +1116,9 @@ def parse_args(cls, argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(cls):
         names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
-        kw = {"default": f.default, "help": docs.get(f.name, "").replace("%", "%%")}
+        # An empty default is "not given" (its docstring says what that means), not a value to show as "(default: )"
+        kw = {"default": argparse.SUPPRESS if f.default == "" else f.default,
+              "help": docs.get(f.name, "").replace("%", "%%")}
         if f.type is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif get_origin(f.type) is Literal:
@@ -1183,6 +1195,41 @@ def check_checkpoint(path, flag):
             damage = "its header is unreadable" if need is None else f"cut short: {size:,} of its {need:,} bytes"
             raise SystemExit(f"error: {flag} {path}: {name} is damaged ({damage}); write it again, or take another "
                              f"checkpoint")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def check_model_config(path, flag, lengths, policy=True, positions=None):
+    """One error line, before any model loads, from the checkpoint's config.json: a verifier written by rerank.py (a
+    *ForSequenceClassification) where a policy is needed (it would load with a fresh random LM head), or a length flag
+    of `lengths` ({flag name: value}) over the model's positions (max_position_embeddings, else `positions`; past it
+    a model writes garbage). A hub id, or a config without the key, is not checked."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    classifier = next((a for a in config.get("architectures") or [] if str(a).endswith("ForSequenceClassification")),
+                      None)
+    if policy and classifier:
+        raise SystemExit(f"error: {flag} {path}: a verifier ({classifier}, as rerank.py writes), not a policy; pass a "
+                         f"checkpoint written by sft.py or reft.py")
+    maximum = config.get("max_position_embeddings", positions)
+    for name, value in lengths.items():
+        if isinstance(maximum, int) and value > maximum:
+            raise SystemExit(f"error: --{name} {value} is over the model's maximum of {maximum} positions "
+                             f"({flag} {path}); pass at most {maximum}")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def check_default_model(model, default):
+    """The default --model, sft.py's warm-up, missing: one error line saying which command writes it and what to pass
+    instead (check_checkpoint's "no such checkpoint folder" does not say why a folder the user never named is
+    missing)."""
+    if model == default and not os.path.isdir(model):
+        raise SystemExit(f"error: --model {default} (the default) not found: `python sft.py` writes it (its epoch "
+                         f"--warmup_epoch, which --epochs must reach; with this run's --data and --cot), or pass --model "
+                         f"PATH, a checkpoint written by sft.py or reft.py")
 
 
 # a copy kept identical across stage files: tests/test_copies.py

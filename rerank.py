@@ -112,11 +112,12 @@ class Args:
     num_samples: int = -1
     """k: samples per question; -1 = by model size: 8 small (the quickstart's), 100 paper"""
     samples: str = ""
-    """an existing samples JSONL ({item_id, question, completion, correct}); skips sampling"""
+    """an existing samples JSONL ({item_id, question, completion, correct}); skips sampling; not given: --model samples
+    the --split questions into {output_dir}/samples.jsonl"""
     gold_samples: bool = False
     """also train on each sampled question's gold CoT from --data, as a correct sample: a verifier then sees both kinds
     even from a sampler that gets nothing right (the quickstart's --fast, whose warm-up writes no whole program; the
-    paper trains on samples only)"""
+    paper trains on samples only). `--resume --gold_samples` adds them to the samples a run drew, drawing none again"""
     reward: str = "reward:compute_rewards"
     """labels the samples: correct when this `module:function` gives 1.0 (partial_reward=False), a callable with
     reward.compute_rewards' signature (module from sys.path or the current directory)"""
@@ -125,6 +126,8 @@ class Args:
     --model when --model is sft.py's warmup/ (the SFT baseline of the same run), else --model"""
     epochs: int = 3
     """passes over the training samples (paper: 3)"""
+    max_steps: int = -1
+    """stop the verifier training after this many optimizer steps (overrides epochs when > 0)"""
     lr: float = -1.0
     """peak learning rate; -1 = by model size: 1e-4 small, 1e-6 paper; 0 trains at 0"""
     warmup_ratio: float = 0.1
@@ -166,14 +169,14 @@ class Args:
     """start over in an --output_dir that holds a run (samples included), removing it (without --resume or
     --overwrite such a folder is refused)"""
     save_steps: int = 0
-    """also write the training's resume state every this many steps (0: only at each epoch end). It holds fp32
-    weights and AdamW's two moments, 12 bytes per parameter: 81 GB for a 7B model"""
+    """also write the training's resume state every this many steps (0: only at each epoch end and the last step). It
+    holds fp32 weights and AdamW's two moments, 12 bytes per parameter: 81 GB for a 7B model"""
 
 
 # Flags a resumed run may change: how long, how often, in how much memory (plan_run). --limit may grow to sample more
-# questions; the samples already drawn stay.
-MAY_CHANGE = ("output_dir", "resume", "overwrite", "epochs", "save_steps", "log_every", "micro_batch_size",
-              "gen_batch_size", "limit")
+# questions; the samples already drawn stay. --gold_samples may be added to samples drawn (check_gold_samples_change).
+MAY_CHANGE = ("output_dir", "resume", "overwrite", "epochs", "max_steps", "save_steps", "log_every", "micro_batch_size",
+              "gen_batch_size", "limit", "gold_samples")
 SIZED = "-1 (by model size) or "
 RANGES = [("num_samples", lambda v: v == -1 or v >= 1, SIZED + "at least 1"), ("epochs", lambda v: v >= 1, "at least 1"),
           ("lr", lambda v: v == -1 or v >= 0, SIZED + "at least 0"),
@@ -292,6 +295,27 @@ def with_gold(rows, records, cot):
     return rows + added
 
 
+def check_gold_samples_change(args):
+    """On --resume, --gold_samples may differ from the run's (MAY_CHANGE) while the verifier's training has not begun:
+    the gold CoTs then join the samples already drawn, and nothing is sampled again (the way out of "all training
+    samples are wrong"). Once a resume state of the training exists, it was trained on one set of rows: the flag
+    must be as the run's last launch had it (launches.jsonl, else args.json)."""
+    if find_resume_state(args.output_dir) is None:
+        return
+    with open(os.path.join(args.output_dir, "args.json")) as f:
+        last = json.load(f).get("gold_samples", False)
+    try:
+        with open(os.path.join(args.output_dir, "launches.jsonl")) as f:
+            launches = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        launches = []
+    last = launches[-1].get("changed", {}).get("gold_samples", [last, last])[1] if launches else last
+    if args.gold_samples != last:
+        raise SystemExit(f"error: --resume in {args.output_dir}: the verifier's training began with --gold_samples "
+                         f"{last}, and its resume state continues only on the same samples: pass "
+                         f"{'--gold_samples' if last else '--no-gold_samples'}, or --overwrite to start over")
+
+
 def samples_summary(rows):
     """The log line on the samples: how many, the fraction correct and the fraction without an extractable answer
     (`answer` None), so that "unparseable" is not mixed with "wrong" (not known for a --samples file whose rows
@@ -402,7 +426,8 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
         f"{len(held_rows)} held out from {len({r['item_id'] for r in held_rows})} questions; "
         f"{cut + held_cut} inputs cut to --max_length {args.max_length}")
     steps_per_epoch = len(examples) // args.batch_size
-    accum, total_steps = args.batch_size // (args.micro_batch_size * world), steps_per_epoch * args.epochs
+    accum = args.batch_size // (args.micro_batch_size * world)
+    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
     model.config.use_cache = False
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -474,7 +499,8 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
         if rank == 0 and args.log_every > 0 and (step + 1) % args.log_every == 0:
             tqdm.write(summary(row))
         bar.update(1)
-        if (args.save_steps > 0 and (step + 1) % args.save_steps == 0) or i + 1 == steps_per_epoch:
+        if (args.save_steps > 0 and (step + 1) % args.save_steps == 0) or i + 1 == steps_per_epoch or \
+                step + 1 == total_steps:
             save_resume_state(model, opt, sched, step + 1, args, rank)
     bar.close()
     save_verifier(model, tok, args, os.path.join(args.output_dir, "final"), rank)
@@ -518,16 +544,24 @@ def main(args):
     # --model only samples: with --samples and --init it is not read
     checkpoints = {flag: path for flag, path in (("--model", args.model), ("--init", args.init))
                    if path and not (flag == "--model" and args.samples and args.init)}
+    if "--model" in checkpoints:
+        check_default_model(args.model, Args.model)
     for flag, path in checkpoints.items():
         check_checkpoint(path, flag)
     resolve_cot(args, checkpoints)
     flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
     recipe = fill_recipe(args)
+    if not args.samples:  # --model samples: a policy, generating up to --max_new_tokens after the prompt
+        check_model_config(args.model, "--model", {"max_new_tokens": args.max_new_tokens})
+    check_model_config(args.init or args.model, "--init" if args.init else "--model", {"max_length": args.max_length},
+                       policy=False)
     rows = read_samples(args.samples) if args.samples else None
     records = reward.load_records(args.data, args.split, args.cot, require_cot=args.gold_samples) \
         if args.gold_samples or not args.samples else None  # the questions to sample, or whose gold CoTs to add
     rows = with_gold(rows, records, args.cot) if rows is not None and args.gold_samples else rows
     resuming = plan_run(args, flags, MAY_CHANGE, resumable=("samples.jsonl",))
+    if resuming:
+        check_gold_samples_change(args)
 
     rank, world, device, mesh = init_distributed()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
@@ -588,7 +622,9 @@ def parse_args(cls, argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(cls):
         names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
-        kw = {"default": f.default, "help": docs.get(f.name, "").replace("%", "%%")}
+        # An empty default is "not given" (its docstring says what that means), not a value to show as "(default: )"
+        kw = {"default": argparse.SUPPRESS if f.default == "" else f.default,
+              "help": docs.get(f.name, "").replace("%", "%%")}
         if f.type is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif get_origin(f.type) is Literal:
@@ -665,6 +701,41 @@ def check_checkpoint(path, flag):
             damage = "its header is unreadable" if need is None else f"cut short: {size:,} of its {need:,} bytes"
             raise SystemExit(f"error: {flag} {path}: {name} is damaged ({damage}); write it again, or take another "
                              f"checkpoint")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def check_model_config(path, flag, lengths, policy=True, positions=None):
+    """One error line, before any model loads, from the checkpoint's config.json: a verifier written by rerank.py (a
+    *ForSequenceClassification) where a policy is needed (it would load with a fresh random LM head), or a length flag
+    of `lengths` ({flag name: value}) over the model's positions (max_position_embeddings, else `positions`; past it
+    a model writes garbage). A hub id, or a config without the key, is not checked."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    classifier = next((a for a in config.get("architectures") or [] if str(a).endswith("ForSequenceClassification")),
+                      None)
+    if policy and classifier:
+        raise SystemExit(f"error: {flag} {path}: a verifier ({classifier}, as rerank.py writes), not a policy; pass a "
+                         f"checkpoint written by sft.py or reft.py")
+    maximum = config.get("max_position_embeddings", positions)
+    for name, value in lengths.items():
+        if isinstance(maximum, int) and value > maximum:
+            raise SystemExit(f"error: --{name} {value} is over the model's maximum of {maximum} positions "
+                             f"({flag} {path}); pass at most {maximum}")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def check_default_model(model, default):
+    """The default --model, sft.py's warm-up, missing: one error line saying which command writes it and what to pass
+    instead (check_checkpoint's "no such checkpoint folder" does not say why a folder the user never named is
+    missing)."""
+    if model == default and not os.path.isdir(model):
+        raise SystemExit(f"error: --model {default} (the default) not found: `python sft.py` writes it (its epoch "
+                         f"--warmup_epoch, which --epochs must reach; with this run's --data and --cot), or pass --model "
+                         f"PATH, a checkpoint written by sft.py or reft.py")
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -1132,8 +1203,9 @@ def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_token
 # ----------------------------------------------------------------------------- samples files, the verifier on disk
 
 def read_samples(path):
-    """Rows of a samples JSONL, checked for the fields training needs; one error line naming a bad row."""
-    rows = []
+    """Rows of a samples JSONL, checked for the fields training needs; one error line naming a bad row, or the
+    item_ids given to two different questions (the held-out split and --gold_samples go by item_id)."""
+    rows, questions = [], {}
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -1145,7 +1217,12 @@ def read_samples(path):
             missing = [k for k in ("item_id", "question", "completion", "correct") if k not in row]
             if missing:
                 raise SystemExit(f"error: {path}:{lineno}: sample has no {', '.join(missing)}")
+            questions.setdefault(str(row["item_id"]), set()).add(str(row["question"]))
             rows.append(row)
+    shared = [repr(i) for i, texts in questions.items() if len(texts) > 1]
+    if shared:
+        raise SystemExit(f"error: {path}: {len(shared)} item_ids name more than one question ({', '.join(shared[:3])}"
+                         f"{' …' if len(shared) > 3 else ''}); each question needs its own")
     return rows
 
 
@@ -1189,8 +1266,11 @@ def check_samples(args, rows, path, world):
     kinds = {bool(r["correct"]) for r in train_rows}
     if len(kinds) < 2:
         kind = "correct" if True in kinds else "wrong"
+        gold = "" if kind == "correct" or args.gold_samples else \
+            "pass --gold_samples (each question's gold CoT joins as a correct sample" + \
+            ("), " if args.samples else "; with --resume, to the samples drawn, none drawn again), ")
         raise SystemExit(f"error: {path}: all {len(train_rows)} training samples are {kind}, and a verifier needs both "
-                         f"kinds: draw more (--num_samples, --limit), sample another --model or at another "
+                         f"kinds: {gold}draw more (--num_samples, --limit), sample another --model or at another "
                          f"--temperature")
     if args.micro_batch_size <= 0:
         args.micro_batch_size = max(1, args.batch_size // world)

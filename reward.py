@@ -55,6 +55,7 @@ programs), where it can only change those programs' scores.
 """
 import argparse
 import atexit
+import collections
 import json
 import math
 import os
@@ -499,10 +500,13 @@ def _resolve(data, split, cot):
                      f"pass a .jsonl/.json file or a folder name under {root}")
 
 
-def load_records(data, split="train", cot="nl", require_cot=False):
+def load_records(data, split="train", cot="nl", require_cot=False, check_answers=True):
     """Records {item_id, question, answer_cot?, answer_value} of `split` from a prepared dataset name or folder, or
     from a file (which is the train split, or with split None just the file). Bad input raises
-    SystemExit("error: ...") naming the file and the line or record."""
+    SystemExit("error: ...") naming the file and the line or record: a repeated item_id (questions are told apart by
+    it: counted once, scored as one) and, with `check_answers`, gold answers that are neither a number nor an option
+    letter (no answer can ever equal them: they train and score as wrong, silently); `python reward.py --data` lists
+    those instead."""
     _check_cot(cot)
     path = _resolve(data, split, cot)
     fields = ("question", "answer_value") + (("answer_cot",) if require_cot else ())
@@ -517,7 +521,21 @@ def load_records(data, split="train", cot="nl", require_cot=False):
         records.append(dict(item, item_id=str(name), answer_value=str(item["answer_value"])))
     if not records:
         raise SystemExit(f"error: {path}: no records")
+    repeated = [f"{i!r} ×{n}" for i, n in collections.Counter(r["item_id"] for r in records).items() if n > 1]
+    if repeated:
+        raise SystemExit(f"error: {path}: {len(repeated)} item_ids name more than one record ({_first_few(repeated)}); "
+                         f"each question needs its own")
+    unreadable = [f"{r['item_id']!r}: {r['answer_value']!r}" for r in records
+                  if check_answers and _gold(r["answer_value"]) is None]
+    if unreadable:
+        raise SystemExit(f"error: {path}: {len(unreadable)} gold answer_values are neither a number nor an option "
+                         f"letter a-e ({_first_few(unreadable)}); no answer can match them")
     return records
+
+
+def _first_few(names, n=3):
+    """The first `n` of `names` for an error line, and how many more."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 # ---------------------------------------------------------------- sandbox: worker (supervisor) process
@@ -862,7 +880,7 @@ def main():
     parser.add_argument("--limit", type=int, default=None, help="score only the first N records")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds per program")
     args = parser.parse_args()
-    records = load_records(args.data, args.split, args.cot, require_cot=True)[:args.limit]
+    records = load_records(args.data, args.split, args.cot, require_cot=True, check_answers=False)[:args.limit]
     start = time.perf_counter()
     preds = extract_answers([build_target(r, args.cot) for r in records], args.cot,
                             [r["question"] for r in records], args.timeout)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The two commands of the README, on a fresh machine with Python 3.11 and pip:
+# The commands of the README, on a fresh machine with Python 3.11 and pip:
 #   bash run.sh quickstart   set up .venv, then run the offline SFT-vs-ReFT pipeline (scripts/quickstart.py)
 #   bash run.sh test         set up .venv, then run the test suite
+#   bash run.sh setup        set up .venv only (then: source .venv/bin/activate, or .venv/bin/python X.py)
 # Extra arguments go to the pipeline or to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,5 +27,6 @@ case "${1:-}" in
   # Two workers, one per core: most tests wait on a one-thread subprocess. --dist loadfile keeps a file's tests (and
   # its module fixtures) on one worker.
   test) shift; setup; exec .venv/bin/python -m pytest -v -n 2 --dist loadfile --durations=15 "$@" ;;
-  *) echo "usage: bash run.sh quickstart|test [args]" >&2; exit 2 ;;
+  setup) setup; echo "ready: source .venv/bin/activate (or run .venv/bin/python X.py)" ;;
+  *) echo "usage: bash run.sh quickstart|test|setup [args]" >&2; exit 2 ;;
 esac

@@ -129,7 +129,8 @@ class Args:
     """split of --data for the per-epoch evaluation (pick the best epoch on validation, never on test)"""
     eval_data: str = ""
     """questions of the per-epoch evaluation from elsewhere: a prepared dataset or folder (its --eval_split) or a
-    file (all of it); needed when --data is a file, which is training data only"""
+    file (all of it); needed when --data is a file, which is training data only; not given: the --eval_split of
+    --data"""
     eval_limit: int = 500
     """questions evaluated per epoch (-1: all)"""
     max_new_tokens: int = -1
@@ -153,12 +154,14 @@ class Args:
     """tiny model: BPE vocabulary size (digits are always one token each)"""
     extra_samples: str = ""
     """offline self-training: a samples JSONL of training questions as rerank.py writes it (item_id, question,
-    completion, correct); its correct samples join the gold CoTs as training examples, duplicates dropped"""
+    completion, correct); its correct samples join the gold CoTs as training examples, duplicates dropped; not
+    given: the gold CoTs only"""
 
 
 # Flags a resumed run may change: how long, how often, in how much memory (plan_run).
 MAY_CHANGE = ("output_dir", "resume", "overwrite", "epochs", "max_steps", "save_steps", "save_epochs", "warmup_epoch",
               "eval_every_epoch", "eval_batch_size", "micro_batch_size", "gradient_checkpointing", "log_every")
+TINY_POSITIONS = 1024  # the tiny model's maximum positions (--max_length and --max_new_tokens stay within)
 RANGES = [("epochs", lambda v: v >= 1, "at least 1"), ("batch_size", lambda v: v >= 1, "at least 1"),
           ("micro_batch_size", lambda v: v == -1 or v >= 1, "-1 (automatic) or at least 1"),
           ("lr", lambda v: v == -1 or v >= 0, "-1 (automatic) or at least 0"),
@@ -312,6 +315,9 @@ def fill_automatic(args):
 def main(args):
     # Every check before anything loads: flags, --model, the data, the output folder.
     check_ranges(args, RANGES)
+    if args.max_steps <= 0 and args.warmup_epoch > args.epochs:
+        raise SystemExit(f"error: --warmup_epoch {args.warmup_epoch} is after the last of --epochs {args.epochs}: the "
+                         f"run would write no warm-up checkpoint; pass --warmup_epoch {args.epochs} or less (0: none)")
     check_model(args)
     resolve_cot(args, {"--model": args.model} if os.path.isdir(args.model) else {}, default_cot(args.data))
     flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
@@ -325,6 +331,11 @@ def main(args):
     rank, world, device, mesh = init_distributed()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     fill_automatic(args)
+    # An automatic --max_new_tokens (700 for a pretrained model) matters only at an epoch's end: not refused here,
+    # so that a short run of a model with fewer positions (OPT's 512 in test_scale.py) still starts.
+    given = {"max_new_tokens": args.max_new_tokens} if flags["max_new_tokens"] != -1 else {}
+    check_model_config(args.model, "--model", {"max_length": args.max_length, **given},
+                       positions=TINY_POSITIONS if args.model == "tiny" else None)
     if resuming and args.model == "tiny":
         # The tiny tokenizer is trained from data: reuse the saved one so resumed token ids are identical.
         args.model = os.path.join(args.output_dir, "init")
@@ -357,6 +368,13 @@ def main(args):
     log(f"{steps_per_epoch} steps per epoch ({len(examples) % args.batch_size} examples left over each epoch), "
         f"accumulation {accum}, world {world}")
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
+    if 0 < args.warmup_epoch and total_steps < args.warmup_epoch * steps_per_epoch:
+        # Not refused: a --max_steps smoke run, or a short tiny run that needs no warm-up (its automatic one is late).
+        ends, fix = (f"--max_steps {args.max_steps}", f"--max_steps {args.warmup_epoch * steps_per_epoch} or more")\
+            if args.max_steps > 0 else (f"--epochs {args.epochs}", f"--warmup_epoch {args.epochs} or less")
+        log(f"warning: {ends} ends the run before epoch {args.warmup_epoch} (--warmup_epoch), so it writes no warm-up "
+            f"checkpoint {args.output_dir}/warmup (reft.py's and rerank.py's default --model is runs/sft/warmup); pass "
+            f"{fix} for one, --warmup_epoch 0 for none")
 
     device_bytes = device_memory(device)
     if device_bytes is not None and args.model != "tiny":  # `tiny` is a few MB
@@ -489,7 +507,9 @@ def parse_args(cls, argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(cls):
         names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
-        kw = {"default": f.default, "help": docs.get(f.name, "").replace("%", "%%")}
+        # An empty default is "not given" (its docstring says what that means), not a value to show as "(default: )"
+        kw = {"default": argparse.SUPPRESS if f.default == "" else f.default,
+              "help": docs.get(f.name, "").replace("%", "%%")}
         if f.type is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif get_origin(f.type) is Literal:
@@ -566,6 +586,30 @@ def check_checkpoint(path, flag):
             damage = "its header is unreadable" if need is None else f"cut short: {size:,} of its {need:,} bytes"
             raise SystemExit(f"error: {flag} {path}: {name} is damaged ({damage}); write it again, or take another "
                              f"checkpoint")
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def check_model_config(path, flag, lengths, policy=True, positions=None):
+    """One error line, before any model loads, from the checkpoint's config.json: a verifier written by rerank.py (a
+    *ForSequenceClassification) where a policy is needed (it would load with a fresh random LM head), or a length flag
+    of `lengths` ({flag name: value}) over the model's positions (max_position_embeddings, else `positions`; past it
+    a model writes garbage). A hub id, or a config without the key, is not checked."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    classifier = next((a for a in config.get("architectures") or [] if str(a).endswith("ForSequenceClassification")),
+                      None)
+    if policy and classifier:
+        raise SystemExit(f"error: {flag} {path}: a verifier ({classifier}, as rerank.py writes), not a policy; pass a "
+                         f"checkpoint written by sft.py or reft.py")
+    maximum = config.get("max_position_embeddings", positions)
+    for name, value in lengths.items():
+        if isinstance(maximum, int) and value > maximum:
+            raise SystemExit(f"error: --{name} {value} is over the model's maximum of {maximum} positions "
+                             f"({flag} {path}); pass at most {maximum}")
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -1041,7 +1085,7 @@ def tiny_model(args, tok):
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=len(tok), hidden_size=args.tiny_hidden, num_hidden_layers=args.tiny_layers,
                          num_attention_heads=args.tiny_heads, num_key_value_heads=args.tiny_heads,
-                         intermediate_size=args.tiny_intermediate, max_position_embeddings=1024,
+                         intermediate_size=args.tiny_intermediate, max_position_embeddings=TINY_POSITIONS,
                          tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id, bos_token_id=None)
     torch.manual_seed(args.seed)
@@ -1117,7 +1161,12 @@ def read_extra_samples(path, records):
 def eval_questions(args):
     """The questions of the evaluation during training: --eval_data (a file as it is, or the --eval_split of a
     prepared dataset or folder), else the --eval_split of --data. A --data file is training data only: evaluating
-    it would report (and --save_best select on) the training questions as validation."""
+    it would report (and --save_best select on) the training questions as validation. A test split is refused: the
+    checkpoint picked on it would be scored on the questions it was picked with."""
+    if args.eval_split.startswith("test") and not reward.is_data_file(args.eval_data or args.data):
+        raise SystemExit(f"error: --eval_split {args.eval_split}: the evaluation during training picks a checkpoint, "
+                         f"never on a test split; pass --eval_split validation (evaluate.py scores the test split "
+                         f"once, at the end)")
     if args.eval_data:
         records = reward.load_records(args.eval_data, None if reward.is_data_file(args.eval_data) else args.eval_split,
                                       args.cot)

@@ -45,18 +45,26 @@ def paired_bootstrap(a, b, n=2000, seed=0):
 
 
 def load_predictions(run_dir):
-    """{item_id: row} from {run_dir}/predictions.jsonl; one error line for a missing file or a malformed row."""
+    """{item_id: row} from {run_dir}/predictions.jsonl; one error line for a missing file, a malformed row or an
+    item_id on two rows (a dict would keep one of them and compare fewer questions than were evaluated)."""
     path = Path(run_dir) / "predictions.jsonl"
     if not path.is_file():
         raise SystemExit(f"error: {path} not found (pass an evaluate.py --output_dir)")
-    rows = {}
+    rows, first, repeated = {}, {}, {}
     with open(path) as f:
         for i, line in enumerate(f, 1):
             try:
                 row = json.loads(line)
+                if row["item_id"] in rows:
+                    repeated.setdefault(row["item_id"], [first[row["item_id"]]]).append(i)
                 rows[row["item_id"]] = row
+                first.setdefault(row["item_id"], i)
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise SystemExit(f"error: {path} line {i}: not a prediction row with an item_id ({e})")
+    if repeated:
+        names = [f"{k!r} on lines {', '.join(map(str, lines))}" for k, lines in list(repeated.items())[:3]]
+        raise SystemExit(f"error: {path}: {len(repeated)} item_ids on more than one row ({'; '.join(names)}"
+                         f"{' …' if len(repeated) > 3 else ''}): each question must be evaluated once")
     return rows
 
 

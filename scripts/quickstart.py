@@ -180,7 +180,9 @@ def parse_args(cls, argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(cls):
         names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
-        kw = {"default": f.default, "help": docs.get(f.name, "").replace("%", "%%")}
+        # An empty default is "not given" (its docstring says what that means), not a value to show as "(default: )"
+        kw = {"default": argparse.SUPPRESS if f.default == "" else f.default,
+              "help": docs.get(f.name, "").replace("%", "%%")}
         if f.type is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif get_origin(f.type) is Literal:
@@ -508,7 +510,8 @@ def paper_estimate(args, out):
         f"({d['n_eval']} per evaluation), {d['n_test']:,} test; mean {tp:.1f} prompt and {tc:.1f} CoT tokens "
         f"(+ EOS), {tt:.1f} per test prompt; tokens = characters / {CHARS_PER_TOKEN} (assumed: no tokenizer is read)",
         "  per-token costs: training 6·N FLOPs (forward 2·N + backward 4·N: Kaplan et al. 2020, Scaling Laws for "
-        "Neural Language Models), 8·N with gradient checkpointing (one more forward); a forward 2·N",
+        "Neural Language Models), 8·N with gradient checkpointing (one more forward), which SFT and PPO use here; a "
+        "forward 2·N",
         f"  GPU: A100 80 GB, {PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 dense peak and {HBM_BYTES / 1e9:,.0f} GB/s "
         f"(NVIDIA's A100 datasheet); training and forwards at an assumed MFU of {MFU:.0%}",
         f"  decoding is memory-bound: a step reads the bf16 weights (2·N bytes) and the batch's KV cache ({kv:,} "

@@ -227,6 +227,13 @@ MUTANTS = [
     ("memory_advice_never_suggests_a_smaller_batch", "evaluate.py", "        fits += [] if smaller is None else",
      "        fits += [] if True else", ["tests/test_memory.py::"
                                         "test_evaluate_fits_one_80gb_gpu_and_names_the_batch_that_fits_a_smaller_one"]),
+    ("repeated_item_ids_accepted", "reward.py", "    if repeated:", "    if False:",
+     ["tests/test_bad_input.py::test_bad_invocation_is_one_error_line[evaluate.py --data RUNS/repeated_ids.jsonl]"]),
+    ("verifier_taken_as_a_policy", "evaluate.py", "    if policy and classifier:", "    if False:",
+     ["tests/test_bad_input.py::test_bad_invocation_is_one_error_line[evaluate.py --model RUNS/verifier]"]),
+    ("explained_variance_divides_by_rounding", "reft.py", "if var_ret > 1e-6 * ret_sq_sum / n else None",
+     "if var_ret > 0 else None",
+     ["tests/test_reft.py::test_explained_variance_of_constant_returns_summed_in_float32_is_none"]),
     # --- the data
     ("minigsm_question_states_another_number", "data/minigsm/prepare.py",
      "sentences.append(template.format(P=subj, o=obj, F=friend, n=n))",

@@ -35,10 +35,11 @@ def snapshot(folder):
 
 
 @pytest.fixture(scope="module")
-def runs(minigsm, warmup, tmp_path_factory):
+def runs(minigsm, warmup, verifier, tmp_path_factory):
     """Run folders to point the cases at: the warm-up's own SFT run, a one-step ReFT run at --lr 0, a rerank.py run
-    that sampled 2 CoTs for 8 questions, a copy of the warm-up checkpoint elsewhere, a file, and sample files whose
-    labels are all correct or all wrong."""
+    that sampled 2 CoTs for 8 questions, a copy of the warm-up checkpoint elsewhere, a verifier, a file, sample files
+    whose labels are all correct or all wrong or whose item_ids name two questions, and data files with repeated
+    item_ids or gold answers that are not answers."""
     root = tmp_path_factory.mktemp("runs")
     shutil.copytree(warmup.parent, root / "sft")
     run([PY, "reft.py", "--model", warmup, "--data", minigsm, *REFT, "--max_steps", 1, "--lr", 0,
@@ -50,6 +51,7 @@ def runs(minigsm, warmup, tmp_path_factory):
     shutil.copytree(warmup, root / "cut_model")  # model.safetensors cut short, as by a full disk or a broken copy
     with open(root / "cut_model" / "model.safetensors", "r+b") as f:
         f.truncate(f.seek(0, 2) // 2)
+    shutil.copytree(verifier, root / "verifier")
     (root / "a_file").write_text("not a folder\n")
     records = reward.load_records(str(minigsm), "train", "nl", require_cot=True)[:40]
     for name, correct in (("all_correct.jsonl", True), ("all_wrong.jsonl", False)):
@@ -57,6 +59,14 @@ def runs(minigsm, warmup, tmp_path_factory):
             for r in records:
                 f.write(json.dumps({"item_id": r["item_id"], "question": r["question"], "completion": r["answer_cot"],
                                     "correct": correct}) + "\n")
+    with open(root / "shared_ids.jsonl", "w") as f:  # two questions under each id, both kinds of label
+        for i, r in enumerate(records):
+            f.write(json.dumps({"item_id": f"q{i // 2}", "question": r["question"], "completion": r["answer_cot"],
+                                "correct": i % 4 < 2}) + "\n")
+    for name, change in (("repeated_ids.jsonl", lambda i, r: {"item_id": f"q{i % 20}"}),
+                         ("bad_gold.jsonl", lambda i, r: {"answer_value": "abc"} if i in (3, 7) else {})):
+        with open(root / name, "w") as f:
+            f.writelines(json.dumps(dict(r, **change(i, r))) + "\n" for i, r in enumerate(records))
     return root
 
 
@@ -134,6 +144,38 @@ CASES = [
                                                                           "and --overwrite starts it over: pass one"),
     ("rerank.py", ["--output_dir", "RUNS/rerank"], "--output_dir RUNS/rerank holds a run ("),
     ("sft.py", ["--output_dir", "RUNS/sft", "--resume", "--lr", 0.5], "--lr 0.5 (the run's: -1.0)"),
+    # data that would give silently wrong results: repeated item_ids, gold answers no answer can equal
+    *[(script, ["--data", "RUNS/repeated_ids.jsonl", "--no-eval_every_epoch"] if script == "sft.py" else
+       ["--data", "RUNS/repeated_ids.jsonl"], "RUNS/repeated_ids.jsonl: 20 item_ids name more than one record ('q0' "
+       "×2, 'q1' ×2, 'q2' ×2 and 17 more); each question needs its own") for script in STAGES],
+    *[(script, ["--data", "RUNS/bad_gold.jsonl", "--no-eval_every_epoch"] if script == "sft.py" else
+       ["--data", "RUNS/bad_gold.jsonl"], "RUNS/bad_gold.jsonl: 2 gold answer_values are neither a number nor an "
+       "option letter a-e ('minigsm_train_3': 'abc', 'minigsm_train_7': 'abc')") for script in STAGES],
+    ("rerank.py", ["--samples", "RUNS/shared_ids.jsonl", "--init", "WARMUP"],
+     "RUNS/shared_ids.jsonl: 20 item_ids name more than one question ('q0', 'q1', 'q2' …)"),
+    # a verifier is not a policy
+    *[(script, ["--model", "RUNS/verifier"], "--model RUNS/verifier: a verifier (LlamaForSequenceClassification, as "
+       "rerank.py writes), not a policy; pass a checkpoint written by sft.py or reft.py") for script in STAGES],
+    # a checkpoint is never picked on the test split
+    ("sft.py", ["--eval_split", "test"], "--eval_split test: the evaluation during training picks a checkpoint, "
+                                         "never on a test split; pass --eval_split validation"),
+    ("reft.py", ["--eval_every", 5, "--eval_split", "test"], "--eval_split test: the evaluation during training"),
+    # a warm-up epoch the run never reaches (--max_steps -1: the table's sft.py runs are --max_steps 1 smoke runs)
+    ("sft.py", ["--epochs", 2, "--warmup_epoch", 5, "--max_steps", -1], "--warmup_epoch 5 is after the last of "
+     "--epochs 2: the run would write no warm-up checkpoint; pass --warmup_epoch 2 or less (0: none)"),
+    # lengths past the model's positions (the tiny model has 1,024)
+    ("sft.py", ["--max_length", 100000000], "--max_length 100000000 is over the model's maximum of 1024 positions "
+                                            "(--model tiny); pass at most 1024"),
+    ("sft.py", ["--model", "WARMUP", "--max_new_tokens", 2000], "--max_new_tokens 2000 is over the model's maximum "
+                                                                "of 1024 positions (--model WARMUP)"),
+    ("evaluate.py", ["--max_new_tokens", 5000], "--max_new_tokens 5000 is over the model's maximum of 1024 positions "
+                                                "(--model WARMUP); pass at most 1024"),
+    ("reft.py", ["--max_length", 1025], "--max_length 1025 is over the model's maximum of 1024 positions"),
+    ("reft.py", ["--max_length", 1000, "--max_prompt_length", 1500], "--max_prompt_length 1500 is over the model's "
+                                                                     "maximum of 1024 positions"),
+    ("rerank.py", ["--max_new_tokens", 5000], "--max_new_tokens 5000 is over the model's maximum of 1024 positions"),
+    ("rerank.py", ["--samples", "RUNS/all_wrong.jsonl", "--init", "WARMUP", "--max_length", 4096],
+     "--max_length 4096 is over the model's maximum of 1024 positions (--init WARMUP)"),
 ]
 
 
@@ -378,11 +420,57 @@ def test_a_flag_newer_than_the_run_counts_as_its_default(runs, warmup, minigsm, 
     folder = tmp_path / "rerank"
     shutil.copytree(runs / "rerank", folder)
     saved = json.loads((folder / "args.json").read_text())
-    del saved["gold_samples"]
+    del saved["top_k"]
     (folder / "args.json").write_text(json.dumps(saved))
     args = rerank.Args(**{k: v for k, v in saved.items() if k in rerank.Args.__dataclass_fields__})
     args.output_dir, args.resume = str(folder), True
     assert rerank.plan_run(args, dataclasses.asdict(args), rerank.MAY_CHANGE, ("samples.jsonl",)) is True
-    args.gold_samples = True
-    with pytest.raises(SystemExit, match=r"--gold_samples True \(the run's: False\)"):
+    args.top_k = 5
+    with pytest.raises(SystemExit, match=r"--top_k 5 \(the run's: 0\)"):
         rerank.plan_run(args, dataclasses.asdict(args), rerank.MAY_CHANGE, ("samples.jsonl",))
+
+
+@pytest.mark.parametrize("stage", [reft, rerank], ids=["reft.py", "rerank.py"])
+def test_a_missing_default_model_says_which_command_writes_it(stage, minigsm, tmp_path, monkeypatch):
+    """The default --model runs/sft/warmup, missing (sft.py not run yet, or run too short to reach --warmup_epoch),
+    was "no such checkpoint folder", with no word on where it comes from."""
+    monkeypatch.chdir(tmp_path)  # no runs/ here
+    error = main_error(stage, ["--data", minigsm, "--output_dir", tmp_path / "out"])
+    assert error == ("error: --model runs/sft/warmup (the default) not found: `python sft.py` writes it (its epoch "
+                     "--warmup_epoch, which --epochs must reach; with this run's --data and --cot), or pass --model "
+                     "PATH, a checkpoint written by sft.py or reft.py")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sft_says_before_training_that_it_writes_no_warmup(minigsm, tmp_path):
+    """`sft.py --epochs 3` on tiny (automatic --warmup_epoch 24) trained for minutes and only then said that no
+    warm-up checkpoint was written. Now one warning line before the model loads says so and what to pass; the run
+    is not refused (a short run may not want a warm-up, and a --max_steps smoke run stays allowed)."""
+    for flags, ends, fix in ((["--epochs", 1], "--epochs 1", "--warmup_epoch 1 or less"),
+                             (["--max_steps", 1], "--max_steps 1", "--max_steps 192 or more")):
+        out = tmp_path / ends.split()[0].strip("-")
+        p = run([PY, "sft.py", "--data", minigsm, *flags, "--no-eval_every_epoch", "--save_epochs", "none",
+                 "--output_dir", out])
+        lines = p.stdout.splitlines()
+        warning = [i for i, line in enumerate(lines) if line.startswith("warning: ")]
+        assert len(warning) == 1 and lines[warning[0]] == (
+            f"warning: {ends} ends the run before epoch 24 (--warmup_epoch), so it writes no warm-up checkpoint "
+            f"{out}/warmup (reft.py's and rerank.py's default --model is runs/sft/warmup); pass {fix} for one, "
+            f"--warmup_epoch 0 for none"), p.stdout
+        assert warning[0] < next(i for i, line in enumerate(lines) if line.startswith("model: "))
+        assert (out / "final" / "config.json").is_file() and not (out / "warmup").exists()
+
+
+def test_compare_refuses_repeated_item_ids(tmp_path):
+    """scripts/compare.py kept one row per item_id and printed "n = 1 questions" for a file of 50 rows with one id."""
+    import compare
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "predictions.jsonl").write_text("".join(
+            json.dumps({"item_id": f"q{i % 3}" if name == "b" else f"q{i}", "greedy_correct": i % 2 == 0}) + "\n"
+            for i in range(5)))
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "a")])["n"] == 5
+    with pytest.raises(SystemExit) as e:
+        compare.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert str(e.value) == (f"error: {tmp_path / 'b' / 'predictions.jsonl'}: 2 item_ids on more than one row ('q0' on "
+                            f"lines 1, 4; 'q1' on lines 2, 5): each question must be evaluated once")

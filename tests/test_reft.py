@@ -132,6 +132,24 @@ def test_explained_variance_from_sums_and_when_returns_are_constant():
     assert reft.explained_variance((zeros - val).sum().item(), ((zeros - val) ** 2).sum().item(), 0.0, 0.0, 50) is None
 
 
+@pytest.mark.parametrize("value, n", [(0.3, 777), (1 / 3, 4096), (0.1, 1000), (-2.5, 333)])
+def test_explained_variance_of_constant_returns_summed_in_float32_is_none(value, n):
+    """Constant returns summed in float32 (step_metrics' sums) leave Var(R) a tiny positive rounding residue, which
+    the old `> 0` guard divided by: -4.2e13 logged at step 1. Now that is no variance (None), while returns that do
+    vary a little still give a finite value."""
+    torch.manual_seed(0)
+    ret = torch.full((n,), value, dtype=torch.float32)
+    val = ret - 0.05 * torch.randn(n)
+    sums = ((ret - val).sum().item(), ((ret - val) ** 2).sum().item(), ret.sum().item(), (ret ** 2).sum().item())
+    assert reft.explained_variance(*sums, n) is None
+    varied = ret + 0.05 * torch.randn(n)
+    err = varied - val
+    got = reft.explained_variance(err.sum().item(), (err ** 2).sum().item(), varied.sum().item(),
+                                  (varied ** 2).sum().item(), n)
+    assert got == pytest.approx((1 - err.double().var(unbiased=False) / varied.double().var(unbiased=False)).item(),
+                                rel=1e-2, abs=1e-2)
+
+
 def test_response_mask_ends_at_the_first_eos():
     eos = 1
     resp = torch.tensor([[5, 6, 1, 7, 1], [5, 5, 5, 5, 5], [1, 4, 4, 4, 4]])

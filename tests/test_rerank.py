@@ -243,3 +243,43 @@ def test_gold_samples_are_the_gold_cots_written_as_samples(minigsm):
                     == reward.build_prompt(r["question"], cot) + reward.build_target(r, cot))
     with pytest.raises(SystemExit, match="question nope of the samples is not in --data"):
         rerank.with_gold([{"item_id": "nope", "question": "q", "completion": "c", "correct": False}], records, "nl")
+
+
+def test_resume_with_gold_samples_adds_them_to_the_samples_drawn(minigsm, warmup, tmp_path, monkeypatch):
+    """A sampler whose samples are all wrong (a --reward that marks every one wrong) ends after the sampling with one
+    line that names --gold_samples; `--resume --gold_samples` then trains the verifier on the samples drawn plus
+    each question's gold CoT, without loading the sampler or drawing again (it was refused as a changed flag)."""
+    (tmp_path / "never_right.py").write_text("def reward(completions, *args, **kwargs):\n"
+                                             "    return [0.0] * len(completions)\n")
+    common = [PY, "rerank.py", "--model", warmup, "--data", minigsm, "--limit", 8, "--reward", "never_right:reward",
+              "--output_dir", tmp_path / "run", *SAMPLE]
+    env = {"PYTHONPATH": str(tmp_path)}
+    p = run(common, check=False, env=env)
+    assert p.returncode == 1 and "training samples are wrong" in p.stderr and "pass --gold_samples" in p.stderr, \
+        p.stderr[-2000:]
+    drawn = (tmp_path / "run" / "samples.jsonl").read_text()
+    assert len({json.loads(line)["item_id"] for line in drawn.splitlines()}) == 8
+    p = run([*common, "--resume", "--gold_samples"], env=env)
+    assert "8 already in" in p.stdout and "0 to do" in p.stdout, p.stdout
+    assert (tmp_path / "run" / "samples.jsonl").read_text() == drawn  # nothing drawn again
+    assert "samples: " in p.stdout and (tmp_path / "run" / "final" / "config.json").is_file()
+    n_drawn = len(drawn.splitlines())
+    assert f"samples: {n_drawn + 8} distinct from 8 questions" in p.stdout, p.stdout
+    launches = [json.loads(line) for line in (tmp_path / "run" / "launches.jsonl").read_text().splitlines()]
+    assert launches[-1]["changed"] == {"gold_samples": [False, True]}
+    # the verifier's training has begun on the samples with gold rows: without them its resume state is refused
+    monkeypatch.syspath_prepend(str(tmp_path))
+    error = main_error(rerank, [*common[2:], "--resume"])
+    assert "the verifier's training began with --gold_samples True" in error and "pass --gold_samples" in error
+
+
+def test_max_steps_stops_the_verifier_training(synthetic_samples, warmup, tmp_path):
+    """--max_steps N ends the training after N optimizer steps, as in the other stages, with a resume state at N;
+    a --resume may raise it (MAY_CHANGE)."""
+    run([PY, "rerank.py", "--samples", synthetic_samples, "--init", warmup, "--output_dir", tmp_path, *TRAIN,
+         "--max_steps", 3])
+    assert [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert (tmp_path / "final" / "config.json").is_file() and (tmp_path / "checkpoint-3").is_dir()
+    run([PY, "rerank.py", "--samples", synthetic_samples, "--init", warmup, "--output_dir", tmp_path, *TRAIN,
+         "--max_steps", 5, "--resume"])
+    assert [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3, 4, 5]
