@@ -632,10 +632,10 @@ def parse_args(cls, argv=None):
         else:
             kw["type"] = type(f.default)
         p.add_argument(*names, **kw)
-    values = vars(p.parse_args(argv))
+    values, fields = vars(p.parse_args(argv)), [f.name for f in dataclasses.fields(cls)]
     if values.get("resume"):
         unset = object()  # argparse keeps a value already in the namespace unless the command line sets it
-        given = {k for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(values, unset)))).items()
+        given = {k for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(fields, unset)))).items()
                  if v is not unset}
         run = {}
         try:
@@ -648,7 +648,7 @@ def parse_args(cls, argv=None):
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # plan_run says what is wrong, when there is a run to continue
         # Where the run is and whether to continue or start it over are this launch's own.
-        values.update({k: v for k, v in run.items() if k in values and k not in given
+        values.update({k: v for k, v in run.items() if k in fields and k not in given
                        and k not in ("output_dir", "resume", "overwrite")})
     return cls(**values)
 

@@ -304,6 +304,8 @@ class Flags:
     save_steps: int = 0
     save_best: bool = True
     note: str = "default"
+    eval_data: str = ""
+    """a flag whose default is empty: --help shows no default for it (argparse.SUPPRESS)"""
 
 
 def test_resume_takes_every_flag_not_given_from_the_run(tmp_path):
@@ -315,7 +317,8 @@ def test_resume_takes_every_flag_not_given_from_the_run(tmp_path):
     folder.mkdir()
     (folder / "args.json").write_text(json.dumps({
         "output_dir": "elsewhere/run", "resume": False, "overwrite": True, "k": 4, "lr": -1.0, "cot": "nl",
-        "save_steps": 2, "save_best": True, "gone": 1, "world_size": 2, "python": "3.11.0", "torch": "2.13.0"}))
+        "save_steps": 2, "save_best": True, "eval_data": "val.jsonl", "gone": 1, "world_size": 2, "python": "3.11.0",
+        "torch": "2.13.0"}))
     (folder / "launches.jsonl").write_text(
         json.dumps({"resumed": False, "changed": {}}) + "\n"
         + json.dumps({"resumed": True, "changed": {"save_steps": [2, 5], "note": ["default", "old"]}}) + "\n"
@@ -323,10 +326,13 @@ def test_resume_takes_every_flag_not_given_from_the_run(tmp_path):
         + '{"resumed": true, "changed": {"note": ["default", "cut by a ki')
     parse = sft.parse_args
     assert parse(Flags, ["--output_dir", str(folder), "--resume"]) == Flags(
-        output_dir=str(folder), resume=True, k=4, lr=-1.0, cot="nl", save_steps=2, save_best=True, note="last")
+        output_dir=str(folder), resume=True, k=4, lr=-1.0, cot="nl", save_steps=2, save_best=True, note="last",
+        eval_data="val.jsonl")
     assert parse(Flags, ["--output_dir", str(folder), "--resume", "-k", "8", "--no-save_best", "--save_steps",
                          "0", "--lr", "-1"]) == Flags(output_dir=str(folder), resume=True, k=8, lr=-1.0, cot="nl",
-                                                       save_steps=0, save_best=False, note="last")
+                                                       save_steps=0, save_best=False, note="last",
+                                                       eval_data="val.jsonl")
+    assert parse(Flags, ["--output_dir", str(folder), "--resume", "--eval_data", "b.jsonl"]).eval_data == "b.jsonl"
     assert parse(Flags, ["--output_dir", str(folder), "--resume", "--k", "3"]).k == 3
     assert parse(Flags, ["--output_dir", str(folder), "--resume", "--overwrite"]).overwrite is True
     assert parse(Flags, ["--output_dir", str(folder)]) == Flags(output_dir=str(folder))  # without --resume: defaults
