@@ -267,9 +267,12 @@ def test_resume_with_gold_samples_adds_them_to_the_samples_drawn(minigsm, warmup
     assert f"samples: {n_drawn + 8} distinct from 8 questions" in p.stdout, p.stdout
     launches = [json.loads(line) for line in (tmp_path / "run" / "launches.jsonl").read_text().splitlines()]
     assert launches[-1]["changed"] == {"gold_samples": [False, True]}
-    # the verifier's training has begun on the samples with gold rows: without them its resume state is refused
+    # the verifier's training has begun on the samples with gold rows: a plain --resume keeps them (the run's flags),
+    # and a resume that drops them is refused, since its resume state was trained on them
+    assert (tmp_path / "run" / "args.json").is_file()
     monkeypatch.syspath_prepend(str(tmp_path))
-    error = main_error(rerank, [*common[2:], "--resume"])
+    assert rerank.parse_args(rerank.Args, [str(a) for a in [*common[2:], "--resume"]]).gold_samples is True
+    error = main_error(rerank, [*common[2:], "--resume", "--no-gold_samples"])
     assert "the verifier's training began with --gold_samples True" in error and "pass --gold_samples" in error
 
 
