@@ -367,3 +367,78 @@ def test_the_quickstart_resumes_a_stage_from_any_whole_state_a_kill_left(tmp_pat
         quickstart.stage("stage", tmp_path / "never_done", cmd, {})
         assert "argv ['--output_dir', '%s', '--resume']" % out in capfd.readouterr().out
         assert not list(out.glob("checkpoint-*"))
+
+
+def test_a_run_saving_every_step_leaves_its_two_newest_states(uninterrupted):
+    """--save_steps 1 over 4 steps: each save removes every state but the newest one before it, so the disk holds the
+    last two (a kill during a save still leaves one whole state), never all four."""
+    assert sorted(name for name in os.listdir(uninterrupted[0]) if name.startswith("checkpoint")) == [
+        "checkpoint-3", "checkpoint-4"]
+
+
+@pytest.fixture
+def one_process():
+    """The 1-process group a stage run by plain python makes (init_distributed), in this process."""
+    import torch.distributed as dist
+    sft.init_distributed()
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_resume_takes_the_newest_intact_of_several_states_and_names_it(one_process, tmp_path, capsys):
+    """The resume-state functions every stage shares (sft.py's copies), on a linear layer whose weights are its
+    step: six saves leave at most two states, the newest; of four states on disk (written by separate saves, as
+    runs resumed from earlier states can leave them) and a partial one, a resume takes the newest intact one and
+    says which; a corruption that keeps the file's size (only the sha256 can see it) is set aside with one warning
+    naming the file, and the previous state is taken; the next save leaves only it and the new one."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+
+    def save(step, out):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        sft.save_state(model, opt, step, str(out), {"loop_state.json": json.dumps({"step": step}).encode()})
+
+    def states(out):
+        return sorted(name for name in os.listdir(out) if name.startswith("checkpoint"))
+
+    def resume(out):
+        path = sft.load_state(model, opt, str(out))
+        assert torch.equal(model.weight, torch.full_like(model.weight, int(path.rsplit("-", 1)[1])))
+        return path
+
+    out = tmp_path / "every_step"
+    out.mkdir()
+    for step in range(1, 7):
+        save(step, out)
+        assert states(out) == [f"checkpoint-{s}" for s in range(max(1, step - 1), step + 1)]
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for step in range(1, 5):
+        (tmp_path / f"alone{step}").mkdir()
+        save(step, tmp_path / f"alone{step}")
+        shutil.move(tmp_path / f"alone{step}" / f"checkpoint-{step}", out)
+    shutil.copytree(out / "checkpoint-4", out / "checkpoint-5.tmp")  # killed before its manifest: partial
+    os.remove(out / "checkpoint-5.tmp" / "manifest.json")
+    assert sft.find_resume_state(out) == (str(out / "checkpoint-4"), 4)
+    capsys.readouterr()
+    assert resume(out) == str(out / "checkpoint-4")
+    assert capsys.readouterr().out == f"resumed from {out / 'checkpoint-4'}\n"
+
+    shard = out / "checkpoint-4" / "__0_0.distcp"
+    size = shard.stat().st_size
+    flip(shard)
+    assert shard.stat().st_size == size
+    assert sft.damaged_file(out / "checkpoint-4") == "__0_0.distcp does not match its sha256"
+    assert resume(out) == str(out / "checkpoint-3")
+    assert capsys.readouterr().out == (
+        f"warning: the resume state {out / 'checkpoint-4'} is damaged (__0_0.distcp does not match its sha256); set "
+        f"aside as {out / 'checkpoint-4.damaged'}, trying the previous one\nresumed from {out / 'checkpoint-3'}\n")
+    assert states(out) == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4.damaged", "checkpoint-5.tmp"]
+
+    save(4, out)  # the resumed run's next save
+    assert states(out) == ["checkpoint-3", "checkpoint-4"]
+    assert resume(out) == str(out / "checkpoint-4")

@@ -509,3 +509,71 @@ def test_rollout_forwards_match_per_sequence_forwards():
                     reft.logprobs_of(ref_logits, responses[b:b + 1], 0.7), -(p * p.log()).sum(-1))
         for got, want in zip(out, expected):
             torch.testing.assert_close(got[b:b + 1], want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_question_gets_other_random_streams_at_each_step():
+    """A question drawn again at a later step (the next epoch, or a resumed run's later step) must get new samples:
+    its seeds at two steps differ for every sample, no two rows of either step share one, a question's seeds do not
+    depend on the other questions of its batch (or rank), and sampling with them draws other responses at the other
+    step and the same ones again at the same step (what a resumed run repeats)."""
+    qids, k = [3, 5, 8], 4
+    seeds = {step: reft.rollout_seeds(7, step, qids, k) for step in (1, 2)}
+    assert len(set(seeds[1] + seeds[2])) == 2 * len(qids) * k
+    for step in (1, 2):
+        for i, q in enumerate(qids):
+            assert reft.rollout_seeds(7, step, [q], k) == seeds[step][i * k:(i + 1) * k]
+    lm = tiny_lm(3)
+    ids, mask = reft.left_pad([[5, 6, 7]] * len(seeds[1]), 0, "cpu")  # every row the same prompt
+    draws = {step: reft.sample(lm, ids, mask, 10, 1, 0, 1.0, seeds[step]) for step in (1, 2)}
+    assert torch.equal(reft.sample(lm, ids, mask, 10, 1, 0, 1.0, seeds[1]), draws[1])
+    for b in range(len(seeds[1])):
+        assert draws[1][b].tolist() != draws[2][b].tolist(), b
+
+
+def sized_checkpoint(path, shards):
+    """A checkpoint folder whose safetensors headers declare one uint8 tensor of each size in `shards` (with an index
+    over them when there are several, as a 7B model is saved), without writing the data: the files are sparse, so a
+    "50 M parameter" checkpoint takes a few KB. Its config allows 4096 positions."""
+    path.mkdir()
+    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                                           for i in range(len(shards))]
+    for name, n in zip(names, shards):
+        header = json.dumps({"w": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
+        with open(path / name, "wb") as f:
+            f.write(len(header).to_bytes(8, "little") + header)
+            f.truncate(8 + len(header) + n)
+    if len(shards) > 1:
+        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+            f"w{i}": name for i, name in enumerate(names)}}))
+    (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
+                                                  "max_position_embeddings": 4096}))
+    return str(path)
+
+
+def test_the_paper_recipe_fills_every_automatic_flag_from_50m_parameters(tmp_path):
+    """A checkpoint of 50 M parameters or more (counted over its shards, from the headers) is a pretrained model:
+    every flag left at -1 that RECIPES covers takes the paper's value in reft.py (its KL coefficient per CoT kind)
+    and rerank.py (sized by --init when given, the model the verifier starts from), and evaluate.py's budget is
+    rerank.py's paper one; one parameter fewer is the tiny model and takes the small recipe. A flag given keeps its
+    value."""
+    import evaluate
+    import rerank
+    big = sized_checkpoint(tmp_path / "big", [25_000_000, 25_000_000])
+    small = sized_checkpoint(tmp_path / "small", [49_999_999])
+    cases = [(reft, {"model": big}, "paper"), (reft, {"model": small}, "small"), (rerank, {"model": big}, "paper"),
+             (rerank, {"model": small, "init": big}, "paper"), (rerank, {"model": big, "init": small}, "small")]
+    for stage, checkpoints, recipe in cases:
+        for cot in ("nl", "python"):
+            args = stage.Args(cot=cot, **checkpoints)
+            assert all(getattr(args, flag) == -1 for flag in stage.RECIPES[recipe])
+            said = stage.fill_recipe(args)
+            assert said.startswith(f"{recipe} (50.0 M parameters): "), said
+            for flag, value in stage.RECIPES[recipe].items():
+                assert getattr(args, flag) == (value[cot] if isinstance(value, dict) else value), (stage, flag)
+    args = reft.Args(model=big, cot="nl", lr=1e-5)
+    reft.fill_recipe(args)
+    assert args.lr == 1e-5 and args.kl_coef == reft.RECIPES["paper"]["kl_coef"]["nl"]
+    for model, recipe in ((big, "paper"), (small, "small")):
+        args = evaluate.Args(model=model, output_dir=str(tmp_path / "eval"))
+        evaluate.check_args(args)
+        assert args.max_new_tokens == rerank.RECIPES[recipe]["max_new_tokens"]

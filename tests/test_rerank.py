@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,3 +287,33 @@ def test_max_steps_stops_the_verifier_training(synthetic_samples, warmup, tmp_pa
     run([PY, "rerank.py", "--samples", synthetic_samples, "--init", warmup, "--output_dir", tmp_path, *TRAIN,
          "--max_steps", 5, "--resume"])
     assert [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_resumed_sampling_is_refused_for_a_change_of_any_sampling_flag(minigsm, warmup, tmp_path, monkeypatch):
+    """samples.jsonl grows question by question across resumes: a flag that changes what a question's samples are
+    (the sampler, the questions, k, the seed, the labelling, the temperature, the filters and the length budget) must
+    be refused on --resume, or the file would silently mix samples of two settings. Only the flags of MAY_CHANGE
+    pass: --limit (more questions, the drawn ones stay) and --gen_batch_size among them."""
+    import dataclasses
+    (tmp_path / "other_reward.py").write_text("import reward\n\n\ndef score(*args, **kwargs):\n"
+                                              "    return reward.compute_rewards(*args, **kwargs)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    other_model = tmp_path / "other_model"
+    shutil.copytree(warmup, other_model)
+    out = tmp_path / "run"
+    out.mkdir()
+    started = rerank.Args(model=str(warmup), data=str(minigsm), cot="nl", output_dir=str(out), num_samples=4,
+                          temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=24, limit=4, seed=5)
+    (out / "args.json").write_text(json.dumps(dataclasses.asdict(started)))
+    (out / "samples.jsonl").write_text(json.dumps({"item_id": "x", "question": "q", "completion": "c", "answer": None,
+                                                   "correct": False, "distinct": 1}) + "\n")
+    changes = {"model": other_model, "data": minigsm / "train_nl.jsonl", "split": "validation", "num_samples": 5,
+               "seed": 6, "reward": "other_reward:score", "temperature": 0.9, "top_k": 0, "top_p": 1.0,
+               "max_new_tokens": 32}
+    for flag, value in changes.items():
+        error = main_error(rerank, ["--output_dir", out, "--resume", f"--{flag}", value])
+        assert error.startswith(f"error: --resume in {out}: flags differ from the run's args.json: --{flag} "
+                                f"{type(getattr(started, flag))(value)} (the run's: {getattr(started, flag)}); "), error
+    for given in ([], ["--limit", "8", "--gen_batch_size", "2"]):
+        args = rerank.parse_args(rerank.Args, ["--output_dir", str(out), "--resume", *given])
+        assert rerank.plan_run(args, dataclasses.asdict(args), rerank.MAY_CHANGE, ("samples.jsonl",)) is True
