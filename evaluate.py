@@ -621,16 +621,16 @@ def write_run_args(flags, world):
 def init_distributed():
     """One process group whether launched by torchrun or by plain python (a 1-process group)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
         torch.cuda.set_device(device)
     # On CUDA the group is bound to this rank's GPU: NCCL and barrier() would otherwise guess the device.
-    group = {"backend": "nccl" if device.type == "cuda" else "gloo",
-             "device_id": device if device.type == "cuda" else None}
+    group = {"backend": "nccl" if cuda else "gloo", "device_id": device if cuda else None}
     if not dist.is_initialized():
         if world == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **group)
-        else:  # 2 hours: the other ranks wait in a collective while rank 0 alone reads or writes a 7B checkpoint
+        else:  # ranks wait in a collective while rank 0 alone reads or writes 27 GB (7B): past the 10-minute default
             dist.init_process_group(timeout=timedelta(hours=2), **group)
     return rank, world, device, init_device_mesh(device.type, (world,))
 
@@ -740,7 +740,7 @@ def gathered_for_generation(model):
             m.reshard()
         # FSDP2 records every forward for backward prefetching and only a backward clears the record: inference-only
         # loops would grow it by an entry per block and generated token. torch < 2.13 has no public reset.
-        if mods and hasattr(model, "reset_iter_state"):
+        if hasattr(model, "reset_iter_state"):
             model.reset_iter_state()
 
 
@@ -771,15 +771,13 @@ def memory_estimate(n_params, config, world, bf16, state_bytes, grad_bytes, trai
     head = config.vocab_size * hidden  # the LM head, gathered in fp32 (head_groups)
     resident = state_bytes * n_params / world
     generation = training = 0
-    if gen_tokens:  # the model gathered once (gathered_for_generation), K and V of every layer per token
+    if gen_tokens:  # the model gathered once, and K and V of every layer for every token
         generation = resident + c * (n_params - head) + 4 * head + gen_tokens * 2 * layers * kv_width * c
-    if train_tokens:
-        # 34 · tokens · hidden bytes per layer in 16 bits (Korthikanti et al. 2022, eq. 1 without the attention
-        # scores, which SDPA never stores); with checkpointing each layer's input and one layer recomputed
+    if train_tokens:  # activations: 34 · tokens · hidden bytes per layer in 16 bits (Korthikanti et al. 2022, eq. 1
+        # without the attention scores, which SDPA never stores); with checkpointing, layer inputs and one layer
         layer = 34 * train_tokens * hidden * c / 2
         activations = layers * train_tokens * hidden * c + layer if gradient_checkpointing else layers * layer
-        # + two blocks gathered (one computing, one prefetched) and one block's fp32 gradient, the fp32 LM head, and
-        # ~3 fp32 copies of the logits (logits, log-softmax, its gradient)
+        # + two blocks gathered (computing, prefetched), one block's fp32 gradient, ~3 fp32 logits copies
         training = (resident + grad_bytes * n_params / world + (2 * c + 4) * n_params / layers + 4 * head
                     + 3 * 4 * train_tokens * config.vocab_size + activations)
     return {"training": training, "generation": generation}

@@ -412,15 +412,13 @@ def memory_estimate(n_params, config, world, bf16, state_bytes, grad_bytes, trai
     head = config.vocab_size * hidden  # the LM head, gathered in fp32 (head_groups)
     resident = state_bytes * n_params / world
     generation = training = 0
-    if gen_tokens:  # the model gathered once (gathered_for_generation), K and V of every layer per token
+    if gen_tokens:  # the model gathered once, and K and V of every layer for every token
         generation = resident + c * (n_params - head) + 4 * head + gen_tokens * 2 * layers * kv_width * c
-    if train_tokens:
-        # 34 · tokens · hidden bytes per layer in 16 bits (Korthikanti et al. 2022, eq. 1 without the attention
-        # scores, which SDPA never stores); with checkpointing each layer's input and one layer recomputed
+    if train_tokens:  # activations: 34 · tokens · hidden bytes per layer in 16 bits (Korthikanti et al. 2022, eq. 1
+        # without the attention scores, which SDPA never stores); with checkpointing, layer inputs and one layer
         layer = 34 * train_tokens * hidden * c / 2
         activations = layers * train_tokens * hidden * c + layer if gradient_checkpointing else layers * layer
-        # + two blocks gathered (one computing, one prefetched) and one block's fp32 gradient, the fp32 LM head, and
-        # ~3 fp32 copies of the logits (logits, log-softmax, its gradient)
+        # + two blocks gathered (computing, prefetched), one block's fp32 gradient, ~3 fp32 logits copies
         training = (resident + grad_bytes * n_params / world + (2 * c + 4) * n_params / layers + 4 * head
                     + 3 * 4 * train_tokens * config.vocab_size + activations)
     return {"training": training, "generation": generation}
