@@ -237,7 +237,8 @@ def test_generation_leaves_no_fsdp_bookkeeping_behind(group):
                 assert recorded() >= 2 * 2 * 8  # two blocks at each of 8 tokens, twice
             assert recorded() == 0
     assert state._fsdp_param_group.post_forward_mesh_info is None  # FSDP2's default for the root
-    logits, values = model(ids, mask, 3)
+    ids = torch.randint(2, 64, (2, 12))
+    logits, values = model(ids, torch.ones_like(ids), 4)
     (logits.logsumexp(-1).mean() + values.mean()).backward()
     assert all(p.grad is not None for p in model.parameters()) and recorded() == 0
 
