@@ -940,25 +940,18 @@ def fill_recipe(args):
 
 
 def memory_error(args, n_params, config, world, bf16, device_bytes):
-    """None when this run's estimated peak memory per device (memory_estimate) fits `device_bytes`, else the error
-    line (memory_advice). Resident: the policy's fp32 weights and AdamW's moments, 12 bytes per parameter (a separate
-    critic counted as a second policy), and the fp32 reference, 4 (none for Online-ST); the fp32 gradients, 4, during
-    the PPO update. Generation: this rank's rollout (--batch_size × --num_samples / processes sequences) or a greedy
-    evaluation (--eval_batch_size sequences), each up to --max_length tokens. Training: --micro_batch_size sequences
-    of up to --max_length tokens (the old-policy and reference forwards take the same micro-batches, without
-    gradients)."""
+    """None when this run fits `device_bytes` per device, else the error line (memory_advice). Resident: the policy's
+    fp32 weights and AdamW's moments, 12 bytes per parameter (a separate critic counts as a second policy), the fp32
+    reference, 4 (none for Online-ST), and the fp32 gradients, 4, in the update. Generation: this rank's rollout or a
+    greedy evaluation batch; training: a micro-batch; each of up to --max_length tokens."""
     models = 1 + args.separate_value_model
     state = 12 * models + 4 * (args.objective != "online_st")
 
-    def peak(world, batches, gradient_checkpointing):
-        seqs = max(args.batch_size * args.num_samples // world,
-                   batches["--eval_batch_size"] if args.eval_every > 0 else 0)
-        return max(memory_estimate(n_params, config, world, bf16, state, 4 * models,
-                                   batches["--micro_batch_size"] * args.max_length, gradient_checkpointing,
-                                   seqs * args.max_length).values())
-    return memory_advice(device_bytes, peak, world, {"--micro_batch_size": args.micro_batch_size,
-                                                     "--eval_batch_size": args.eval_batch_size},
-                         args.gradient_checkpointing)
+    def peak(a, world):
+        seqs = max(a.batch_size * a.num_samples // world, a.eval_batch_size if a.eval_every > 0 else 0)
+        return max(memory_estimate(n_params, config, world, bf16, state, 4 * models, a.micro_batch_size * a.max_length,
+                                   a.gradient_checkpointing, seqs * a.max_length).values())
+    return memory_advice(args, peak, world, device_bytes, ["micro_batch_size", "eval_batch_size"])
 
 
 def setup(args):
@@ -1384,50 +1377,40 @@ def summary(row):
 
 
 # ----------------------------------------------------------------------------- distributed setup
-# Repeated in sft.py, reft.py, rerank.py and evaluate.py, from here to `gathered_for_generation`: each stage stays one
-# self-contained file, and tests/test_copies.py checks that the copies are identical.
 
 def init_distributed():
     """One process group whether launched by torchrun or by plain python (a 1-process group)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
         torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
     # On CUDA the group is bound to this rank's GPU: NCCL and barrier() would otherwise guess the device.
-    device_id = device if device.type == "cuda" else None
+    group = {"backend": "nccl" if cuda else "gloo", "device_id": device if cuda else None}
     if not dist.is_initialized():
         if world == 1 and "MASTER_ADDR" not in os.environ:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
-        else:
-            # Rank 0 alone reads checkpoints and writes them (27 GB for a 7B model in fp32) while the other ranks
-            # wait in a collective: longer than the 10-minute default timeout on slow disks.
-            dist.init_process_group(backend, timeout=timedelta(hours=2), device_id=device_id)
-    mesh = init_device_mesh(device.type, (world,))
-    return rank, world, device, mesh
+            dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **group)
+        else:  # ranks wait in a collective while rank 0 alone reads or writes 27 GB (7B): past the 10-minute default
+            dist.init_process_group(timeout=timedelta(hours=2), **group)
+    return rank, world, device, init_device_mesh(device.type, (world,))
 
 
 def compute_dtype(device):
-    """The dtype the trunk computes in: bf16 on GPU (fp32 master weights, gradients and optimizer states), fp32 on
-    CPU."""
+    """bf16 on GPU (weights, gradients and optimizer states stay fp32), fp32 on CPU."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def decoder_blocks(model):
-    """The repeated decoder blocks of every transformers model inside `model`: the classes its
-    `_no_split_modules` names (LlamaDecoderLayer, OPTDecoderLayer, ...), so any decoder-only family shards."""
+    """The decoder blocks of every transformers model in `model`: the classes its `_no_split_modules` names
+    (LlamaDecoderLayer, OPTDecoderLayer, ...), so any decoder-only family shards."""
     names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
     return [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]  # also once sharded
 
 
 def head_groups(model):
-    """The modules that turn hidden states into log-probs, values or scores: the output embedding (with the input
-    embedding when both share one weight, as one group), reft's value head `v_head`, the verifier's `score`.
-
-    They compute in fp32 even under bf16 mixed precision: bf16 rounds a logit near 20 by up to 0.06 nats and a
-    value near 1 by 0.004, more than the per-token KL rewards (~1e-4) PPO has to resolve, and makes verifier
-    scores tie. Costs: the output embedding is ~2% of a 7B model's FLOPs, now at fp32 speed."""
+    """The output embedding (with the input embedding when they share one weight), reft's `v_head`, the verifier's
+    `score`. They compute in fp32 under bf16: bf16 rounds a logit near 20 by up to 0.06 nats and a value near 1 by
+    0.004, more than the ~1e-4 per-token KL rewards PPO has to resolve, and makes verifier scores tie."""
     groups = []
     for m in model.modules():
         out = m.get_output_embeddings() if isinstance(m, PreTrainedModel) else None
@@ -1438,26 +1421,21 @@ def head_groups(model):
 
 
 def shard(model, mesh, dtype):
-    """FSDP2: one group per decoder block and one fp32 group per head, the rest at the root. `dtype` is the
-    trunk's compute dtype (compute_dtype); master weights and gradient reductions stay fp32."""
+    """FSDP2: one group per decoder block and one fp32 group per head, the rest at the root. The trunk computes in
+    `dtype`; master weights and gradient reductions stay fp32."""
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=mp)
     for heads in head_groups(model):
         fully_shard(heads, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    return model
+    return fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
 def without_empty_attention_rows(config):
-    """`config`, set to build models whose attention has no fully masked query row (returned for chaining).
-
-    A left-padded batch gives each pad position a causal mask row that allows no key. transformers 5 hands such rows
-    to scaled_dot_product_attention unchanged (4.x un-masked them; its `allow_torch_fix` is gone): the CPU kernel
-    returns zeros there, but cuDNN, which torch prefers on H100/H200 (sm90), returns NaN, which the next layer carries
-    into the real tokens and the gradient norm into every weight. Here such a row attends to every key instead. No
-    real token attends to a pad key, so real tokens compute exactly as before, bit for bit. It is SDPA under its own
-    name, "sdpa_no_empty_rows" (transformers picks the mask function by that name), for configs that ask for sdpa."""
+    """`config`, set to build attention in which a fully masked query row attends to every key instead. A left-padded
+    batch gives each pad position a row that allows no key; transformers 5 hands it to SDPA, whose cuDNN kernel
+    (torch's choice on H100/H200) returns NaN there, which reaches the real tokens and every gradient. No real token
+    attends to a pad key, so real tokens compute exactly as before."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -1466,6 +1444,7 @@ def without_empty_attention_rows(config):
         allowed = sdpa_mask(*args, **kwargs)  # (B, 1, Q, K) bool, or None for a plain causal mask (no padding)
         return None if allowed is None else allowed | ~allowed.any(-1, keepdim=True)
 
+    # SDPA under its own name: transformers picks the mask function by the attention implementation's name
     AttentionInterface.register("sdpa_no_empty_rows", sdpa_attention_forward)
     AttentionMaskInterface.register("sdpa_no_empty_rows", mask)
     if config._attn_implementation == "sdpa":
@@ -1474,20 +1453,16 @@ def without_empty_attention_rows(config):
 
 
 def load_sharded(load, make, mesh, device):
-    """The model that `load()` builds on rank 0, sharded over all ranks without a full copy anywhere else.
-
-    Only rank 0 calls load() (it reads the checkpoint into host memory); every rank builds the same structure on
-    the meta device with `make(config)` (no memory), shards it, allocates just its own shards on `device` and
-    receives them from rank 0. Loading a 7B model then costs one full fp32 copy in rank 0's host memory and a
-    shard per GPU, instead of a full copy per rank on every GPU and 8 in host memory. A SystemExit in load()
-    (a bad checkpoint) reaches every rank instead of leaving the others waiting."""
+    """The model that `load()` builds on rank 0 alone, sharded over all ranks: each rank builds `make(config)` on the
+    meta device, shards it, allocates its own shards and receives them from rank 0, so a 7B model is in host memory
+    once, not once per rank. A SystemExit in load() (a bad checkpoint) reaches every rank."""
     full, error = None, None
     if dist.get_rank() == 0:
         try:
             full = load()
         except SystemExit as e:
             error = str(e)
-    msg = [(error, full.config if full is not None else None, getattr(full, "generation_config", None))]
+    msg = [(error, getattr(full, "config", None), getattr(full, "generation_config", None))]
     dist.broadcast_object_list(msg, src=0)
     error, config, generation_config = msg[0]
     if error is not None:
@@ -1500,24 +1475,19 @@ def load_sharded(load, make, mesh, device):
     model.to_empty(device=device)
     set_model_state_dict(model, full.state_dict() if full is not None else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    buffers = dict(full.named_buffers()) if full is not None else {}
     with torch.no_grad():
         for name, b in model.named_buffers():  # outside the state dict when non-persistent (rotary frequencies)
             if full is not None:
-                b.copy_(buffers[name])
+                b.copy_(full.get_buffer(name))
             dist.broadcast(b, src=0)
     return model
 
 
 @contextmanager
 def gathered_for_generation(model):
-    """Gather the full parameters once for a whole generation, then shard them again.
-
-    Without this FSDP2 all-gathers every block for every generated token, and ranks whose sequences end at
-    different lengths would wait on each other's collectives. A critic (reft.py --separate_value_model) does not
-    generate and stays sharded. Afterwards the root keeps its parameters between forward and backward again (FSDP2's
-    default for the root), and the forward order FSDP2 records for backward prefetching is cleared: only a
-    backward clears it, so inference-only loops would grow it by one entry per block and generated token."""
+    """Gather the full parameters once for a whole generation, then shard them again: otherwise FSDP2 all-gathers
+    every block for every generated token, and ranks whose sequences end at different lengths wait on each other.
+    A critic (reft.py --separate_value_model) does not generate and stays sharded."""
     mods = [m for name, m in model.named_modules() if isinstance(m, FSDPModule) and not name.startswith("critic")]
     for m in mods:
         m.unshard()
@@ -1525,117 +1495,95 @@ def gathered_for_generation(model):
     try:
         yield
     finally:
-        for m in mods:
+        for m in mods:  # FSDP2's defaults again: only the root keeps its parameters from forward to backward
             m.set_reshard_after_forward(m is not model, recurse=False)
             m.reshard()
-        if isinstance(model, FSDPModule):  # private: FSDP2 has no public call for this
-            state = model._get_fsdp_state()
-            state._comm_ctx.post_forward_order.clear()
-            for s in state._state_ctx.all_states:
-                groups = s._fsdp_param_groups if hasattr(s, "_fsdp_param_groups") else [s._fsdp_param_group]
-                for group in groups:  # (older torch: one group per module)
-                    if group is not None:
-                        group._post_forward_indices.clear()
+        # FSDP2 records every forward for backward prefetching and only a backward clears the record: inference-only
+        # loops would grow it by an entry per block and generated token. torch < 2.13 has no public reset.
+        if hasattr(model, "reset_iter_state"):
+            model.reset_iter_state()
 
 
 # ----------------------------------------------------------------------------- memory before loading
 
-# a copy kept identical across stage files: tests/test_copies.py
 def device_memory(device):
     """The device's memory in bytes on CUDA; None elsewhere (no memory check on the CPU)."""
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def config_params(config):
-    """The parameter count of a causal LM of `config` (config.json, read before anything loads), built on the meta
-    device: no memory, no weights read."""
+    """The parameter count of a causal LM of `config`, built on the meta device (no memory, no weights read)."""
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def memory_estimate(n_params, config, world, bf16, state_bytes, grad_bytes, train_tokens, gradient_checkpointing,
                     gen_tokens):
-    """Estimated peak bytes per device of each phase of a stage, {"training": ..., "generation": ...} (0 for a phase
-    it does not run), before anything loads: the arithmetic of docs/scaling.md's table "Memory per GPU", row by row,
-    for any model from its config.json. P = n_params, N = world (one device per process), c = 2 bytes per gathered
-    parameter in bf16 (4 in fp32).
-
-    Every phase: `state_bytes` per parameter, sharded (÷ N): the fp32 weights 4, AdamW's two moments 8, ReFT's fp32
-    reference 4. Generation (gathered_for_generation; one call's KV cache holds `gen_tokens` = sequences × their
-    prompt + new tokens): the model gathered once, c · P with the LM head in fp32 (head_groups), and the KV cache,
-    2 · layers · KV width · c bytes per token; no gradients (zero_grad frees them after every step).
-    Training (one micro-batch of `train_tokens`): `grad_bytes` per parameter of sharded fp32 gradients; two blocks
-    gathered (one computing, the next prefetched) and one block's unsharded fp32 gradient before its reduce-scatter,
-    P / layers parameters each; the LM head gathered in fp32; fp32 logits of tokens × vocabulary, ~3 live copies
-    (logits, log-softmax, its gradient); activations: 34 · tokens · hidden bytes per layer in 16 bits (Korthikanti et
-    al. 2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 1 without its attention-score term,
-    which SDPA's fused kernels never store) in every layer, or with gradient checkpointing each layer's input
-    (tokens · hidden · c) and one layer recomputed.
-    Not counted: the CUDA context, NCCL's buffers and the allocator's fragmentation (a few GB): an estimate just under
-    the device's memory can still run out."""
-    c = 2 if bf16 else 4
+    """Estimated peak bytes per device of each phase, {"training": ..., "generation": ...} (0 for a phase not run),
+    from the config alone: docs/scaling.md's table "Memory per GPU", row by row. `state_bytes` and `grad_bytes` per
+    parameter are sharded over `world` processes (fp32 weights 4, AdamW 8, ReFT's reference 4; fp32 gradients 4).
+    Generation holds a KV cache of `gen_tokens` (sequences × (prompt + new tokens)), training one micro-batch of
+    `train_tokens`. Not counted: the CUDA context, NCCL's buffers, fragmentation (a few GB)."""
+    c = 2 if bf16 else 4  # bytes per gathered parameter
     layers, hidden, heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
     kv_width = hidden // heads * (getattr(config, "num_key_value_heads", None) or heads)
-    head = config.vocab_size * hidden
+    head = config.vocab_size * hidden  # the LM head, gathered in fp32 (head_groups)
     resident = state_bytes * n_params / world
     generation = training = 0
-    if gen_tokens:
+    if gen_tokens:  # the model gathered once, and K and V of every layer for every token
         generation = resident + c * (n_params - head) + 4 * head + gen_tokens * 2 * layers * kv_width * c
-    if train_tokens:
+    if train_tokens:  # activations: 34 · tokens · hidden bytes per layer in 16 bits (Korthikanti et al. 2022, eq. 1
+        # without the attention scores, which SDPA never stores); with checkpointing, layer inputs and one layer
         layer = 34 * train_tokens * hidden * c / 2
         activations = layers * train_tokens * hidden * c + layer if gradient_checkpointing else layers * layer
+        # + two blocks gathered (computing, prefetched), one block's fp32 gradient, ~3 fp32 logits copies
         training = (resident + grad_bytes * n_params / world + (2 * c + 4) * n_params / layers + 4 * head
                     + 3 * 4 * train_tokens * config.vocab_size + activations)
     return {"training": training, "generation": generation}
 
 
-# a copy kept identical across stage files: tests/test_copies.py
-def memory_advice(device_bytes, peak, world, batches, gradient_checkpointing):
-    """None when the estimated peak bytes per device, peak(world, batches, gradient_checkpointing), fit in
-    `device_bytes`; else the one error line: the estimate, the device's memory and each single change that fits:
-    more processes (one device each: the fewest of 2, 4, ..., 1024 times as many), --gradient_checkpointing (unless
-    `gradient_checkpointing` is None: a stage without the flag), or the largest smaller value of one of `batches`
-    ({flag: value})."""
-    gc = bool(gradient_checkpointing)
-    need = peak(world, batches, gc)
+def memory_advice(args, peak, world, device_bytes, batch_flags):
+    """None when peak(args, world), the estimated bytes per device, fits `device_bytes`; else the one error line,
+    naming each single change that fits: the fewest doublings of the processes (up to 1024 times as many),
+    --gradient_checkpointing where the stage has it, or the largest smaller value of one of `batch_flags`."""
+    need = peak(args, world)
     if need <= device_bytes:
         return None
-    more = next((world * 2 ** i for i in range(1, 11) if peak(world * 2 ** i, batches, gc) <= device_bytes), None)
-    fits = [] if more is None else [f"{more} processes"]
-    if gradient_checkpointing is False and peak(world, batches, True) <= device_bytes:
-        fits.append("--gradient_checkpointing")
-    for flag, value in batches.items():
-        smaller = next((b for b in range(value - 1, 0, -1) if peak(world, {**batches, flag: b}, gc) <= device_bytes),
-                       None)
-        fits += [] if smaller is None else [f"{flag} {smaller}"]
+
+    def fits(world=world, **flags):
+        return peak(dataclasses.replace(args, **flags), world) <= device_bytes
+    more = next((world * 2 ** i for i in range(1, 11) if fits(world * 2 ** i)), None)
+    changes = [] if more is None else [f"{more} processes"]
+    if getattr(args, "gradient_checkpointing", True) is False and fits(gradient_checkpointing=True):
+        changes.append("--gradient_checkpointing")
+    for flag in batch_flags:
+        smaller = next((b for b in range(getattr(args, flag) - 1, 0, -1) if fits(**{flag: b})), None)
+        changes += [] if smaller is None else [f"--{flag} {smaller}"]
     return (f"error: the estimated peak memory is {need / 1e9:.3g} GB per device on {world} process(es) "
             f"(docs/scaling.md), more than this device's {device_bytes / 1e9:.3g} GB; "
-            + (f"would fit: {' or '.join(fits)}" if fits else "no single change fits (more processes, "
+            + (f"would fit: {' or '.join(changes)}" if changes else "no single change fits (more processes, "
                "--gradient_checkpointing, smaller batches): combine them, or use devices with more memory"))
 
 
 # ----------------------------------------------------------------------------- loading and saving
 
-# a copy kept identical across stage files: tests/test_copies.py
 def checkpoint_params(path):
-    """The parameter count of a local HF checkpoint, read from its safetensors headers (a few KB) before anything
-    loads: the defaults of flags left at -1 depend on it. None for a hub id or a folder without safetensors."""
+    """The parameter count of a local HF checkpoint, from its safetensors headers (no weights read): the defaults of
+    flags left at -1 depend on it. None for a hub id or a folder without safetensors."""
+    from safetensors import safe_open
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+            files = set(json.load(f)["weight_map"].values())
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
+        files = {"model.safetensors"}
     else:
         return None
     total = 0
     for name in files:
-        with open(os.path.join(path, name), "rb") as f:  # 8 bytes of header length, then the header's JSON
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        total += sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+        with safe_open(os.path.join(path, name), "pt") as f:
+            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
     return total
 
 

@@ -399,38 +399,26 @@ def data_stats(args, folder):
                                             for r in test))
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def memory_estimate(n_params, config, world, bf16, state_bytes, grad_bytes, train_tokens, gradient_checkpointing,
                     gen_tokens):
-    """Estimated peak bytes per device of each phase of a stage, {"training": ..., "generation": ...} (0 for a phase
-    it does not run), before anything loads: the arithmetic of docs/scaling.md's table "Memory per GPU", row by row,
-    for any model from its config.json. P = n_params, N = world (one device per process), c = 2 bytes per gathered
-    parameter in bf16 (4 in fp32).
-
-    Every phase: `state_bytes` per parameter, sharded (÷ N): the fp32 weights 4, AdamW's two moments 8, ReFT's fp32
-    reference 4. Generation (gathered_for_generation; one call's KV cache holds `gen_tokens` = sequences × their
-    prompt + new tokens): the model gathered once, c · P with the LM head in fp32 (head_groups), and the KV cache,
-    2 · layers · KV width · c bytes per token; no gradients (zero_grad frees them after every step).
-    Training (one micro-batch of `train_tokens`): `grad_bytes` per parameter of sharded fp32 gradients; two blocks
-    gathered (one computing, the next prefetched) and one block's unsharded fp32 gradient before its reduce-scatter,
-    P / layers parameters each; the LM head gathered in fp32; fp32 logits of tokens × vocabulary, ~3 live copies
-    (logits, log-softmax, its gradient); activations: 34 · tokens · hidden bytes per layer in 16 bits (Korthikanti et
-    al. 2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 1 without its attention-score term,
-    which SDPA's fused kernels never store) in every layer, or with gradient checkpointing each layer's input
-    (tokens · hidden · c) and one layer recomputed.
-    Not counted: the CUDA context, NCCL's buffers and the allocator's fragmentation (a few GB): an estimate just under
-    the device's memory can still run out."""
-    c = 2 if bf16 else 4
+    """Estimated peak bytes per device of each phase, {"training": ..., "generation": ...} (0 for a phase not run),
+    from the config alone: docs/scaling.md's table "Memory per GPU", row by row. `state_bytes` and `grad_bytes` per
+    parameter are sharded over `world` processes (fp32 weights 4, AdamW 8, ReFT's reference 4; fp32 gradients 4).
+    Generation holds a KV cache of `gen_tokens` (sequences × (prompt + new tokens)), training one micro-batch of
+    `train_tokens`. Not counted: the CUDA context, NCCL's buffers, fragmentation (a few GB)."""
+    c = 2 if bf16 else 4  # bytes per gathered parameter
     layers, hidden, heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
     kv_width = hidden // heads * (getattr(config, "num_key_value_heads", None) or heads)
-    head = config.vocab_size * hidden
+    head = config.vocab_size * hidden  # the LM head, gathered in fp32 (head_groups)
     resident = state_bytes * n_params / world
     generation = training = 0
-    if gen_tokens:
+    if gen_tokens:  # the model gathered once, and K and V of every layer for every token
         generation = resident + c * (n_params - head) + 4 * head + gen_tokens * 2 * layers * kv_width * c
-    if train_tokens:
+    if train_tokens:  # activations: 34 · tokens · hidden bytes per layer in 16 bits (Korthikanti et al. 2022, eq. 1
+        # without the attention scores, which SDPA never stores); with checkpointing, layer inputs and one layer
         layer = 34 * train_tokens * hidden * c / 2
         activations = layers * train_tokens * hidden * c + layer if gradient_checkpointing else layers * layer
+        # + two blocks gathered (computing, prefetched), one block's fp32 gradient, ~3 fp32 logits copies
         training = (resident + grad_bytes * n_params / world + (2 * c + 4) * n_params / layers + 4 * head
                     + 3 * 4 * train_tokens * config.vocab_size + activations)
     return {"training": training, "generation": generation}

@@ -202,8 +202,8 @@ MUTANTS = [
     ("evaluate_budget_small_at_50m", "evaluate.py", "n is not None and n < 50_000_000",
      "n is not None and n <= 50_000_000",
      ["tests/test_reft.py::test_the_paper_recipe_fills_every_automatic_flag_from_50m_parameters"]),
-    ("model_size_from_the_last_shard", "reft.py", '        total += sum(math.prod(t["shape"])',
-     '        total = sum(math.prod(t["shape"])',
+    ("model_size_from_the_last_shard", "reft.py", "            total += sum(math.prod(f.get_slice(key)",
+     "            total = sum(math.prod(f.get_slice(key)",
      ["tests/test_reft.py::test_the_paper_recipe_fills_every_automatic_flag_from_50m_parameters"]),
     # --- the sandbox
     ("sandbox_without_audit_hook", "reward.py", "        sys.addaudithook(_audit_hook(package_dirs, changes))\n", "",
@@ -251,8 +251,8 @@ MUTANTS = [
     ("reft_skips_the_memory_check", "reft.py", "    if device_bytes is not None:  # a run that cannot fit",
      "    if False:  # a run that cannot fit",
      ["tests/test_memory.py::test_each_stage_stops_before_loading_when_the_device_is_too_small"]),
-    ("memory_advice_never_suggests_a_smaller_batch", "evaluate.py", "        fits += [] if smaller is None else",
-     "        fits += [] if True else", ["tests/test_memory.py::"
+    ("memory_advice_never_suggests_a_smaller_batch", "evaluate.py", "        changes += [] if smaller is None else",
+     "        changes += [] if True else", ["tests/test_memory.py::"
                                         "test_evaluate_fits_one_80gb_gpu_and_names_the_batch_that_fits_a_smaller_one"]),
     ("repeated_item_ids_accepted", "reward.py", "    if repeated:", "    if False:",
      ["tests/test_bad_input.py::test_bad_invocation_is_one_error_line[evaluate.py --data RUNS/repeated_ids.jsonl]"]),

@@ -207,20 +207,40 @@ def test_checkpoints_are_written_in_the_runs_dtype(group, tmp_path):
 
 
 def test_generation_leaves_no_fsdp_bookkeeping_behind(group):
-    """Inference-only loops (evaluate.py, rerank.py's sampling) must not grow FSDP2's forward-order list, which only
-    a backward clears; and the root keeps its parameters gathered for the backward after a forward, as before."""
+    """Inference-only loops (evaluate.py, rerank.py's sampling) must not grow FSDP2's record of the forward order,
+    which only a backward clears: gathered_for_generation resets it (FSDPModule.reset_iter_state) after many sample()
+    and generate() calls, each of which records every block at every token. The samples are those of the same model
+    unsharded, the root keeps its parameters gathered from forward to backward (FSDP2's default), and a training
+    step goes on as before."""
     model = reft.PolicyWithValueHead(tiny_lm())
+    plain = tiny_lm().eval()  # the same weights (seed 0), never sharded
     reft.shard(model, group, torch.float32)
-    ids, mask = reft.left_pad([[5, 6, 7]], 0, torch.device("cpu"))
+    ids, mask = reft.left_pad([[5, 6, 7], [8, 9]], 0, torch.device("cpu"))
     with torch.no_grad():
         model(ids, mask, 3)
     state = model._get_fsdp_state()
-    for _ in range(3):
-        with reft.gathered_for_generation(model):
-            reft.sample(model.lm, ids, mask, 8, 99, 0, 1.0, [0])
-        assert len(state._comm_ctx.post_forward_order) == 0
-    root_group = state._fsdp_param_group
-    assert root_group.post_forward_mesh_info is None  # FSDP2's default for the root
+
+    def recorded():  # FSDP2's private record: the shared forward order and each group's indices into it
+        groups = [g for s in state._state_ctx.all_states for g in s._fsdp_param_groups]
+        return len(state._comm_ctx.post_forward_order) + sum(len(g._post_forward_indices) for g in groups)
+
+    with torch.no_grad():
+        expected = reft.sample(plain, ids, mask, 8, 99, 0, 1.0, [3, 4])
+        expected_greedy = plain.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
+                                         pad_token_id=0, eos_token_id=99)
+        for _ in range(10):
+            with reft.gathered_for_generation(model):
+                assert torch.equal(reft.sample(model.lm, ids, mask, 8, 99, 0, 1.0, [3, 4]), expected)
+                greedy = model.lm.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
+                                           pad_token_id=0, eos_token_id=99)
+                assert torch.equal(greedy, expected_greedy)
+                assert recorded() >= 2 * 2 * 8  # two blocks at each of 8 tokens, twice
+            assert recorded() == 0
+    assert state._fsdp_param_group.post_forward_mesh_info is None  # FSDP2's default for the root
+    ids = torch.randint(2, 64, (2, 12))
+    logits, values = model(ids, torch.ones_like(ids), 4)
+    (logits.logsumexp(-1).mean() + values.mean()).backward()
+    assert all(p.grad is not None for p in model.parameters()) and recorded() == 0
 
 
 @pytest.mark.parametrize("world", [1, 2])
