@@ -4,6 +4,7 @@ sampling. Each replay ends in the uninterrupted run's weights and metrics (or sa
 
 sft.py stands for reft.py and rerank.py's verifier training: the three share the resume-state and metrics code
 (tests/test_copies.py). The runs are a tiny model on 64 examples, 4 steps with a resume state after each."""
+import errno
 import json
 import os
 import re
@@ -266,6 +267,25 @@ def test_flipped_bytes_fall_back_to_the_previous_state_or_stop_with_one_line(poo
                      f"sha256)"), error
 
 
+def test_two_processes_hash_their_own_files_and_share_the_check(pool, tmp_path):
+    """Under torchrun each rank hashes the files it wrote and rank 0 records them all; at resume the ranks split the
+    check (sorted names, every second one: rank 1 takes __0_0.distcp). A same-size corruption there is found by rank
+    1, named by rank 0's one warning, and the previous state, whose files both ranks check, is taken."""
+    out = tmp_path / "run"
+    torchrun(2, "sft.py", "--data", pool, *TINY, "--micro_batch_size", 8, "--output_dir", out)
+    want = weights(out)
+    manifest = json.loads((out / "checkpoint-4" / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp", "loop_state_rank0.pt",
+                                         "loop_state_rank1.pt"]
+    flip(out / "checkpoint-4" / "__0_0.distcp")
+    p = torchrun(2, "sft.py", "--output_dir", out, "--resume")
+    assert [line for line in p.stdout.splitlines() if line.startswith(("warning:", "resumed from"))] == [
+        f"warning: the resume state {out / 'checkpoint-4'} is damaged (__0_0.distcp does not match its sha256); set "
+        f"aside as {out / 'checkpoint-4.damaged'}, trying the previous one", f"resumed from {out / 'checkpoint-3'}"]
+    got = weights(out)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_partial_state(pool, tmp_path, monkeypatch):
     """Every write of the resume state's shards goes to /dev/full (ENOSPC, as on a full disk): one error line
     naming the folder and its free space instead of a traceback ([enforce fail at inline_container.cc]), and the
@@ -276,15 +296,17 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_partial_state(pool,
 
     @contextmanager
     def full_disk(self, path, mode):
+        if "w" in mode and not dev_full:  # a sandbox's /dev/full accepts writes: the error a full disk gives
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         with (open("/dev/full", mode) if "w" in mode else real(self, path, mode)) as stream:
             yield stream
 
     try:
         with open("/dev/full", "w") as f:
             f.write("x")
-        pytest.skip("this machine's /dev/full accepts writes (a sandbox's): no full disk to simulate")
+        dev_full = False
     except OSError:
-        pass
+        dev_full = True
     monkeypatch.setattr(FileSystem, "create_stream", full_disk)
     out = tmp_path / "run"
     error = main_error(sft, ["--data", pool, *TINY, "--output_dir", out])
