@@ -1048,7 +1048,7 @@ def setup(args):
                           total_steps=total_steps, metrics_path=os.path.join(args.output_dir, "metrics.jsonl"),
                           step=0, beta=beta, skipped=0, skipped_in_a_row=0, best=-1.0)
     if resuming:
-        state = load_resume_state(model, opt, args)
+        state = load_resume_state(model, opt, args.output_dir)
         run.step, run.beta, run.skipped, run.best = state["step"], state["beta"], state["skipped"], state["best"]
         if rank == 0:
             trim_metrics(run.metrics_path, run.step)
@@ -1087,7 +1087,7 @@ def save(run, args, epoch, end_of_epoch):
                         compute_dtype(run.device))
     if (args.save_steps > 0 and run.step % args.save_steps == 0) or end_of_epoch or run.step == run.total_steps:
         save_resume_state(run.model, run.opt, {"step": run.step, "beta": run.beta, "skipped": run.skipped,
-                                               "best": run.best}, args, run.rank)
+                                               "best": run.best}, args.output_dir)
 
 
 # ----------------------------------------------------------------------------- flags and run folders
@@ -1662,96 +1662,44 @@ def save_checkpoint(model, tok, args, path, rank, dtype):
 
 
 # ----------------------------------------------------------------------------- resume state and metrics on disk
-# Repeated in sft.py, reft.py and rerank.py, from here to `trim_metrics`: tests/test_copies.py checks the copies.
-# A resume state is the folder {output_dir}/checkpoint-{step}: DCP's shards, what the stage adds, and manifest.json
-# (every file's size and sha256), written last. It is written as checkpoint-{step}.tmp and published by one rename.
+# A resume state is the folder {output_dir}/checkpoint-{step}: DCP's shards and .metadata, each rank's loop state,
+# and manifest.json (every file's sha256), written last: a folder without it is partial, whatever a kill left.
 
-def resume_states(output_dir):
-    """The complete resume states in `output_dir` as (path, step), newest first; reads folder names only. A folder
-    is complete when it holds manifest.json, written last: checkpoint-{step}, or checkpoint-{step}.tmp when a kill
-    came between the manifest and the rename that publishes it (after the published one of the same step)."""
-    found = []
-    for name in sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []:
-        stem = name.removesuffix(".tmp")
-        if (stem.startswith("checkpoint-") and stem[len("checkpoint-"):].isdigit()
-                and os.path.isfile(os.path.join(output_dir, name, "manifest.json"))):
-            found.append((-int(stem[len("checkpoint-"):]), name != stem, os.path.join(output_dir, name)))
-    return [(path, -neg_step) for neg_step, _, path in sorted(found)]
-
-
-def find_resume_state(output_dir):
-    """(path, step) of the newest complete resume state in `output_dir`, or None. Pure Python, cheap (no checksum,
-    no torch.distributed, nothing removed), so a caller can tell before loading any model whether --resume has
-    something to continue from; load_resume_state verifies the files and falls back to the previous state."""
-    states = resume_states(output_dir)
-    return states[0] if states else None
+def find_resume_state(output_dir, before=float("inf")):
+    """(path, step) of the newest whole resume state in `output_dir` (of a step before `before`), or None. Reads
+    folder names only: cheap enough to ask before any model loads."""
+    steps = [int(name[11:]) for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+             if name.startswith("checkpoint-") and name[11:].isdigit() and int(name[11:]) < before
+             and os.path.isfile(os.path.join(output_dir, name, "manifest.json"))]
+    return (os.path.join(output_dir, f"checkpoint-{max(steps)}"), max(steps)) if steps else None
 
 
 def file_digest(path):
-    """(size, sha256 hex) of a file, synced to disk on the way (fsync): a state is published only once its bytes
-    are durable, and the hash reads them anyway."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-        os.fsync(f.fileno())
-    return os.path.getsize(path), h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def fsync_dir(path):
-    """Make the names in a folder durable (a rename is only on disk once its folder is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_manifest(folder, step):
-    """Rank 0, once every rank's files are in `folder`: manifest.json, each other file's size and sha256, written
-    through a temporary name so that its presence means the folder is whole."""
-    files = {}
-    for root, dirs, names in os.walk(folder):
-        dirs.sort()
-        for name in sorted(names):
-            path = os.path.join(root, name)
-            if os.path.relpath(path, folder) not in ("manifest.json", "manifest.json.tmp"):
-                files[os.path.relpath(path, folder)] = dict(zip(("size", "sha256"), file_digest(path)))
-    tmp = os.path.join(folder, "manifest.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"step": step, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, "manifest.json"))
-    fsync_dir(folder)
-
-
-def damaged_file(folder):
-    """None when every file of the resume state `folder` has its manifest's size and sha256, else what is wrong,
-    naming the file."""
+def damaged_file(folder, rank=0, world=1):
+    """None when this rank's share of the resume state `folder` (every world-th file of its manifest) matches its
+    sha256s, else what is wrong, naming the file."""
     try:
         with open(os.path.join(folder, "manifest.json")) as f:
-            files = json.load(f)["files"]
-        expected = [(name, want["size"], want["sha256"]) for name, want in sorted(files.items())]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            files = sorted(json.load(f)["files"].items())[rank::world]
+    except (OSError, ValueError, KeyError, AttributeError) as e:
         return f"manifest.json is unreadable ({type(e).__name__})"
-    for name, size, sha256 in expected:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
+    for name, sha256 in files:
+        if not os.path.isfile(os.path.join(folder, name)):
             return f"{name} is missing"
-        if os.path.getsize(path) != size:
-            return f"{name} has {os.path.getsize(path)} bytes, its manifest says {size}"
-        if file_digest(path)[1] != sha256:
+        if file_digest(os.path.join(folder, name)) != sha256:
             return f"{name} does not match its sha256"
     return None
 
 
 def check_disk_space(output_dir, n_params):
-    """Once, before the first save: one error line unless the disk of `output_dir` has room for two resume states,
-    what a save holds during the switch (12 bytes per parameter each: fp32 weights and AdamW's two moments), less
-    what the states already there take (a save removes all but one first)."""
-    held = sum(os.path.getsize(os.path.join(root, name)) for path, _ in resume_states(output_dir)
-               for root, _, names in os.walk(path) for name in names)
+    """Before the first save: one error line unless the disk has room for two resume states (12 bytes per parameter
+    each: fp32 weights and AdamW's two moments), counting the state folders there, which a save removes but one."""
+    held = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(output_dir)
+               if os.path.relpath(root, output_dir).startswith("checkpoint-") for name in names)
     need, free = 2 * 12 * n_params - held, shutil.disk_usage(output_dir).free
     if free < need:
         raise SystemExit(f"error: --output_dir {output_dir}: {free / 1e9:.3g} GB free, saving the resume state needs "
@@ -1759,27 +1707,21 @@ def check_disk_space(output_dir, n_params):
 
 
 def is_disk_full(error):
-    """Whether a failed save ran out of disk: ENOSPC in the exception or any it wraps (DCP gathers every rank's
-    failure into one CheckpointException), or in safetensors' message."""
-    pending = [error]
-    while pending:
-        e = pending.pop()
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(e):
-            return True  # the second: safetensors' writer, whose Rust I/O errors are not OSError
-        pending += [c for c in (e.__cause__, e.__context__) if c is not None]
-        if isinstance(e, dcp.CheckpointException):
-            pending += [exc for exc, _ in e.failures.values()]
-    return False
+    """Whether `error` or one it wraps (DCP gathers every rank's failure into one CheckpointException) is ENOSPC;
+    safetensors' Rust I/O errors are no OSError and say so in their message."""
+    if getattr(error, "errno", None) == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(error):
+        return True
+    wrapped = [e for e, _ in error.failures.values()] if isinstance(error, dcp.CheckpointException) else []
+    return any(is_disk_full(e) for e in (error.__cause__, error.__context__, *wrapped) if e is not None)
 
 
 @contextmanager
 def stop_if_disk_full(path):
-    """Around a write of `path` by one rank (an HF checkpoint, samples, metrics): a full disk ends the run with one
-    line naming it instead of a traceback; once there is room, --resume continues from the last whole resume
-    state. Under torchrun the other ranks, waiting for this one, are ended by torchrun when it exits."""
+    """Around a write of `path`: a full disk ends the run with one line naming it, not a traceback (torchrun ends
+    the other ranks if they wait for this one); once there is room, --resume continues from the last whole state."""
     try:
         yield
-    except Exception as e:
+    except (Exception, dcp.CheckpointException) as e:  # the latter is no Exception
         if not is_disk_full(e):
             raise
         folder = os.path.dirname(os.path.abspath(path))
@@ -1790,106 +1732,94 @@ def stop_if_disk_full(path):
                          f"--resume") from None
 
 
-def stop_if_write_failed(error, tmp, output_dir):
-    """All ranks, after a write of the state `tmp`: when any rank failed, the partial folder is removed and every
-    rank stops, with one line naming the folder and its free space when the disk is full."""
-    failures = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, None if error is None else "full" if is_disk_full(error) else repr(error))
-    if all(f is None for f in failures):
-        return
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    if "full" in failures:
-        name, free = os.path.basename(tmp).removesuffix(".tmp"), shutil.disk_usage(output_dir).free
-        raise SystemExit(f"error: no space left on the disk of {output_dir} while saving the resume state {name} "
-                         f"(removed; {free / 1e9:.3g} GB free now): a save needs room for two states, 12 bytes per "
-                         f"parameter each")
-    if error is not None:
-        raise error
-    raise SystemExit(f"error: another process failed to write the resume state {tmp}: {next(filter(None, failures))}")
+def save_resume_state(model, opt, state, output_dir):
+    """All ranks: the sharded model and optimizer (DCP) and each rank's loop `state` (step, ...) with its RNG, as
+    checkpoint-{step}. Rank 0 first removes every state folder but the newest whole one before it: the disk holds
+    at most two states, one of them whole whenever a kill comes. DCP raises on every rank when any rank failed: the
+    folder is then removed.
 
-
-def save_state(model, opt, step, output_dir, files):
-    """All ranks: write the sharded model and optimizer (DCP) and this rank's `files` ({name: bytes}) as the resume
-    state of `step`, visible only once whole. Rank 0 first removes every state folder but the newest complete one
-    before `step` (partial ones, those of a later step left by a run that resumed from an earlier state, the older of
-    the two kept), so the disk holds at most two states; then the new one is written as checkpoint-{step}.tmp,
-    gets its manifest and is published by one atomic rename, leaving it and the previous one.
-
-    DCP runs its collectives on a gloo group of its own, destroyed right after. Gloo copies DCP's plans on its worker
-    threads, and with OMP_NUM_THREADS > 1 such a copy gives the worker an OpenMP team of its own that lives as long
-    as the group. libgomp then counts more threads than cores and stops spin-waiting, so on the default group every
-    later training step ran ~10-25% slower (1 process, 2 threads); destroying the group ends those threads."""
-    tmp = os.path.join(output_dir, f"checkpoint-{step}.tmp")
-    if dist.get_rank() == 0:
-        keep = [path for path, saved in resume_states(output_dir) if saved < step][:1]
-        for name in os.listdir(output_dir):
-            path = os.path.join(output_dir, name)
-            if name.startswith("checkpoint-") and os.path.isdir(path) and path not in keep:
+    Damage is found by sha256, each rank hashing only the files it wrote (DCP's __{rank}_*.distcp, its loop state,
+    rank 0 also .metadata) right after writing them; rank 0 writes all ranks' digests into manifest.json. At 7B (an
+    81 GB state) on 8 GPUs: ~10 GB per rank, read back from the page cache at ~1.5 GB/s (SHA-256 with SHA-NI, as
+    measured on a 2-core Xeon), ~7 s per save, all ranks at once; load_resume_state shares the check out alike."""
+    rank, folder = dist.get_rank(), os.path.join(output_dir, f"checkpoint-{state['step']}")
+    if rank == 0:
+        keep = (find_resume_state(output_dir, before=state["step"]) or [None])[0]
+        for path in (os.path.join(output_dir, name) for name in os.listdir(output_dir)):
+            if os.path.basename(path).startswith("checkpoint-") and os.path.isdir(path) and path != keep:
+                if os.path.exists(os.path.join(path, "manifest.json")):  # first: a half-removed folder is partial
+                    os.remove(os.path.join(path, "manifest.json"))
                 shutil.rmtree(path)
     dist.barrier()
-    error = None
-    group = dist.new_group(backend="gloo")
-    try:
-        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=tmp, process_group=group)
-        for name, data in files.items():
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.write(data)
-    except (OSError, dcp.CheckpointException) as e:
-        error = e
-    finally:
-        dist.destroy_process_group(group)
-    stop_if_write_failed(error, tmp, output_dir)
-    if dist.get_rank() == 0:
-        try:
-            write_manifest(tmp, step)
-        except OSError as e:
-            error = e
-    stop_if_write_failed(error, tmp, output_dir)
-    if dist.get_rank() == 0:
-        os.rename(tmp, tmp.removesuffix(".tmp"))
-        fsync_dir(output_dir)
+    with stop_if_disk_full(folder):
+        # DCP on a gloo group of its own, destroyed after: on the default group (OMP_NUM_THREADS > 1) the gloo workers
+        # that copy DCP's plans kept OpenMP teams, libgomp saw more threads than cores and stopped spin-waiting, and
+        # every later step ran 10-25% slower.
+        group = dist.new_group(backend="gloo")
+        try:  # returns once every rank's files are written and then rank 0's .metadata
+            dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                     checkpoint_id=folder, process_group=group)
+        except dcp.CheckpointException:
+            if rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+            dist.barrier()
+            raise
+        finally:
+            dist.destroy_process_group(group)
+        with open(os.path.join(folder, f"loop_state_rank{rank}.pt"), "wb") as f:
+            torch.save(dict(state, rng=torch.get_rng_state()), f)
+            f.flush()
+            os.fsync(f.fileno())  # as DCP does its files
+        mine = (f"__{rank}_", f"loop_state_rank{rank}.") + (".metadata",) * (rank == 0)  # the files this rank wrote
+        digests = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, {name: file_digest(os.path.join(folder, name)) for name in os.listdir(folder)
+                                         if name.startswith(mine)})
+        if rank == 0:
+            with open(os.path.join(folder, "manifest.json.tmp"), "w") as f:
+                json.dump({"step": state["step"], "files": {k: v for d in digests for k, v in d.items()}}, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(os.path.join(folder, "manifest.json.tmp"), os.path.join(folder, "manifest.json"))  # now whole
+            for path in (folder, output_dir):  # and its names durable
+                os.fsync(fd := os.open(path, os.O_RDONLY))
+                os.close(fd)
     dist.barrier()
 
 
-def load_state(model, opt, output_dir):
-    """All ranks: load the model and optimizer from the newest resume state whose files match its manifest (rank 0
-    checks them and tells the others; DCP on a gloo group of its own, as in save_state) and return its path. A
-    damaged state gets one warning line naming the file and the previous state is tried; none intact is one error
-    line."""
-    choice = [None, None]
-    if dist.get_rank() == 0:
-        problems = []
-        for path, _ in resume_states(output_dir):
-            damage = damaged_file(path)
-            if damage is None:
-                choice[0] = path
-                break
-            # Set aside: no later --resume or save takes it for a good state; the next save removes it.
-            aside = path.removesuffix(".tmp") + ".damaged"
-            shutil.rmtree(aside, ignore_errors=True)
-            os.rename(path, aside)
-            problems.append(f"{os.path.basename(path)}: {damage}")
-            print(f"warning: the resume state {path} is damaged ({damage}); set aside as {aside}, trying the "
-                  f"previous one", flush=True)
-        else:
-            choice[1] = (f"error: --output_dir {output_dir}: no intact resume state to continue from"
-                         + (f" ({'; '.join(problems)})" if problems else ""))
-    dist.broadcast_object_list(choice, src=0)
-    path, error = choice
-    if error is not None:
-        raise SystemExit(error)
+def load_resume_state(model, opt, output_dir):
+    """All ranks: load the model, optimizer and RNG from the newest intact resume state, say which, and return this
+    rank's loop state (rank 0's when more processes resume). The ranks share the check of the sha256s; a damaged
+    state gets one warning line naming the file and is set aside as checkpoint-{step}.damaged (no resume or save
+    takes it), and the previous one is tried; none intact is one error line."""
+    rank, world, problems = dist.get_rank(), dist.get_world_size(), []
+    while True:
+        found = [find_resume_state(output_dir)]
+        dist.broadcast_object_list(found, src=0)
+        if found[0] is None:
+            raise SystemExit(f"error: --output_dir {output_dir}: no intact resume state to continue from"
+                             + (f" ({'; '.join(problems)})" if problems else ""))
+        path, damage = found[0][0], [None] * world
+        dist.all_gather_object(damage, damaged_file(path, rank, world))
+        if not any(damage):
+            break
+        problems.append(f"{os.path.basename(path)}: {next(filter(None, damage))}")
+        if rank == 0:
+            shutil.rmtree(path + ".damaged", ignore_errors=True)
+            os.rename(path, path + ".damaged")
+            print(f"warning: the resume state {path} is damaged ({next(filter(None, damage))}); set aside as "
+                  f"{path}.damaged, trying the previous one", flush=True)
     sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-    group = dist.new_group(backend="gloo")
+    group = dist.new_group(backend="gloo")  # as in save_resume_state
     dcp.load(sd, checkpoint_id=path, process_group=group)
     dist.destroy_process_group(group)
     set_model_state_dict(model, sd["model"])
     set_optimizer_state_dict(model, opt, sd["optim"])
-    if dist.get_rank() == 0:
+    if rank == 0:
         print(f"resumed from {path}", flush=True)
-    return path
+    mine = os.path.join(path, f"loop_state_rank{rank}.pt")
+    state = torch.load(mine if os.path.exists(mine) else os.path.join(path, "loop_state_rank0.pt"))
+    torch.set_rng_state(state.pop("rng"))
+    return state
 
 
 def append_metrics(path, row):
@@ -1899,9 +1829,8 @@ def append_metrics(path, row):
 
 
 def trim_metrics(path, step):
-    """Rank 0, on resume: keep the rows up to the resumed `step` (those logged after the saved state are logged
-    again), dropping a last line a kill cut (one warning line). The rows go to a new file renamed over the old one,
-    so a kill here leaves one of the two whole."""
+    """Rank 0, on resume: keep the rows up to the resumed `step` (those after it are logged again), dropping a last
+    line a kill cut (one warning line), through a new file renamed over the old one: a kill leaves one of them."""
     if not os.path.exists(path):
         return
     with open(path) as f:
@@ -1916,24 +1845,11 @@ def trim_metrics(path, step):
     os.replace(tmp, path)
 
 
-def save_resume_state(model, opt, state, args, rank):
-    """The resume state of step state["step"] (save_state): the sharded policy and optimizer, and the loop state."""
-    save_state(model, opt, state["step"], args.output_dir,
-               {"loop_state.json": json.dumps(state).encode()} if rank == 0 else {})
-
-
-def load_resume_state(model, opt, args):
-    """Inverse of save_resume_state, from the newest intact state (load_state); returns the saved loop state."""
-    with open(os.path.join(load_state(model, opt, args.output_dir), "loop_state.json")) as f:
-        return json.load(f)
-
-
-# a copy kept identical across stage files: tests/test_copies.py
 def stop_on_interrupt(args):
-    """Ctrl-C (SIGINT, which torchrun passes to every rank) ends each process at once with status 130, and rank 0
-    says in one line how far the run got and how to continue it, instead of a traceback per rank. A thread ends the
-    process, woken by the byte Python's signal handler writes from any thread: it works while the main thread waits
-    in a collective whose other ranks are gone. Ending without unwinding is what a kill does, which a run survives."""
+    """Ctrl-C (SIGINT, which torchrun passes to every rank) ends every process at once with status 130, rank 0 saying
+    in one line how far the run got and how to continue, not a traceback per rank. A thread, woken by the byte the
+    signal handler writes, ends the process even while the main thread waits in a collective whose other ranks are
+    gone; ending without unwinding is what a kill does, which a run survives."""
     reader, writer = socket.socketpair()
     writer.setblocking(False)
     signal.set_wakeup_fd(writer.fileno())

@@ -23,9 +23,9 @@ any fail or phase error makes the exit status 1), run early (with the first ReFT
                           unpadded (1e-4 in fp32, 0.1 in bf16: `padded_check` says why)
   checkpoint_round_trip   reft.save_checkpoint, then reft.load_sharded (meta device, to_empty, rank 0's broadcast):
                           every tensor equal to the policy's in the saved dtype; save and load timed
-  resume_round_trip       reft.save_resume_state (DCP, manifest, rename), weights and AdamW state changed, then
-                          reft.load_resume_state: all equal to what was saved; timed (both round trips write to a
-                          temporary folder, removed after: ~8 GB for the 2-layer Llama's resume state)
+  resume_round_trip       reft.save_resume_state (DCP, each rank's sha256s, the manifest), weights and AdamW
+                          state changed, then reft.load_resume_state: all equal to what was saved; timed (both round
+                          trips write to a temporary folder, removed after: ~8 GB for the 2-layer Llama's resume state)
   same_samples_fsdp_vs_plain  (rollout_compare) the sharded policy and a plain copy computing as FSDP does
                           (fsdp_like_copy: bf16 blocks, fp32 LM head) sample the same tokens
 
@@ -836,7 +836,7 @@ class Check:
 
     def resume_round_trip(self, state):
         """reft.save_resume_state (DCP on a gloo group of its own: every rank writes its shards of the fp32 policy and
-        AdamW's state; then the manifest and the atomic rename) and reft.load_resume_state into the same policy and
+        AdamW's state and hashes its own files; then rank 0's manifest) and reft.load_resume_state into the same policy and
         optimizer after every weight and optimizer tensor was changed: passes when all of them equal what was saved,
         exactly, and the loop state comes back. Timed."""
         torch, reft = self.torch, self.reft
@@ -867,10 +867,9 @@ class Check:
         loop = {"step": 7, "beta": 0.01, "skipped": 0, "best": -1.0}
         folder = tempfile.mkdtemp(prefix="gpu_check_resume_")
         try:
-            args = reft.Args(output_dir=folder)
             self.sync()
             t = time.perf_counter()
-            reft.save_resume_state(policy, opt, loop, args, self.rank)
+            reft.save_resume_state(policy, opt, loop, folder)
             save_s = time.perf_counter() - t
             size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
             with torch.no_grad():  # so that only the load can bring the saved values back
@@ -882,7 +881,7 @@ class Check:
                             v.add_(1)
             changed = sum(not same(v, want[k]) for k, v in snapshot().items() if torch.is_tensor(v))
             t = time.perf_counter()
-            back = reft.load_resume_state(policy, opt, args)
+            back = reft.load_resume_state(policy, opt, folder)
             self.sync()
             load_s = time.perf_counter() - t
         finally:

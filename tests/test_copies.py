@@ -39,19 +39,13 @@ COPIES = {
     "eval_questions": ["sft.py", "reft.py"],
     "summary": ["sft.py", "reft.py", "rerank.py"],
     "lr_lambda": ["sft.py", "rerank.py"],
-    "save_resume_state": ["sft.py", "rerank.py"],
-    "load_resume_state": ["sft.py", "rerank.py"],
-    "resume_states": ["sft.py", "reft.py", "rerank.py"],
     "file_digest": ["sft.py", "reft.py", "rerank.py"],
-    "fsync_dir": ["sft.py", "reft.py", "rerank.py"],
-    "write_manifest": ["sft.py", "reft.py", "rerank.py"],
     "damaged_file": ["sft.py", "reft.py", "rerank.py"],
+    "save_resume_state": ["sft.py", "reft.py", "rerank.py"],
+    "load_resume_state": ["sft.py", "reft.py", "rerank.py"],
     "check_disk_space": ["sft.py", "reft.py", "rerank.py"],
     "is_disk_full": ["sft.py", "reft.py", "rerank.py"],
-    "stop_if_write_failed": ["sft.py", "reft.py", "rerank.py"],
     "stop_if_disk_full": ["sft.py", "reft.py", "rerank.py"],
-    "save_state": ["sft.py", "reft.py", "rerank.py"],
-    "load_state": ["sft.py", "reft.py", "rerank.py"],
     "append_metrics": ["sft.py", "reft.py", "rerank.py"],
     "trim_metrics": ["sft.py", "reft.py", "rerank.py"],
     "stop_on_interrupt": ["sft.py", "reft.py", "rerank.py"],
@@ -60,7 +54,7 @@ COPIES = {
 }
 # Same name, different job: not copies. Files that define a name of COPIES outside its list are named here.
 DIFFERENT = {"collate": ["sft.py", "rerank.py"],
-             "sample": ["reft.py", "rerank.py"], "save_resume_state": ["reft.py"], "load_resume_state": ["reft.py"],
+             "sample": ["reft.py", "rerank.py"],
              "load_tokenizer": ["sft.py", "reft.py"], "score": ["reft.py", "rerank.py"],
              "memory_error": ["sft.py", "reft.py", "rerank.py", "evaluate.py"]}
 

@@ -4,6 +4,7 @@ sampling. Each replay ends in the uninterrupted run's weights and metrics (or sa
 
 sft.py stands for reft.py and rerank.py's verifier training: the three share the resume-state and metrics code
 (tests/test_copies.py). The runs are a tiny model on 64 examples, 4 steps with a resume state after each."""
+import errno
 import json
 import os
 import re
@@ -135,19 +136,19 @@ def assert_same_run(out, uninterrupted):
     assert losses(out) == want_losses
 
 
-@pytest.mark.parametrize("n", [4, 5, 6])
+@pytest.mark.parametrize("n", [3, 4, 5])
 def test_a_kill_at_each_rename_of_a_save_resumes_from_the_newest_whole_state(pool, uninterrupted, faulty, tmp_path,
                                                                             n):
-    """Killed at the 1st, 2nd or 3rd rename of the second save (step 2): the save of step 1 is never lost, and a
-    kill between the renames (before today's fix: checkpoint renamed to checkpoint.old, checkpoint.tmp not yet
-    renamed) no longer restarts from step 0. The resumed run says which state it took, ends in the uninterrupted
-    run's weights and losses and leaves the last two states, no partial folder."""
+    """Killed at the 1st or 2nd rename of the second save (step 2), or at the first of the third: the save of step 1
+    is never lost (a kill between the renames of an earlier design restarted from step 0), and the state of step 2
+    counts once its manifest is in. The resumed run says which state it took, ends in the uninterrupted run's
+    weights and losses and leaves the last two states, no partial folder."""
     out = tmp_path / "run"
     killed(faulty, f"rename:{n}", "sft.py", "--data", pool, *TINY, "--output_dir", out)
     p = run([PY, "sft.py", "--data", pool, *TINY, "--output_dir", out, "--resume"])
     taken = re.findall(r"^resumed from (\S+)$", p.stdout, re.M)
-    # 4: DCP's own rename of its metadata, 5: the manifest's, 6: the folder's, the state whole but not yet renamed
-    assert taken == [str(out / {4: "checkpoint-1", 5: "checkpoint-1", 6: "checkpoint-2.tmp"}[n])], p.stdout
+    # 3: DCP's own rename of its .metadata (step 2), 4: the manifest's (step 2, whole after it), 5: DCP's of step 3
+    assert taken == [str(out / {3: "checkpoint-1", 4: "checkpoint-1", 5: "checkpoint-2"}[n])], p.stdout
     assert_same_run(out, uninterrupted)
     assert sorted(name for name in os.listdir(out) if name.startswith("checkpoint")) == ["checkpoint-3",
                                                                                        "checkpoint-4"]
@@ -158,7 +159,7 @@ def test_a_resume_given_only_its_folder_ends_as_the_uninterrupted_run(pool, unin
     defaults and refuse the resume (--data, --batch_size, ... differ), or with them all typed again, put the flags
     that may change back to their defaults (--save_steps 1 -> 0)."""
     out = tmp_path / "run"
-    killed(faulty, "rename:5", "sft.py", "--data", pool, *TINY, "--output_dir", out)
+    killed(faulty, "rename:4", "sft.py", "--data", pool, *TINY, "--output_dir", out)
     run([PY, "sft.py", "--output_dir", out, "--resume"])
     assert_same_run(out, uninterrupted)
     launches = [json.loads(line) for line in (out / "launches.jsonl").read_text().splitlines()]
@@ -216,7 +217,7 @@ def test_ctrl_c_is_one_line_and_130_on_every_rank_and_the_resume_continues(pool,
 def test_a_cut_metrics_line_is_dropped_with_one_warning(pool, uninterrupted, faulty, tmp_path):
     """A kill in the middle of a metrics line made every later --resume crash on it (JSONDecodeError)."""
     out = tmp_path / "run"
-    killed(faulty, "rename:5", "sft.py", "--data", pool, *TINY, "--output_dir", out)
+    killed(faulty, "rename:4", "sft.py", "--data", pool, *TINY, "--output_dir", out)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "epoch": 0.75, "lo')
     p = run([PY, "sft.py", "--data", pool, *TINY, "--output_dir", out, "--resume"])
@@ -230,7 +231,7 @@ def test_a_kill_while_resume_trims_the_metrics_keeps_them(pool, uninterrupted, f
     """The trim rewrote metrics.jsonl in place: a kill after its truncation left it empty, and the next resume went
     on silently with the history gone (and the quickstart picks the best SFT epoch from that file)."""
     out = tmp_path / "run"
-    killed(faulty, "rename:7", "sft.py", "--data", pool, *TINY, "--output_dir", out)
+    killed(faulty, "rename:5", "sft.py", "--data", pool, *TINY, "--output_dir", out)
     before = (out / "metrics.jsonl").read_text()
     killed(faulty, "truncate:metrics.jsonl", "sft.py", "--data", pool, *TINY, "--output_dir", out, "--resume")
     assert (out / "metrics.jsonl").read_text() == before
@@ -266,30 +267,51 @@ def test_flipped_bytes_fall_back_to_the_previous_state_or_stop_with_one_line(poo
                      f"sha256)"), error
 
 
+def test_two_processes_hash_their_own_files_and_share_the_check(pool, tmp_path):
+    """Under torchrun each rank hashes the files it wrote and rank 0 records them all; at resume the ranks split the
+    check (sorted names, every second one: rank 1 takes __0_0.distcp). A same-size corruption there is found by rank
+    1, named by rank 0's one warning, and the previous state, whose files both ranks check, is taken."""
+    out = tmp_path / "run"
+    torchrun(2, "sft.py", "--data", pool, *TINY, "--micro_batch_size", 8, "--output_dir", out)
+    want = weights(out)
+    manifest = json.loads((out / "checkpoint-4" / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp", "loop_state_rank0.pt",
+                                         "loop_state_rank1.pt"]
+    flip(out / "checkpoint-4" / "__0_0.distcp")
+    p = torchrun(2, "sft.py", "--output_dir", out, "--resume")
+    assert [line for line in p.stdout.splitlines() if line.startswith(("warning:", "resumed from"))] == [
+        f"warning: the resume state {out / 'checkpoint-4'} is damaged (__0_0.distcp does not match its sha256); set "
+        f"aside as {out / 'checkpoint-4.damaged'}, trying the previous one", f"resumed from {out / 'checkpoint-3'}"]
+    got = weights(out)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_partial_state(pool, tmp_path, monkeypatch):
     """Every write of the resume state's shards goes to /dev/full (ENOSPC, as on a full disk): one error line
     naming the folder and its free space instead of a traceback ([enforce fail at inline_container.cc]), and the
-    partial checkpoint folder removed instead of left to keep the disk full."""
+    partial checkpoint folder removed instead of left to keep the disk full (DCP fails on every rank)."""
     from contextlib import contextmanager
     from torch.distributed.checkpoint.filesystem import FileSystem
     real = FileSystem.create_stream
 
     @contextmanager
     def full_disk(self, path, mode):
+        if "w" in mode and not dev_full:  # a sandbox's /dev/full accepts writes: the error a full disk gives
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         with (open("/dev/full", mode) if "w" in mode else real(self, path, mode)) as stream:
             yield stream
 
     try:
         with open("/dev/full", "w") as f:
             f.write("x")
-        pytest.skip("this machine's /dev/full accepts writes (a sandbox's): no full disk to simulate")
+        dev_full = False
     except OSError:
-        pass
+        dev_full = True
     monkeypatch.setattr(FileSystem, "create_stream", full_disk)
     out = tmp_path / "run"
     error = main_error(sft, ["--data", pool, *TINY, "--output_dir", out])
-    assert error.startswith(f"error: no space left on the disk of {out} while saving the resume state checkpoint-1 "
-                            f"(removed; ") and " GB free now)" in error and "\n" not in error, error
+    assert error.startswith(f"error: no space left on the disk of {out} while writing {out / 'checkpoint-1'} (") \
+        and error.endswith(" GB free now): make room, then continue with --resume") and "\n" not in error, error
     assert not [name for name in os.listdir(out) if name.startswith("checkpoint")]
 
 
@@ -349,7 +371,7 @@ def test_a_killed_sampling_is_resumed_with_the_rows_of_the_uninterrupted_one(poo
 def test_the_quickstart_resumes_a_stage_from_any_whole_state_a_kill_left(tmp_path, capfd):
     """The quickstart adds --resume exactly when a stage would refuse the folder without it (run_progress): any state
     a kill left, whole or not. It looked for checkpoint/ only. With --resume the stage takes the newest whole state
-    (find_resume_state): a checkpoint-STEP.tmp/ with its manifest counts, a partial one or a .damaged one does not.
+    (find_resume_state): a checkpoint-STEP/ with its manifest counts, a partial one or a .damaged one does not.
     Once the stage has finished, the quickstart removes its resume states (it never reruns a finished stage)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import quickstart
@@ -358,9 +380,9 @@ def test_the_quickstart_resumes_a_stage_from_any_whole_state_a_kill_left(tmp_pat
     out.mkdir()
     quickstart.stage("stage", tmp_path / "never_done", cmd, {})
     assert "--resume" not in capfd.readouterr().out and sft.run_progress(out) is None
-    for folder, whole in (("checkpoint-4.tmp", False), ("checkpoint-3.damaged", False), ("checkpoint-2.tmp", True)):
+    for folder, whole in (("checkpoint-4", False), ("checkpoint-3.damaged", False), ("checkpoint-2", True)):
         (out / folder).mkdir(parents=True)
-        if folder != "checkpoint-4.tmp":
+        if folder != "checkpoint-4":
             (out / folder / "manifest.json").write_text("{}")
         assert sft.run_progress(out) is not None
         assert (sft.find_resume_state(out) is not None) == whole
@@ -399,15 +421,15 @@ def test_a_resume_takes_the_newest_intact_of_several_states_and_names_it(one_pro
     def save(step, out):
         with torch.no_grad():
             model.weight.fill_(step)
-        sft.save_state(model, opt, step, str(out), {"loop_state.json": json.dumps({"step": step}).encode()})
+        sft.save_resume_state(model, opt, {"step": step}, str(out))
 
     def states(out):
         return sorted(name for name in os.listdir(out) if name.startswith("checkpoint"))
 
     def resume(out):
-        path = sft.load_state(model, opt, str(out))
-        assert torch.equal(model.weight, torch.full_like(model.weight, int(path.rsplit("-", 1)[1])))
-        return path
+        step = sft.load_resume_state(model, opt, str(out))["step"]
+        assert torch.equal(model.weight, torch.full_like(model.weight, step))
+        return step
 
     out = tmp_path / "every_step"
     out.mkdir()
@@ -421,11 +443,11 @@ def test_a_resume_takes_the_newest_intact_of_several_states_and_names_it(one_pro
         (tmp_path / f"alone{step}").mkdir()
         save(step, tmp_path / f"alone{step}")
         shutil.move(tmp_path / f"alone{step}" / f"checkpoint-{step}", out)
-    shutil.copytree(out / "checkpoint-4", out / "checkpoint-5.tmp")  # killed before its manifest: partial
-    os.remove(out / "checkpoint-5.tmp" / "manifest.json")
+    shutil.copytree(out / "checkpoint-4", out / "checkpoint-5")  # killed before its manifest: partial
+    os.remove(out / "checkpoint-5" / "manifest.json")
     assert sft.find_resume_state(out) == (str(out / "checkpoint-4"), 4)
     capsys.readouterr()
-    assert resume(out) == str(out / "checkpoint-4")
+    assert resume(out) == 4
     assert capsys.readouterr().out == f"resumed from {out / 'checkpoint-4'}\n"
 
     shard = out / "checkpoint-4" / "__0_0.distcp"
@@ -433,12 +455,12 @@ def test_a_resume_takes_the_newest_intact_of_several_states_and_names_it(one_pro
     flip(shard)
     assert shard.stat().st_size == size
     assert sft.damaged_file(out / "checkpoint-4") == "__0_0.distcp does not match its sha256"
-    assert resume(out) == str(out / "checkpoint-3")
+    assert resume(out) == 3
     assert capsys.readouterr().out == (
         f"warning: the resume state {out / 'checkpoint-4'} is damaged (__0_0.distcp does not match its sha256); set "
         f"aside as {out / 'checkpoint-4.damaged'}, trying the previous one\nresumed from {out / 'checkpoint-3'}\n")
-    assert states(out) == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4.damaged", "checkpoint-5.tmp"]
+    assert states(out) == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4.damaged", "checkpoint-5"]
 
     save(4, out)  # the resumed run's next save
     assert states(out) == ["checkpoint-3", "checkpoint-4"]
-    assert resume(out) == str(out / "checkpoint-4")
+    assert resume(out) == 4
