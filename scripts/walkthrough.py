@@ -61,7 +61,7 @@ def make_warmup(work):
                         "--n_validation", "64", "--n_test", "64", "--min_steps", "1", "--max_steps", "2",
                         "--max_number", "9"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     if not (out / "final" / "config.json").is_file():
-        subprocess.run([sys.executable, "sft.py", "--data", data, "--epochs", "12", "--batch_size", "32",
+        subprocess.run([sys.executable, "sft.py", "--data", data, "--cot", "nl", "--epochs", "12", "--batch_size", "32",
                         "--save_epochs", "none", "--output_dir", out, "--overwrite"], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return str(out / "final"), str(data)
