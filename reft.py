@@ -8,19 +8,20 @@ loss (--kl_in_loss), the paper's online self-training baseline (--objective onli
 recipes (--loss_aggregation, --clip_range_high, --scale_rewards none).
 
 Reading guide: the RL stage of the paper's Algorithm 1 and its equations (sec. 3), each to the code, in the order
-main() calls it. Read top to bottom: the pure PPO functions, the model and sampler, the steps, main(); everything
-below the "infrastructure" marker (checks, loading, saving, distributed setup) can wait.
-  a batch of training questions x                        step_questions
-  sample CoTs e' ~ π_θ(x)                                rollout → sample (Gumbel-max, one generator per row)
+main() calls it. Read top to bottom: the PPO math, the model and sampler, the steps, main(); everything below the
+"infrastructure" marker (checks, loading, saving, distributed setup) can wait.
+  a batch of training questions x                        step_questions (dealt out to the ranks in main)
+  sample CoTs e' ~ π_θ(x)                                sample_rollout → sample (Gumbel-max, one generator per row)
   y' = EXTRACT(e'), rewarded 1 right, 0.1 wrong, 0 none  score → reward.extract_answers, reward.compute_rewards
-  π_θold ← π_θ: old log-probs and values; π_ref's        old_and_reference → rollout_forwards
-  total reward r_t: score on EOS - β·KL_t on each token  advantages → kl_shaped_rewards (KL_t: log π_old - log π_ref)
-  δ_t, Â_t = Σ_l (γλ)^l δ_{t+l}, R̂_t = Â_t + V(s_t)     advantages → compute_gae (GAE), masked_whiten
-  U updates of L_RL = L_policy + α·L_value               ppo_update → minibatches, ppo_backward, clipped_step
+  π_θold ← π_θ: old log-probs and values; π_ref's        rollout_forwards
+  total reward r_t: score on EOS - β·KL_t on each token  kl_shaped_rewards (KL_t: log π_old - log π_ref)
+  δ_t, Â_t = Σ_l (γλ)^l δ_{t+l}, R̂_t = Â_t + V(s_t)     estimate_advantages → compute_gae (GAE), masked_whiten
+  U updates of L_RL = L_policy + α·L_value               ppo_update (epochs × minibatches × micro-batches), clipped_step
     L_policy, PPO's clipped surrogate                    policy_loss (Schulman et al. 2017, eq. 7)
     L_value, the clipped value loss                      value_loss
     averaging over tokens and sequences                  aggregate_loss (--loss_aggregation)
-  variants                                               grpo_advantages, rloo_advantages, k3_kl, online_st_step
+  variants                                               grpo_advantages, rloo_advantages, k3_kl, online_st_update
+  which variants combine, β, sizes, dropped prompts      check_variants, main, minibatch_size, training_prompts
   metrics, evaluation, checkpoints                       step_log, greedy_evaluation, write_metrics, save
 One step with real numbers (the mask, scores, per-token KL, shaped rewards, values, TD errors, advantages, returns,
 ratios and clipped losses of 2 questions × 2 samples): docs/walkthrough.md, made by scripts/walkthrough.py.
@@ -58,7 +59,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from types import SimpleNamespace
 from typing import Literal, get_args, get_origin
 
 import torch
@@ -93,7 +93,7 @@ class Args:
     output_dir: str = "runs/reft"
     """where checkpoints (epoch_K/, final/ with value_head.safetensors), the resume state and metrics go"""
     epochs: int = -1
-    """passes over the training questions; -1 = by model size: 4 small (≈ the quickstart's 50 steps), 300 paper"""
+    """passes over the training questions; -1 = by model size: 4 small (48 PPO steps on minigsm), 300 paper"""
     max_steps: int = -1
     """stop after this many PPO steps (rollout batches); overrides epochs when > 0"""
     batch_size: int = 32
@@ -232,7 +232,8 @@ RECIPES = {"small": dict(lr=1e-4, kl_coef=0.05, vf_coef=0.1, lam=1.0, num_sample
 SMALL_MODEL = 50_000_000
 
 
-# ----------------------------------------------------------------------------- the PPO math (pure functions)
+# ----------------------------------------------------------------------------- the PPO math
+# Pure functions of their tensors, but for masked_whiten, whose statistics span all ranks (one all-reduce).
 
 def logprobs_of(logits, tokens, temperature=1.0):
     """log π(a_t | s_t) of the taken tokens: log_softmax(logits / T) gathered at `tokens`. (B, R, V) -> (B, R)"""
@@ -514,7 +515,9 @@ def global_sums(xs, device):
     return t.tolist()
 
 
-SEED_PRIME = 1_000_003  # a prime above any step count or question index: distinct (seed, step) pairs never collide
+# The seed of (seed, step, question q, sample s) is (seed·p + step)·p + q·101 + s: distinct while s < 101 and
+# q·101 + s < p, so for questions below 9,901; from question 9,901 on, a row can get the seed of one of the next step.
+SEED_PRIME = 1_000_003
 
 
 def rollout_seeds(seed, step, question_ids, num_samples):
@@ -522,34 +525,45 @@ def rollout_seeds(seed, step, question_ids, num_samples):
     return [(seed * SEED_PRIME + step) * SEED_PRIME + q * 101 + s for q in question_ids for s in range(num_samples)]
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """Step 1's samples on this rank: b = its questions × --num_samples sequences of P prompt + R response columns."""
+    rows: list                # (b,) each sequence's question, an index into the training questions
+    input_ids: torch.Tensor   # (b, P + R) the left-padded prompt, then the response with PAD after its first EOS
+    attn: torch.Tensor        # (b, P + R) 1 on the prompt's tokens and on the response up to and including EOS
+    P: int                    # prompt columns: response token t sits at column P + t
+    responses: torch.Tensor   # (b, R) = input_ids[:, P:]
+    mask: torch.Tensor        # (b, R) float, 1 on the response up to and including EOS: the actions
+    ended: torch.Tensor       # (b,) bool, whether the response emitted EOS within --max_length
+
+
+@dataclass(frozen=True)
+class Forwards:
+    """Step 3: the rollout's per-token quantities before any update, without gradients. (b, R) each."""
+    old_logprobs: torch.Tensor  # log π_θold(a_t | s_t): the policy that sampled, the PPO ratio's denominator
+    old_values: torch.Tensor | None  # V(s_t) of the value head; None without one (GRPO, RLOO)
+    ref_logprobs: torch.Tensor  # log π_ref(a_t | s_t) of the frozen warm-up model
+    entropy: torch.Tensor       # the policy's entropy per token (logged only)
+
+
 @torch.no_grad()
-def rollout_forwards(model, ref, input_ids, attn, responses, P, micro_batch_size, temperature):
+def rollout_forwards(model, ref, rollout, micro_batch_size, temperature):
     """Step 3 of Algorithm 1, micro-batch by micro-batch: the policy's log-probs and values and the reference's
-    log-probs of the sampled responses, and the policy's entropy per token. (b, P + R) -> four (b, R); the values are
-    None without a value head (--advantage grpo or rloo).
+    log-probs of the sampled responses, and the policy's entropy per token (Forwards).
 
     The policy's log-probs take exactly the steps of logprobs_of, which the PPO update uses, so the first ratio is
     exactly 1; the entropy reuses that log-softmax instead of computing a second one over the vocabulary."""
     old_logprobs, values, ref_logprobs, entropy = [], [], [], []
-    for s in range(0, len(input_ids), micro_batch_size):
-        sl = slice(s, s + micro_batch_size)
-        logits, v = model(input_ids[sl], attn[sl], P)  # (m, R, V), (m, R)
+    for s in range(0, len(rollout.rows), micro_batch_size):
+        ids, attn, responses = (x[s:s + micro_batch_size] for x in (rollout.input_ids, rollout.attn, rollout.responses))
+        logits, v = model(ids, attn, rollout.P)  # (m, R, V), (m, R)
         logp = torch.log_softmax(logits.float() / temperature, -1)
-        old_logprobs.append(logp.gather(-1, responses[sl].unsqueeze(-1)).squeeze(-1))
+        old_logprobs.append(logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1))
         entropy.append(-(logp.exp() * logp).sum(-1))
         values.append(v)
-        ref_logits, _ = ref(input_ids[sl], attn[sl], P)
-        ref_logprobs.append(logprobs_of(ref_logits, responses[sl], temperature))
-    return tuple(None if x[0] is None else torch.cat(x) for x in (old_logprobs, values, ref_logprobs, entropy))
-
-
-def minibatches(n_rows, local_mini, args, step):
-    """This rank's rows as optimizer steps, each a tuple of micro-batches (index tensors): --ppo_epochs passes, each in
-    an order of its own seed per (step, pass), so a resumed run repeats it (1000 > ppo_epochs)."""
-    for e in range(args.ppo_epochs):
-        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(args.seed + step * 1000 + e))
-        for mb in range(0, n_rows, local_mini):
-            yield perm[mb:mb + local_mini].split(args.micro_batch_size)
+        ref_logits, _ = ref(ids, attn, rollout.P)
+        ref_logprobs.append(logprobs_of(ref_logits, responses, temperature))
+    return Forwards(*(None if x[0] is None else torch.cat(x) for x in (old_logprobs, values, ref_logprobs, entropy)))
 
 
 def clipped_step(model, opt):
@@ -564,55 +578,19 @@ def clipped_step(model, opt):
     return finite
 
 
-def count_skipped(run, args, stepped):
-    """Count an optimizer step that clipped_step skipped, and stop the run after --max_skipped_steps of them in a row:
-    a gradient that is never finite would otherwise burn days of GPU time, only skipped_steps growing. Every rank
-    sees the same norm, so every rank stops."""
-    run.skipped += not stepped
-    run.skipped_in_a_row = 0 if stepped else run.skipped_in_a_row + 1
-    if 0 < args.max_skipped_steps <= run.skipped_in_a_row:
-        raise SystemExit(f"error: step {run.step + 1}: {run.skipped_in_a_row} optimizer steps in a row skipped "
-                         f"(--max_skipped_steps {args.max_skipped_steps}), {run.skipped} in all: the gradient norm is "
-                         f"not finite, NaN or inf in the loss. Likely causes: fully masked attention rows on GPU, a "
-                         f"learning rate too high, bf16 overflow")
-
-
-def ppo_backward(model, micro_batches, rollout, P, mini, world, beta, args, device, stats):
-    """Step 6 for one minibatch: forward and backward of this rank's micro-batches, the gradient accumulating.
-
-    Each micro-batch's loss is the sum of its per-sequence terms (aggregate_loss: their mean over the minibatch is its
-    loss) × world / mini, the minibatch's sequences on all ranks: FSDP averages gradients over ranks, so the gradient
-    is the minibatch's whatever the micro-batches and the processes. `rollout` holds this rank's (b, ...) tensors of
-    steps 1-5 (returns and old_values None without a value head); the micro-batches' losses are appended to `stats`."""
-    r = rollout
-    aggregation = dict(how=args.loss_aggregation, n_seq=mini, max_length=args.max_length)
-    if args.loss_aggregation == "token_mean":  # the count of the whole minibatch, on all ranks: one all-reduce
-        aggregation["n_tokens"] = global_sums([r["mask"][torch.cat(micro_batches)].sum()], device)[0]
-    clip_range_high = args.clip_range if args.clip_range_high < 0 else args.clip_range_high
-    for idx in micro_batches:
-        mask = r["mask"][idx]
-        logits, values = model(r["input_ids"][idx], r["attn"][idx], P)
-        logprobs = logprobs_of(logits, r["responses"][idx], args.temperature)
-        pg, pg_clip, approx_kl = policy_loss(logprobs, r["old_logprobs"][idx], r["advantages"][idx], mask,
-                                             args.clip_range, clip_range_high, aggregation)
-        loss, st = pg, dict(pg_loss=pg.mean(), pg_clipfrac=pg_clip, approx_kl=approx_kl,
-                            ratio=masked_mean(torch.exp(logprobs - r["old_logprobs"][idx]), mask))
-        if values is not None:  # GAE's value head
-            vf, vf_clip = value_loss(values, r["old_values"][idx], r["returns"][idx], mask, args.clip_range_value,
-                                     aggregation)
-            loss = loss + args.vf_coef * vf
-            st.update(vf_loss=vf.mean(), vf_clipfrac=vf_clip)
-        if args.kl_in_loss:  # aggregated as the policy loss
-            kl_loss = aggregate_loss(k3_kl(logprobs, r["ref_logprobs"][idx]), mask, **aggregation)
-            loss = loss + beta * kl_loss
-            st.update(kl_loss=kl_loss.mean())
-        # The minibatch's loss is the mean of its `mini` sequences' terms on all ranks; this rank holds mini / world of
-        # them, and FSDP averages the ranks' gradients (÷ world). So × world / mini: with mini 8 on 2 ranks, each rank
-        # sums its 4 terms × 2 / 8, the average over ranks gives the sum of all 8 / 8, their mean, as 1 process would.
-        # Each backward reduce-scatters at once: FSDP2 keeps the accumulated gradient sharded.
-        (loss.sum() * world / mini).backward()
-        for k, v in st.items():
-            stats.setdefault(k, []).append(v.item())
+def count_skipped(skipped, skipped_in_a_row, stepped, step, args):
+    """The counts of optimizer steps skipped (clipped_step), in all and in a row, after this step's `stepped`; stops
+    the run after --max_skipped_steps of them in a row: a gradient that is never finite would otherwise burn days of
+    GPU time, only skipped_steps growing. Every rank sees the same norms, so every rank stops."""
+    for s in stepped:
+        skipped += not s
+        skipped_in_a_row = 0 if s else skipped_in_a_row + 1
+        if 0 < args.max_skipped_steps <= skipped_in_a_row:
+            raise SystemExit(f"error: step {step + 1}: {skipped_in_a_row} optimizer steps in a row skipped "
+                             f"(--max_skipped_steps {args.max_skipped_steps}), {skipped} in all: the gradient norm is "
+                             f"not finite, NaN or inf in the loss. Likely causes: fully masked attention rows on GPU, "
+                             f"a learning rate too high, bf16 overflow")
+    return skipped, skipped_in_a_row
 
 
 def gold_example(tok, record, cot):
@@ -648,22 +626,27 @@ def online_st_update(model, opt, examples, pad_id, mini, world, step, args, devi
 
     each NLL a mean over its target tokens on all ranks, so N processes take one process's step; without a correct
     sample, the gold half alone (as the paper's code). `examples`: per row (gold, sample), each (ids, n_prompt), the
-    sample None unless it scored 1. A micro-batch of rows is one forward of both (≤ 2 × --micro_batch_size
-    sequences), so every rank runs as many forwards, as FSDP needs. Returns (stats, whether each optimizer step
-    stepped: clipped_step)."""
+    sample None unless it scored 1. Minibatches and micro-batches are PPO's (ppo_update); a micro-batch of rows is one
+    forward of both (≤ 2 × --micro_batch_size sequences), so every rank runs as many forwards, as FSDP needs. Returns
+    (its mean loss, whether each optimizer step stepped)."""
     model.train()
     loss_sum, stepped = 0.0, []
-    for micro_batches in minibatches(len(examples), mini // world, args, step):
-        rows = [examples[i] for i in torch.cat(micro_batches).tolist()]
-        n_tokens = global_sums([sum(len(r[h][0]) - r[h][1] for r in rows if r[h] is not None) for h in (0, 1)], device)
-        weights = [0.5 * world / max(n, 1.0) for n in n_tokens]  # × world: FSDP averages gradients over ranks
-        for idx in micro_batches:
-            batch = [(e, weights[h]) for i in idx.tolist() for h, e in enumerate(examples[i]) if e is not None]
-            nll = sequence_nll(model, [e for e, _ in batch], pad_id, device)
-            loss = (nll * torch.tensor([w for _, w in batch], device=device)).sum()
-            loss.backward()
-            loss_sum += loss.item()
-        stepped.append(clipped_step(model, opt))
+    for epoch in range(args.ppo_epochs):
+        seed = args.seed + step * 1000 + epoch  # as ppo_update's
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
+        for start in range(0, len(examples), mini // world):
+            micro_batches = order[start:start + mini // world].split(args.micro_batch_size)
+            rows = [examples[i] for i in torch.cat(micro_batches).tolist()]
+            n_tokens = global_sums([sum(len(r[h][0]) - r[h][1] for r in rows if r[h] is not None) for h in (0, 1)],
+                                   device)
+            weights = [0.5 * world / max(n, 1.0) for n in n_tokens]  # × world: FSDP averages gradients over ranks
+            for idx in micro_batches:
+                batch = [(e, weights[h]) for i in idx.tolist() for h, e in enumerate(examples[i]) if e is not None]
+                nll = sequence_nll(model, [e for e, _ in batch], pad_id, device)
+                loss = (nll * torch.tensor([w for _, w in batch], device=device)).sum()
+                loss.backward()
+                loss_sum += loss.item()
+            stepped.append(clipped_step(model, opt))
     # step_metrics sums over ranks and divides by world: the mean loss
     return {"loss": [loss_sum / len(stepped)]}, stepped
 
@@ -701,8 +684,374 @@ def greedy_budget(tok, records, args):
 
     One budget for all: set by each batch's longest prompt, as a rollout's is, it would make a question's answer
     depend on its batch, so on the number of ranks. `evaluate.py --max_new_tokens` with it gives the same answers."""
-    return args.max_length - max(len(reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot,
-                                                                                    sampling=True))) for r in records)
+    budget = args.max_length - max(len(reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot,
+                                                                                      sampling=True))) for r in records)
+    if budget < 1:
+        raise SystemExit(f"error: --max_length {args.max_length} leaves no room to generate after the longest "
+                         f"--eval_split {args.eval_split} prompt")
+    return budget
+
+
+# ----------------------------------------------------------------------------- the method's decisions and steps
+
+def check_variants(args):
+    """Which variants combine: each check is one error line, before any model loads."""
+    if args.advantage != "gae" and args.num_samples < 2:
+        raise SystemExit(f"error: --advantage {args.advantage} compares the samples of a question: it needs "
+                         f"--num_samples 2 or more (a group of one has no baseline)")
+    if args.scale_rewards != "group" and args.advantage != "grpo":
+        raise SystemExit("error: --scale_rewards is GRPO's option: it needs --advantage grpo")
+    if args.separate_value_model and (args.advantage != "gae" or args.objective != "ppo"):
+        raise SystemExit("error: --separate_value_model needs a value head: --advantage gae and --objective ppo")
+    if args.objective == "online_st" and (args.advantage != "gae" or args.kl_in_loss or args.adaptive_kl):
+        raise SystemExit("error: --objective online_st has no advantages and no KL: drop --advantage, --kl_in_loss "
+                         "and --adaptive_kl")
+    if args.objective == "online_st" and (args.loss_aggregation != "seq_mean" or args.clip_range_high >= 0):
+        raise SystemExit("error: --loss_aggregation and --clip_range_high shape PPO's loss: --objective online_st has "
+                         "its own (½ NLL of correct samples + ½ NLL of gold CoTs, each a token mean)")
+
+
+def minibatch_size(args, world):
+    """Sequences per optimizer step on all ranks: --mini_batch_size, or (-1) the whole rollout batch of --batch_size
+    questions × --num_samples. A rank samples --batch_size / world questions and takes minibatch / world of its own
+    sequences per optimizer step, so each size must split evenly over the processes."""
+    n_seq = args.batch_size * args.num_samples  # sequences per rollout batch, all ranks
+    mini = n_seq if args.mini_batch_size <= 0 else args.mini_batch_size
+    if args.batch_size % world or n_seq % mini or mini % world:
+        raise SystemExit(f"error: --batch_size {args.batch_size} × --num_samples {args.num_samples} must split "
+                         f"into minibatches of {mini}, each divisible by the {world} processes")
+    return mini
+
+
+def training_prompts(tok, records, args, log):
+    """The training questions and their rollout prompts (token ids), without the questions whose prompt is longer
+    than --max_prompt_length (dropped and counted, as the paper's code does)."""
+    prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True)) for r in records]
+    keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_length]
+    log(f"data: {len(records)} questions from {args.data}, {len(records) - len(keep)} dropped as prompts longer "
+        f"than --max_prompt_length {args.max_prompt_length}")
+    records, prompts = [records[i] for i in keep], [prompts[i] for i in keep]
+    if len(records) < args.batch_size:
+        raise SystemExit(f"error: {len(records)} questions are fewer than one --batch_size {args.batch_size}")
+    if max(len(p) for p in prompts) >= args.max_length:
+        raise SystemExit(f"error: --max_length {args.max_length} leaves no room to generate after the longest "
+                         f"training prompt ({max(len(p) for p in prompts)} tokens; see --max_prompt_length)")
+    return records, prompts
+
+
+def step_questions(n_questions, epoch, i, args):
+    """The questions of step i of an epoch (all ranks): the epoch's order depends only on (seed, epoch), so a resumed
+    run sees the same batches."""
+    order = torch.randperm(n_questions, generator=torch.Generator().manual_seed(args.seed + epoch))
+    return order[i * args.batch_size:(i + 1) * args.batch_size].tolist()
+
+
+def sample_rollout(model, tok, prompts, qids, step, args, device):
+    """Step 1, e' ~ π_θ(x): --num_samples CoTs per question from the current policy, up to --max_length tokens with the
+    prompt, each row with its own seed (rollout_seeds). Returns the Rollout."""
+    rows = [q for q in qids for _ in range(args.num_samples)]  # this rank's sequences
+    model.eval()
+    prompt_ids, prompt_mask = left_pad([prompts[q] for q in rows], tok.pad_token_id, device)  # (b, P)
+    P = prompt_ids.size(1)
+    with gathered_for_generation(model):
+        responses = sample(model.lm, prompt_ids, prompt_mask, args.max_length - P, tok.eos_token_id, tok.pad_token_id,
+                           args.temperature, rollout_seeds(args.seed, step, qids, args.num_samples))  # (b, R)
+    mask = response_mask(responses, tok.eos_token_id)  # (b, R)
+    responses = torch.where(mask.bool(), responses, tok.pad_token_id)
+    return Rollout(rows=rows, input_ids=torch.cat([prompt_ids, responses], 1),
+                   attn=torch.cat([prompt_mask, mask.long()], 1), P=P, responses=responses, mask=mask,
+                   ended=(responses == tok.eos_token_id).any(1))
+
+
+def score(tok, reward_fn, records, rollout, args):
+    """Step 2, y' = EXTRACT(e') and its reward: programs run in the sandbox pool, --reward compares the answer with the
+    gold one (reward.py's: 1 right, 0.1 wrong, 0 none). Returns (scores (b,), no_answer (b,): 1.0 where no answer was
+    extracted)."""
+    texts = tok.batch_decode(rollout.responses, skip_special_tokens=True)
+    answers = reward.extract_answers(texts, args.cot, [records[q]["question"] for q in rollout.rows])
+    scores = torch.tensor(reward.score_completions(reward_fn, texts, answers, [records[q] for q in rollout.rows],
+                                                   args.cot, args.partial_reward), device=rollout.mask.device)
+    return scores, torch.tensor([a is None for a in answers], dtype=torch.float32, device=rollout.mask.device)
+
+
+def estimate_advantages(rewards, old_values, rollout, args):
+    """Step 5, from the total reward r_t (b, R): GAE's advantages Â_t (whitened over all ranks) and returns R̂_t on
+    the value head; or GRPO's or RLOO's of each sequence's summed reward (as TRL's RLOOTrainer), with no all-reduce (a
+    rank holds all samples of its questions), no whitening (GRPO normalises; RLOO stays in reward units, as TRL) and
+    no returns (no value head). Returns (advantages (b, R), returns (b, R) or None)."""
+    if args.advantage == "gae":
+        advantages, returns = compute_gae(rewards, old_values, rollout.mask, args.gamma, args.lam)
+        return masked_whiten(advantages, rollout.mask), returns
+    group = torch.tensor(rollout.rows, device=rewards.device)
+    if args.advantage == "grpo":
+        return grpo_advantages(rewards.sum(1), group, rollout.mask, args.scale_rewards == "group"), None
+    return rloo_advantages(rewards.sum(1), group, rollout.mask), None
+
+
+def ppo_update(model, opt, rollout, forwards, advantages, returns, beta, mini, step, args):
+    """Step 6, the U updates of L_RL = L_policy + α·L_value (+ β·KL with --kl_in_loss): --ppo_epochs passes over this
+    rank's rollout, each in an order of its own seed per (step, pass) so that a resumed run repeats it; per minibatch
+    of `mini` sequences (all ranks: mini / world of them here) one clipped optimizer step, the gradient accumulated
+    over micro-batches of --micro_batch_size. Returns (the micro-batches' losses, whether each optimizer step
+    stepped)."""
+    world, device = dist.get_world_size(), rollout.mask.device
+    aggregation = dict(how=args.loss_aggregation, n_seq=mini, max_length=args.max_length)
+    clip_range_high = args.clip_range if args.clip_range_high < 0 else args.clip_range_high
+    model.train()
+    stats, stepped = {}, []
+    for epoch in range(args.ppo_epochs):
+        seed = args.seed + step * 1000 + epoch  # 1000 > --ppo_epochs: one order per (step, pass)
+        order = torch.randperm(len(rollout.rows), generator=torch.Generator().manual_seed(seed))
+        for start in range(0, len(order), mini // world):
+            micro_batches = order[start:start + mini // world].split(args.micro_batch_size)
+            if args.loss_aggregation == "token_mean":  # the count of the whole minibatch, on all ranks: one all-reduce
+                aggregation["n_tokens"] = global_sums([rollout.mask[torch.cat(micro_batches)].sum()], device)[0]
+            for idx in micro_batches:
+                mask, old_logprobs = rollout.mask[idx], forwards.old_logprobs[idx]
+                logits, values = model(rollout.input_ids[idx], rollout.attn[idx], rollout.P)
+                logprobs = logprobs_of(logits, rollout.responses[idx], args.temperature)
+                pg, pg_clip, approx_kl = policy_loss(logprobs, old_logprobs, advantages[idx], mask, args.clip_range,
+                                                     clip_range_high, aggregation)
+                loss, st = pg, dict(pg_loss=pg.mean(), pg_clipfrac=pg_clip, approx_kl=approx_kl,
+                                    ratio=masked_mean(torch.exp(logprobs - old_logprobs), mask))
+                if values is not None:  # GAE's value head
+                    vf, vf_clip = value_loss(values, forwards.old_values[idx], returns[idx], mask,
+                                             args.clip_range_value, aggregation)
+                    loss = loss + args.vf_coef * vf
+                    st.update(vf_loss=vf.mean(), vf_clipfrac=vf_clip)
+                if args.kl_in_loss:  # aggregated as the policy loss
+                    kl_loss = aggregate_loss(k3_kl(logprobs, forwards.ref_logprobs[idx]), mask, **aggregation)
+                    loss = loss + beta * kl_loss
+                    st.update(kl_loss=kl_loss.mean())
+                # `loss` holds per-sequence terms whose mean over the minibatch's `mini` sequences on all ranks is its
+                # loss (aggregate_loss); this rank holds mini / world of them and FSDP averages the ranks' gradients
+                # (÷ world), so × world / mini: with mini 8 on 2 ranks each sums its 4 terms × 2 / 8, and the average
+                # over ranks is the mean of all 8, as 1 process would take it. FSDP2 keeps the gradient sharded.
+                (loss.sum() * world / mini).backward()
+                for k, v in st.items():
+                    stats.setdefault(k, []).append(v.item())
+            stepped.append(clipped_step(model, opt))
+    return stats, stepped
+
+
+def step_log(rollout, scores, no_answer, kl, forwards, returns, stats, beta, skipped, times, args):
+    """The step's metrics: means over all ranks' sequences and tokens (step_metrics), β, the first ratio, the optimizer
+    steps skipped so far, the seconds of each phase. `forwards`, `kl` and `returns` are None where the variant has
+    none (Online-ST; returns without GAE)."""
+    t0, t1, t2, t3 = times
+    entropy, old_values = (None, None) if forwards is None else (forwards.entropy, forwards.old_values)
+    m = step_metrics(scores, no_answer, kl, entropy, rollout.mask, rollout.ended, returns, old_values, stats,
+                     dist.get_world_size(), rollout.mask.device, args.num_samples)
+    if args.objective == "ppo":
+        m.update({} if args.kl_in_loss else {"kl_penalty": -beta * m["kl"]}, beta=beta, ratio_first=stats["ratio"][0])
+    m.update(skipped_steps=skipped, tokens_per_s=m.pop("tokens") / (t1 - t0), time_generation=t1 - t0,
+             time_scoring=t2 - t1, time_training=t3 - t2)
+    return m
+
+
+def main(args):
+    reward_fn, flags, recipe = check_flags(args)  # the flags, --reward, --model; fills the flags at -1 (RECIPES)
+    check_variants(args)
+    records, eval_records, resuming = check_data(args, flags)  # the questions, the run folder: before any model loads
+    rank, world, device, mesh = init_distributed()
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    log(f"recipe: {recipe}")
+    mini = minibatch_size(args, world)  # sequences per optimizer step, all ranks
+    tok = load_tokenizer(args)
+    records, prompts = training_prompts(tok, records, args, log)
+    gold = [gold_example(tok, r, args.cot) for r in records] if args.objective == "online_st" else None
+    steps_per_epoch = len(records) // args.batch_size
+    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
+    eval_budget = greedy_budget(tok, eval_records, args) if eval_records is not None else None
+    model, ref, opt = load_run(args, flags, resuming, prompts[0], world, mesh, device, log)  # and the run folder
+    # The loop state; β is --kl_coef (by model size and --cot, RECIPES) until --adaptive_kl moves it.
+    step, beta, skipped, skipped_in_a_row, best = 0, args.kl_coef, 0, 0, -1.0
+    if resuming:
+        step, beta, skipped, best = resume(model, opt, args, rank)
+    bar = tqdm(total=total_steps, initial=step, desc="reft", disable=rank != 0)
+    while step < total_steps:
+        epoch, i = divmod(step, steps_per_epoch)
+        # Dealt out round-robin: a rank holds all samples of its questions (the groups GRPO and RLOO compare).
+        qids = step_questions(len(records), epoch, i, args)[rank::world]
+        t0 = time.time()
+        rollout = sample_rollout(model, tok, prompts, qids, step, args, device)  # e' ~ π_θ(x)
+        t1 = time.time()
+        scores, no_answer = score(tok, reward_fn, records, rollout, args)  # y' = EXTRACT(e'): 1 right, 0.1 wrong, 0
+        t2 = time.time()
+        if args.objective == "online_st":  # the paper's baseline: NLL on the correct samples and gold CoTs, no PPO
+            forwards = kl = returns = None
+            examples = online_st_examples(gold, prompts, rollout.rows, rollout.responses, rollout.mask, scores)
+            stats, stepped = online_st_update(model, opt, examples, tok.pad_token_id, mini, world, step, args, device)
+        else:
+            # π_θold ← π_θ: old log-probs and values; the reference's log-probs.
+            forwards = rollout_forwards(model, ref, rollout, args.micro_batch_size, args.temperature)
+            # r_t = score · [t is last] - β·KL_t; with --kl_in_loss the KL is in the loss instead.
+            rewards, kl = kl_shaped_rewards(scores, forwards.old_logprobs, forwards.ref_logprobs, rollout.mask,
+                                            0.0 if args.kl_in_loss else beta)
+            advantages, returns = estimate_advantages(rewards, forwards.old_values, rollout, args)
+            stats, stepped = ppo_update(model, opt, rollout, forwards, advantages, returns, beta, mini, step, args)
+        t3 = time.time()
+        skipped, skipped_in_a_row = count_skipped(skipped, skipped_in_a_row, stepped, step, args)
+        m = dict(step=step + 1, epoch=epoch + (i + 1) / steps_per_epoch, **step_log(
+            rollout, scores, no_answer, kl, forwards, returns, stats, beta, skipped, (t0, t1, t2, t3), args))
+        if args.adaptive_kl:
+            beta = adaptive_beta(beta, m["kl"], args.target_kl, args.batch_size * args.num_samples)
+        step += 1
+        if eval_records is not None and step % args.eval_every == 0:  # the last step too only on its turn
+            m["eval_accuracy"], best = greedy_evaluation(model, tok, eval_records, eval_budget, reward_fn, best,
+                                                           args, device)
+        write_metrics(m, step, bar, args)
+        save(model, opt, tok, dict(step=step, beta=beta, skipped=skipped, best=best), epoch,
+             (i + 1) == steps_per_epoch, total_steps, args, device)
+    bar.close()
+    save_checkpoint(model, tok, args, os.path.join(args.output_dir, "final"), rank, compute_dtype(device))
+    log(f"done: {step} {args.objective} steps; policy in {args.output_dir}/final, metrics in "
+        f"{os.path.join(args.output_dir, 'metrics.jsonl')}")
+    dist.destroy_process_group()
+
+
+# =====================================================================================================================
+# infrastructure: identical in every stage, tests/test_copies.py; skip on a first read
+# The checks before any model loads, the loading and the run folder, the evaluation, metrics and saving of the loop;
+# then the flags and the run-folder rules, the distributed setup, checkpoints and the resume state. A function marked
+# "a copy" is the same in every stage file that has it; the others are this stage's own.
+# =====================================================================================================================
+
+# a copy kept identical across stage files: tests/test_copies.py
+def fill_recipe(args):
+    """Every flag left at -1 that RECIPES covers takes its recipe's value (one per --cot where it is a dict), by the
+    size of the model (--init, else --model: the one trained; read from its safetensors headers before anything
+    loads); returns what was filled in, in words, for the log."""
+    n = checkpoint_params(getattr(args, "init", "") or args.model)
+    name = "small" if n is not None and n < SMALL_MODEL else "paper"
+    filled = []
+    for flag, value in RECIPES[name].items():
+        if getattr(args, flag) == -1:
+            value = value[args.cot] if isinstance(value, dict) else value
+            setattr(args, flag, value)
+            filled.append(f"--{flag} {value:g}")
+    size = "a hub model" if n is None else f"{n / 1e6:.1f} M parameters"
+    return f"{name} ({size}){': ' + ', '.join(filled) if filled else ', every flag given'}"
+
+
+def memory_error(args, n_params, config, world, bf16, device_bytes):
+    """None when this run's estimated peak memory per device (memory_estimate) fits `device_bytes`, else the error
+    line (memory_advice). Resident: the policy's fp32 weights and AdamW's moments, 12 bytes per parameter (a separate
+    critic counted as a second policy), and the fp32 reference, 4 (none for Online-ST); the fp32 gradients, 4, during
+    the PPO update. Generation: this rank's rollout (--batch_size × --num_samples / processes sequences) or a greedy
+    evaluation (--eval_batch_size sequences), each up to --max_length tokens. Training: --micro_batch_size sequences
+    of up to --max_length tokens (the old-policy and reference forwards take the same micro-batches, without
+    gradients)."""
+    models = 1 + args.separate_value_model
+    state = 12 * models + 4 * (args.objective != "online_st")
+
+    def peak(world, batches, gradient_checkpointing):
+        seqs = max(args.batch_size * args.num_samples // world,
+                   batches["--eval_batch_size"] if args.eval_every > 0 else 0)
+        return max(memory_estimate(n_params, config, world, bf16, state, 4 * models,
+                                   batches["--micro_batch_size"] * args.max_length, gradient_checkpointing,
+                                   seqs * args.max_length).values())
+    return memory_advice(device_bytes, peak, world, {"--micro_batch_size": args.micro_batch_size,
+                                                     "--eval_batch_size": args.eval_batch_size},
+                         args.gradient_checkpointing)
+
+
+def check_flags(args):
+    """The flags' ranges, --reward, --model and --cot, one error line each; then fills the flags left at -1 (RECIPES)
+    and checks --model's positions against the lengths. Returns (the reward function, the flags as started: args.json
+    and what a --resume must match, the recipe in words)."""
+    check_ranges(args, RANGES)
+    reward_fn = reward.load_reward(args.reward)
+    check_default_model(args.model, Args.model)
+    check_checkpoint(args.model, "--model")
+    resolve_cot(args, {"--model": args.model})
+    flags = dataclasses.asdict(args)
+    recipe = fill_recipe(args)
+    check_model_config(args.model, "--model", {"max_length": args.max_length,
+                                               "max_prompt_length": args.max_prompt_length})
+    return reward_fn, flags, recipe
+
+
+def check_data(args, flags):
+    """--save_epochs, the training and evaluation questions, the output folder (plan_run). Returns (the training
+    questions, the evaluation questions or None, whether the run resumes)."""
+    epochs_to_save(args.save_epochs)
+    # The training questions (answers only: ReFT never looks at the annotated CoT; Online-ST trains on it).
+    records = reward.load_records(args.data, "train", args.cot, require_cot=args.objective == "online_st")
+    eval_records = eval_questions(args) if args.eval_every > 0 else None
+    return records, eval_records, plan_run(args, flags, MAY_CHANGE)
+
+
+def load_run(args, flags, resuming, prompt, world, mesh, device, log):
+    """A run that cannot fit stops before loading (memory_error); then the policy and the reference (load_models), the
+    optimizer, one forward (FSDP2 picks its root at the first forward: one before any manual unshard()), the run
+    folder (begin_run) and its disk check. Returns (model, ref, opt)."""
+    device_bytes = device_memory(device)
+    if device_bytes is not None:  # a run that cannot fit stops now, not at its first OOM after minutes of loading
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(args.model)
+        error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
+                             device_bytes)
+        if error is not None:
+            raise SystemExit(error)
+    tok, model, ref = load_models(args, mesh, device)
+    log(f"policy: {sum(p.numel() for p in model.lm.parameters()):,} params, lr {args.lr:g}")
+    if args.gradient_checkpointing:
+        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-8, weight_decay=0.0)  # on the sharded params
+    with torch.no_grad():
+        model(*left_pad([prompt], tok.pad_token_id, device), len(prompt))
+    if dist.get_rank() == 0:
+        begin_run(args, flags, world, resuming)
+    dist.barrier()
+    check_disk_space(args.output_dir, sum(p.numel() for p in model.parameters()))
+    if args.objective == "ppo":
+        log(f"ppo: loss aggregation {args.loss_aggregation}, clip range [1 - {args.clip_range:g}, 1 + "
+            f"{args.clip_range if args.clip_range_high < 0 else args.clip_range_high:g}]")
+    return model, ref, opt
+
+
+def resume(model, opt, args, rank):
+    """The newest intact resume state into the model and the optimizer, metrics.jsonl cut back to its step. Returns
+    its loop state (step, β, skipped optimizer steps, best evaluation)."""
+    state = load_resume_state(model, opt, args.output_dir)
+    if rank == 0:
+        trim_metrics(os.path.join(args.output_dir, "metrics.jsonl"), state["step"])
+    return state["step"], state["beta"], state["skipped"], state["best"]
+
+
+def greedy_evaluation(model, tok, eval_records, budget, reward_fn, best, args, device):
+    """Greedy accuracy on the evaluation questions; with --save_best, the best so far is kept as {output_dir}/best.
+    Returns (the accuracy, the best so far)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    accuracy = greedy_accuracy(model, model.lm, tok, eval_records, args.cot, budget, rank, world, device,
+                               args.eval_batch_size, reward_fn)
+    if args.save_best and accuracy > best:
+        best = accuracy
+        save_checkpoint(model, tok, args, os.path.join(args.output_dir, "best"), rank, compute_dtype(device))
+    return accuracy, best
+
+
+def write_metrics(m, step, bar, args):
+    """The step's row to metrics.jsonl (rank 0), the progress bar and, every --log_every steps, a log line."""
+    if dist.get_rank() == 0:
+        append_metrics(os.path.join(args.output_dir, "metrics.jsonl"), m)
+    bar.set_postfix({k: f"{m[k]:.3f}" for k in ("score", "accuracy", "kl") if k in m})
+    if dist.get_rank() == 0 and args.log_every > 0 and step % args.log_every == 0:
+        tqdm.write(summary(m))
+    bar.update(1)
+
+
+def save(model, opt, tok, state, epoch, end_of_epoch, total_steps, args, device):
+    """An HF checkpoint epoch_K/ at the end of each epoch --save_epochs names; the resume state (with the loop state
+    `state`) every --save_steps steps, at each epoch end and at the last step."""
+    rank, step = dist.get_rank(), state["step"]
+    if end_of_epoch and epochs_to_save(args.save_epochs)(epoch + 1):
+        save_checkpoint(model, tok, args, os.path.join(args.output_dir, f"epoch_{epoch + 1}"), rank,
+                        compute_dtype(device))
+    if (args.save_steps > 0 and step % args.save_steps == 0) or end_of_epoch or step == total_steps:
+        save_resume_state(model, opt, state, args.output_dir)
 
 
 # a copy kept identical across stage files: tests/test_copies.py
@@ -762,332 +1111,6 @@ def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, d
     dist.all_reduce(total)
     model.train(training)
     return (total[0] / total[1]).item()
-
-
-# ----------------------------------------------------------------------------- the steps of Algorithm 1
-
-def step_questions(run, args, epoch, i):
-    """This rank's questions of step i of an epoch: the epoch's order depends only on (seed, epoch), so a resumed run
-    sees the same batches; the batch's questions are dealt out round-robin, so a rank holds all --num_samples samples
-    of each of its questions (the groups GRPO and RLOO compare) and N ranks together hold the one-process batch."""
-    order = torch.randperm(len(run.records), generator=torch.Generator().manual_seed(args.seed + epoch))
-    # Questions [7, 2, 9, 4] on 2 ranks: rank 0 takes [7, 9], rank 1 [2, 4].
-    return order[i * args.batch_size:(i + 1) * args.batch_size].tolist()[run.rank::run.world]
-
-
-def rollout(run, args, qids):
-    """Sample e' ~ π_θ(x): --num_samples CoTs per question from the current policy, up to --max_length tokens with the
-    prompt. Returns the batch: rows (the question of each sequence), the left-padded prompts (b, P), the responses
-    (b, R) with PAD after each one's first EOS, and their mask (1 up to and including EOS)."""
-    rows = [q for q in qids for _ in range(args.num_samples)]  # this rank's sequences
-    run.model.eval()
-    prompt_ids, prompt_mask = left_pad([run.prompts[q] for q in rows], run.tok.pad_token_id, run.device)  # (b, P)
-    P = prompt_ids.size(1)
-    with gathered_for_generation(run.model):
-        responses = sample(run.model.lm, prompt_ids, prompt_mask, args.max_length - P, run.tok.eos_token_id,
-                           run.tok.pad_token_id, args.temperature,
-                           rollout_seeds(args.seed, run.step, qids, args.num_samples))  # (b, R)
-    mask = response_mask(responses, run.tok.eos_token_id)  # (b, R)
-    responses = torch.where(mask.bool(), responses, run.tok.pad_token_id)
-    return SimpleNamespace(rows=rows, prompt_ids=prompt_ids, prompt_mask=prompt_mask, P=P, responses=responses,
-                           mask=mask)
-
-
-def score(run, args, batch):
-    """y' = EXTRACT(e') and its reward: programs run in the sandbox pool, --reward compares the answer with the gold
-    one (reward.py's: 1 right, 0.1 wrong, 0 none). Adds scores (b,) and no_answer (b,) to the batch."""
-    texts = run.tok.batch_decode(batch.responses, skip_special_tokens=True)
-    answers = reward.extract_answers(texts, args.cot, [run.records[q]["question"] for q in batch.rows])
-    batch.scores = torch.tensor(reward.score_completions(run.reward_fn, texts, answers,
-                                                         [run.records[q] for q in batch.rows], args.cot,
-                                                         args.partial_reward), device=run.device)  # (b,)
-    batch.no_answer = torch.tensor([a is None for a in answers], dtype=torch.float32, device=run.device)  # (b,)
-
-
-def old_and_reference(run, args, batch):
-    """π_θold ← π_θ: the old log-probs and values of the sampled tokens from the training forward (so the first PPO
-    ratio is exactly 1), the reference's log-probs from the frozen warm-up model, the policy's entropy per
-    token."""
-    batch.input_ids = torch.cat([batch.prompt_ids, batch.responses], 1)
-    batch.attn = torch.cat([batch.prompt_mask, batch.mask.long()], 1)
-    batch.old_logprobs, batch.old_values, batch.ref_logprobs, batch.entropy = rollout_forwards(
-        run.model, run.ref, batch.input_ids, batch.attn, batch.responses, batch.P, args.micro_batch_size,
-        args.temperature)
-
-
-def advantages(run, args, batch):
-    """The total reward r_t = score · [t is last] - β (log π_θold - log π_ref) of ReFT's sec. 3 (kl_shaped_rewards;
-    --kl_in_loss moves β k3 into the loss instead, as verl's use_kl_loss) and, from it, GAE's advantages Â_t (whitened
-    over all ranks) and returns R̂_t; or GRPO's or RLOO's of the summed reward score - β Σ_t kl_t (as TRL's
-    RLOOTrainer), with no all-reduce (a rank holds all samples of its questions) nor whitening (GRPO normalises;
-    RLOO stays in reward units, as TRL)."""
-    rewards, batch.kl = kl_shaped_rewards(batch.scores, batch.old_logprobs, batch.ref_logprobs, batch.mask,
-                                          0.0 if args.kl_in_loss else run.beta)
-    if args.advantage == "gae":
-        batch.advantages, batch.returns = compute_gae(rewards, batch.old_values, batch.mask, args.gamma, args.lam)
-        batch.advantages = masked_whiten(batch.advantages, batch.mask)
-    else:
-        batch.returns = None
-        group = torch.tensor(batch.rows, device=run.device)
-        batch.advantages = grpo_advantages(rewards.sum(1), group, batch.mask, args.scale_rewards == "group") \
-            if args.advantage == "grpo" else rloo_advantages(rewards.sum(1), group, batch.mask)
-
-
-def ppo_update(run, args, batch):
-    """The U updates of L_RL = L_policy + α L_value: --ppo_epochs passes over the batch, each minibatch one optimizer
-    step (ppo_backward, then the clipped step). Returns the micro-batches' losses."""
-    run.model.train()
-    stats = {}
-    # A minibatch of `mini` sequences is spread over the ranks: each takes mini // world of its own rows per step.
-    for micro_batches in minibatches(len(batch.rows), run.mini // run.world, args, run.step):
-        ppo_backward(run.model, micro_batches, vars(batch), batch.P, run.mini, run.world, run.beta, args, run.device,
-                     stats)
-        count_skipped(run, args, clipped_step(run.model, run.opt))
-    return stats
-
-
-def online_st_step(run, args, batch):
-    """The paper's Online-ST baseline instead of the PPO steps: NLL steps on the samples that scored 1 and the gold
-    CoTs (online_st_update). Returns its losses."""
-    examples = online_st_examples(run.gold, run.prompts, batch.rows, batch.responses, batch.mask, batch.scores)
-    stats, stepped = online_st_update(run.model, run.opt, examples, run.tok.pad_token_id, run.mini, run.world,
-                                      run.step, args, run.device)
-    for s in stepped:
-        count_skipped(run, args, s)
-    batch.kl = batch.entropy = batch.returns = batch.old_values = None
-    return stats
-
-
-def step_log(run, args, batch, stats, epoch, i, times):
-    """The step's metrics row: means over all ranks' sequences and tokens (step_metrics), β, the first ratio, the
-    seconds of each phase. Adapts β afterwards with --adaptive_kl."""
-    t0, t1, t2, t3 = times
-    m = dict(step=run.step + 1, epoch=epoch + (i + 1) / run.steps_per_epoch,
-             **step_metrics(batch.scores, batch.no_answer, batch.kl, batch.entropy, batch.mask,
-                            (batch.responses == run.tok.eos_token_id).any(1), batch.returns, batch.old_values, stats,
-                            run.world, run.device, args.num_samples))
-    if args.objective == "ppo":
-        m.update({} if args.kl_in_loss else {"kl_penalty": -run.beta * m["kl"]}, beta=run.beta,
-                 ratio_first=stats["ratio"][0])
-    m.update(skipped_steps=run.skipped, tokens_per_s=m.pop("tokens") / (t1 - t0), time_generation=t1 - t0,
-             time_scoring=t2 - t1, time_training=t3 - t2)
-    if args.adaptive_kl:
-        run.beta = adaptive_beta(run.beta, m["kl"], args.target_kl, args.batch_size * args.num_samples)
-    return m
-
-
-def main(args):
-    run = setup(args)  # every check, then the data, the models, the optimizer, the run folder and its resume state
-    bar = tqdm(total=run.total_steps, initial=run.step, desc="reft", disable=run.rank != 0)
-    while run.step < run.total_steps:
-        epoch, i = divmod(run.step, run.steps_per_epoch)
-        qids = step_questions(run, args, epoch, i)
-        t0 = time.time()
-        # Algorithm 1's RL stage, for each question x of the batch: sample CoTs e' ~ π_θ(x).
-        batch = rollout(run, args, qids)
-        t1 = time.time()
-        # Extract each answer y' = EXTRACT(e') and reward it: 1 right, 0.1 wrong, 0 none.
-        score(run, args, batch)
-        t2 = time.time()
-        if args.objective == "online_st":
-            # The paper's Online-ST baseline: NLL on the samples that scored 1 and the gold CoTs, instead of PPO.
-            stats = online_st_step(run, args, batch)
-        else:
-            # π_θold ← π_θ: old log-probs and values; the reference's log-probs.
-            old_and_reference(run, args, batch)
-            # δ_t, Â_t and R̂_t from the KL-shaped total reward (GAE), or a group baseline (GRPO, RLOO).
-            advantages(run, args, batch)
-            # U updates of L_RL: --ppo_epochs passes, one clipped optimizer step per minibatch.
-            stats = ppo_update(run, args, batch)
-        t3 = time.time()
-        m = step_log(run, args, batch, stats, epoch, i, (t0, t1, t2, t3))
-        run.step += 1
-        end_of_epoch = (i + 1) == run.steps_per_epoch
-        if run.eval_records is not None and run.step % args.eval_every == 0:  # the last step too only on its turn
-            m["eval_accuracy"] = greedy_evaluation(run, args)
-        write_metrics(run, args, m, bar)
-        save(run, args, epoch, end_of_epoch)
-    bar.close()
-    save_checkpoint(run.model, run.tok, args, os.path.join(args.output_dir, "final"), run.rank,
-                    compute_dtype(run.device))
-    run.log(f"done: {run.step} {args.objective} steps; policy in {args.output_dir}/final, metrics in "
-            f"{run.metrics_path}")
-    dist.destroy_process_group()
-
-
-# =====================================================================================================================
-# infrastructure: identical in every stage, tests/test_copies.py; skip on a first read
-# setup() (every check, the loading, the run folder and resume state), the evaluation, metrics and saving of the loop;
-# then the flags and the run-folder rules, the distributed setup, checkpoints and the resume state. A function marked
-# "a copy" is the same in every stage file that has it; the others are this stage's own.
-# =====================================================================================================================
-
-# a copy kept identical across stage files: tests/test_copies.py
-def fill_recipe(args):
-    """Every flag left at -1 that RECIPES covers takes its recipe's value (one per --cot where it is a dict), by the
-    size of the model (--init, else --model: the one trained; read from its safetensors headers before anything
-    loads); returns what was filled in, in words, for the log."""
-    n = checkpoint_params(getattr(args, "init", "") or args.model)
-    name = "small" if n is not None and n < SMALL_MODEL else "paper"
-    filled = []
-    for flag, value in RECIPES[name].items():
-        if getattr(args, flag) == -1:
-            value = value[args.cot] if isinstance(value, dict) else value
-            setattr(args, flag, value)
-            filled.append(f"--{flag} {value:g}")
-    size = "a hub model" if n is None else f"{n / 1e6:.1f} M parameters"
-    return f"{name} ({size}){': ' + ', '.join(filled) if filled else ', every flag given'}"
-
-
-def memory_error(args, n_params, config, world, bf16, device_bytes):
-    """None when this run fits `device_bytes` per device, else the error line (memory_advice). Resident: the policy's
-    fp32 weights and AdamW's moments, 12 bytes per parameter (a separate critic counts as a second policy), the fp32
-    reference, 4 (none for Online-ST), and the fp32 gradients, 4, in the update. Generation: this rank's rollout or a
-    greedy evaluation batch; training: a micro-batch; each of up to --max_length tokens."""
-    models = 1 + args.separate_value_model
-    state = 12 * models + 4 * (args.objective != "online_st")
-
-    def peak(a, world):
-        seqs = max(a.batch_size * a.num_samples // world, a.eval_batch_size if a.eval_every > 0 else 0)
-        return max(memory_estimate(n_params, config, world, bf16, state, 4 * models, a.micro_batch_size * a.max_length,
-                                   a.gradient_checkpointing, seqs * a.max_length).values())
-    return memory_advice(args, peak, world, device_bytes, ["micro_batch_size", "eval_batch_size"])
-
-
-def setup(args):
-    """Everything before the first step, as one namespace `run` that the steps read and update: every check of the
-    flags, the checkpoint, the data and the output folder (all before any model loads), then the tokenizer and the
-    prompts, the policy and the reference, the optimizer, the run folder and, with --resume, the resume state.
-
-    run: rank, world, device, log, reward_fn, tok, model, ref, opt, records, prompts, gold (Online-ST's gold CoTs),
-    eval_records, eval_budget, keep_epochs, mini (sequences per minibatch, all ranks), steps_per_epoch, total_steps,
-    metrics_path, and the loop state step, beta, skipped (optimizer steps), skipped_in_a_row, best."""
-    check_ranges(args, RANGES)
-    reward_fn = reward.load_reward(args.reward)
-    check_default_model(args.model, Args.model)
-    check_checkpoint(args.model, "--model")
-    resolve_cot(args, {"--model": args.model})
-    flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
-    recipe = fill_recipe(args)
-    check_model_config(args.model, "--model", {"max_length": args.max_length,
-                                               "max_prompt_length": args.max_prompt_length})
-    if args.advantage != "gae" and args.num_samples < 2:
-        raise SystemExit(f"error: --advantage {args.advantage} compares the samples of a question: it needs "
-                         f"--num_samples 2 or more (a group of one has no baseline)")
-    if args.scale_rewards != "group" and args.advantage != "grpo":
-        raise SystemExit("error: --scale_rewards is GRPO's option: it needs --advantage grpo")
-    if args.separate_value_model and (args.advantage != "gae" or args.objective != "ppo"):
-        raise SystemExit("error: --separate_value_model needs a value head: --advantage gae and --objective ppo")
-    if args.objective == "online_st" and (args.advantage != "gae" or args.kl_in_loss or args.adaptive_kl):
-        raise SystemExit("error: --objective online_st has no advantages and no KL: drop --advantage, --kl_in_loss "
-                         "and --adaptive_kl")
-    if args.objective == "online_st" and (args.loss_aggregation != "seq_mean" or args.clip_range_high >= 0):
-        raise SystemExit("error: --loss_aggregation and --clip_range_high shape PPO's loss: --objective online_st has "
-                         "its own (½ NLL of correct samples + ½ NLL of gold CoTs, each a token mean)")
-    keep_epochs = epochs_to_save(args.save_epochs)
-    # The training questions (answers only: ReFT never looks at the annotated CoT; Online-ST trains on it).
-    records = reward.load_records(args.data, "train", args.cot, require_cot=args.objective == "online_st")
-    eval_records = eval_questions(args) if args.eval_every > 0 else None
-    resuming = plan_run(args, flags, MAY_CHANGE)
-
-    rank, world, device, mesh = init_distributed()
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    log(f"recipe: {recipe}")
-    beta = args.kl_coef
-    n_seq = args.batch_size * args.num_samples  # sequences per rollout batch, all ranks
-    mini = n_seq if args.mini_batch_size <= 0 else args.mini_batch_size
-    if args.batch_size % world or n_seq % mini or mini % world:
-        raise SystemExit(f"error: --batch_size {args.batch_size} × --num_samples {args.num_samples} must split "
-                         f"into minibatches of {mini}, each divisible by the {world} processes")
-    tok = load_tokenizer(args)
-    prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True)) for r in records]
-    keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_length]
-    log(f"data: {len(records)} questions from {args.data}, {len(records) - len(keep)} dropped as prompts longer "
-        f"than --max_prompt_length {args.max_prompt_length}")
-    records, prompts = [records[i] for i in keep], [prompts[i] for i in keep]
-    steps_per_epoch = len(records) // args.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(records)} questions are fewer than one --batch_size {args.batch_size}")
-    if max(len(p) for p in prompts) >= args.max_length:
-        raise SystemExit(f"error: --max_length {args.max_length} leaves no room to generate after the longest "
-                         f"training prompt ({max(len(p) for p in prompts)} tokens; see --max_prompt_length)")
-    gold = [gold_example(tok, r, args.cot) for r in records] if args.objective == "online_st" else None
-    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
-    eval_budget = None
-    if eval_records is not None:
-        eval_budget = greedy_budget(tok, eval_records, args)
-        if eval_budget < 1:
-            raise SystemExit(f"error: --max_length {args.max_length} leaves no room to generate after the longest "
-                             f"--eval_split {args.eval_split} prompt")
-
-    device_bytes = device_memory(device)
-    if device_bytes is not None:  # a run that cannot fit stops now, not at its first OOM after minutes of loading
-        from transformers import AutoConfig
-        config = AutoConfig.from_pretrained(args.model)
-        error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
-                             device_bytes)
-        if error is not None:
-            raise SystemExit(error)
-
-    tok, model, ref = load_models(args, mesh, device)
-    log(f"policy: {sum(p.numel() for p in model.lm.parameters()):,} params, lr {args.lr:g}")
-    if args.gradient_checkpointing:
-        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-8, weight_decay=0.0)  # on the sharded params
-    with torch.no_grad():  # FSDP2 picks its root at the first forward: run one before any manual unshard()
-        model(*left_pad(prompts[:1], tok.pad_token_id, device), len(prompts[0]))
-
-    if rank == 0:
-        begin_run(args, flags, world, resuming)
-    dist.barrier()
-    check_disk_space(args.output_dir, sum(p.numel() for p in model.parameters()))
-    run = SimpleNamespace(rank=rank, world=world, device=device, log=log, reward_fn=reward_fn, tok=tok, model=model,
-                          ref=ref, opt=opt, records=records, prompts=prompts, gold=gold, eval_records=eval_records,
-                          eval_budget=eval_budget, keep_epochs=keep_epochs, mini=mini, steps_per_epoch=steps_per_epoch,
-                          total_steps=total_steps, metrics_path=os.path.join(args.output_dir, "metrics.jsonl"),
-                          step=0, beta=beta, skipped=0, skipped_in_a_row=0, best=-1.0)
-    if resuming:
-        state = load_resume_state(model, opt, args.output_dir)
-        run.step, run.beta, run.skipped, run.best = state["step"], state["beta"], state["skipped"], state["best"]
-        if rank == 0:
-            trim_metrics(run.metrics_path, run.step)
-    if args.objective == "ppo":
-        log(f"ppo: loss aggregation {args.loss_aggregation}, clip range [1 - {args.clip_range:g}, 1 + "
-            f"{args.clip_range if args.clip_range_high < 0 else args.clip_range_high:g}]")
-    return run
-
-
-def greedy_evaluation(run, args):
-    """Greedy accuracy on the evaluation questions; with --save_best, the best so far is kept as {output_dir}/best."""
-    accuracy = greedy_accuracy(run.model, run.model.lm, run.tok, run.eval_records, args.cot, run.eval_budget,
-                               run.rank, run.world, run.device, args.eval_batch_size, run.reward_fn)
-    if args.save_best and accuracy > run.best:
-        run.best = accuracy
-        save_checkpoint(run.model, run.tok, args, os.path.join(args.output_dir, "best"), run.rank,
-                        compute_dtype(run.device))
-    return accuracy
-
-
-def write_metrics(run, args, m, bar):
-    """The step's row to metrics.jsonl (rank 0), the progress bar and, every --log_every steps, a log line."""
-    if run.rank == 0:
-        append_metrics(run.metrics_path, m)
-    bar.set_postfix({k: f"{m[k]:.3f}" for k in ("score", "accuracy", "kl") if k in m})
-    if run.rank == 0 and args.log_every > 0 and run.step % args.log_every == 0:
-        tqdm.write(summary(m))
-    bar.update(1)
-
-
-def save(run, args, epoch, end_of_epoch):
-    """An HF checkpoint epoch_K/ at the end of each epoch --save_epochs names; the resume state every --save_steps
-    steps, at each epoch end and at the last step."""
-    if end_of_epoch and run.keep_epochs(epoch + 1):
-        save_checkpoint(run.model, run.tok, args, os.path.join(args.output_dir, f"epoch_{epoch + 1}"), run.rank,
-                        compute_dtype(run.device))
-    if (args.save_steps > 0 and run.step % args.save_steps == 0) or end_of_epoch or run.step == run.total_steps:
-        save_resume_state(run.model, run.opt, {"step": run.step, "beta": run.beta, "skipped": run.skipped,
-                                               "best": run.best}, args.output_dir)
 
 
 # ----------------------------------------------------------------------------- flags and run folders

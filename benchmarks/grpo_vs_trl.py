@@ -125,7 +125,7 @@ def reft_worker(out, argv):
     import reft
     clock = PhaseClock()
     clock.wrap(reft, "rollout_forwards", "no_grad_forwards")  # the old policy's and the reference's
-    clock.wrap(reft, "ppo_backward", "forward_loss_backward")
+    clock.wrap(reft, "ppo_update", "ppo_update")  # forward, loss, backward and the optimizer steps
     clock.wrap(torch.Tensor, "backward", "backward")
     clock.wrap(reft, "clipped_step", "optimizer")
     load_models = reft.load_models
@@ -171,10 +171,10 @@ def time_reft(ckpt, prompts, L, args):
               "training": [r["time_training"] for r in rows],
               "old_policy_forward": [c["no_grad_forwards"] - c["reference_forward"] for c in inner],
               "reference_forward": [c["reference_forward"] for c in inner],
-              "policy_forward_and_loss": [c["forward_loss_backward"] - c["backward"] for c in inner],
+              "policy_forward_and_loss": [c["ppo_update"] - c["optimizer"] - c["backward"] for c in inner],
               "backward": [c["backward"] for c in inner], "optimizer": [c["optimizer"] for c in inner],
               "eos_fraction": [r["eos_fraction"] for r in rows]}
-    phases["other"] = [r["time_training"] - c["no_grad_forwards"] - c["forward_loss_backward"] - c["optimizer"]
+    phases["other"] = [r["time_training"] - c["no_grad_forwards"] - c["ppo_update"]
                        for r, c in zip(rows, inner)]  # advantages, batch assembly
     return phases, foreign
 

@@ -30,7 +30,7 @@ COLUMNS = [  # (name, what it is): one line each, printed above the tables
     ("logp_ref", "log π_ref(a_t | s_t) from the frozen warm-up model"),
     ("kl", "log π_θold - log π_ref: the k1 estimate of the per-token KL (reft.kl_shaped_rewards)"),
     ("r", "shaped reward r_t = -β·kl_t, plus the score on the last valid token (the total reward of ReFT, sec. 3)"),
-    ("V", "value V(s_t) of the value head on the shared trunk"),
+    ("V", "value V(s_t) of the value head on the shared trunk (new: random at the first step)"),
     ("delta", "TD error δ_t = r_t + γ·V(s_{t+1}) - V(s_t), V = 0 past the last token (GAE eq. 11)"),
     ("A", "GAE advantage A_t = δ_t + γλ·A_{t+1} (reft.compute_gae; GAE eq. 16)"),
     ("A_white", "A_t whitened over all valid tokens of the batch (reft.masked_whiten): what the policy loss uses"),
@@ -49,7 +49,7 @@ def parse():
     p.add_argument("--out", default="", help="also write the output to this file (docs/walkthrough.md)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (questions: the first two)")
     p.add_argument("--max_new_tokens", type=int, default=40, help="generation budget of each sample")
-    p.add_argument("--lr", type=float, default=5e-5, help="learning rate of the one optimizer step")
+    p.add_argument("--lr", type=float, default=-1, help="learning rate of the one optimizer step; -1: the recipe's")
     return p.parse_args()
 
 
@@ -61,7 +61,7 @@ def make_warmup(work):
                         "--n_validation", "64", "--n_test", "64", "--min_steps", "1", "--max_steps", "2",
                         "--max_number", "9"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     if not (out / "final" / "config.json").is_file():
-        subprocess.run([sys.executable, "sft.py", "--data", data, "--epochs", "12", "--batch_size", "32",
+        subprocess.run([sys.executable, "sft.py", "--data", data, "--cot", "nl", "--epochs", "12", "--batch_size", "32",
                         "--save_epochs", "none", "--output_dir", out, "--overwrite"], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return str(out / "final"), str(data)
@@ -83,57 +83,43 @@ def main():
     model_path, data = a.model, a.data
     if not model_path:
         model_path, data = make_warmup(ROOT / a.work_dir)
-    args = reft.Args(model=model_path, data=data or "minigsm", batch_size=2, num_samples=2, max_length=512,
-                     seed=a.seed, lr=a.lr, lam=0.95, vf_coef=5.0)  # the paper's λ and value weight (RECIPES["paper"])
+    args = reft.Args(model=model_path, data=data or "minigsm", batch_size=2, num_samples=2, seed=a.seed, lr=a.lr,
+                     ppo_epochs=1)
     reft.resolve_cot(args, {"--model": model_path})
+    recipe = reft.fill_recipe(args)  # the flags at -1 as `python reft.py` fills them for this model (RECIPES)
     rank, world, device, mesh = reft.init_distributed()
     tok, model, ref = reft.load_models(args, mesh, device)
-    beta = {"nl": 0.05, "python": 0.01}[args.cot]  # the paper's β for the CoT kind (reft.py --kl_coef -1)
+    beta = args.kl_coef
     records = reward.load_records(args.data, "train", args.cot)[:2]
     qids = [0, 1]
-    rows = [q for q in qids for _ in range(args.num_samples)]
-    prompts = [reward.encode_prompt(tok, reward.build_prompt(records[q]["question"], args.cot, sampling=True))
-               for q in rows]
+    prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True)) for r in records]
+    args.max_length = max(len(p) for p in prompts) + a.max_new_tokens
     out = []
     say = out.append
 
-    # Step 1 of Algorithm 1: sample a CoT for each (question, sample) from the policy.
-    model.eval()
-    prompt_ids, prompt_mask = reft.left_pad(prompts, tok.pad_token_id, device)  # (4, P)
-    P = prompt_ids.size(1)
     with torch.no_grad():  # FSDP2 picks its root at the first forward, as in reft.main: before any manual unshard()
-        model(prompt_ids, prompt_mask, P)
-    with reft.gathered_for_generation(model):
-        responses = reft.sample(model.lm, prompt_ids, prompt_mask, a.max_new_tokens, tok.eos_token_id,
-                                tok.pad_token_id, args.temperature, reft.rollout_seeds(args.seed, 0, qids, 2))
-    mask = reft.response_mask(responses, tok.eos_token_id)  # (4, R)
-    responses = torch.where(mask.bool(), responses, tok.pad_token_id)
-    # Step 2: score each answer with reward.py: 1 right, 0.1 wrong, 0 no answer.
+        model(*reft.left_pad(prompts[:1], tok.pad_token_id, device), len(prompts[0]))
+    # Step 1 of Algorithm 1: sample a CoT for each (question, sample) from the policy; step 2: score each answer.
+    rollout = reft.sample_rollout(model, tok, prompts, qids, 0, args, device)
+    rows, responses, mask = rollout.rows, rollout.responses, rollout.mask
+    scores, _ = reft.score(tok, reward.compute_rewards, records, rollout, args)
     texts = tok.batch_decode(responses, skip_special_tokens=True)
     answers = reward.extract_answers(texts, args.cot, [records[q]["question"] for q in rows])
-    scores = torch.tensor(reward.score_completions(reward.compute_rewards, texts, answers, [records[q] for q in rows],
-                                                   args.cot, True))
     # Steps 3-5: old and reference log-probs and values, the KL-shaped rewards, GAE, whitening.
-    input_ids, attn = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
-    old_logprobs, old_values, ref_logprobs, _ = reft.rollout_forwards(model, ref, input_ids, attn, responses, P, 4,
-                                                                      args.temperature)
-    rewards, kl = reft.kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
+    forwards = reft.rollout_forwards(model, ref, rollout, args.micro_batch_size, args.temperature)
+    old_logprobs, old_values = forwards.old_logprobs, forwards.old_values
+    rewards, kl = reft.kl_shaped_rewards(scores, old_logprobs, forwards.ref_logprobs, mask, beta)
     advantages, returns = reft.compute_gae(rewards, old_values, mask, args.gamma, args.lam)
     whitened = reft.masked_whiten(advantages, mask)
     next_values = torch.cat([old_values[:, 1:] * mask[:, 1:], torch.zeros_like(old_values[:, :1])], 1)
     deltas = (rewards + args.gamma * next_values - old_values * mask) * mask
-    # Step 6: one PPO minibatch (the whole batch) and its optimizer step; then the new ratio of each token.
-    model.train()
+    # Step 6: one PPO epoch of one minibatch (the whole batch), one optimizer step; then the new ratio of each token.
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-8, weight_decay=0.0)
-    logits, values = model(input_ids, attn, P)
-    logprobs = reft.logprobs_of(logits, responses, args.temperature)
-    pg, _, _ = reft.policy_loss(logprobs, old_logprobs, whitened, mask, args.clip_range)
-    vf, _ = reft.value_loss(values, old_values, returns, mask, args.clip_range_value)
-    loss = (pg + args.vf_coef * vf).mean()
-    loss.backward()
-    reft.clipped_step(model, opt)
+    stats, _ = reft.ppo_update(model, opt, rollout, forwards, whitened, returns, beta, len(rows), 0, args)
+    pg, vf = stats["pg_loss"][0], stats["vf_loss"][0]
     with torch.no_grad():
-        new_logprobs = reft.logprobs_of(model(input_ids, attn, P)[0], responses, args.temperature)
+        new_logprobs = reft.logprobs_of(model(rollout.input_ids, rollout.attn, rollout.P)[0], responses,
+                                        args.temperature)
     ratio = torch.exp(new_logprobs - old_logprobs)
     clipped = ratio.clamp(1 - args.clip_range, 1 + args.clip_range)
     loss_pg = torch.max(-whitened * ratio, -whitened * clipped)
@@ -141,11 +127,23 @@ def main():
     say("# One PPO step of ReFT, with real numbers\n")
     say(f"Made by `python scripts/walkthrough.py` (reft.py's own functions; model `{os.path.relpath(model_path, ROOT)}`"
         f", {args.cot} CoTs, seed {args.seed}). Two training questions, two samples each, β = {beta}, "
-        f"γ = {args.gamma}, λ = {args.lam}, ε = {args.clip_range}, vf_coef = {args.vf_coef}, lr = {args.lr:g}.\n")
-    say("The columns, in the order Algorithm 1 computes them:\n")
+        f"γ = {args.gamma}, λ = {args.lam}, ε = {args.clip_range}, vf_coef = {args.vf_coef}, lr = {args.lr:g}: "
+        f"the recipe `python reft.py` takes for this model, {recipe} (reft.RECIPES, by the model's size).\n")
+    say("The step runs main()'s functions in main()'s order: reft.sample_rollout, reft.score, reft.rollout_forwards, "
+        "reft.kl_shaped_rewards, reft.compute_gae and reft.masked_whiten (what reft.estimate_advantages does with "
+        "--advantage gae), reft.ppo_update. The columns, in the order Algorithm 1 computes them:\n")
     say("\n".join(f"- `{n}`: {d}" for n, d in COLUMNS) + "\n")
+    say("Why `kl` is 0 and `r` is -0.000000 (that is -β × 0) on every token but the last: this is the first step, "
+        "when the policy is still the reference (both are the warm-up checkpoint), so `logp_old` equals `logp_ref`. "
+        "The KL penalty grows only as PPO moves the policy away from the warm-up model. The last valid token, the one "
+        "that emits EOS, carries the score.\n")
+    say("Why `V` looks like noise: the value head Linear(hidden, 1) is new, initialised at random on top of the "
+        "warm-up model's trunk (the SFT stage trains no value head). Its values are not yet estimates of the return, "
+        "so at first the advantages measure mostly their errors; the value loss fits V to the returns `R` as "
+        "training goes on." + (" With γ = λ = 1, as here, A_t = R_t - V(s_t), and R_t is the sum of the rewards from "
+                               "t on: at this first step, the score." if args.gamma == args.lam == 1.0 else "") + "\n")
     say(f"The first minibatch's ratio is exactly 1 (the old log-probs come from the same forward): its loss is "
-        f"{loss.item():.6f} (policy {pg.mean().item():.6f} + {args.vf_coef} × value {vf.mean().item():.6f}). "
+        f"{pg + args.vf_coef * vf:.6f} (policy {pg:.6f} + {args.vf_coef} × value {vf:.6f}). "
         f"After that one step the ratio moves; a second PPO epoch would take the `loss_pg` column.\n")
     for b, q in enumerate(rows):
         n = int(mask[b].sum())  # the response up to EOS, then one padding position if there is one
@@ -157,7 +155,8 @@ def main():
         for t in range(min(n + 1, responses.size(1))):
             per_token.append({
                 "t": t, "token": repr(tok.decode([int(responses[b, t])])).replace("|", "\\|"),
-                "mask": int(mask[b, t]), "logp_old": old_logprobs[b, t].item(), "logp_ref": ref_logprobs[b, t].item(),
+                "mask": int(mask[b, t]), "logp_old": old_logprobs[b, t].item(),
+                "logp_ref": forwards.ref_logprobs[b, t].item(),
                 "kl": kl[b, t].item(), "r": rewards[b, t].item(), "V": old_values[b, t].item(),
                 "delta": deltas[b, t].item(), "A": advantages[b, t].item(), "A_white": whitened[b, t].item(),
                 "R": returns[b, t].item(), "ratio": ratio[b, t].item(), "loss_pg": loss_pg[b, t].item()})

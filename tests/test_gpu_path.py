@@ -184,16 +184,19 @@ def test_a_step_with_a_nan_gradient_is_skipped(monkeypatch):
 
 def test_skipped_steps_in_a_row_stop_the_run():
     """count_skipped: only skips in a row count towards --max_skipped_steps (a step that steps starts over), the
-    total goes on; 0 never stops."""
-    run = SimpleNamespace(step=6, skipped=0, skipped_in_a_row=0)
+    total goes on; 0 never stops; a PPO step's several optimizer steps count one by one."""
+    counts = (0, 0)
     for stepped in (False, False, True, False, False):
-        reft.count_skipped(run, SimpleNamespace(max_skipped_steps=3), stepped)
-    assert (run.skipped, run.skipped_in_a_row) == (4, 2)
+        counts = reft.count_skipped(*counts, [stepped], 6, SimpleNamespace(max_skipped_steps=3))
+    assert counts == (4, 2)
     with pytest.raises(SystemExit, match=r"^error: step 7: 3 optimizer steps in a row skipped \(--max_skipped_steps "
                                          r"3\), 5 in all: .*not finite.*fully masked attention rows on GPU"):
-        reft.count_skipped(run, SimpleNamespace(max_skipped_steps=3), False)
+        reft.count_skipped(*counts, [False], 6, SimpleNamespace(max_skipped_steps=3))
+    assert reft.count_skipped(0, 0, [False, True, False], 0, SimpleNamespace(max_skipped_steps=2)) == (2, 1)
+    with pytest.raises(SystemExit, match=r"^error: step 1: 2 optimizer steps in a row skipped"):
+        reft.count_skipped(0, 0, [True, False, False, True], 0, SimpleNamespace(max_skipped_steps=2))
     for _ in range(100):
-        reft.count_skipped(run, SimpleNamespace(max_skipped_steps=0), False)
+        counts = reft.count_skipped(*counts, [False], 6, SimpleNamespace(max_skipped_steps=0))
 
 
 def test_a_run_whose_gradient_is_never_finite_stops(minigsm, warmup, tmp_path, monkeypatch):
@@ -201,13 +204,13 @@ def test_a_run_whose_gradient_is_never_finite_stops(minigsm, warmup, tmp_path, m
     the policy stays the warm-up's, and with --max_skipped_steps 2 the second step stops the run with one error
     line (the metrics of the first are written); with 0 the run goes to its end."""
     from safetensors.torch import load_file
-    real = reft.ppo_backward
+    real = reft.policy_loss
 
-    def nan_gradient(model, *a):
-        real(model, *a)
-        next(model.parameters()).grad.mul_(float("nan"))
+    def nan_gradient(*a):  # a NaN loss: every gradient of the PPO update is NaN
+        loss, *rest = real(*a)
+        return (loss * float("nan"), *rest)
 
-    monkeypatch.setattr(reft, "ppo_backward", nan_gradient)
+    monkeypatch.setattr(reft, "policy_loss", nan_gradient)
     common = ["--model", warmup, "--data", minigsm, "--max_steps", 2, "--batch_size", 4, "--micro_batch_size", 4,
               "--ppo_epochs", 1, "--max_length", 96, "--eval_every", 0]
     run_main(reft, [*common, "--max_skipped_steps", 0, "--output_dir", tmp_path / "never"])
@@ -226,13 +229,13 @@ NAN_GRADIENT = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])
     import reft
-    real = reft.ppo_backward
+    real = reft.policy_loss
 
-    def nan_gradient(model, *a):
-        real(model, *a)
-        next(model.parameters()).grad.mul_(float("nan"))
+    def nan_gradient(*a):  # a NaN loss: every gradient of the PPO update is NaN
+        loss, *rest = real(*a)
+        return (loss * float("nan"), *rest)
 
-    reft.ppo_backward = nan_gradient
+    reft.policy_loss = nan_gradient
     reft.main(reft.parse_args(reft.Args, sys.argv[2:]))
 """)
 

@@ -501,7 +501,10 @@ def test_rollout_forwards_match_per_sequence_forwards():
     attn = torch.ones_like(ids)
     attn[0, :2] = 0  # a left-padded row
     responses = ids[:, 4:]
-    out = reft.rollout_forwards(model, ref, ids, attn, responses, 4, 2, 0.7)
+    rollout = reft.Rollout(rows=list(range(5)), input_ids=ids, attn=attn, P=4, responses=responses,
+                           mask=torch.ones_like(responses).float(), ended=torch.zeros(5, dtype=torch.bool))
+    out = reft.rollout_forwards(model, ref, rollout, 2, 0.7)
+    out = (out.old_logprobs, out.old_values, out.ref_logprobs, out.entropy)
     for b in range(5):
         with torch.no_grad():
             logits, values = model(ids[b:b + 1], attn[b:b + 1], 4)

@@ -285,8 +285,9 @@ TINY = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_he
 B, P, R = 8, 3, 12
 LENGTHS = [1, 2, 3, 2, 12, 9, 11, 12]  # rank 0 gets 8 tokens and rank 1 44: per-rank means would weigh them wrong
 
-# One minibatch through reft.ppo_backward, its gradient saved per (aggregation, micro-batch size); run by 1 and by 2
-# processes (rank r holds rows r·B/world...). Rank 0 of the 1-process run also saves the initial weights and the batch.
+# One minibatch (the whole rollout, one PPO epoch) through reft.ppo_update, the gradient its optimizer step is given
+# (before clipping) saved per (aggregation, micro-batch size); run by 1 and by 2 processes (rank r holds rows r·B/world...). Rank 0 of
+# the 1-process run also saves the initial weights and the batch.
 GRADIENTS = textwrap.dedent("""
     import json, sys, torch
     sys.path.insert(0, sys.argv[1])
@@ -312,17 +313,29 @@ GRADIENTS = textwrap.dedent("""
     if world == 1:
         torch.save({"state": model.state_dict(), "batch": batch}, f"{out}/inputs.pt")
     reft.shard(model, mesh, torch.float32)
-    mine = slice(rank * B // world, (rank + 1) * B // world)
-    rollout = {k: v[mine] for k, v in batch.items()}
+    mine = {k: v[rank * B // world:(rank + 1) * B // world] for k, v in batch.items()}
+    rollout = reft.Rollout(rows=list(range(B // world)), input_ids=mine["input_ids"], attn=mine["attn"], P=P,
+                           responses=mine["responses"], mask=mine["mask"], ended=mine["mask"][:, -1] == 0)
+    forwards = reft.Forwards(old_logprobs=mine["old_logprobs"], old_values=mine["old_values"],
+                             ref_logprobs=mine["ref_logprobs"], entropy=None)
+    seen = []
+
+    def record(model, opt):  # instead of the clipped optimizer step: the gradient as accumulated, unclipped
+        seen.append({n: p.grad.full_tensor() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+        return True
+    reft.clipped_step = record
+
     for how in ("seq_mean", "token_mean", "token_sum_norm"):
         for m in micro_sizes:
             args = reft.Args(loss_aggregation=how, micro_batch_size=m, kl_in_loss=True, clip_range_high=0.28,
-                             max_length=P + R, vf_coef=5.0)
-            model.zero_grad(set_to_none=True)
-            reft.ppo_backward(model, torch.arange(B // world).split(m), rollout, P, B, world, 0.1, args, device, {})
-            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+                             max_length=P + R, vf_coef=5.0, ppo_epochs=1)
+            seen.clear()
+            _, stepped = reft.ppo_update(model, None, rollout, forwards, mine["advantages"], mine["returns"],
+                                         0.1, B, 0, args)
+            assert stepped == [True] and len(seen) == 1
             if rank == 0:
-                torch.save(grads, f"{out}/{how}_{world}_{m}.pt")
+                torch.save(seen[0], f"{out}/{how}_{world}_{m}.pt")
     torch.distributed.destroy_process_group()
 """)
 
@@ -354,7 +367,7 @@ def plain_minibatch_gradient(how, inputs):
 
 
 def test_aggregations_give_one_gradient_for_any_micro_batches_and_processes(tmp_path):
-    """The gradient of one minibatch of responses of 1 to 12 tokens, by reft.ppo_backward with the policy, value and
+    """The gradient of one minibatch of responses of 1 to 12 tokens, by reft.ppo_update with the policy, value and
     k3 losses: 1 process in micro-batches of 1, 3 and 8 sequences and 2 processes in micro-batches of 1 and 4 give
     the plain token-by-token gradient of the aggregation's equation. A token mean per micro-batch or per rank fails."""
     script = tmp_path / "gradients.py"
