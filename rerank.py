@@ -617,12 +617,9 @@ def parse_args(cls, argv=None):
         p.add_argument(f"--{f.name}", *([f"-{f.name}"] if len(f.name) == 1 else []), **kind,
                        default=argparse.SUPPRESS if f.default == "" else f.default,
                        help=docs.get(f.name, "").replace("%", "%%"))
-    fields = [f.name for f in dataclasses.fields(cls)]
-    unset = object()  # argparse keeps a value already in the namespace unless the command line sets it
-    given = {k: v for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(fields, unset)))).items()
-             if v is not unset}
-    args, run = cls(**given), {}
-    if given.get("resume"):
+    args = p.parse_args(argv)
+    if getattr(args, "resume", False):
+        run = {}
         try:  # when this fails, plan_run says what is wrong
             with open(os.path.join(args.output_dir, "args.json")) as f:
                 run = json.load(f)
@@ -632,9 +629,11 @@ def parse_args(cls, argv=None):
             run.update({k: new for line in last for k, (_, new) in json.loads(line)["changed"].items()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
-    # Where the run is and whether to continue or start it over are this launch's own.
-    return dataclasses.replace(args, **{k: v for k, v in run.items() if k in fields and k not in given
-                                        and k not in ("output_dir", "resume", "overwrite")})
+        # The run's flags become the defaults; where the run is and whether to continue it are this launch's own.
+        own = {f.name for f in dataclasses.fields(cls)} - {"output_dir", "resume", "overwrite"}
+        p.set_defaults(**{k: v for k, v in run.items() if k in own})
+        args = p.parse_args(argv)
+    return cls(**vars(args))
 
 
 def check_ranges(args, rules):
@@ -676,15 +675,20 @@ def check_checkpoint(path, flag):
                              f"checkpoint")
 
 
+def read_json(path):
+    """The JSON object in the file `path`; {} when it is missing or holds none."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def check_model_config(path, flag, lengths, policy=True, positions=None):
     """One error line, before any model loads, from config.json: a verifier (*ForSequenceClassification) where a
     policy is needed, or a length of `lengths` ({flag: value}) over max_position_embeddings (else `positions`)."""
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        config = {}  # a hub id: nothing to check
-    config = config if isinstance(config, dict) else {}
+    config = read_json(os.path.join(path, "config.json"))
     classifier = next((a for a in config.get("architectures") or [] if str(a).endswith("ForSequenceClassification")),
                       None)
     if policy and classifier:
@@ -708,13 +712,7 @@ def check_default_model(model, default):
 def resolve_cot(args, checkpoints, fallback="nl"):
     """--cot auto takes the CoT kind named in the train_args.json of the checkpoints read ({flag: folder}), else
     `fallback`; another --cot, or checkpoints of two kinds, is one error line (a model scores ~0 on the other kind)."""
-    found = {}
-    for flag, path in checkpoints.items():
-        try:
-            with open(os.path.join(path, "train_args.json")) as f:
-                found[flag] = json.load(f)["cot"]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+    found = {flag: read_json(os.path.join(path, "train_args.json")).get("cot") for flag, path in checkpoints.items()}
     found = {flag: cot for flag, cot in found.items() if cot in ("nl", "python")}
     if len(set(found.values())) > 1:
         raise SystemExit("error: the checkpoints were trained on different CoT kinds: " +
@@ -773,12 +771,10 @@ def plan_run(args, flags, may_change, resumable=()):
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"no resume state in {args.output_dir}: starting at step 0", flush=True)
         return False
-    try:
-        with open(os.path.join(args.output_dir, "args.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
+    saved = read_json(os.path.join(args.output_dir, "args.json"))
+    if not saved:
         raise SystemExit(f"error: --resume: cannot read the flags the run in {args.output_dir} was started with "
-                         f"({e.__class__.__name__}); pass --overwrite to start over")
+                         f"(its args.json); pass --overwrite to start over")
     # A flag newer than the run is absent from its args.json: the run had that flag's default.
     saved = {**{f.name: f.default for f in dataclasses.fields(args)}, **saved}
     differ = [f"--{k} {v} (the run's: {saved[k]})" for k, v in flags.items() if k not in may_change and saved[k] != v]
@@ -794,8 +790,7 @@ def begin_run(args, flags, world, resuming):
     writes args.json (`flags` as started); a resumed one keeps its own. Each launch appends a line to launches.jsonl:
     time, world size and the flags that differ from args.json."""
     if resuming:
-        with open(os.path.join(args.output_dir, "args.json")) as f:
-            saved = json.load(f)
+        saved = read_json(os.path.join(args.output_dir, "args.json"))
     else:
         removed = []
         for entry in run_entries(args.output_dir):

@@ -179,12 +179,9 @@ def parse_args(cls, argv=None):
         p.add_argument(f"--{f.name}", *([f"-{f.name}"] if len(f.name) == 1 else []), **kind,
                        default=argparse.SUPPRESS if f.default == "" else f.default,
                        help=docs.get(f.name, "").replace("%", "%%"))
-    fields = [f.name for f in dataclasses.fields(cls)]
-    unset = object()  # argparse keeps a value already in the namespace unless the command line sets it
-    given = {k: v for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(fields, unset)))).items()
-             if v is not unset}
-    args, run = cls(**given), {}
-    if given.get("resume"):
+    args = p.parse_args(argv)
+    if getattr(args, "resume", False):
+        run = {}
         try:  # when this fails, plan_run says what is wrong
             with open(os.path.join(args.output_dir, "args.json")) as f:
                 run = json.load(f)
@@ -194,9 +191,11 @@ def parse_args(cls, argv=None):
             run.update({k: new for line in last for k, (_, new) in json.loads(line)["changed"].items()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
-    # Where the run is and whether to continue or start it over are this launch's own.
-    return dataclasses.replace(args, **{k: v for k, v in run.items() if k in fields and k not in given
-                                        and k not in ("output_dir", "resume", "overwrite")})
+        # The run's flags become the defaults; where the run is and whether to continue it are this launch's own.
+        own = {f.name for f in dataclasses.fields(cls)} - {"output_dir", "resume", "overwrite"}
+        p.set_defaults(**{k: v for k, v in run.items() if k in own})
+        args = p.parse_args(argv)
+    return cls(**vars(args))
 
 
 def check_ranges(args, rules):
