@@ -453,59 +453,45 @@ def load_questions(args):
     return records
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def parse_args(cls, argv=None):
-    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names), never
-    abbreviated (`--ov` is an error, not `--overwrite`). `--help` shows each field's docstring, read from the source
-    (attribute docstrings do not exist at run time), its default, and its choices when the field is a Literal (a
-    value outside them gets argparse's one-line error).
-
-    With --resume, a flag not on the command line takes the value the run in --output_dir last ran with (its
-    args.json and the changes of its last launch in launches.jsonl), not its default: `--output_dir D --resume`
-    alone continues the run; plan_run refuses a flag given with another value unless the stage lets it change."""
+    """The dataclass `cls` from the command line: `--name` per field (`-x` for one letter), never abbreviated; --help
+    shows each field's docstring, read from the source (attribute docstrings do not exist at run time). With --resume,
+    a flag not given takes the run's value: its args.json, updated by the last launch's `changed` (launches.jsonl)."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
     p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(cls):
-        names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
+        kind = ({"action": argparse.BooleanOptionalAction} if f.type is bool else
+                {"choices": get_args(f.type)} if get_origin(f.type) is Literal else {"type": type(f.default)})
         # An empty default is "not given" (its docstring says what that means), not a value to show as "(default: )"
-        kw = {"default": argparse.SUPPRESS if f.default == "" else f.default,
-              "help": docs.get(f.name, "").replace("%", "%%")}
-        if f.type is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif get_origin(f.type) is Literal:
-            kw["choices"] = get_args(f.type)
-        else:
-            kw["type"] = type(f.default)
-        p.add_argument(*names, **kw)
-    values, fields = vars(p.parse_args(argv)), [f.name for f in dataclasses.fields(cls)]
-    if values.get("resume"):
-        unset = object()  # argparse keeps a value already in the namespace unless the command line sets it
-        given = {k for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(fields, unset)))).items()
-                 if v is not unset}
+        p.add_argument(f"--{f.name}", *([f"-{f.name}"] if len(f.name) == 1 else []), **kind,
+                       default=argparse.SUPPRESS if f.default == "" else f.default,
+                       help=docs.get(f.name, "").replace("%", "%%"))
+    args = p.parse_args(argv)
+    if getattr(args, "resume", False):
         run = {}
-        try:
-            with open(os.path.join(values["output_dir"], "args.json")) as f:
+        try:  # when this fails, plan_run says what is wrong
+            with open(os.path.join(args.output_dir, "args.json")) as f:
                 run = json.load(f)
-            with open(os.path.join(values["output_dir"], "launches.jsonl")) as f:
-                whole = [line for line in f if line.endswith("\n")]
+            with open(os.path.join(args.output_dir, "launches.jsonl")) as f:
+                last = [line for line in f if line.endswith("\n")][-1:]  # not a line cut by a kill
             # Each launch records every flag that differed from args.json then: the last one is the run's now.
-            run.update({k: new for k, (_, new) in json.loads(whole[-1])["changed"].items()} if whole else {})
+            run.update({k: new for line in last for k, (_, new) in json.loads(line)["changed"].items()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # plan_run says what is wrong, when there is a run to continue
-        # Where the run is and whether to continue or start it over are this launch's own.
-        values.update({k: v for k, v in run.items() if k in fields and k not in given
-                       and k not in ("output_dir", "resume", "overwrite")})
-    return cls(**values)
+            pass
+        # The run's flags become the defaults; where the run is and whether to continue it are this launch's own.
+        own = {f.name for f in dataclasses.fields(cls)} - {"output_dir", "resume", "overwrite"}
+        p.set_defaults(**{k: v for k, v in run.items() if k in own})
+        args = p.parse_args(argv)
+    return cls(**vars(args))
 
 
 # ----------------------------------------------------------------------------- run folders and checks
 # Repeated in the stage files that use them (tests/test_copies.py): every check runs before any model loads, and a
 # run folder is never reused or overwritten without a word.
 
-# a copy kept identical across stage files: tests/test_copies.py
 def check_ranges(args, rules):
     """One error line for the first flag outside its range; `rules` holds (flag, test, the range in words)."""
     for name, ok, words in rules:
@@ -514,7 +500,6 @@ def check_ranges(args, rules):
             raise SystemExit(f"error: {'-' if len(name) == 1 else '--'}{name} must be {words}, not {value}")
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def check_output_dir(path, flag="--output_dir"):
     """One error line, before any model loads, when the output folder is a file or cannot be created."""
     if os.path.exists(path) and not os.path.isdir(path):
@@ -526,11 +511,10 @@ def check_output_dir(path, flag="--output_dir"):
         raise SystemExit(f"error: {flag} {path}: cannot be created ({parent} is not a writable folder)")
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def check_checkpoint(path, flag):
-    """One error line, before any model loads, when a checkpoint folder is missing or holds no model, or one of its
-    safetensors files is cut short or has an unreadable header (transformers would stop on it with a traceback of
-    safetensors' own); for a run folder, the checkpoints inside it are suggested (`runs/w/final` for `runs/w`)."""
+    """One error line, before any model loads, for a missing checkpoint folder, one without config.json (a run folder
+    suggests its checkpoint), or a safetensors file cut short or garbled (transformers would give a traceback)."""
+    from safetensors import SafetensorError, safe_open
     if not os.path.isdir(path):
         raise SystemExit(f"error: {flag} {path!r}: no such checkpoint folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -539,34 +523,28 @@ def check_checkpoint(path, flag):
         hint = f"; did you mean {os.path.join(path, inside[0])}?" if inside else " (no config.json)"
         raise SystemExit(f"error: {flag} {path}: not a checkpoint folder{hint}")
     for name in sorted(n for n in os.listdir(path) if n.endswith(".safetensors")):
-        file, need = os.path.join(path, name), None
-        size = os.path.getsize(file)
         try:
-            with open(file, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n)) if 8 + n <= size else None
-            # The header lists each tensor's [start, end) in the data after it: the file must reach the last end.
-            need = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-            pass
-        if need is None or size < need:
-            damage = "its header is unreadable" if need is None else f"cut short: {size:,} of its {need:,} bytes"
-            raise SystemExit(f"error: {flag} {path}: {name} is damaged ({damage}); write it again, or take another "
+            with safe_open(os.path.join(path, name), "pt"):  # reads the header; the file must reach its last tensor
+                pass
+        except (OSError, SafetensorError) as e:
+            raise SystemExit(f"error: {flag} {path}: {name} is damaged ({e}); write it again, or take another "
                              f"checkpoint")
 
 
-# a copy kept identical across stage files: tests/test_copies.py
-def check_model_config(path, flag, lengths, policy=True, positions=None):
-    """One error line, before any model loads, from the checkpoint's config.json: a verifier written by rerank.py (a
-    *ForSequenceClassification) where a policy is needed (it would load with a fresh random LM head), or a length flag
-    of `lengths` ({flag name: value}) over the model's positions (max_position_embeddings, else `positions`; past it
-    a model writes garbage). A hub id, or a config without the key, is not checked."""
+def read_json(path):
+    """The JSON object in the file `path`; {} when it is missing or holds none."""
     try:
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
+        with open(path) as f:
+            value = json.load(f)
     except (OSError, ValueError):
-        config = {}
-    config = config if isinstance(config, dict) else {}
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def check_model_config(path, flag, lengths, policy=True, positions=None):
+    """One error line, before any model loads, from config.json: a verifier (*ForSequenceClassification) where a
+    policy is needed, or a length of `lengths` ({flag: value}) over max_position_embeddings (else `positions`)."""
+    config = read_json(os.path.join(path, "config.json"))
     classifier = next((a for a in config.get("architectures") or [] if str(a).endswith("ForSequenceClassification")),
                       None)
     if policy and classifier:
@@ -579,21 +557,11 @@ def check_model_config(path, flag, lengths, policy=True, positions=None):
                              f"({flag} {path}); pass at most {maximum}")
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def resolve_cot(args, checkpoints, fallback="nl"):
-    """--cot from the checkpoints the stage reads ({flag: folder}): each one this project writes names the CoT kind it
-    was trained on in its train_args.json. `auto` takes that kind (`fallback` when none names one); an explicit --cot
-    of the other kind, or two checkpoints of different kinds, is one error line: a model trained on one kind scores
-    near 0 prompted with the other."""
-    found = {}
-    for flag, path in checkpoints.items():
-        try:
-            with open(os.path.join(path, "train_args.json")) as f:
-                cot = json.load(f).get("cot")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if cot in ("nl", "python"):
-            found[flag] = cot
+    """--cot auto takes the CoT kind named in the train_args.json of the checkpoints read ({flag: folder}), else
+    `fallback`; another --cot, or checkpoints of two kinds, is one error line (a model scores ~0 on the other kind)."""
+    found = {flag: read_json(os.path.join(path, "train_args.json")).get("cot") for flag, path in checkpoints.items()}
+    found = {flag: cot for flag, cot in found.items() if cot in ("nl", "python")}
     if len(set(found.values())) > 1:
         raise SystemExit("error: the checkpoints were trained on different CoT kinds: " +
                          ", ".join(f"{flag} {checkpoints[flag]} on {cot}" for flag, cot in found.items()))
@@ -605,10 +573,8 @@ def resolve_cot(args, checkpoints, fallback="nl"):
                          f"(its train_args.json): drop --cot or pass --cot {found[flag]}")
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def write_run_args(flags, world):
-    """{output_dir}/args.json: every flag as the run started with it, the world size and the versions, written
-    before the first step (rank 0) so that a run folder says how it was made."""
+    """{output_dir}/args.json: every flag as the run started, the world size and the versions."""
     import transformers
     with open(os.path.join(flags["output_dir"], "args.json"), "w") as f:
         json.dump({**flags, "world_size": world, "python": sys.version.split()[0], "torch": torch.__version__,

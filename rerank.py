@@ -509,21 +509,17 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
 
 # ----------------------------------------------------------------------------- main
 
-# a copy kept identical across stage files: tests/test_copies.py
 def fill_recipe(args):
-    """Every flag left at -1 that RECIPES covers takes its recipe's value (one per --cot where it is a dict), by the
-    size of the model (--init, else --model: the one trained; read from its safetensors headers before anything
-    loads); returns what was filled in, in words, for the log."""
+    """Flags left at -1 take RECIPES' values (per --cot where a dict) for the size of the model trained (--init, else
+    --model), read before anything loads; returns what was filled, in words for the log."""
     n = checkpoint_params(getattr(args, "init", "") or args.model)
     name = "small" if n is not None and n < SMALL_MODEL else "paper"
-    filled = []
-    for flag, value in RECIPES[name].items():
-        if getattr(args, flag) == -1:
-            value = value[args.cot] if isinstance(value, dict) else value
-            setattr(args, flag, value)
-            filled.append(f"--{flag} {value:g}")
+    filled = {f: v[args.cot] if isinstance(v, dict) else v for f, v in RECIPES[name].items() if getattr(args, f) == -1}
+    for flag, value in filled.items():
+        setattr(args, flag, value)
     size = "a hub model" if n is None else f"{n / 1e6:.1f} M parameters"
-    return f"{name} ({size}){': ' + ', '.join(filled) if filled else ', every flag given'}"
+    said = ", ".join(f"--{flag} {value:g}" for flag, value in filled.items())
+    return f"{name} ({size}){': ' + said if said else ', every flag given'}"
 
 
 def main(args):
@@ -606,55 +602,41 @@ def main(args):
 # =====================================================================================================================
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def parse_args(cls, argv=None):
-    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names), never
-    abbreviated (`--ov` is an error, not `--overwrite`). `--help` shows each field's docstring, read from the source
-    (attribute docstrings do not exist at run time), its default, and its choices when the field is a Literal (a
-    value outside them gets argparse's one-line error).
-
-    With --resume, a flag not on the command line takes the value the run in --output_dir last ran with (its
-    args.json and the changes of its last launch in launches.jsonl), not its default: `--output_dir D --resume`
-    alone continues the run; plan_run refuses a flag given with another value unless the stage lets it change."""
+    """The dataclass `cls` from the command line: `--name` per field (`-x` for one letter), never abbreviated; --help
+    shows each field's docstring, read from the source (attribute docstrings do not exist at run time). With --resume,
+    a flag not given takes the run's value: its args.json, updated by the last launch's `changed` (launches.jsonl)."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
     p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(cls):
-        names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
+        kind = ({"action": argparse.BooleanOptionalAction} if f.type is bool else
+                {"choices": get_args(f.type)} if get_origin(f.type) is Literal else {"type": type(f.default)})
         # An empty default is "not given" (its docstring says what that means), not a value to show as "(default: )"
-        kw = {"default": argparse.SUPPRESS if f.default == "" else f.default,
-              "help": docs.get(f.name, "").replace("%", "%%")}
-        if f.type is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif get_origin(f.type) is Literal:
-            kw["choices"] = get_args(f.type)
-        else:
-            kw["type"] = type(f.default)
-        p.add_argument(*names, **kw)
-    values, fields = vars(p.parse_args(argv)), [f.name for f in dataclasses.fields(cls)]
-    if values.get("resume"):
-        unset = object()  # argparse keeps a value already in the namespace unless the command line sets it
-        given = {k for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(fields, unset)))).items()
-                 if v is not unset}
+        p.add_argument(f"--{f.name}", *([f"-{f.name}"] if len(f.name) == 1 else []), **kind,
+                       default=argparse.SUPPRESS if f.default == "" else f.default,
+                       help=docs.get(f.name, "").replace("%", "%%"))
+    args = p.parse_args(argv)
+    if getattr(args, "resume", False):
         run = {}
-        try:
-            with open(os.path.join(values["output_dir"], "args.json")) as f:
+        try:  # when this fails, plan_run says what is wrong
+            with open(os.path.join(args.output_dir, "args.json")) as f:
                 run = json.load(f)
-            with open(os.path.join(values["output_dir"], "launches.jsonl")) as f:
-                whole = [line for line in f if line.endswith("\n")]
+            with open(os.path.join(args.output_dir, "launches.jsonl")) as f:
+                last = [line for line in f if line.endswith("\n")][-1:]  # not a line cut by a kill
             # Each launch records every flag that differed from args.json then: the last one is the run's now.
-            run.update({k: new for k, (_, new) in json.loads(whole[-1])["changed"].items()} if whole else {})
+            run.update({k: new for line in last for k, (_, new) in json.loads(line)["changed"].items()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # plan_run says what is wrong, when there is a run to continue
-        # Where the run is and whether to continue or start it over are this launch's own.
-        values.update({k: v for k, v in run.items() if k in fields and k not in given
-                       and k not in ("output_dir", "resume", "overwrite")})
-    return cls(**values)
+            pass
+        # The run's flags become the defaults; where the run is and whether to continue it are this launch's own.
+        own = {f.name for f in dataclasses.fields(cls)} - {"output_dir", "resume", "overwrite"}
+        p.set_defaults(**{k: v for k, v in run.items() if k in own})
+        args = p.parse_args(argv)
+    return cls(**vars(args))
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def check_ranges(args, rules):
     """One error line for the first flag outside its range; `rules` holds (flag, test, the range in words)."""
     for name, ok, words in rules:
@@ -663,7 +645,6 @@ def check_ranges(args, rules):
             raise SystemExit(f"error: {'-' if len(name) == 1 else '--'}{name} must be {words}, not {value}")
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def check_output_dir(path, flag="--output_dir"):
     """One error line, before any model loads, when the output folder is a file or cannot be created."""
     if os.path.exists(path) and not os.path.isdir(path):
@@ -675,11 +656,10 @@ def check_output_dir(path, flag="--output_dir"):
         raise SystemExit(f"error: {flag} {path}: cannot be created ({parent} is not a writable folder)")
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def check_checkpoint(path, flag):
-    """One error line, before any model loads, when a checkpoint folder is missing or holds no model, or one of its
-    safetensors files is cut short or has an unreadable header (transformers would stop on it with a traceback of
-    safetensors' own); for a run folder, the checkpoints inside it are suggested (`runs/w/final` for `runs/w`)."""
+    """One error line, before any model loads, for a missing checkpoint folder, one without config.json (a run folder
+    suggests its checkpoint), or a safetensors file cut short or garbled (transformers would give a traceback)."""
+    from safetensors import SafetensorError, safe_open
     if not os.path.isdir(path):
         raise SystemExit(f"error: {flag} {path!r}: no such checkpoint folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -688,34 +668,28 @@ def check_checkpoint(path, flag):
         hint = f"; did you mean {os.path.join(path, inside[0])}?" if inside else " (no config.json)"
         raise SystemExit(f"error: {flag} {path}: not a checkpoint folder{hint}")
     for name in sorted(n for n in os.listdir(path) if n.endswith(".safetensors")):
-        file, need = os.path.join(path, name), None
-        size = os.path.getsize(file)
         try:
-            with open(file, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n)) if 8 + n <= size else None
-            # The header lists each tensor's [start, end) in the data after it: the file must reach the last end.
-            need = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-            pass
-        if need is None or size < need:
-            damage = "its header is unreadable" if need is None else f"cut short: {size:,} of its {need:,} bytes"
-            raise SystemExit(f"error: {flag} {path}: {name} is damaged ({damage}); write it again, or take another "
+            with safe_open(os.path.join(path, name), "pt"):  # reads the header; the file must reach its last tensor
+                pass
+        except (OSError, SafetensorError) as e:
+            raise SystemExit(f"error: {flag} {path}: {name} is damaged ({e}); write it again, or take another "
                              f"checkpoint")
 
 
-# a copy kept identical across stage files: tests/test_copies.py
-def check_model_config(path, flag, lengths, policy=True, positions=None):
-    """One error line, before any model loads, from the checkpoint's config.json: a verifier written by rerank.py (a
-    *ForSequenceClassification) where a policy is needed (it would load with a fresh random LM head), or a length flag
-    of `lengths` ({flag name: value}) over the model's positions (max_position_embeddings, else `positions`; past it
-    a model writes garbage). A hub id, or a config without the key, is not checked."""
+def read_json(path):
+    """The JSON object in the file `path`; {} when it is missing or holds none."""
     try:
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
+        with open(path) as f:
+            value = json.load(f)
     except (OSError, ValueError):
-        config = {}
-    config = config if isinstance(config, dict) else {}
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def check_model_config(path, flag, lengths, policy=True, positions=None):
+    """One error line, before any model loads, from config.json: a verifier (*ForSequenceClassification) where a
+    policy is needed, or a length of `lengths` ({flag: value}) over max_position_embeddings (else `positions`)."""
+    config = read_json(os.path.join(path, "config.json"))
     classifier = next((a for a in config.get("architectures") or [] if str(a).endswith("ForSequenceClassification")),
                       None)
     if policy and classifier:
@@ -728,32 +702,19 @@ def check_model_config(path, flag, lengths, policy=True, positions=None):
                              f"({flag} {path}); pass at most {maximum}")
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def check_default_model(model, default):
-    """The default --model, sft.py's warm-up, missing: one error line saying which command writes it and what to pass
-    instead (check_checkpoint's "no such checkpoint folder" does not say why a folder the user never named is
-    missing)."""
+    """The default --model, sft.py's warm-up, missing: one error line saying which command writes it."""
     if model == default and not os.path.isdir(model):
         raise SystemExit(f"error: --model {default} (the default) not found: `python sft.py` writes it (its epoch "
                          f"--warmup_epoch, which --epochs must reach; with this run's --data and --cot), or pass --model "
                          f"PATH, a checkpoint written by sft.py or reft.py")
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def resolve_cot(args, checkpoints, fallback="nl"):
-    """--cot from the checkpoints the stage reads ({flag: folder}): each one this project writes names the CoT kind it
-    was trained on in its train_args.json. `auto` takes that kind (`fallback` when none names one); an explicit --cot
-    of the other kind, or two checkpoints of different kinds, is one error line: a model trained on one kind scores
-    near 0 prompted with the other."""
-    found = {}
-    for flag, path in checkpoints.items():
-        try:
-            with open(os.path.join(path, "train_args.json")) as f:
-                cot = json.load(f).get("cot")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if cot in ("nl", "python"):
-            found[flag] = cot
+    """--cot auto takes the CoT kind named in the train_args.json of the checkpoints read ({flag: folder}), else
+    `fallback`; another --cot, or checkpoints of two kinds, is one error line (a model scores ~0 on the other kind)."""
+    found = {flag: read_json(os.path.join(path, "train_args.json")).get("cot") for flag, path in checkpoints.items()}
+    found = {flag: cot for flag, cot in found.items() if cot in ("nl", "python")}
     if len(set(found.values())) > 1:
         raise SystemExit("error: the checkpoints were trained on different CoT kinds: " +
                          ", ".join(f"{flag} {checkpoints[flag]} on {cot}" for flag, cot in found.items()))
@@ -765,54 +726,38 @@ def resolve_cot(args, checkpoints, fallback="nl"):
                          f"(its train_args.json): drop --cot or pass --cot {found[flag]}")
 
 
-RUN_FILES = ("args.json", "launches.jsonl", "metrics.jsonl", "samples.jsonl", "final", "best", "warmup", "init")
-
-
-# a copy kept identical across stage files: tests/test_copies.py
 def run_entries(output_dir):
-    """What a run leaves in its folder: args.json, the logs, samples, checkpoints and resume states (other files
-    are not the run's, and --overwrite leaves them)."""
-    if not os.path.isdir(output_dir):
-        return []
-    return sorted(e for e in os.listdir(output_dir) if e in RUN_FILES or e.startswith(("checkpoint", "epoch_")))
+    """What a run leaves in its folder (--overwrite removes these, and leaves other files)."""
+    run_files = ("args.json", "launches.jsonl", "metrics.jsonl", "samples.jsonl", "final", "best", "warmup", "init")
+    return sorted(e for e in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+                  if e in run_files or e.startswith(("checkpoint", "epoch_")))
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def run_progress(output_dir):
-    """How far the run in `output_dir` got, in words for an error line (None when the folder holds no run)."""
-    entries = run_entries(output_dir)
-    if not entries:
-        return None
-    said = []
+    """How far the run in `output_dir` got, in words for an error line; None when the folder holds no run."""
+    entries, said = run_entries(output_dir), []
     for name, unit in (("metrics.jsonl", "steps logged"), ("samples.jsonl", "samples drawn")):
         if name in entries:
             with open(os.path.join(output_dir, name), "rb") as f:
                 lines = f.read().splitlines()
-            last = [line for line in lines if line.strip()][-1:]
-            try:
-                step = json.loads(last[0]).get("step") if last and name == "metrics.jsonl" else None
-            except ValueError:
-                step = None
-            said.append(f"{step if step is not None else len(lines)} {unit} in {name}")
+            count = len(lines)
+            if name == "metrics.jsonl":
+                try:  # the last step logged
+                    count = json.loads([line for line in lines if line.strip()][-1])["step"]
+                except (ValueError, KeyError, IndexError, TypeError):
+                    pass
+            said.append(f"{count} {unit} in {name}")
     state = find_resume_state(output_dir)
-    if state is not None:
-        said.append(f"a resume state at step {state[1]}")
+    said += [f"a resume state at step {state[1]}"] if state else []
     said += [f"{e}/" for e in entries if e in ("final", "best", "warmup")]
-    return ", ".join(said) or ", ".join(entries)
+    return ", ".join(said) or ", ".join(entries) or None
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def plan_run(args, flags, may_change, resumable=()):
-    """The run-folder rule, checked before any model loads; returns whether the run continues (else it starts at
-    step 0).
-
-    A folder that holds a run is never written over by accident: without --resume (continue it) or --overwrite
-    (start over) the command stops with one line and the folder stays as it was. --resume continues only the run
-    that was started: parse_args filled every flag not on the command line from the run, and a flag given there
-    must equal the saved args.json unless it is in `may_change` (how long, how often, in how much memory). An
-    automatic flag (-1 or auto) is recorded as such: passing the value it resolved to counts as a change. --resume
-    with nothing to resume (no resume state, nor a `resumable` file) starts at step 0 and says so, so that a
-    requeued job works the first time too."""
+    """The run-folder rule, before any model loads: a folder holding a run is never written over without --resume
+    (continue it) or --overwrite (start over). --resume refuses a flag of `flags` (as started: -1 and auto
+    unresolved) that differs from args.json unless it is in `may_change`, and with nothing to resume (no resume state
+    nor a `resumable` file) starts at step 0, so that a requeued job works the first time. Returns: does it resume."""
     check_output_dir(args.output_dir)
     if args.resume and args.overwrite:
         raise SystemExit("error: --resume continues the run in --output_dir and --overwrite starts it over: pass one")
@@ -820,20 +765,17 @@ def plan_run(args, flags, may_change, resumable=()):
     if progress is not None and not (args.resume or args.overwrite):
         raise SystemExit(f"error: --output_dir {args.output_dir} holds a run ({progress}): pass --resume to continue "
                          f"it or --overwrite to start over")
-    has_state = find_resume_state(args.output_dir) is not None or any(
-        os.path.exists(os.path.join(args.output_dir, f)) for f in resumable)
     if not args.resume:
         return False
-    if not has_state:
+    if find_resume_state(args.output_dir) is None and not any(
+            os.path.exists(os.path.join(args.output_dir, f)) for f in resumable):
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"no resume state in {args.output_dir}: starting at step 0", flush=True)
         return False
-    try:
-        with open(os.path.join(args.output_dir, "args.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
+    saved = read_json(os.path.join(args.output_dir, "args.json"))
+    if not saved:
         raise SystemExit(f"error: --resume: cannot read the flags the run in {args.output_dir} was started with "
-                         f"({e.__class__.__name__}); pass --overwrite to start over")
+                         f"(its args.json); pass --overwrite to start over")
     # A flag newer than the run is absent from its args.json: the run had that flag's default.
     saved = {**{f.name: f.default for f in dataclasses.fields(args)}, **saved}
     differ = [f"--{k} {v} (the run's: {saved[k]})" for k, v in flags.items() if k not in may_change and saved[k] != v]
@@ -844,13 +786,13 @@ def plan_run(args, flags, may_change, resumable=()):
     return True
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def begin_run(args, flags, world, resuming):
-    """Rank 0, once the checks passed and before the first step. A run that starts at step 0 first removes what an
-    earlier run left (--overwrite, or --resume with nothing to resume), naming it in one line, and writes args.json,
-    the flags it starts with (before any automatic value is filled in); a resumed run keeps its args.json. Every
-    launch appends its time, world size and the flags that changed to launches.jsonl beside it."""
-    if not resuming:
+    """Rank 0, once every check passed: a run starting at step 0 removes what an earlier run left, naming it, and
+    writes args.json (`flags` as started); a resumed one keeps its own. Each launch appends a line to launches.jsonl:
+    time, world size and the flags that differ from args.json."""
+    if resuming:
+        saved = read_json(os.path.join(args.output_dir, "args.json"))
+    else:
         removed = []
         for entry in run_entries(args.output_dir):
             path = os.path.join(args.output_dir, entry)
@@ -859,34 +801,26 @@ def begin_run(args, flags, world, resuming):
         if removed:
             print(f"{'--overwrite' if args.overwrite else '--resume with nothing to resume'}: removed "
                   f"{os.path.join(args.output_dir, '')}{{{', '.join(removed)}}}", flush=True)
-    os.makedirs(args.output_dir, exist_ok=True)
-    changed = {}
-    if resuming:
-        with open(os.path.join(args.output_dir, "args.json")) as f:
-            saved = json.load(f)
-        changed = {k: [saved.get(k), v] for k, v in flags.items()
-                   if saved.get(k) != v and k not in ("resume", "overwrite")}
-    else:
+        os.makedirs(args.output_dir, exist_ok=True)
         write_run_args(flags, world)
+        saved = flags
+    changed = {k: [saved.get(k), v] for k, v in flags.items()
+               if saved.get(k) != v and k not in ("resume", "overwrite")}
     with open(os.path.join(args.output_dir, "launches.jsonl"), "a") as f:
         f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": world, "resumed": resuming,
                             "changed": changed, "argv": sys.argv[1:]}) + "\n")
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def write_run_args(flags, world):
-    """{output_dir}/args.json: every flag as the run started with it, the world size and the versions, written
-    before the first step (rank 0) so that a run folder says how it was made."""
+    """{output_dir}/args.json: every flag as the run started, the world size and the versions."""
     import transformers
     with open(os.path.join(flags["output_dir"], "args.json"), "w") as f:
         json.dump({**flags, "world_size": world, "python": sys.version.split()[0], "torch": torch.__version__,
                    "transformers": transformers.__version__}, f, indent=2)
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def summary(row):
-    """A metrics row as one log line: the progress bar rewrites a single line, so a log file of a long run would
-    otherwise show no numbers."""
+    """A metrics row as one log line (the progress bar shows none in a log file)."""
     return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
 
 

@@ -163,55 +163,41 @@ class Args:
     """--compare: epochs of the Offline-ST run (the paper's code: 20, against SFT's 40)"""
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def parse_args(cls, argv=None):
-    """Build argparse flags from a dataclass: one `--name` per field (and `-x` for one-letter names), never
-    abbreviated (`--ov` is an error, not `--overwrite`). `--help` shows each field's docstring, read from the source
-    (attribute docstrings do not exist at run time), its default, and its choices when the field is a Literal (a
-    value outside them gets argparse's one-line error).
-
-    With --resume, a flag not on the command line takes the value the run in --output_dir last ran with (its
-    args.json and the changes of its last launch in launches.jsonl), not its default: `--output_dir D --resume`
-    alone continues the run; plan_run refuses a flag given with another value unless the stage lets it change."""
+    """The dataclass `cls` from the command line: `--name` per field (`-x` for one letter), never abbreviated; --help
+    shows each field's docstring, read from the source (attribute docstrings do not exist at run time). With --resume,
+    a flag not given takes the run's value: its args.json, updated by the last launch's `changed` (launches.jsonl)."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
     p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(cls):
-        names = [f"--{f.name}"] + ([f"-{f.name}"] if len(f.name) == 1 else [])
+        kind = ({"action": argparse.BooleanOptionalAction} if f.type is bool else
+                {"choices": get_args(f.type)} if get_origin(f.type) is Literal else {"type": type(f.default)})
         # An empty default is "not given" (its docstring says what that means), not a value to show as "(default: )"
-        kw = {"default": argparse.SUPPRESS if f.default == "" else f.default,
-              "help": docs.get(f.name, "").replace("%", "%%")}
-        if f.type is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif get_origin(f.type) is Literal:
-            kw["choices"] = get_args(f.type)
-        else:
-            kw["type"] = type(f.default)
-        p.add_argument(*names, **kw)
-    values, fields = vars(p.parse_args(argv)), [f.name for f in dataclasses.fields(cls)]
-    if values.get("resume"):
-        unset = object()  # argparse keeps a value already in the namespace unless the command line sets it
-        given = {k for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(fields, unset)))).items()
-                 if v is not unset}
+        p.add_argument(f"--{f.name}", *([f"-{f.name}"] if len(f.name) == 1 else []), **kind,
+                       default=argparse.SUPPRESS if f.default == "" else f.default,
+                       help=docs.get(f.name, "").replace("%", "%%"))
+    args = p.parse_args(argv)
+    if getattr(args, "resume", False):
         run = {}
-        try:
-            with open(os.path.join(values["output_dir"], "args.json")) as f:
+        try:  # when this fails, plan_run says what is wrong
+            with open(os.path.join(args.output_dir, "args.json")) as f:
                 run = json.load(f)
-            with open(os.path.join(values["output_dir"], "launches.jsonl")) as f:
-                whole = [line for line in f if line.endswith("\n")]
+            with open(os.path.join(args.output_dir, "launches.jsonl")) as f:
+                last = [line for line in f if line.endswith("\n")][-1:]  # not a line cut by a kill
             # Each launch records every flag that differed from args.json then: the last one is the run's now.
-            run.update({k: new for k, (_, new) in json.loads(whole[-1])["changed"].items()} if whole else {})
+            run.update({k: new for line in last for k, (_, new) in json.loads(line)["changed"].items()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # plan_run says what is wrong, when there is a run to continue
-        # Where the run is and whether to continue or start it over are this launch's own.
-        values.update({k: v for k, v in run.items() if k in fields and k not in given
-                       and k not in ("output_dir", "resume", "overwrite")})
-    return cls(**values)
+            pass
+        # The run's flags become the defaults; where the run is and whether to continue it are this launch's own.
+        own = {f.name for f in dataclasses.fields(cls)} - {"output_dir", "resume", "overwrite"}
+        p.set_defaults(**{k: v for k, v in run.items() if k in own})
+        args = p.parse_args(argv)
+    return cls(**vars(args))
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def check_ranges(args, rules):
     """One error line for the first flag outside its range; `rules` holds (flag, test, the range in words)."""
     for name, ok, words in rules:
@@ -220,7 +206,6 @@ def check_ranges(args, rules):
             raise SystemExit(f"error: {'-' if len(name) == 1 else '--'}{name} must be {words}, not {value}")
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def check_output_dir(path, flag="--output_dir"):
     """One error line, before any model loads, when the output folder is a file or cannot be created."""
     if os.path.exists(path) and not os.path.isdir(path):

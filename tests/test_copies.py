@@ -26,6 +26,7 @@ COPIES = {
     "check_ranges": ["sft.py", "reft.py", "rerank.py", "evaluate.py", "scripts/quickstart.py"],
     "check_output_dir": ["sft.py", "reft.py", "rerank.py", "evaluate.py", "scripts/quickstart.py"],
     "check_checkpoint": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "read_json": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "check_model_config": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "check_default_model": ["reft.py", "rerank.py"],
     "resolve_cot": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
