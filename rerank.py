@@ -414,7 +414,41 @@ def lr_lambda(warmup_steps, total_steps):
     return f
 
 
+def epoch_batch(examples, seed, epoch, i, batch_size):
+    """The i-th batch of epoch `epoch`, whose order depends only on (seed, epoch): a resumed run sees the same ones."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch))
+    return [examples[j] for j in order[i * batch_size:(i + 1) * batch_size].tolist()]
+
+
+def verifier_step(model, opt, sched, batch, micro, accum, world, rank, pad_id, device, step):
+    """One optimizer step of BCE on a global batch: (its mean loss, its accuracy at P = 0.5, the gradient norm). Each
+    process takes every world-th sample, in `accum` micro-batches of `micro`."""
+    mine, loss_sum, n_right = batch[rank::world], 0.0, 0
+    for m in range(accum):
+        input_ids, attn, labels = (t.to(device) for t in collate(mine[m * micro:(m + 1) * micro], pad_id))
+        logits = model(input_ids=input_ids, attention_mask=attn).logits[:, 0].float()  # (B,)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+        # Mean over the global batch; FSDP averages gradients over ranks, hence the factor `world`.
+        (bce * world / len(batch)).backward()
+        loss_sum += bce.item()
+        n_right += int(((logits > 0).float() == labels).sum())
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    if not torch.isfinite(grad_norm):  # every rank sees the same norm: every rank stops, before AdamW writes NaN
+        raise SystemExit(f"error: step {step + 1}: the gradient norm is not finite, NaN or inf in the loss, and "
+                         f"the step would put NaN into every weight. Likely causes: fully masked attention rows "
+                         f"on GPU, a learning rate too high, bf16 overflow")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    stats = torch.tensor([loss_sum, n_right], dtype=torch.float64, device=device)
+    dist.all_reduce(stats)
+    return stats[0].item() / len(batch), stats[1].item() / len(batch), grad_norm.item()
+
+
 def train(args, rows, resuming, rank, world, device, mesh, log):
+    """The verifier: --init's trunk with a fresh scalar head, trained on the samples of all but the held-out
+    questions, evaluated on those at every epoch's end, saved to {output_dir}/final."""
     train_rows, held_rows = split_by_question(rows, args.holdout_fraction, args.seed)
     init = args.init or args.model
     torch.manual_seed(args.seed)  # the fresh head's init (rank 0 draws it, load_sharded sends it to the others)
@@ -439,13 +473,13 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
 
     # Accuracy and AUC on held-out samples of one kind say nothing (an untrained head scores 1.0 or 0.0 on them).
-    both_kinds = len({bool(r["correct"]) for r in held_rows}) == 2
-    if held_rows and not both_kinds:
+    if held_rows and len({bool(r["correct"]) for r in held_rows}) < 2:
         log(f"held-out samples: all {len(held_rows)} {'correct' if held_rows[0]['correct'] else 'wrong'}, so no "
             f"holdout metrics (they need both kinds)")
+        held = []
 
     def write(row, evaluate):
-        if evaluate and held and both_kinds:
+        if evaluate and held:
             row.update(holdout_metrics(score(model, held, args.gen_batch_size, tok.pad_token_id, rank, world,
                                              device), held_rows))
             log(f"epoch {row['epoch']:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
@@ -463,39 +497,16 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
             open(metrics_path, "w").close()
         write({"step": 0, "epoch": 0}, evaluate=True)  # the untrained head: chance level
     bar = tqdm(total=total_steps, initial=start, desc="verifier", disable=rank != 0)
-    t_last = time.time()
     for step in range(start, total_steps):
+        t0 = time.time()
         epoch, i = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed + epoch))
-        batch = [examples[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size].tolist()]
-        mine, loss_sum, n_right = batch[rank::world], 0.0, 0
-        for m in range(accum):
-            input_ids, attn, labels = (t.to(device) for t in
-                                       collate(mine[m * args.micro_batch_size:(m + 1) * args.micro_batch_size],
-                                               tok.pad_token_id))
-            logits = model(input_ids=input_ids, attention_mask=attn).logits[:, 0].float()  # (B,)
-            bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
-            # Mean over the global batch; FSDP averages gradients over ranks, hence the factor `world`.
-            (bce * world / args.batch_size).backward()
-            loss_sum += bce.item()
-            n_right += int(((logits > 0).float() == labels).sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        if not torch.isfinite(grad_norm):  # every rank sees the same norm: every rank stops, before AdamW writes NaN
-            raise SystemExit(f"error: step {step + 1}: the gradient norm is not finite, NaN or inf in the loss, and "
-                             f"the step would put NaN into every weight. Likely causes: fully masked attention rows "
-                             f"on GPU, a learning rate too high, bf16 overflow")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        stats = torch.tensor([loss_sum, n_right], dtype=torch.float64, device=device)
-        dist.all_reduce(stats)
-        row = {"step": step + 1, "epoch": epoch + (i + 1) / steps_per_epoch,
-               "loss": stats[0].item() / args.batch_size, "train_accuracy": stats[1].item() / args.batch_size,
-               "lr": sched.get_last_lr()[0], "grad_norm": grad_norm.item(), "seconds": time.time() - t_last}
+        batch = epoch_batch(examples, args.seed, epoch, i, args.batch_size)
+        loss, accuracy, grad_norm = verifier_step(model, opt, sched, batch, args.micro_batch_size, accum, world, rank,
+                                                  tok.pad_token_id, device, step)
+        row = {"step": step + 1, "epoch": epoch + (i + 1) / steps_per_epoch, "loss": loss, "train_accuracy": accuracy,
+               "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, "seconds": time.time() - t0}
         write(row, evaluate=i + 1 == steps_per_epoch)
-        t_last = time.time()
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}")
         if rank == 0 and args.log_every > 0 and (step + 1) % args.log_every == 0:
             tqdm.write(summary(row))
         bar.update(1)
@@ -526,29 +537,10 @@ def fill_recipe(args):
 
 
 def main(args):
-    # Every check before any model loads: flags, checkpoints, the samples or the questions, the output folder.
-    check_ranges(args, RANGES)
-    if not args.samples and not args.model:
-        raise SystemExit("error: --model is required to draw samples (or pass --samples FILE)")
-    if not (args.init or args.model):
-        raise SystemExit("error: --init (or --model) is required: the checkpoint the verifier trunk starts from")
-    if args.samples and not os.path.isfile(args.samples):
-        raise SystemExit(f"error: --samples {args.samples!r}: no such file")
-    reward_fn = reward.load_reward(args.reward)
-    if args.samples and reward_fn is not reward.compute_rewards:
-        raise SystemExit(f"error: --reward {args.reward} labels the samples rerank.py draws; --samples "
-                         f"{args.samples} brings its own labels")
     beside = os.path.join(os.path.dirname(os.path.normpath(args.model)), "best")
     if not args.init and os.path.basename(os.path.normpath(args.model)) == "warmup" and os.path.isdir(beside):
         args.init = beside  # sft.py's run: sample from its warm-up, start the verifier from its best epoch (paper)
-    # --model only samples: with --samples and --init it is not read
-    checkpoints = {flag: path for flag, path in (("--model", args.model), ("--init", args.init))
-                   if path and not (flag == "--model" and args.samples and args.init)}
-    if "--model" in checkpoints:
-        check_default_model(args.model, Args.model)
-    for flag, path in checkpoints.items():
-        check_checkpoint(path, flag)
-    resolve_cot(args, checkpoints)
+    reward_fn = check_args(args)  # every check before any model loads: flags, checkpoints, --samples, --reward
     flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
     recipe = fill_recipe(args)
     if not args.samples:  # --model samples: a policy, generating up to --max_new_tokens after the prompt
@@ -567,21 +559,9 @@ def main(args):
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     log(f"recipe: {recipe}")
     path = args.samples or os.path.join(args.output_dir, "samples.jsonl")
-    if rows is not None:
-        check_samples(args, rows, path, world)
-    device_bytes = device_memory(device)
-    if device_bytes is not None:  # a run that cannot fit stops now, not at an OOM after minutes of loading
-        import transformers
-        config = transformers.AutoConfig.from_pretrained(args.init or args.model)
-        longest = None
-        if rows is None:
-            ptok = transformers.AutoTokenizer.from_pretrained(args.model)
-            longest = max(len(reward.encode_prompt(ptok, reward.build_prompt(r["question"], args.cot, sampling=True)))
-                          for r in records)
-        error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
-                             device_bytes, longest)
-        if error is not None:
-            raise SystemExit(error)
+    if rows is not None:  # the samples are known: refused now if they cannot train a verifier
+        args.micro_batch_size = check_samples(args, rows, path, world)
+    check_memory(args, records if rows is None else None, world, device)
     if rank == 0:
         begin_run(args, flags, world, resuming)
     dist.barrier()
@@ -590,7 +570,7 @@ def main(args):
         gc.collect()  # FSDP2 holds the dropped sampling model in reference cycles: free it before the verifier
         rows = read_samples(path)
         rows = with_gold(rows, records, args.cot) if args.gold_samples else rows
-        check_samples(args, rows, path, world)
+        args.micro_batch_size = check_samples(args, rows, path, world)
     log(samples_summary(rows))
     train(args, rows, resuming, rank, world, device, mesh, log)
     log(f"done: verifier in {args.output_dir}/final, metrics in {args.output_dir}/metrics.jsonl")
@@ -1178,6 +1158,49 @@ def load(cls_name, path, flag, mesh, device, **kw):
     return load_sharded(read, lambda config: cls.from_config(config, dtype=torch.float32), mesh, device), tok
 
 
+def check_args(args):
+    """The flags, the checkpoints (--model only where it samples: not with --samples and --init), --samples and
+    --reward, before any model loads; resolves --cot and returns the reward function."""
+    check_ranges(args, RANGES)
+    if not args.samples and not args.model:
+        raise SystemExit("error: --model is required to draw samples (or pass --samples FILE)")
+    if not (args.init or args.model):
+        raise SystemExit("error: --init (or --model) is required: the checkpoint the verifier trunk starts from")
+    if args.samples and not os.path.isfile(args.samples):
+        raise SystemExit(f"error: --samples {args.samples!r}: no such file")
+    reward_fn = reward.load_reward(args.reward)
+    if args.samples and reward_fn is not reward.compute_rewards:
+        raise SystemExit(f"error: --reward {args.reward} labels the samples rerank.py draws; --samples "
+                         f"{args.samples} brings its own labels")
+    checkpoints = {flag: path for flag, path in (("--model", args.model), ("--init", args.init))
+                   if path and not (flag == "--model" and args.samples and args.init)}
+    if "--model" in checkpoints:
+        check_default_model(args.model, Args.model)
+    for flag, path in checkpoints.items():
+        check_checkpoint(path, flag)
+    resolve_cot(args, checkpoints)
+    return reward_fn
+
+
+def check_memory(args, records, world, device):
+    """On a GPU, stop now when the run cannot fit (memory_error), not at an OOM after minutes of loading; `records`:
+    the questions to sample (None: no sampling)."""
+    device_bytes = device_memory(device)
+    if device_bytes is None:
+        return
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(args.init or args.model)
+    longest = None
+    if records is not None:
+        tok = transformers.AutoTokenizer.from_pretrained(args.model)
+        longest = max(len(reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True)))
+                      for r in records)
+    error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
+                         device_bytes, longest)
+    if error is not None:
+        raise SystemExit(error)
+
+
 def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
     """None when this run's estimated peak memory per device (memory_estimate) fits `device_bytes`, else the error
     line (memory_advice); the larger of its two phases, which never overlap. Sampling (when `prompt_tokens` is not
@@ -1258,8 +1281,9 @@ def drop_partial_questions(path):
 
 
 def check_samples(args, rows, path, world):
-    """Before the verifier loads: the samples can train it (both kinds among the training part: a verifier trained on
-    one kind learns a constant) and the batch flags split them; fills in an automatic --micro_batch_size."""
+    """The micro-batch per process (--batch_size / world unless given), once the samples are known to train a
+    verifier: both kinds among the training part (a verifier trained on one kind learns a constant), at least one
+    --batch_size of them, split evenly over the processes."""
     if not rows:
         raise SystemExit(f"error: {path}: no samples")
     train_rows = split_by_question(rows, args.holdout_fraction, args.seed)[0]
@@ -1272,13 +1296,13 @@ def check_samples(args, rows, path, world):
         raise SystemExit(f"error: {path}: all {len(train_rows)} training samples are {kind}, and a verifier needs both "
                          f"kinds: {gold}draw more (--num_samples, --limit), sample another --model or at another "
                          f"--temperature")
-    if args.micro_batch_size <= 0:
-        args.micro_batch_size = max(1, args.batch_size // world)
-    if args.batch_size % (args.micro_batch_size * world):
+    micro = args.micro_batch_size if args.micro_batch_size > 0 else max(1, args.batch_size // world)
+    if args.batch_size % (micro * world):
         raise SystemExit(f"error: --batch_size {args.batch_size} is not a multiple of micro_batch_size × world "
-                         f"({args.micro_batch_size} × {world})")
+                         f"({micro} × {world})")
     if len(train_rows) < args.batch_size:
         raise SystemExit(f"error: {len(train_rows)} training samples are fewer than one --batch_size {args.batch_size}")
+    return micro
 
 
 def save_verifier(model, tok, args, path, rank):

@@ -62,7 +62,8 @@ COPIES = {
 DIFFERENT = {"collate": ["sft.py", "rerank.py"],
              "sample": ["reft.py", "rerank.py"], "save_resume_state": ["reft.py"], "load_resume_state": ["reft.py"],
              "load_tokenizer": ["sft.py", "reft.py"], "score": ["reft.py", "rerank.py"],
-             "memory_error": ["sft.py", "reft.py", "rerank.py", "evaluate.py"]}
+             "memory_error": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+             "check_args": ["sft.py", "evaluate.py"]}
 
 
 def function_source(path, name):
