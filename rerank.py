@@ -7,7 +7,8 @@ evaluate.py --mode rerank uses the verifier.
   labels: correct when the reward gives 1.0           sample → reward.extract_answers, reward.score_completions
   the verifier: the LM trunk + a scalar head          load("AutoModelForSequenceClassification") in train
   its input: prompt + CoT, cut to --max_length        encode, collate (right padding; the head reads the last token)
-  its loss: binary cross-entropy on the label         train's loop (BCE with logits, the mean over the global batch)
+  its loss: binary cross-entropy on the label         verifier_step (BCE with logits, the mean over the global batch)
+  a step: --batch_size over processes, micro-batches  check_samples (per process), epoch_batch, verifier_step
   held-out questions: accuracy, AUC, rerank@k         split_by_question, score, auc, holdout_metrics
   the schedule: linear warm-up, then linear decay     lr_lambda
 
@@ -49,7 +50,7 @@ Differences from the paper's code (train_reward_model.py), on purpose:
 - Loss: BCE on one logit instead of 2-class cross-entropy. Softmax over two logits is a sigmoid of their
   difference, so the models are the same up to a redundant parameter vector; the score is P(correct) both ways.
 - CPU defaults: lr 1e-4 (paper 1e-6 for 7B models: a tiny model with a fresh head needs much more), 3 epochs
-  (same), batch 32 (paper 24-48), 16 samples per question (paper 100), --max_length 256 (paper 700).
+  (same), batch 32 (paper 24-48), 8 samples per question (paper 100), --max_length 256 (paper 700).
 - Sampling uses pure sampling (top_k 0, top_p 1) at temperature 1, the distribution ReFT's rollouts use; the
   paper's sampling.py left transformers' default top_k=50 (pass --top_k 50 for that).
 - The held-out questions come from the training split; the paper picked the best epoch on the test set.
@@ -1202,13 +1203,9 @@ def check_memory(args, records, world, device):
 
 
 def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
-    """None when this run's estimated peak memory per device (memory_estimate) fits `device_bytes`, else the error
-    line (memory_advice); the larger of its two phases, which never overlap. Sampling (when `prompt_tokens` is not
-    None): the sampling model's fp32 weights (4 bytes per parameter), gathered for generation with the KV cache of
-    min(--gen_batch_size, --num_samples) sequences of the longest prompt + --max_new_tokens. The verifier's training:
-    its fp32 weights and AdamW's moments, 12 bytes per parameter, the fp32 gradients, 4, and --micro_batch_size
-    samples (automatic: --batch_size / processes) of up to --max_length tokens, without gradient checkpointing (the
-    verifier has no such flag). Both models are counted as causal LMs of `n_params`, the trained one's."""
+    """memory_advice's error line, or None when the larger of the two phases fits. Sampling (`prompt_tokens` not
+    None): 4 bytes per parameter, KV cache of min(--gen_batch_size, --num_samples) × (prompt + --max_new_tokens).
+    Training: 12 + 4 bytes per parameter, --micro_batch_size × --max_length tokens. Both models of `n_params`."""
     def peak(world, batches, gradient_checkpointing):
         micro = batches["--micro_batch_size"] if args.micro_batch_size > 0 else max(1, args.batch_size // world)
         train = memory_estimate(n_params, config, world, bf16, 12, 4, micro * args.max_length, gradient_checkpointing,
@@ -1250,11 +1247,9 @@ def read_samples(path):
 
 
 def drop_partial_questions(path):
-    """Rank 0, before sampling continues: keep in `path` only the questions with all their rows, so that a question
-    whose write a kill cut is sampled again instead of counting as done with fewer. A cut last line and the rows of
-    a question with fewer than its `distinct` go (one warning line), the rest to a new file renamed over the old one.
-    Rows without `distinct` (a --samples file of another origin) count as whole; a line that is not JSON is left for
-    read_samples to name."""
+    """Rank 0, before sampling continues: drop from `path` a last line cut by a kill and the questions with fewer rows
+    than their `distinct` (one warning line), so that they are sampled again; rows without `distinct` count as whole,
+    a line that is not JSON is left for read_samples to name."""
     with open(path) as f:
         lines = f.readlines()
     cut = bool(lines) and not lines[-1].endswith("\n")
@@ -1306,7 +1301,7 @@ def check_samples(args, rows, path, world):
 
 
 def save_verifier(model, tok, args, path, rank):
-    """Full state dict on rank 0 → an AutoModelForSequenceClassification folder (+ tokenizer, train_args.json)."""
+    """An AutoModelForSequenceClassification folder (+ tokenizer, train_args.json), written by rank 0."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         tok.model_max_length = args.max_length  # evaluate.py cuts its inputs where training did

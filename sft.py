@@ -357,7 +357,8 @@ def save_epoch_checkpoints(model, tok, args, epoch, accuracy, best, keep_epochs,
         return best
     save_hf(model, tok, args, os.path.join(args.output_dir, "best"), rank, dtype)
     if rank == 0:
-        tqdm.write(f"epoch {epoch}: the best {args.eval_split} accuracy so far ({accuracy:.3f}), {args.output_dir}/best")
+        tqdm.write(f"epoch {epoch}: the best {args.eval_split} accuracy so far ({accuracy:.3f}), "
+                   f"{args.output_dir}/best")
     return accuracy
 
 
@@ -428,7 +429,8 @@ def main(args):
                                                    rank, world, device, args.eval_batch_size, reward.compute_rewards)
         if rank == 0:
             append_metrics(metrics_path, row)
-        bar.set_postfix(loss=f"{loss:.4f}", **({"acc": f"{row['eval_accuracy']:.3f}"} if "eval_accuracy" in row else {}))
+        bar.set_postfix(loss=f"{loss:.4f}",
+                        **({"acc": f"{row['eval_accuracy']:.3f}"} if "eval_accuracy" in row else {}))
         if rank == 0 and args.log_every > 0 and step % args.log_every == 0:
             tqdm.write(summary(row))
         bar.update(1)

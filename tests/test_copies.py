@@ -39,6 +39,7 @@ COPIES = {
     "eval_questions": ["sft.py", "reft.py"],
     "summary": ["sft.py", "reft.py", "rerank.py"],
     "lr_lambda": ["sft.py", "rerank.py"],
+    "epoch_batch": ["sft.py", "rerank.py"],
     "save_resume_state": ["sft.py", "rerank.py"],
     "load_resume_state": ["sft.py", "rerank.py"],
     "resume_states": ["sft.py", "reft.py", "rerank.py"],
@@ -63,7 +64,7 @@ DIFFERENT = {"collate": ["sft.py", "rerank.py"],
              "sample": ["reft.py", "rerank.py"], "save_resume_state": ["reft.py"], "load_resume_state": ["reft.py"],
              "load_tokenizer": ["sft.py", "reft.py"], "score": ["reft.py", "rerank.py"],
              "memory_error": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
-             "check_args": ["sft.py", "evaluate.py"]}
+             "check_args": ["sft.py", "rerank.py", "evaluate.py"], "check_memory": ["sft.py", "rerank.py"]}
 
 
 def function_source(path, name):
