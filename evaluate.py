@@ -1,10 +1,11 @@
 """Evaluation: greedy top-1 accuracy, majority voting over k samples, and verifier reranking of the same samples.
 
 Reading guide: each of the paper's inference metrics, and the functions that compute it, in the order main() runs them
-  top-1 (greedy decoding; Table 2)             generate_texts(do_sample=False) → reward.extract_answers → correct_flags
-  Voting@k (the majority answer; Table 4)      generate_texts(do_sample=True) → vote_groups, vote_counts, majority_index
-  Rerank@k (the verifier's best; Table 4)      verifier_scores (a rerank.py verifier) → rerank_index
-  pass@k (any sample right; not in the paper)  pass_at_k
+  top-1 (greedy decoding; Table 2)             greedy_predictions: generate_texts → extract → correct_flags
+  Voting@k (the majority answer; Table 4)      vote_predictions: generate_texts(do_sample=True) → majority_index
+                                               (vote_groups, vote_counts)
+  Rerank@k (the verifier's best; Table 4)      rerank_predictions: verifier_scores (a rerank.py verifier) → rerank_index
+  pass@k (any sample right; not in the paper)  pass_at_k, in vote_predictions
   the paper code's answer rules (--scoring paper)  reward.extract_answers_paper, reward.paper_correct, paper_candidates
 write_outputs makes the table. Below the "infrastructure" marker: the flags and their checks, the distributed setup
 and loading, the same in every stage.
@@ -434,10 +435,9 @@ def check_verifier(path):
 
 
 def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
-    """None when this run's estimated peak memory per device (memory_estimate) fits `device_bytes`, else the error
-    line (memory_advice): the policy's fp32 weights (4 bytes per parameter), gathered for generation with the KV cache
-    of --batch_size sequences of the longest prompt (`prompt_tokens`) + --max_new_tokens. The verifier comes after
-    the policy is dropped and only scores (no KV cache, no gradients)."""
+    """memory_advice's error line, or None when generation fits: the policy's fp32 weights (4 bytes per parameter)
+    and the KV cache of --batch_size × (`prompt_tokens` + --max_new_tokens); the verifier comes after the policy goes
+    and only scores."""
     def peak(world, batches, gradient_checkpointing):
         return memory_estimate(n_params, config, world, bf16, 4, 0, 0, False,
                                batches["--batch_size"] * (prompt_tokens + args.max_new_tokens))["generation"]

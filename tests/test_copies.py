@@ -64,7 +64,7 @@ DIFFERENT = {"collate": ["sft.py", "rerank.py"],
              "sample": ["reft.py", "rerank.py"], "save_resume_state": ["reft.py"], "load_resume_state": ["reft.py"],
              "load_tokenizer": ["sft.py", "reft.py"], "score": ["reft.py", "rerank.py"],
              "memory_error": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
-             "check_args": ["sft.py", "rerank.py", "evaluate.py"], "check_memory": ["sft.py", "rerank.py"]}
+             "check_args": ["sft.py", "rerank.py", "evaluate.py"], "check_memory": ["sft.py", "rerank.py", "evaluate.py"]}
 
 
 def function_source(path, name):
