@@ -7,8 +7,8 @@ Reading guide: each of the paper's inference metrics, and the functions that com
   Rerank@k (the verifier's best; Table 4)      rerank_predictions: verifier_scores (a rerank.py verifier) → rerank_index
   pass@k (any sample right; not in the paper)  pass_at_k, in vote_predictions
   the paper code's answer rules (--scoring paper)  reward.extract_answers_paper, reward.paper_correct, paper_candidates
-write_outputs makes the table. Below the "infrastructure" marker: the flags and their checks, the distributed setup
-and loading, the same in every stage.
+write_outputs makes the table. Below the "infrastructure" marker: evaluate.py's checks of its flags, then copies
+shared with the other stages (flag parsing and checks, the distributed setup, loading).
 
 Modes (the paper's Table 2 reports greedy "value accuracy", Table 4 Voting@100 and Rerank@100):
   greedy  greedy decoding, one answer per question. Every mode uses the rollout prompt (`build_prompt(q, cot,
@@ -51,7 +51,7 @@ sample answers and correct flags, votes, verifier scores, the chosen answers and
 "k", "n", "model", ...}); no_answer is the fraction of completions without an extractable answer (None), so that
 "unparseable" is not mixed with "wrong".
 Questions are split across ranks under torchrun and gathered on rank 0; the models are wrapped in FSDP2 as in
-sft.py, with the full parameters gathered once around each generate() call.
+sft.py, with the full parameters gathered once around all of a mode's generate() calls.
 """
 import argparse
 import ast

@@ -405,22 +405,6 @@ def holdout_metrics(logits, rows):
             "holdout_pass_at_k": sum(any(r["correct"] for _, r in c) for c in by_q.values()) / len(by_q)}
 
 
-# a copy kept identical across stage files: tests/test_copies.py
-def lr_lambda(warmup_steps, total_steps):
-    """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
-    def f(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return f
-
-
-def epoch_batch(examples, seed, epoch, i, batch_size):
-    """The i-th batch of epoch `epoch`, whose order depends only on (seed, epoch): a resumed run sees the same ones."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch))
-    return [examples[j] for j in order[i * batch_size:(i + 1) * batch_size].tolist()]
-
-
 def verifier_step(model, opt, sched, batch, micro, accum, world, rank, pad_id, device, step):
     """One optimizer step of BCE on a global batch: (its mean loss, its accuracy at P = 0.5, the gradient norm). Each
     process takes every world-th sample, in `accum` micro-batches of `micro`."""
@@ -501,7 +485,9 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
     for step in range(start, total_steps):
         t0 = time.time()
         epoch, i = divmod(step, steps_per_epoch)
-        batch = epoch_batch(examples, args.seed, epoch, i, args.batch_size)
+        # The order of epoch e depends only on (seed, e): a resumed run sees exactly the same batches.
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed + epoch))
+        batch = [examples[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size].tolist()]
         loss, accuracy, grad_norm = verifier_step(model, opt, sched, batch, args.micro_batch_size, accum, world, rank,
                                                   tok.pad_token_id, device, step)
         row = {"step": step + 1, "epoch": epoch + (i + 1) / steps_per_epoch, "loss": loss, "train_accuracy": accuracy,
@@ -519,23 +505,6 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
 
 
 # ----------------------------------------------------------------------------- main
-
-# a copy kept identical across stage files: tests/test_copies.py
-def fill_recipe(args):
-    """Every flag left at -1 that RECIPES covers takes its recipe's value (one per --cot where it is a dict), by the
-    size of the model (--init, else --model: the one trained; read from its safetensors headers before anything
-    loads); returns what was filled in, in words, for the log."""
-    n = checkpoint_params(getattr(args, "init", "") or args.model)
-    name = "small" if n is not None and n < SMALL_MODEL else "paper"
-    filled = []
-    for flag, value in RECIPES[name].items():
-        if getattr(args, flag) == -1:
-            value = value[args.cot] if isinstance(value, dict) else value
-            setattr(args, flag, value)
-            filled.append(f"--{flag} {value:g}")
-    size = "a hub model" if n is None else f"{n / 1e6:.1f} M parameters"
-    return f"{name} ({size}){': ' + ', '.join(filled) if filled else ', every flag given'}"
-
 
 def main(args):
     beside = os.path.join(os.path.dirname(os.path.normpath(args.model)), "best")
@@ -1159,6 +1128,8 @@ def load(cls_name, path, flag, mesh, device, **kw):
     return load_sharded(read, lambda config: cls.from_config(config, dtype=torch.float32), mesh, device), tok
 
 
+# ----------------------------------------------------------------------------- rerank.py's checks, recipe, schedule
+
 def check_args(args):
     """The flags, the checkpoints (--model only where it samples: not with --samples and --init), --samples and
     --reward, before any model loads; resolves --cot and returns the reward function."""
@@ -1200,6 +1171,33 @@ def check_memory(args, records, world, device):
                          device_bytes, longest)
     if error is not None:
         raise SystemExit(error)
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def fill_recipe(args):
+    """Every flag left at -1 that RECIPES covers takes its recipe's value (one per --cot where it is a dict), by the
+    size of the model (--init, else --model: the one trained; read from its safetensors headers before anything
+    loads); returns what was filled in, in words, for the log."""
+    n = checkpoint_params(getattr(args, "init", "") or args.model)
+    name = "small" if n is not None and n < SMALL_MODEL else "paper"
+    filled = []
+    for flag, value in RECIPES[name].items():
+        if getattr(args, flag) == -1:
+            value = value[args.cot] if isinstance(value, dict) else value
+            setattr(args, flag, value)
+            filled.append(f"--{flag} {value:g}")
+    size = "a hub model" if n is None else f"{n / 1e6:.1f} M parameters"
+    return f"{name} ({size}){': ' + ', '.join(filled) if filled else ', every flag given'}"
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def lr_lambda(warmup_steps, total_steps):
+    """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return f
 
 
 def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):

@@ -252,16 +252,6 @@ def token_nll_sum(model, input_ids, labels, attention_mask):
                                              labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
 
 
-# a copy kept identical across stage files: tests/test_copies.py
-def lr_lambda(warmup_steps, total_steps):
-    """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
-    def f(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return f
-
-
 # ----------------------------------------------------------------------------- the method's decisions and steps
 
 def training_examples(tok, records, pairs, n_rows, args, log):
@@ -1132,6 +1122,8 @@ def read_extra_samples(path, records):
     return pairs, n_rows
 
 
+# ----------------------------------------------------------------------------- evaluation questions, the schedule, saving
+
 # a copy kept identical across stage files: tests/test_copies.py
 def eval_questions(args):
     """The questions of the evaluation during training: --eval_data (a file as it is, or the --eval_split of a
@@ -1189,6 +1181,16 @@ def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, d
     dist.all_reduce(total)
     model.train(training)
     return (total[0] / total[1]).item()
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def lr_lambda(warmup_steps, total_steps):
+    """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return f
 
 
 # a copy kept identical across stage files: tests/test_copies.py
