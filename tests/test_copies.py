@@ -39,7 +39,6 @@ COPIES = {
     "eval_questions": ["sft.py", "reft.py"],
     "summary": ["sft.py", "reft.py", "rerank.py"],
     "lr_lambda": ["sft.py", "rerank.py"],
-    "epoch_batch": ["sft.py", "rerank.py"],
     "save_resume_state": ["sft.py", "rerank.py"],
     "load_resume_state": ["sft.py", "rerank.py"],
     "resume_states": ["sft.py", "reft.py", "rerank.py"],
