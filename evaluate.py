@@ -1,13 +1,14 @@
 """Evaluation: greedy top-1 accuracy, majority voting over k samples, and verifier reranking of the same samples.
 
 Reading guide: each of the paper's inference metrics, and the functions that compute it, in the order main() runs them
-  top-1 (greedy decoding; Table 2)             generate_texts(do_sample=False) → reward.extract_answers → correct_flags
-  Voting@k (the majority answer; Table 4)      generate_texts(do_sample=True) → vote_groups, vote_counts, majority_index
-  Rerank@k (the verifier's best; Table 4)      verifier_scores (a rerank.py verifier) → rerank_index
-  pass@k (any sample right; not in the paper)  pass_at_k
+  top-1 (greedy decoding; Table 2)             greedy_predictions: generate_texts → extract → correct_flags
+  Voting@k (the majority answer; Table 4)      vote_predictions: generate_texts(do_sample=True) → majority_index
+                                               (vote_groups, vote_counts)
+  Rerank@k (the verifier's best; Table 4)      rerank_predictions: verifier_scores (a rerank.py verifier) → rerank_index
+  pass@k (any sample right; not in the paper)  pass_at_k, in vote_predictions
   the paper code's answer rules (--scoring paper)  reward.extract_answers_paper, reward.paper_correct, paper_candidates
-write_outputs makes the table. Below the "infrastructure" marker: the flags and their checks, the distributed setup
-and loading, the same in every stage.
+write_outputs makes the table. Below the "infrastructure" marker: evaluate.py's checks of its flags, then copies
+shared with the other stages (flag parsing and checks, the distributed setup, loading).
 
 Modes (the paper's Table 2 reports greedy "value accuracy", Table 4 Voting@100 and Rerank@100):
   greedy  greedy decoding, one answer per question. Every mode uses the rollout prompt (`build_prompt(q, cot,
@@ -50,7 +51,7 @@ sample answers and correct flags, votes, verifier scores, the chosen answers and
 "k", "n", "model", ...}); no_answer is the fraction of completions without an extractable answer (None), so that
 "unparseable" is not mixed with "wrong".
 Questions are split across ranks under torchrun and gathered on rank 0; the models are wrapped in FSDP2 as in
-sft.py, with the full parameters gathered once around each generate() call.
+sft.py, with the full parameters gathered once around all of a mode's generate() calls.
 """
 import argparse
 import ast
@@ -244,14 +245,59 @@ def verifier_scores(verifier, tok, texts, batch_size, device, rank):
     return scores
 
 
+# ----------------------------------------------------------------------------- the metrics, each one step
+
+def greedy_predictions(model, tok, prompts, mine, args, reward_fn, device, rank):
+    """Top-1: per question, its greedy completion, the answer extracted from it and whether it is correct."""
+    texts = generate_texts(model, tok, prompts, args.batch_size, device, "greedy", rank, do_sample=False,
+                           max_new_tokens=args.max_new_tokens)
+    answers = extract(texts, args.cot, mine, args.scoring)
+    return [{"greedy_completion": t, "greedy_answer": a, "greedy_correct": c}
+            for t, a, c in zip(texts, answers, correct_flags(texts, answers, mine, args, reward_fn))]
+
+
+def vote_predictions(model, tok, prompts, mine, args, reward_fn, device, rank):
+    """Voting@k and pass@k over k samples per question: ([its k completions], [its predictions])."""
+    k = args.k
+    texts = generate_texts(model, tok, [p for p in prompts for _ in range(k)], args.batch_size, device,
+                           f"sample k={k}", rank, do_sample=True, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    repeated = [r for r in mine for _ in range(k)]
+    all_answers = extract(texts, args.cot, repeated, args.scoring)
+    all_correct = correct_flags(texts, all_answers, repeated, args, reward_fn)
+    samples, predictions = [], []
+    for i in range(len(mine)):
+        answers, correct = all_answers[i * k:(i + 1) * k], all_correct[i * k:(i + 1) * k]
+        voters = paper_candidates(answers, False) if args.scoring == "paper" else answers
+        chosen = majority_index(voters, args.scoring)
+        samples.append(texts[i * k:(i + 1) * k])
+        predictions.append({"sample_answers": answers, "sample_correct": correct,
+                            "votes": vote_counts(voters, args.scoring),
+                            "vote_answer": None if chosen is None else answers[chosen],
+                            "vote_correct": chosen is not None and correct[chosen], "pass_at_k": pass_at_k(correct)})
+    return samples, predictions
+
+
+def rerank_predictions(verifier, tok, prompts, samples, voted, args, device, rank):
+    """Rerank@k of the same samples: per question, the verifier's scores and the best-scored sample with an answer."""
+    # Identical completions get identical scores: score each distinct text once.
+    texts = sorted({prompt + t for prompt, ks in zip(prompts, samples) for t in ks})
+    score_of = dict(zip(texts, verifier_scores(verifier, tok, texts, args.batch_size, device, rank)))
+    predictions = []
+    for prompt, ks, v in zip(prompts, samples, voted):
+        scores = [score_of[prompt + t] for t in ks]
+        candidates = paper_candidates(v["sample_answers"], True) if args.scoring == "paper" else v["sample_answers"]
+        chosen = rerank_index(candidates, scores)
+        predictions.append({"verifier_scores": scores,
+                            "rerank_answer": None if chosen is None else v["sample_answers"][chosen],
+                            "rerank_correct": chosen is not None and v["sample_correct"][chosen]})
+    return predictions
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    reward_fn = reward.load_reward(args.reward)
-    if args.scoring == "paper" and reward_fn is not reward.compute_rewards:
-        raise SystemExit(f"error: --scoring paper judges answers by the paper code's rule, --reward {args.reward} by "
-                         f"its own: pass one of them")
-    check_args(args)
+    reward_fn = check_args(args)
     records = load_questions(args)
     rank, world, device, mesh = init_distributed()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
@@ -264,19 +310,8 @@ def main(args):
     t0 = time.time()
     torch.manual_seed(args.seed + rank)  # different samples on each rank
     mine = records[rank::world]
-    rows = [{"index": rank + world * i, "item_id": r["item_id"], "gold": r["answer_value"]} for i, r in enumerate(mine)]
-
-    device_bytes = device_memory(device)
-    if device_bytes is not None:  # a run that cannot fit stops now, not at an OOM after minutes of loading
-        import transformers
-        config = transformers.AutoConfig.from_pretrained(args.model)
-        ptok = transformers.AutoTokenizer.from_pretrained(args.model)
-        longest = max(len(reward.encode_prompt(ptok, reward.build_prompt(r["question"], args.cot, sampling=True)))
-                      for r in records)
-        error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
-                             device_bytes, longest)
-        if error is not None:
-            raise SystemExit(error)
+    prompts = [reward.build_prompt(r["question"], args.cot, sampling=True) for r in mine]
+    check_memory(args, records, world, device)
     model, tok = load("AutoModelForCausalLM", args.model, "--model", mesh, device)
     model.eval()
     if rank == 0:  # after the checks and the policy's loading: a refused command writes nothing
@@ -284,53 +319,23 @@ def main(args):
             log(f"overwriting the results in {args.output_dir} (evaluate.py keeps only its latest)")
         os.makedirs(args.output_dir, exist_ok=True)
         write_run_args(dataclasses.asdict(args), world)
-    if do_greedy:
-        texts = generate_texts(model, tok, [reward.build_prompt(r["question"], args.cot, sampling=True) for r in mine],
-                               args.batch_size, device, "greedy", rank, do_sample=False,
-                               max_new_tokens=args.max_new_tokens)
-        answers = extract(texts, args.cot, mine, args.scoring)
-        for row, text, answer, correct in zip(rows, texts, answers, correct_flags(texts, answers, mine, args,
-                                                                                  reward_fn)):
-            row.update(greedy_completion=text, greedy_answer=answer, greedy_correct=correct)
-    if do_sample:
-        prompts = [reward.build_prompt(r["question"], args.cot, sampling=True) for r in mine for _ in range(args.k)]
-        texts = generate_texts(model, tok, prompts, args.batch_size, device, f"sample k={args.k}", rank,
-                               do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               max_new_tokens=args.max_new_tokens)
-        repeated = [r for r in mine for _ in range(args.k)]
-        all_answers = extract(texts, args.cot, repeated, args.scoring)
-        all_correct = correct_flags(texts, all_answers, repeated, args, reward_fn)
-        for i, row in enumerate(rows):
-            row["samples"], answers = texts[i * args.k:(i + 1) * args.k], all_answers[i * args.k:(i + 1) * args.k]
-            voters = paper_candidates(answers, False) if args.scoring == "paper" else answers
-            chosen = majority_index(voters, args.scoring)
-            row.update(sample_answers=answers, sample_correct=all_correct[i * args.k:(i + 1) * args.k],
-                       votes=vote_counts(voters, args.scoring), vote_answer=None if chosen is None else answers[chosen])
-            row.update(vote_correct=chosen is not None and row["sample_correct"][chosen],
-                       pass_at_k=pass_at_k(row["sample_correct"]))
+    none = [{} for _ in mine]
+    greedy = greedy_predictions(model, tok, prompts, mine, args, reward_fn, device, rank) if do_greedy else none
+    samples, voted = vote_predictions(model, tok, prompts, mine, args, reward_fn, device, rank) if do_sample \
+        else (None, none)
     # FSDP2 holds a sharded model in reference cycles: only a collection frees the policy's weights (27 GB of a 7B
     # model on one GPU) before the verifier loads.
     del model
     gc.collect()
+    reranked = none
     if do_rerank:
         verifier, vtok = load("AutoModelForSequenceClassification", args.verifier, "--verifier", mesh, device)
         verifier.eval()
-        # Identical completions get identical scores: score each distinct text once.
-        texts = sorted({reward.build_prompt(r["question"], args.cot, sampling=True) + t
-                        for row, r in zip(rows, mine) for t in row["samples"]})
-        score_of = dict(zip(texts, verifier_scores(verifier, vtok, texts, args.batch_size, device, rank)))
-        for row, r in zip(rows, mine):
-            prompt = reward.build_prompt(r["question"], args.cot, sampling=True)
-            row["verifier_scores"] = [score_of[prompt + t] for t in row["samples"]]
-            candidates = row["sample_answers"]
-            candidates = paper_candidates(candidates, True) if args.scoring == "paper" else candidates
-            chosen = rerank_index(candidates, row["verifier_scores"])
-            row["rerank_answer"] = None if chosen is None else row["sample_answers"][chosen]
-            row["rerank_correct"] = chosen is not None and row["sample_correct"][chosen]
+        reranked = rerank_predictions(verifier, vtok, prompts, samples, voted, args, device, rank)
         del verifier
-    for row in rows:
-        row.pop("samples", None)  # k full texts per question would dwarf everything else in predictions.jsonl
-
+    # One row per question; the k sample texts stay out (they would dwarf everything else in predictions.jsonl).
+    rows = [{"index": rank + world * i, "item_id": r["item_id"], "gold": r["answer_value"], **g, **v, **rr}
+            for i, (r, g, v, rr) in enumerate(zip(mine, greedy, voted, reranked))]
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(rows, gathered, dst=0)
     if rank == 0:
@@ -390,7 +395,11 @@ def write_outputs(args, rows, do_greedy, do_sample, do_rerank, world, seconds):
 
 def check_args(args):
     """One line naming every missing flag, so `python evaluate.py --mode rerank` says all it needs at once; then each
-    flag's range, the checkpoints, the CoT kind they were trained on and the output folder."""
+    flag's range, the checkpoints, the CoT kind they were trained on and the output folder; returns --reward."""
+    reward_fn = reward.load_reward(args.reward)
+    if args.scoring == "paper" and reward_fn is not reward.compute_rewards:
+        raise SystemExit(f"error: --scoring paper judges answers by the paper code's rule, --reward {args.reward} by "
+                         f"its own: pass one of them")
     missing = ([] if args.model else ["--model is required (a checkpoint folder written by sft.py or reft.py)"]) + \
         (["--mode rerank needs --verifier (a checkpoint folder written by rerank.py)"]
          if args.mode == "rerank" and not args.verifier else [])
@@ -411,6 +420,7 @@ def check_args(args):
         name = os.path.normpath(args.model).removeprefix("runs" + os.sep).strip(os.sep).replace(os.sep, "_")
         args.output_dir = os.path.join("runs", "eval", name)
     check_output_dir(args.output_dir)
+    return reward_fn
 
 
 def check_verifier(path):
@@ -433,6 +443,22 @@ def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_token
         return memory_estimate(n_params, config, world, bf16, 4, 0, 0, False,
                                a.batch_size * (prompt_tokens + a.max_new_tokens))["generation"]
     return memory_advice(args, peak, world, device_bytes, ["batch_size"])
+
+
+def check_memory(args, records, world, device):
+    """On a GPU, stop now when the run cannot fit (memory_error), not at an OOM after minutes of loading."""
+    device_bytes = device_memory(device)
+    if device_bytes is None:
+        return
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(args.model)
+    tok = transformers.AutoTokenizer.from_pretrained(args.model)
+    longest = max(len(reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True)))
+                  for r in records)
+    error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
+                         device_bytes, longest)
+    if error is not None:
+        raise SystemExit(error)
 
 
 def load_questions(args):

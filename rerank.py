@@ -7,7 +7,8 @@ evaluate.py --mode rerank uses the verifier.
   labels: correct when the reward gives 1.0           sample → reward.extract_answers, reward.score_completions
   the verifier: the LM trunk + a scalar head          load("AutoModelForSequenceClassification") in train
   its input: prompt + CoT, cut to --max_length        encode, collate (right padding; the head reads the last token)
-  its loss: binary cross-entropy on the label         train's loop (BCE with logits, the mean over the global batch)
+  its loss: binary cross-entropy on the label         verifier_step (BCE with logits, the mean over the global batch)
+  a step: --batch_size over processes, micro-batches  check_samples (per process), epoch_batch, verifier_step
   held-out questions: accuracy, AUC, rerank@k         split_by_question, score, auc, holdout_metrics
   the schedule: linear warm-up, then linear decay     lr_lambda
 
@@ -49,7 +50,7 @@ Differences from the paper's code (train_reward_model.py), on purpose:
 - Loss: BCE on one logit instead of 2-class cross-entropy. Softmax over two logits is a sigmoid of their
   difference, so the models are the same up to a redundant parameter vector; the score is P(correct) both ways.
 - CPU defaults: lr 1e-4 (paper 1e-6 for 7B models: a tiny model with a fresh head needs much more), 3 epochs
-  (same), batch 32 (paper 24-48), 16 samples per question (paper 100), --max_length 256 (paper 700).
+  (same), batch 32 (paper 24-48), 8 samples per question (paper 100), --max_length 256 (paper 700).
 - Sampling uses pure sampling (top_k 0, top_p 1) at temperature 1, the distribution ReFT's rollouts use; the
   paper's sampling.py left transformers' default top_k=50 (pass --top_k 50 for that).
 - The held-out questions come from the training split; the paper picked the best epoch on the test set.
@@ -403,17 +404,35 @@ def holdout_metrics(logits, rows):
             "holdout_pass_at_k": sum(any(r["correct"] for _, r in c) for c in by_q.values()) / len(by_q)}
 
 
-# a copy kept identical across stage files: tests/test_copies.py
-def lr_lambda(warmup_steps, total_steps):
-    """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
-    def f(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return f
+def verifier_step(model, opt, sched, batch, micro, accum, world, rank, pad_id, device, step):
+    """One optimizer step of BCE on a global batch: (its mean loss, its accuracy at P = 0.5, the gradient norm). Each
+    process takes every world-th sample, in `accum` micro-batches of `micro`."""
+    mine, loss_sum, n_right = batch[rank::world], 0.0, 0
+    for m in range(accum):
+        input_ids, attn, labels = (t.to(device) for t in collate(mine[m * micro:(m + 1) * micro], pad_id))
+        logits = model(input_ids=input_ids, attention_mask=attn).logits[:, 0].float()  # (B,)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+        # Mean over the global batch; FSDP averages gradients over ranks, hence the factor `world`.
+        (bce * world / len(batch)).backward()
+        loss_sum += bce.item()
+        n_right += int(((logits > 0).float() == labels).sum())
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    if not torch.isfinite(grad_norm):  # every rank sees the same norm: every rank stops, before AdamW writes NaN
+        raise SystemExit(f"error: step {step + 1}: the gradient norm is not finite, NaN or inf in the loss, and "
+                         f"the step would put NaN into every weight. Likely causes: fully masked attention rows "
+                         f"on GPU, a learning rate too high, bf16 overflow")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    stats = torch.tensor([loss_sum, n_right], dtype=torch.float64, device=device)
+    dist.all_reduce(stats)
+    return stats[0].item() / len(batch), stats[1].item() / len(batch), grad_norm.item()
 
 
 def train(args, rows, resuming, rank, world, device, mesh, log):
+    """The verifier: --init's trunk with a fresh scalar head, trained on the samples of all but the held-out
+    questions, evaluated on those at every epoch's end, saved to {output_dir}/final."""
     train_rows, held_rows = split_by_question(rows, args.holdout_fraction, args.seed)
     init = args.init or args.model
     torch.manual_seed(args.seed)  # the fresh head's init (rank 0 draws it, load_sharded sends it to the others)
@@ -438,13 +457,13 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
 
     # Accuracy and AUC on held-out samples of one kind say nothing (an untrained head scores 1.0 or 0.0 on them).
-    both_kinds = len({bool(r["correct"]) for r in held_rows}) == 2
-    if held_rows and not both_kinds:
+    if held_rows and len({bool(r["correct"]) for r in held_rows}) < 2:
         log(f"held-out samples: all {len(held_rows)} {'correct' if held_rows[0]['correct'] else 'wrong'}, so no "
             f"holdout metrics (they need both kinds)")
+        held = []
 
     def write(row, evaluate):
-        if evaluate and held and both_kinds:
+        if evaluate and held:
             row.update(holdout_metrics(score(model, held, args.gen_batch_size, tok.pad_token_id, rank, world,
                                              device), held_rows))
             log(f"epoch {row['epoch']:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
@@ -464,39 +483,18 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
             open(metrics_path, "w").close()
         write({"step": 0, "epoch": 0}, evaluate=True)  # the untrained head: chance level
     bar = tqdm(total=total_steps, initial=start, desc="verifier", disable=rank != 0)
-    t_last = time.time()
     for step in range(start, total_steps):
+        t0 = time.time()
         epoch, i = divmod(step, steps_per_epoch)
+        # The order of epoch e depends only on (seed, e): a resumed run sees exactly the same batches.
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed + epoch))
         batch = [examples[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size].tolist()]
-        mine, loss_sum, n_right = batch[rank::world], 0.0, 0
-        for m in range(accum):
-            input_ids, attn, labels = (t.to(device) for t in
-                                       collate(mine[m * args.micro_batch_size:(m + 1) * args.micro_batch_size],
-                                               tok.pad_token_id))
-            logits = model(input_ids=input_ids, attention_mask=attn).logits[:, 0].float()  # (B,)
-            bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
-            # Mean over the global batch; FSDP averages gradients over ranks, hence the factor `world`.
-            (bce * world / args.batch_size).backward()
-            loss_sum += bce.item()
-            n_right += int(((logits > 0).float() == labels).sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        if not torch.isfinite(grad_norm):  # every rank sees the same norm: every rank stops, before AdamW writes NaN
-            raise SystemExit(f"error: step {step + 1}: the gradient norm is not finite, NaN or inf in the loss, and "
-                             f"the step would put NaN into every weight. Likely causes: fully masked attention rows "
-                             f"on GPU, a learning rate too high, bf16 overflow")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        stats = torch.tensor([loss_sum, n_right], dtype=torch.float64, device=device)
-        dist.all_reduce(stats)
-        row = {"step": step + 1, "epoch": epoch + (i + 1) / steps_per_epoch,
-               "loss": stats[0].item() / args.batch_size, "train_accuracy": stats[1].item() / args.batch_size,
-               "lr": sched.get_last_lr()[0], "grad_norm": grad_norm.item(), "seconds": time.time() - t_last}
+        loss, accuracy, grad_norm = verifier_step(model, opt, sched, batch, args.micro_batch_size, accum, world, rank,
+                                                  tok.pad_token_id, device, step)
+        row = {"step": step + 1, "epoch": epoch + (i + 1) / steps_per_epoch, "loss": loss, "train_accuracy": accuracy,
+               "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, "seconds": time.time() - t0}
         write(row, evaluate=i + 1 == steps_per_epoch)
-        t_last = time.time()
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}")
         if rank == 0 and args.log_every > 0 and (step + 1) % args.log_every == 0:
             tqdm.write(summary(row))
         bar.update(1)
@@ -509,43 +507,11 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
 
 # ----------------------------------------------------------------------------- main
 
-def fill_recipe(args):
-    """Flags left at -1 take RECIPES' values (per --cot where a dict) for the size of the model trained (--init, else
-    --model), read before anything loads; returns what was filled, in words for the log."""
-    n = checkpoint_params(getattr(args, "init", "") or args.model)
-    name = "small" if n is not None and n < SMALL_MODEL else "paper"
-    filled = {f: v[args.cot] if isinstance(v, dict) else v for f, v in RECIPES[name].items() if getattr(args, f) == -1}
-    for flag, value in filled.items():
-        setattr(args, flag, value)
-    size = "a hub model" if n is None else f"{n / 1e6:.1f} M parameters"
-    said = ", ".join(f"--{flag} {value:g}" for flag, value in filled.items())
-    return f"{name} ({size}){': ' + said if said else ', every flag given'}"
-
-
 def main(args):
-    # Every check before any model loads: flags, checkpoints, the samples or the questions, the output folder.
-    check_ranges(args, RANGES)
-    if not args.samples and not args.model:
-        raise SystemExit("error: --model is required to draw samples (or pass --samples FILE)")
-    if not (args.init or args.model):
-        raise SystemExit("error: --init (or --model) is required: the checkpoint the verifier trunk starts from")
-    if args.samples and not os.path.isfile(args.samples):
-        raise SystemExit(f"error: --samples {args.samples!r}: no such file")
-    reward_fn = reward.load_reward(args.reward)
-    if args.samples and reward_fn is not reward.compute_rewards:
-        raise SystemExit(f"error: --reward {args.reward} labels the samples rerank.py draws; --samples "
-                         f"{args.samples} brings its own labels")
     beside = os.path.join(os.path.dirname(os.path.normpath(args.model)), "best")
     if not args.init and os.path.basename(os.path.normpath(args.model)) == "warmup" and os.path.isdir(beside):
         args.init = beside  # sft.py's run: sample from its warm-up, start the verifier from its best epoch (paper)
-    # --model only samples: with --samples and --init it is not read
-    checkpoints = {flag: path for flag, path in (("--model", args.model), ("--init", args.init))
-                   if path and not (flag == "--model" and args.samples and args.init)}
-    if "--model" in checkpoints:
-        check_default_model(args.model, Args.model)
-    for flag, path in checkpoints.items():
-        check_checkpoint(path, flag)
-    resolve_cot(args, checkpoints)
+    reward_fn = check_args(args)  # every check before any model loads: flags, checkpoints, --samples, --reward
     flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
     recipe = fill_recipe(args)
     if not args.samples:  # --model samples: a policy, generating up to --max_new_tokens after the prompt
@@ -564,21 +530,9 @@ def main(args):
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     log(f"recipe: {recipe}")
     path = args.samples or os.path.join(args.output_dir, "samples.jsonl")
-    if rows is not None:
-        check_samples(args, rows, path, world)
-    device_bytes = device_memory(device)
-    if device_bytes is not None:  # a run that cannot fit stops now, not at an OOM after minutes of loading
-        import transformers
-        config = transformers.AutoConfig.from_pretrained(args.init or args.model)
-        longest = None
-        if rows is None:
-            ptok = transformers.AutoTokenizer.from_pretrained(args.model)
-            longest = max(len(reward.encode_prompt(ptok, reward.build_prompt(r["question"], args.cot, sampling=True)))
-                          for r in records)
-        error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
-                             device_bytes, longest)
-        if error is not None:
-            raise SystemExit(error)
+    if rows is not None:  # the samples are known: refused now if they cannot train a verifier
+        args.micro_batch_size = check_samples(args, rows, path, world)
+    check_memory(args, records if rows is None else None, world, device)
     if rank == 0:
         begin_run(args, flags, world, resuming)
     dist.barrier()
@@ -587,7 +541,7 @@ def main(args):
         gc.collect()  # FSDP2 holds the dropped sampling model in reference cycles: free it before the verifier
         rows = read_samples(path)
         rows = with_gold(rows, records, args.cot) if args.gold_samples else rows
-        check_samples(args, rows, path, world)
+        args.micro_batch_size = check_samples(args, rows, path, world)
     log(samples_summary(rows))
     train(args, rows, resuming, rank, world, device, mesh, log)
     log(f"done: verifier in {args.output_dir}/final, metrics in {args.output_dir}/metrics.jsonl")
@@ -1067,6 +1021,75 @@ def load(cls_name, path, flag, mesh, device, **kw):
     return load_sharded(read, lambda config: cls.from_config(config, dtype=torch.float32), mesh, device), tok
 
 
+# ----------------------------------------------------------------------------- rerank.py's checks, recipe, schedule
+
+def check_args(args):
+    """The flags, the checkpoints (--model only where it samples: not with --samples and --init), --samples and
+    --reward, before any model loads; resolves --cot and returns the reward function."""
+    check_ranges(args, RANGES)
+    if not args.samples and not args.model:
+        raise SystemExit("error: --model is required to draw samples (or pass --samples FILE)")
+    if not (args.init or args.model):
+        raise SystemExit("error: --init (or --model) is required: the checkpoint the verifier trunk starts from")
+    if args.samples and not os.path.isfile(args.samples):
+        raise SystemExit(f"error: --samples {args.samples!r}: no such file")
+    reward_fn = reward.load_reward(args.reward)
+    if args.samples and reward_fn is not reward.compute_rewards:
+        raise SystemExit(f"error: --reward {args.reward} labels the samples rerank.py draws; --samples "
+                         f"{args.samples} brings its own labels")
+    checkpoints = {flag: path for flag, path in (("--model", args.model), ("--init", args.init))
+                   if path and not (flag == "--model" and args.samples and args.init)}
+    if "--model" in checkpoints:
+        check_default_model(args.model, Args.model)
+    for flag, path in checkpoints.items():
+        check_checkpoint(path, flag)
+    resolve_cot(args, checkpoints)
+    return reward_fn
+
+
+def check_memory(args, records, world, device):
+    """On a GPU, stop now when the run cannot fit (memory_error), not at an OOM after minutes of loading; `records`:
+    the questions to sample (None: no sampling)."""
+    device_bytes = device_memory(device)
+    if device_bytes is None:
+        return
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(args.init or args.model)
+    longest = None
+    if records is not None:
+        tok = transformers.AutoTokenizer.from_pretrained(args.model)
+        longest = max(len(reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True)))
+                      for r in records)
+    error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
+                         device_bytes, longest)
+    if error is not None:
+        raise SystemExit(error)
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def fill_recipe(args):
+    """Flags left at -1 take RECIPES' values (per --cot where a dict) for the size of the model trained (--init, else
+    --model), read before anything loads; returns what was filled, in words for the log."""
+    n = checkpoint_params(getattr(args, "init", "") or args.model)
+    name = "small" if n is not None and n < SMALL_MODEL else "paper"
+    filled = {f: v[args.cot] if isinstance(v, dict) else v for f, v in RECIPES[name].items() if getattr(args, f) == -1}
+    for flag, value in filled.items():
+        setattr(args, flag, value)
+    size = "a hub model" if n is None else f"{n / 1e6:.1f} M parameters"
+    said = ", ".join(f"--{flag} {value:g}" for flag, value in filled.items())
+    return f"{name} ({size}){': ' + said if said else ', every flag given'}"
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def lr_lambda(warmup_steps, total_steps):
+    """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return f
+
+
 def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
     """None when this run fits `device_bytes` per device, else the error line (memory_advice), for the larger of its
     two phases. Sampling (unless `prompt_tokens` is None): fp32 weights, 4 bytes per parameter, gathered, with the KV
@@ -1111,11 +1134,9 @@ def read_samples(path):
 
 
 def drop_partial_questions(path):
-    """Rank 0, before sampling continues: keep in `path` only the questions with all their rows, so that a question
-    whose write a kill cut is sampled again instead of counting as done with fewer. A cut last line and the rows of
-    a question with fewer than its `distinct` go (one warning line), the rest to a new file renamed over the old one.
-    Rows without `distinct` (a --samples file of another origin) count as whole; a line that is not JSON is left for
-    read_samples to name."""
+    """Rank 0, before sampling continues: drop from `path` a last line cut by a kill and the questions with fewer rows
+    than their `distinct` (one warning line), so that they are sampled again; rows without `distinct` count as whole,
+    a line that is not JSON is left for read_samples to name."""
     with open(path) as f:
         lines = f.readlines()
     cut = bool(lines) and not lines[-1].endswith("\n")
@@ -1142,8 +1163,9 @@ def drop_partial_questions(path):
 
 
 def check_samples(args, rows, path, world):
-    """Before the verifier loads: the samples can train it (both kinds among the training part: a verifier trained on
-    one kind learns a constant) and the batch flags split them; fills in an automatic --micro_batch_size."""
+    """The micro-batch per process (--batch_size / world unless given), once the samples are known to train a
+    verifier: both kinds among the training part (a verifier trained on one kind learns a constant), at least one
+    --batch_size of them, split evenly over the processes."""
     if not rows:
         raise SystemExit(f"error: {path}: no samples")
     train_rows = split_by_question(rows, args.holdout_fraction, args.seed)[0]
@@ -1156,17 +1178,17 @@ def check_samples(args, rows, path, world):
         raise SystemExit(f"error: {path}: all {len(train_rows)} training samples are {kind}, and a verifier needs both "
                          f"kinds: {gold}draw more (--num_samples, --limit), sample another --model or at another "
                          f"--temperature")
-    if args.micro_batch_size <= 0:
-        args.micro_batch_size = max(1, args.batch_size // world)
-    if args.batch_size % (args.micro_batch_size * world):
+    micro = args.micro_batch_size if args.micro_batch_size > 0 else max(1, args.batch_size // world)
+    if args.batch_size % (micro * world):
         raise SystemExit(f"error: --batch_size {args.batch_size} is not a multiple of micro_batch_size × world "
-                         f"({args.micro_batch_size} × {world})")
+                         f"({micro} × {world})")
     if len(train_rows) < args.batch_size:
         raise SystemExit(f"error: {len(train_rows)} training samples are fewer than one --batch_size {args.batch_size}")
+    return micro
 
 
 def save_verifier(model, tok, args, path, rank):
-    """Full state dict on rank 0 → an AutoModelForSequenceClassification folder (+ tokenizer, train_args.json)."""
+    """An AutoModelForSequenceClassification folder (+ tokenizer, train_args.json), written by rank 0."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         tok.model_max_length = args.max_length  # evaluate.py cuts its inputs where training did

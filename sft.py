@@ -8,9 +8,11 @@ Reading guide: the paper's SFT warm-up (sec. 3) and its SFT and Offline-ST basel
 method and main() first; below the "infrastructure" marker (flags, loading, saving, distributed setup) can wait.
   the objective: -log π_θ(e, EOS | x), CoT tokens only   token_nll_sum, encode_example (the prompt's labels -100)
   an example: prompt + CoT + EOS as one tokenization     encode_example → reward.encode_sft_example
-  a step: the mean over the batch's target tokens        main's loop, collate (the same step on any N processes)
+  what is trained on: examples that fit --max_length     training_examples (never cut: dropped and counted)
+  a step: the mean over the batch's target tokens        sft_step, collate (the same step on any N processes:
+                                                         batch_sizes splits --batch_size, epoch_batch orders it)
   the schedule: linear warm-up, then linear decay        lr_lambda
-  the warm-up epoch and the best epoch on validation     warmup/ (--warmup_epoch), greedy_accuracy and best/
+  the warm-up epoch and the best epoch on validation     save_epoch_checkpoints (warmup/, best/), greedy_accuracy
   Offline-ST: gold CoTs + correct, distinct samples      read_extra_samples, sample_target, self_training_examples
 
 Run it (CPU, the offline default: a tiny Llama trained from scratch on the `minigsm` word problems, python CoTs,
@@ -249,54 +251,104 @@ def token_nll_sum(model, input_ids, labels, attention_mask):
                                              labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
 
 
-# a copy kept identical across stage files: tests/test_copies.py
-def lr_lambda(warmup_steps, total_steps):
-    """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
-    def f(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return f
+# ----------------------------------------------------------------------------- the method's decisions and steps
+
+def training_examples(tok, records, pairs, n_rows, args, log):
+    """What SFT trains on: every record's gold CoT, plus (Offline-ST, --extra_samples) the correct, distinct samples
+    `pairs`; an example longer than --max_length is dropped and counted, never cut."""
+    extra, duplicates = self_training_examples(pairs, args.cot)
+    try:
+        gold = [encode_example(tok, r, args.cot, args.max_length) for r in records]
+        added = [encode_example(tok, r, args.cot, args.max_length, target) for r, target in extra]
+    except ValueError as e:
+        raise SystemExit(f"error: --model {args.model}: {e}")
+    gold, added = [e for e in gold if e is not None], [e for e in added if e is not None]
+    log(f"data: {len(records)} records from {args.data}, {len(records) - len(gold)} dropped as longer than "
+        f"--max_length {args.max_length}, {len(gold)} used")
+    if args.extra_samples:
+        log(f"{n_rows} extra samples: {len(pairs)} correct, {duplicates} duplicates dropped, "
+            f"{len(extra) - len(added)} longer than --max_length, {len(added)} added from {args.extra_samples}")
+    if not gold + added:
+        raise SystemExit(f"error: --data {args.data}: no training example fits in --max_length {args.max_length}")
+    return gold + added
 
 
-# ----------------------------------------------------------------------------- evaluation
+def batch_sizes(args, n_examples, world, log):
+    """(micro-batch per process, accumulation steps, steps per epoch, total steps): a global batch of --batch_size
+    examples is split over `world` processes and `accumulation` micro-batches, so that the same command takes the
+    same steps at any number of processes; the examples left over at an epoch's end wait for the next order."""
+    micro = args.micro_batch_size if args.micro_batch_size > 0 else max(1, args.batch_size // world)
+    if args.batch_size % (micro * world):
+        raise SystemExit(f"error: --batch_size {args.batch_size} is not a multiple of micro_batch_size × world "
+                         f"({micro} × {world})")
+    accum, steps_per_epoch = args.batch_size // (micro * world), n_examples // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {n_examples} examples are fewer than one --batch_size {args.batch_size}")
+    log(f"{steps_per_epoch} steps per epoch ({n_examples % args.batch_size} examples left over each epoch), "
+        f"accumulation {accum}, world {world}")
+    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
+    if 0 < args.warmup_epoch and total_steps < args.warmup_epoch * steps_per_epoch:
+        # Not refused: a --max_steps smoke run, or a short tiny run that needs no warm-up (its automatic one is late).
+        ends, fix = (f"--max_steps {args.max_steps}", f"--max_steps {args.warmup_epoch * steps_per_epoch} or more")\
+            if args.max_steps > 0 else (f"--epochs {args.epochs}", f"--warmup_epoch {args.epochs} or less")
+        log(f"warning: {ends} ends the run before epoch {args.warmup_epoch} (--warmup_epoch), so it writes no warm-up "
+            f"checkpoint {args.output_dir}/warmup (reft.py's and rerank.py's default --model is runs/sft/warmup); pass "
+            f"{fix} for one, --warmup_epoch 0 for none")
+    return micro, accum, steps_per_epoch, total_steps
 
-# a copy kept identical across stage files: tests/test_copies.py
-@torch.no_grad()
-def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size, reward_fn):
-    """Greedy top-1 accuracy computed as `evaluate.py --mode greedy` computes it: transformers' generate from the
-    rollout prompt (for python CoTs it ends with the program header), the same budget of new tokens for every
-    question, correct where `reward_fn` gives 1.0 (reft.py: its --reward; sft.py: reward.py's), questions split
-    across ranks and counts summed. `model` is the sharded root, gathered once; `lm` the causal LM inside it that
-    generates (sft.py: the model itself; reft.py: the policy's `lm`)."""
-    training = model.training
-    model.eval()
-    mine = records[rank::world]
-    correct = 0
-    tok.padding_side = "left"
-    # Its own bar (rank 0's questions): an evaluation of 500 questions with a long budget takes minutes on a CPU.
-    bar = tqdm(total=len(mine), desc=f"greedy evaluation, ≤ {max_new_tokens} new tokens", leave=False,
-               disable=rank != 0)
-    with gathered_for_generation(model):
-        for b in range(0, len(mine), batch_size):
-            chunk = mine[b:b + batch_size]
-            bar.update(len(chunk))
-            prompt_ids = [reward.encode_prompt(tok, reward.build_prompt(r["question"], cot, sampling=True))
-                          for r in chunk]
-            enc = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left padding
-            # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
-            # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
-            out = lm.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True, synced_gpus=False,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            texts = tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
-            scores = reward_fn(texts, [r["answer_value"] for r in chunk], cot, [r["question"] for r in chunk],
-                               partial_reward=False)
-            correct += sum(s == 1.0 for s in scores)
-    bar.close()
-    total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    model.train(training)
-    return (total[0] / total[1]).item()
+
+def epoch_batch(examples, seed, epoch, i, batch_size):
+    """The i-th batch of epoch `epoch`, whose order depends only on (seed, epoch): a resumed run sees the same ones."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch))
+    return [examples[j] for j in order[i * batch_size:(i + 1) * batch_size].tolist()]
+
+
+def sft_step(model, opt, sched, batch, micro, accum, world, rank, pad_id, device, step):
+    """One optimizer step on a global batch: (its mean loss per target token, the gradient norm, the tokens seen).
+    Each process takes every world-th example, in `accum` micro-batches of `micro`."""
+    # Normalise by the global number of target tokens, so 1 process and N processes (and any accumulation)
+    # take exactly the same step. FSDP averages gradients over ranks, hence the factor `world`.
+    n_tokens = sum(sum(l != -100 for l in lab[1:]) for _, lab in batch)
+    mine = batch[rank::world]
+    loss_sum, tokens = 0.0, 0
+    for k in range(accum):
+        input_ids, labels, attn = (t.to(device) for t in collate(mine[k * micro:(k + 1) * micro], pad_id))
+        # Every micro-batch reduce-scatters its gradient, so FSDP2 accumulates sharded gradients; skipping the
+        # sync until the last one would keep a full unsharded fp32 gradient per rank (+27 GB for a 7B model).
+        nll = token_nll_sum(model, input_ids, labels, attn)
+        (nll * world / n_tokens).backward()
+        loss_sum += nll.item()
+        tokens += int(attn.sum())
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    if not torch.isfinite(grad_norm):  # every rank sees the same norm: every rank stops, before AdamW writes NaN
+        raise SystemExit(f"error: step {step + 1}: the gradient norm is not finite, NaN or inf in the loss, and "
+                         f"the step would put NaN into every weight. Likely causes: fully masked attention rows "
+                         f"on GPU, a learning rate too high, bf16 overflow")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    stats = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=device)
+    dist.all_reduce(stats)
+    return stats[0].item() / n_tokens, grad_norm.item(), stats[1].item()
+
+
+def save_epoch_checkpoints(model, tok, args, epoch, accuracy, best, keep_epochs, rank, dtype):
+    """At the end of epoch `epoch` (1-based): epoch_K/ when --save_epochs keeps it, warmup/ at --warmup_epoch, and
+    best/ when `accuracy` beats `best` (the earliest of equal bests: the SFT baseline); returns the best so far."""
+    if keep_epochs(epoch):
+        save_hf(model, tok, args, os.path.join(args.output_dir, f"epoch_{epoch}"), rank, dtype)
+    if epoch == args.warmup_epoch:
+        save_hf(model, tok, args, os.path.join(args.output_dir, "warmup"), rank, dtype)
+        if rank == 0:
+            tqdm.write(f"epoch {epoch}: the warm-up checkpoint, {args.output_dir}/warmup")
+    if accuracy is None or accuracy <= best:
+        return best
+    save_hf(model, tok, args, os.path.join(args.output_dir, "best"), rank, dtype)
+    if rank == 0:
+        tqdm.write(f"epoch {epoch}: the best {args.eval_split} accuracy so far ({accuracy:.3f}), "
+                   f"{args.output_dir}/best")
+    return accuracy
 
 
 # ----------------------------------------------------------------------------- main
@@ -313,18 +365,13 @@ def fill_automatic(args):
 
 def main(args):
     # Every check before anything loads: flags, --model, the data, the output folder.
-    check_ranges(args, RANGES)
-    if args.max_steps <= 0 and args.warmup_epoch > args.epochs:
-        raise SystemExit(f"error: --warmup_epoch {args.warmup_epoch} is after the last of --epochs {args.epochs}: the "
-                         f"run would write no warm-up checkpoint; pass --warmup_epoch {args.epochs} or less (0: none)")
-    check_model(args)
+    check_args(args)
     resolve_cot(args, {"--model": args.model} if os.path.isdir(args.model) else {}, default_cot(args.data))
     flags = dataclasses.asdict(args)  # as started: args.json, and what a --resume must match
     keep_epochs = epochs_to_save(args.save_epochs)
     records = reward.load_records(args.data, "train", args.cot, require_cot=True)
     eval_records = eval_questions(args) if args.eval_every_epoch else None
     pairs, n_rows = read_extra_samples(args.extra_samples, records) if args.extra_samples else ([], 0)
-    extra, duplicates = self_training_examples(pairs, args.cot)
     resuming = plan_run(args, flags, MAY_CHANGE)
 
     rank, world, device, mesh = init_distributed()
@@ -338,143 +385,49 @@ def main(args):
     if resuming and args.model == "tiny":
         # The tiny tokenizer is trained from data: reuse the saved one so resumed token ids are identical.
         args.model = os.path.join(args.output_dir, "init")
-    texts = [reward.build_prompt(r["question"], args.cot) + reward.build_target(r, args.cot) for r in records]
-    tok = load_tokenizer(args, texts)
-    try:
-        examples = [e for e in (encode_example(tok, r, args.cot, args.max_length) for r in records) if e is not None]
-        added = [e for e in (encode_example(tok, r, args.cot, args.max_length, target) for r, target in extra)
-                 if e is not None]
-    except ValueError as e:
-        raise SystemExit(f"error: --model {args.model}: {e}")
-    log(f"data: {len(records)} records from {args.data}, {len(records) - len(examples)} dropped as longer than "
-        f"--max_length {args.max_length}, {len(examples)} used")
-    if args.extra_samples:
-        log(f"{n_rows} extra samples: {len(pairs)} correct, {duplicates} duplicates dropped, "
-            f"{len(extra) - len(added)} longer than --max_length, {len(added)} added from {args.extra_samples}")
-    examples += added
-    if not examples:
-        raise SystemExit(f"error: --data {args.data}: no training example fits in --max_length {args.max_length}")
-
-    if args.micro_batch_size <= 0:
-        args.micro_batch_size = max(1, args.batch_size // world)
-    if args.batch_size % (args.micro_batch_size * world):
-        raise SystemExit(f"error: --batch_size {args.batch_size} is not a multiple of micro_batch_size × world "
-                         f"({args.micro_batch_size} × {world})")
-    accum = args.batch_size // (args.micro_batch_size * world)
-    steps_per_epoch = len(examples) // args.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(examples)} examples are fewer than one --batch_size {args.batch_size}")
-    log(f"{steps_per_epoch} steps per epoch ({len(examples) % args.batch_size} examples left over each epoch), "
-        f"accumulation {accum}, world {world}")
-    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
-    if 0 < args.warmup_epoch and total_steps < args.warmup_epoch * steps_per_epoch:
-        # Not refused: a --max_steps smoke run, or a short tiny run that needs no warm-up (its automatic one is late).
-        ends, fix = (f"--max_steps {args.max_steps}", f"--max_steps {args.warmup_epoch * steps_per_epoch} or more")\
-            if args.max_steps > 0 else (f"--epochs {args.epochs}", f"--warmup_epoch {args.epochs} or less")
-        log(f"warning: {ends} ends the run before epoch {args.warmup_epoch} (--warmup_epoch), so it writes no warm-up "
-            f"checkpoint {args.output_dir}/warmup (reft.py's and rerank.py's default --model is runs/sft/warmup); pass "
-            f"{fix} for one, --warmup_epoch 0 for none")
-
-    device_bytes = device_memory(device)
-    if device_bytes is not None and args.model != "tiny":  # `tiny` is a few MB
-        # a run that cannot fit stops now, not at its first OOM after minutes of loading
-        from transformers import AutoConfig
-        path, kw = hf_location(args.model)
-        config = AutoConfig.from_pretrained(path, **kw)
-        prompts = [reward.build_prompt(r["question"], args.cot, sampling=True) for r in eval_records or []]
-        error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
-                             device_bytes, max((len(reward.encode_prompt(tok, p)) for p in prompts), default=0))
-        if error is not None:
-            raise SystemExit(error)
+    tok = load_tokenizer(args, [reward.build_prompt(r["question"], args.cot) + reward.build_target(r, args.cot)
+                                for r in records])
+    examples = training_examples(tok, records, pairs, n_rows, args, log)
+    args.micro_batch_size, accum, steps_per_epoch, total_steps = batch_sizes(args, len(examples), world, log)
+    check_memory(args, tok, eval_records, world, device)
     if rank == 0:
         begin_run(args, flags, world, resuming)
     dist.barrier()
-    model = load_model(args, tok, mesh, device)
+    model = load_model(args, tok, mesh, device)  # in training mode
     log(f"model: {sum(p.numel() for p in model.parameters()):,} params, lr {args.lr:g}")
     check_disk_space(args.output_dir, sum(p.numel() for p in model.parameters()))
-    model.config.use_cache = False
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total_steps), total_steps))
-
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    step, best = 0, -1.0
-    if resuming:
-        state = load_resume_state(model, opt, args.output_dir)
-        step = state["step"]
-        sched.load_state_dict(state["sched"])
-        if rank == 0:
-            trim_metrics(metrics_path, step)
-        dist.barrier()
-        with open(metrics_path) as f:  # the best evaluation before the kill, whose checkpoint best/ holds
-            best = max((r["eval_accuracy"] for r in map(json.loads, f) if "eval_accuracy" in r), default=-1.0)
+    step, best = resume(model, opt, sched, args, rank, metrics_path) if resuming else (0, -1.0)
 
     bar = tqdm(total=total_steps, initial=step, desc="sft", disable=rank != 0)
-    t_last = time.time()
     while step < total_steps:
+        t0 = time.time()
         epoch, i = divmod(step, steps_per_epoch)
-        # The order of epoch e depends only on (seed, e): a resumed run sees exactly the same batches.
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed + epoch))
-        batch = [examples[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size].tolist()]
-        # Normalise by the global number of target tokens, so 1 process and N processes (and any accumulation)
-        # take exactly the same step. FSDP averages gradients over ranks, hence the factor `world`.
-        n_tokens = sum(sum(l != -100 for l in lab[1:]) for _, lab in batch)
-        mine = batch[rank::world]
-        loss_sum, tokens = 0.0, 0
-        for k in range(accum):
-            micro = mine[k * args.micro_batch_size:(k + 1) * args.micro_batch_size]
-            input_ids, labels, attn = (t.to(device) for t in collate(micro, tok.pad_token_id))
-            # Every micro-batch reduce-scatters its gradient, so FSDP2 accumulates sharded gradients; skipping the
-            # sync until the last one would keep a full unsharded fp32 gradient per rank (+27 GB for a 7B model).
-            nll = token_nll_sum(model, input_ids, labels, attn)
-            (nll * world / n_tokens).backward()
-            loss_sum += nll.item()
-            tokens += int(attn.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        if not torch.isfinite(grad_norm):  # every rank sees the same norm: every rank stops, before AdamW writes NaN
-            raise SystemExit(f"error: step {step + 1}: the gradient norm is not finite, NaN or inf in the loss, and "
-                             f"the step would put NaN into every weight. Likely causes: fully masked attention rows "
-                             f"on GPU, a learning rate too high, bf16 overflow")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
+        batch = epoch_batch(examples, args.seed, epoch, i, args.batch_size)
+        loss, grad_norm, tokens = sft_step(model, opt, sched, batch, args.micro_batch_size, accum, world, rank,
+                                           tok.pad_token_id, device, step)
         step += 1
-        stats = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=device)
-        dist.all_reduce(stats)
-        now = time.time()
-        row = {"step": step, "epoch": epoch + (i + 1) / steps_per_epoch, "loss": stats[0].item() / n_tokens,
-               "lr": sched.get_last_lr()[0], "grad_norm": grad_norm.item(),
-               "tokens_per_s": stats[1].item() / (now - t_last)}
-        t_last = now
+        row = {"step": step, "epoch": epoch + (i + 1) / steps_per_epoch, "loss": loss, "lr": sched.get_last_lr()[0],
+               "grad_norm": grad_norm, "tokens_per_s": tokens / (time.time() - t0)}
         end_of_epoch = (i + 1) == steps_per_epoch
         if end_of_epoch and eval_records is not None:
             row["eval_accuracy"] = greedy_accuracy(model, model, tok, eval_records, args.cot, args.max_new_tokens,
                                                    rank, world, device, args.eval_batch_size, reward.compute_rewards)
         if rank == 0:
             append_metrics(metrics_path, row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", **({"acc": f"{row['eval_accuracy']:.3f}"} if "eval_accuracy" in row else {}))
+        bar.set_postfix(loss=f"{loss:.4f}",
+                        **({"acc": f"{row['eval_accuracy']:.3f}"} if "eval_accuracy" in row else {}))
         if rank == 0 and args.log_every > 0 and step % args.log_every == 0:
             tqdm.write(summary(row))
         bar.update(1)
-        if end_of_epoch and keep_epochs(epoch + 1):
-            save_hf(model, tok, args, os.path.join(args.output_dir, f"epoch_{epoch + 1}"), rank, compute_dtype(device))
-        if end_of_epoch and epoch + 1 == args.warmup_epoch:
-            save_hf(model, tok, args, os.path.join(args.output_dir, "warmup"), rank, compute_dtype(device))
-            if rank == 0:
-                tqdm.write(f"epoch {epoch + 1}: the warm-up checkpoint, {args.output_dir}/warmup")
-        if row.get("eval_accuracy", -1.0) > best:  # the earliest of equal bests: the SFT baseline
-            best = row["eval_accuracy"]
-            save_hf(model, tok, args, os.path.join(args.output_dir, "best"), rank, compute_dtype(device))
-            if rank == 0:
-                tqdm.write(f"epoch {epoch + 1}: the best {args.eval_split} accuracy so far ({best:.3f}), "
-                           f"{args.output_dir}/best")
+        if end_of_epoch:
+            best = save_epoch_checkpoints(model, tok, args, epoch + 1, row.get("eval_accuracy"), best, keep_epochs,
+                                          rank, compute_dtype(device))
         if (args.save_steps > 0 and step % args.save_steps == 0) or end_of_epoch or step == total_steps:
             save_resume_state(model, opt, {"step": step, "sched": sched.state_dict()}, args.output_dir)
-        t_last = time.time()
     bar.close()
     save_hf(model, tok, args, os.path.join(args.output_dir, "final"), rank, compute_dtype(device))
     log(f"done: {step} steps; checkpoint in {args.output_dir}/final, metrics in {metrics_path}")
@@ -895,7 +848,51 @@ def memory_advice(args, peak, world, device_bytes, batch_flags):
                "--gradient_checkpointing, smaller batches): combine them, or use devices with more memory"))
 
 
-# ----------------------------------------------------------------------------- model and tokenizer
+# ----------------------------------------------------------------------------- sft.py's own: checks, model, data
+
+def check_args(args):
+    """The flags and --model before anything loads. A --model that can only be local (absolute, ./ or ~/, under runs/
+    or under a folder that exists here) must be a checkpoint folder: it is never looked up on the hub, where a missing
+    one costs a minute of retries before failing."""
+    check_ranges(args, RANGES)
+    if args.max_steps <= 0 and args.warmup_epoch > args.epochs:
+        raise SystemExit(f"error: --warmup_epoch {args.warmup_epoch} is after the last of --epochs {args.epochs}: the "
+                         f"run would write no warm-up checkpoint; pass --warmup_epoch {args.epochs} or less (0: none)")
+    m, first = args.model, args.model.split("/")[0]
+    if m.endswith(".gguf") and not os.path.isfile(m):
+        raise SystemExit(f"error: --model {m}: no such GGUF file")
+    if m != "tiny" and not m.endswith(".gguf") and (
+            os.path.isdir(m) or os.path.isabs(m) or m.startswith((".", "~")) or m.count("/") > 1
+            or (m.count("/") == 1 and (first == "runs" or os.path.isdir(first)))):
+        check_checkpoint(m, "--model")
+
+
+def check_memory(args, tok, eval_records, world, device):
+    """On a GPU, stop now when the run cannot fit (memory_error), not at its first OOM after minutes of loading."""
+    device_bytes = device_memory(device)
+    if device_bytes is None or args.model == "tiny":  # no check on the CPU; `tiny` is a few MB
+        return
+    from transformers import AutoConfig
+    path, kw = hf_location(args.model)
+    config = AutoConfig.from_pretrained(path, **kw)
+    prompts = [reward.build_prompt(r["question"], args.cot, sampling=True) for r in eval_records or []]
+    error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
+                         device_bytes, max((len(reward.encode_prompt(tok, p)) for p in prompts), default=0))
+    if error is not None:
+        raise SystemExit(error)
+
+
+def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
+    """None when this run fits `device_bytes` per device, else the error line (memory_advice). Resident: the fp32
+    weights and AdamW's moments, 12 bytes per parameter, and the fp32 gradients, 4, in training; a micro-batch of
+    --max_length tokens; with --eval_every_epoch, a greedy evaluation of --eval_batch_size sequences of the longest
+    evaluation prompt (`prompt_tokens`) + --max_new_tokens."""
+    def peak(a, world):
+        gen = a.eval_batch_size * (prompt_tokens + a.max_new_tokens) if a.eval_every_epoch else 0
+        return max(memory_estimate(n_params, config, world, bf16, 12, 4, a.micro_batch_size * a.max_length,
+                                   a.gradient_checkpointing, gen).values())
+    return memory_advice(args, peak, world, device_bytes, ["micro_batch_size", "eval_batch_size"])
+
 
 def train_tiny_tokenizer(texts, vocab_size):
     """Byte-level BPE trained on the training texts; every digit is its own token, <pad> (0) != <eos> (1)."""
@@ -912,14 +909,17 @@ def train_tiny_tokenizer(texts, vocab_size):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
+def hf_location(model):
+    """from_pretrained's arguments for --model: (folder or hub id, {}) or, for a .gguf file, (folder, {gguf_file})."""
+    folder, name = os.path.split(os.path.abspath(model))
+    return (folder, {"gguf_file": name}) if model.endswith(".gguf") else (model, {})
+
+
 def load_tokenizer(args, train_texts):
-    """The tokenizer (`tiny`: trained on the training texts) with a pad token distinct from EOS; one error line when
-    --model cannot be read."""
+    """The tokenizer (`tiny`: trained on `train_texts`) with a pad token distinct from EOS."""
     from transformers import AutoTokenizer
     if args.model == "tiny":
         return train_tiny_tokenizer(train_texts, args.tiny_vocab)
-    if args.model.endswith(".gguf") and not os.path.isfile(args.model):
-        raise SystemExit(f"error: --model {args.model}: no such GGUF file")
     path, kw = hf_location(args.model)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
@@ -938,42 +938,6 @@ def load_tokenizer(args, train_texts):
     return tok
 
 
-def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
-    """None when this run fits `device_bytes` per device, else the error line (memory_advice). Resident: the fp32
-    weights and AdamW's moments, 12 bytes per parameter, and the fp32 gradients, 4, in training; a micro-batch of
-    --max_length tokens; with --eval_every_epoch, a greedy evaluation of --eval_batch_size sequences of the longest
-    evaluation prompt (`prompt_tokens`) + --max_new_tokens."""
-    def peak(a, world):
-        gen = a.eval_batch_size * (prompt_tokens + a.max_new_tokens) if a.eval_every_epoch else 0
-        return max(memory_estimate(n_params, config, world, bf16, 12, 4, a.micro_batch_size * a.max_length,
-                                   a.gradient_checkpointing, gen).values())
-    return memory_advice(args, peak, world, device_bytes, ["micro_batch_size", "eval_batch_size"])
-
-
-def hf_location(model):
-    """from_pretrained's arguments for --model: (folder or hub id, {}) or, for a .gguf file, (folder, {gguf_file})."""
-    if model.endswith(".gguf"):
-        folder, name = os.path.split(os.path.abspath(model))
-        return folder, {"gguf_file": name}
-    return model, {}
-
-
-def check_model(args):
-    """--model before anything loads: `tiny`, a .gguf file, a hub id, or a local folder, which must hold a checkpoint.
-    A name that can only be local (absolute, ./ or ~/, under runs/ or under a folder that exists here) is never
-    looked up on the hub, where a missing one costs a minute of retries before failing."""
-    if args.model == "tiny":
-        return
-    if args.model.endswith(".gguf"):
-        if not os.path.isfile(args.model):
-            raise SystemExit(f"error: --model {args.model}: no such GGUF file")
-        return
-    first = args.model.split("/")[0]
-    if (os.path.isdir(args.model) or os.path.isabs(args.model) or args.model.startswith((".", "~"))
-            or args.model.count("/") > 1 or (args.model.count("/") == 1 and (first == "runs" or os.path.isdir(first)))):
-        check_checkpoint(args.model, "--model")
-
-
 def tiny_model(args, tok):
     """A fresh Llama sized by the --tiny_* flags, seeded by --seed, with tied input and output embeddings."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -987,8 +951,8 @@ def tiny_model(args, tok):
 
 
 def load_model(args, tok, mesh, device):
-    """The causal LM sharded over the ranks (rank 0 reads it, see load_sharded): `tiny` is a fresh seeded Llama
-    sized by the --tiny_* flags, saved to {output_dir}/init so that a resumed run rebuilds the same one."""
+    """The causal LM sharded over the ranks (rank 0 reads it: load_sharded), in training mode; `tiny` (tiny_model) is
+    also saved to {output_dir}/init, from which a resumed run rebuilds the same one."""
     from transformers import AutoModelForCausalLM
 
     def load():
@@ -1015,17 +979,18 @@ def load_model(args, tok, mesh, device):
         model.config.pad_token_id, model.config.eos_token_id = tok.pad_token_id, tok.eos_token_id
         return model
 
-    return load_sharded(load, lambda config: AutoModelForCausalLM.from_config(config, dtype=torch.float32),
-                        mesh, device)
+    model = load_sharded(load, lambda config: AutoModelForCausalLM.from_config(config, dtype=torch.float32), mesh,
+                         device)
+    model.config.use_cache = False
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
 
-
-# ----------------------------------------------------------------------------- data, evaluation questions, saving
 
 def read_extra_samples(path, records):
-    """([(record, completion)] of the correct rows, number of rows) of a samples JSONL as rerank.py writes it. Each
-    row must be an object with item_id, question, completion (text) and correct (true/false), for a question of
-    `records` (the same item_id and question text); else one error line naming file:line. The correct flag is
-    rerank.py's label, taken as it is."""
+    """([(record, completion)] of the correct rows, number of rows) of a samples JSONL as rerank.py writes it; one
+    error line naming file:line for a row that is not an object with item_id, question, completion (text) and
+    correct (true/false) of a question of `records` (the same item_id and question text)."""
     by_id = {r["item_id"]: r for r in records}
     if not os.path.isfile(path):
         raise SystemExit(f"error: --extra_samples {path}: no such file")
@@ -1051,6 +1016,8 @@ def read_extra_samples(path, records):
     return pairs, n_rows
 
 
+# ----------------------------------------------------------------------------- evaluation questions, the schedule, saving
+
 # a copy kept identical across stage files: tests/test_copies.py
 def eval_questions(args):
     """The questions of the evaluation during training: --eval_data (a file as it is, or the --eval_split of a
@@ -1073,6 +1040,54 @@ def eval_questions(args):
 
 
 # a copy kept identical across stage files: tests/test_copies.py
+@torch.no_grad()
+def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size, reward_fn):
+    """Greedy top-1 accuracy computed as `evaluate.py --mode greedy` computes it: transformers' generate from the
+    rollout prompt (for python CoTs it ends with the program header), the same budget of new tokens for every
+    question, correct where `reward_fn` gives 1.0 (reft.py: its --reward; sft.py: reward.py's), questions split
+    across ranks and counts summed. `model` is the sharded root, gathered once; `lm` the causal LM inside it that
+    generates (sft.py: the model itself; reft.py: the policy's `lm`)."""
+    training = model.training
+    model.eval()
+    mine = records[rank::world]
+    correct = 0
+    tok.padding_side = "left"
+    # Its own bar (rank 0's questions): an evaluation of 500 questions with a long budget takes minutes on a CPU.
+    bar = tqdm(total=len(mine), desc=f"greedy evaluation, ≤ {max_new_tokens} new tokens", leave=False,
+               disable=rank != 0)
+    with gathered_for_generation(model):
+        for b in range(0, len(mine), batch_size):
+            chunk = mine[b:b + batch_size]
+            bar.update(len(chunk))
+            prompt_ids = [reward.encode_prompt(tok, reward.build_prompt(r["question"], cot, sampling=True))
+                          for r in chunk]
+            enc = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left padding
+            # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
+            # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
+            out = lm.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True, synced_gpus=False,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            texts = tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
+            scores = reward_fn(texts, [r["answer_value"] for r in chunk], cot, [r["question"] for r in chunk],
+                               partial_reward=False)
+            correct += sum(s == 1.0 for s in scores)
+    bar.close()
+    total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    model.train(training)
+    return (total[0] / total[1]).item()
+
+
+# a copy kept identical across stage files: tests/test_copies.py
+def lr_lambda(warmup_steps, total_steps):
+    """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return f
+
+
+# a copy kept identical across stage files: tests/test_copies.py
 def epochs_to_save(spec):
     """--save_epochs as a test of an epoch number: `all`, `none` or comma-separated epochs such as `2,40`."""
     if spec in ("all", "none"):
@@ -1084,19 +1099,31 @@ def epochs_to_save(spec):
 
 
 def save_hf(model, tok, args, path, rank, dtype):
-    """Gather the full state dict on rank 0 and write a plain HF checkpoint (safetensors + tokenizer + args) in
-    `dtype`, the run's compute dtype: bf16 on GPU halves it, and the fp32 master weights live in the resume state."""
+    """A plain HF checkpoint (safetensors, tokenizer, train_args.json) written by rank 0 in `dtype`, the run's compute
+    dtype: bf16 on GPU halves it, and the fp32 master weights live in the resume state."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        for k in sd:
-            sd[k] = sd[k].to(dtype)
         model.config.dtype = dtype
         with stop_if_disk_full(path):
-            model.save_pretrained(path, state_dict=sd)
+            model.save_pretrained(path, state_dict={k: v.to(dtype) for k, v in sd.items()})
             tok.save_pretrained(path)
             with open(os.path.join(path, "train_args.json"), "w") as f:
                 json.dump(dataclasses.asdict(args), f, indent=2)
     dist.barrier()
+
+
+def resume(model, opt, sched, args, rank, metrics_path):
+    """(step, best accuracy so far) of a resumed run: the newest intact resume state loaded, the metrics written after
+    it dropped, and the best evaluation before the kill (its checkpoint is best/)."""
+    state = load_resume_state(model, opt, args.output_dir)
+    step = state["step"]
+    sched.load_state_dict(state["sched"])
+    if rank == 0:
+        trim_metrics(metrics_path, step)
+    dist.barrier()
+    with open(metrics_path) as f:
+        best = max((r["eval_accuracy"] for r in map(json.loads, f) if "eval_accuracy" in r), default=-1.0)
+    return step, best
 
 
 # ----------------------------------------------------------------------------- resume state and metrics on disk

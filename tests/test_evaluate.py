@@ -280,7 +280,7 @@ GREEDY_IN_TRAINING = textwrap.dedent("""
 
     rank, world, device, mesh = sft.init_distributed()
     tok = sft.load_tokenizer(SimpleNamespace(model=checkpoint), None)
-    model = sft.load_model(SimpleNamespace(model=checkpoint), tok, mesh, device)
+    model = sft.load_model(SimpleNamespace(model=checkpoint, gradient_checkpointing=False), tok, mesh, device)
     result = {"sft": sft.greedy_accuracy(model, model, tok, records, "nl", int(max_new_tokens), rank, world, device,
                                          int(batch_size), recording)}
     result["sft_completions"], completions = completions, {}
