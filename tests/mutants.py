@@ -143,7 +143,7 @@ MUTANTS = [
      'max(with_answer, key=lambda c: c[0])[1]["correct"]', 'min(with_answer, key=lambda c: c[0])[1]["correct"]',
      ["tests/test_rerank.py::test_verifier_learns_a_learnable_labelling"]),
     # --- resume
-    ("sft_scheduler_not_restored", "sft.py", '        sched.load_state_dict(state["sched"])\n', "",
+    ("sft_scheduler_not_restored", "sft.py", '    sched.load_state_dict(state["sched"])\n', "",
      ["tests/test_sft.py::test_sigkill_and_resume_across_epochs_repeats_the_same_run"]),
     ("reft_beta_not_restored", "reft.py",
      'return state["step"], state["beta"], state["skipped"], state["best"]',

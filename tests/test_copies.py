@@ -58,7 +58,8 @@ DIFFERENT = {"collate": ["sft.py", "rerank.py"],
              "sample": ["reft.py", "rerank.py"],
              "load_tokenizer": ["sft.py", "reft.py"], "score": ["reft.py", "rerank.py"],
              "memory_error": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
-             "check_args": ["sft.py", "rerank.py", "evaluate.py"], "check_memory": ["sft.py", "rerank.py", "evaluate.py"]}
+             "check_args": ["sft.py", "rerank.py", "evaluate.py"], "check_memory": ["sft.py", "rerank.py", "evaluate.py"],
+             "resume": ["sft.py", "reft.py"]}
 
 
 def function_source(path, name):
