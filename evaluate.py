@@ -387,11 +387,13 @@ def write_outputs(args, rows, do_greedy, do_sample, do_rerank, world, seconds):
 
 
 # =====================================================================================================================
-# infrastructure: identical in every stage, tests/test_copies.py; skip on a first read
-# The flags and their checks, the run folder, the distributed setup and loading. A function marked "a copy" is the
-# same in every stage file that has it; the others are this stage's own.
+# infrastructure: skip on a first read
+# First this stage's own helpers, then the helpers repeated across the stage files, kept identical (and in this
+# order) by tests/test_copies.py.
 # =====================================================================================================================
 
+# ----------------------------------------------------------------------------- evaluate.py's own
+# Checks, the memory check, the questions.
 
 def check_args(args):
     """One line naming every missing flag, so `python evaluate.py --mode rerank` says all it needs at once; then each
@@ -479,6 +481,8 @@ def load_questions(args):
     return records
 
 
+# ----------------------------------------------------------------------------- flags, checks and run folders
+
 def parse_args(cls, argv=None):
     """The dataclass `cls` from the command line: `--name` per field (`-x` for one letter), never abbreviated; --help
     shows each field's docstring, read from the source (attribute docstrings do not exist at run time). With --resume,
@@ -513,10 +517,6 @@ def parse_args(cls, argv=None):
         args = p.parse_args(argv)
     return cls(**vars(args))
 
-
-# ----------------------------------------------------------------------------- run folders and checks
-# Repeated in the stage files that use them (tests/test_copies.py): every check runs before any model loads, and a
-# run folder is never reused or overwritten without a word.
 
 def check_ranges(args, rules):
     """One error line for the first flag outside its range; `rules` holds (flag, test, the range in words)."""
@@ -605,7 +605,6 @@ def write_run_args(flags, world):
     with open(os.path.join(flags["output_dir"], "args.json"), "w") as f:
         json.dump({**flags, "world_size": world, "python": sys.version.split()[0], "torch": torch.__version__,
                    "transformers": transformers.__version__}, f, indent=2)
-
 
 
 # ----------------------------------------------------------------------------- distributed setup
@@ -736,7 +735,7 @@ def gathered_for_generation(model):
             model.reset_iter_state()
 
 
-# ----------------------------------------------------------------------------- memory before loading
+# ----------------------------------------------------------------------------- memory before loading, and loading
 
 def device_memory(device):
     """The device's memory in bytes on CUDA; None elsewhere (no memory check on the CPU)."""
@@ -798,14 +797,6 @@ def memory_advice(args, peak, world, device_bytes, batch_flags):
                "--gradient_checkpointing, smaller batches): combine them, or use devices with more memory"))
 
 
-# a copy kept identical across stage files: tests/test_copies.py
-def num_calls(n_items, batch_size, device):
-    """Batches needed by the busiest rank: every rank makes that many (collective) calls, padding with dummies."""
-    t = torch.tensor([math.ceil(n_items / batch_size)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
 def checkpoint_params(path):
     """The parameter count of a local HF checkpoint, from its safetensors headers (no weights read): the defaults of
     flags left at -1 depend on it. None for a hub id or a folder without safetensors."""
@@ -825,7 +816,13 @@ def checkpoint_params(path):
     return total
 
 
-# a copy kept identical across stage files: tests/test_copies.py
+def num_calls(n_items, batch_size, device):
+    """Batches needed by the busiest rank: every rank makes that many (collective) calls, padding with dummies."""
+    t = torch.tensor([math.ceil(n_items / batch_size)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def load(cls_name, path, flag, mesh, device, **kw):
     """(model, tokenizer) from an HF folder, sharded over the ranks (only rank 0 reads the weights: load_sharded);
     one error line when it cannot be loaded."""

@@ -911,24 +911,13 @@ def main(args):
 
 
 # =====================================================================================================================
-# infrastructure: identical in every stage, tests/test_copies.py; skip on a first read
-# The checks before any model loads, the loading and the run folder, the evaluation, metrics and saving of the loop;
-# then the flags and the run-folder rules, the distributed setup, checkpoints and the resume state. A function marked
-# "a copy" is the same in every stage file that has it; the others are this stage's own.
+# infrastructure: skip on a first read
+# First this stage's own helpers, then the helpers repeated across the stage files, kept identical (and in this
+# order) by tests/test_copies.py.
 # =====================================================================================================================
 
-def fill_recipe(args):
-    """Flags left at -1 take RECIPES' values (per --cot where a dict) for the size of the model trained (--init, else
-    --model), read before anything loads; returns what was filled, in words for the log."""
-    n = checkpoint_params(getattr(args, "init", "") or args.model)
-    name = "small" if n is not None and n < SMALL_MODEL else "paper"
-    filled = {f: v[args.cot] if isinstance(v, dict) else v for f, v in RECIPES[name].items() if getattr(args, f) == -1}
-    for flag, value in filled.items():
-        setattr(args, flag, value)
-    size = "a hub model" if n is None else f"{n / 1e6:.1f} M parameters"
-    said = ", ".join(f"--{flag} {value:g}" for flag, value in filled.items())
-    return f"{name} ({size}){': ' + said if said else ', every flag given'}"
-
+# ----------------------------------------------------------------------------- reft.py's own
+# Checks, loading, the evaluation, metrics and saving of the loop, resuming: the helpers of main().
 
 def memory_error(args, n_params, config, world, bf16, device_bytes):
     """None when this run fits `device_bytes` per device, else the error line (memory_advice). Resident: the policy's
@@ -1043,66 +1032,70 @@ def save(model, opt, tok, state, epoch, end_of_epoch, total_steps, args, device)
         save_resume_state(model, opt, state, args.output_dir)
 
 
-# a copy kept identical across stage files: tests/test_copies.py
-def eval_questions(args):
-    """The questions of the evaluation during training: --eval_data (a file as it is, or the --eval_split of a
-    prepared dataset or folder), else the --eval_split of --data. A --data file is training data only: evaluating
-    it would report (and --save_best select on) the training questions as validation. A test split is refused: the
-    checkpoint picked on it would be scored on the questions it was picked with."""
-    if args.eval_split.startswith("test") and not reward.is_data_file(args.eval_data or args.data):
-        raise SystemExit(f"error: --eval_split {args.eval_split}: the evaluation during training picks a checkpoint, "
-                         f"never on a test split; pass --eval_split validation (evaluate.py scores the test split "
-                         f"once, at the end)")
-    if args.eval_data:
-        records = reward.load_records(args.eval_data, None if reward.is_data_file(args.eval_data) else args.eval_split,
-                                      args.cot)
-    elif reward.is_data_file(args.data):
-        raise SystemExit(f"error: --data {args.data} is a file, training data only: the evaluation during training "
-                         f"needs --eval_data (a file or a prepared dataset), a prepared --data, or to be turned off")
-    else:
-        records = reward.load_records(args.data, args.eval_split, args.cot)
-    return records[:args.eval_limit] if args.eval_limit > 0 else records
+def load_tokenizer(args):
+    """The warm-up checkpoint's tokenizer, with one error line when it cannot serve: PPO needs a pad token distinct
+    from EOS (the EOS token carries the reward)."""
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --model {args.model}: cannot load ({str(e).splitlines()[0]})")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        raise SystemExit(f"error: --model {args.model}: needs a pad token distinct from EOS (sft.py adds one)")
+    return tok
 
 
-# a copy kept identical across stage files: tests/test_copies.py
-@torch.no_grad()
-def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size, reward_fn):
-    """Greedy top-1 accuracy computed as `evaluate.py --mode greedy` computes it: transformers' generate from the
-    rollout prompt (for python CoTs it ends with the program header), the same budget of new tokens for every
-    question, correct where `reward_fn` gives 1.0 (reft.py: its --reward; sft.py: reward.py's), questions split
-    across ranks and counts summed. `model` is the sharded root, gathered once; `lm` the causal LM inside it that
-    generates (sft.py: the model itself; reft.py: the policy's `lm`)."""
-    training = model.training
-    model.eval()
-    mine = records[rank::world]
-    correct = 0
-    tok.padding_side = "left"
-    # Its own bar (rank 0's questions): an evaluation of 500 questions with a long budget takes minutes on a CPU.
-    bar = tqdm(total=len(mine), desc=f"greedy evaluation, ≤ {max_new_tokens} new tokens", leave=False,
-               disable=rank != 0)
-    with gathered_for_generation(model):
-        for b in range(0, len(mine), batch_size):
-            chunk = mine[b:b + batch_size]
-            bar.update(len(chunk))
-            prompt_ids = [reward.encode_prompt(tok, reward.build_prompt(r["question"], cot, sampling=True))
-                          for r in chunk]
-            enc = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left padding
-            # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
-            # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
-            out = lm.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True, synced_gpus=False,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            texts = tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
-            scores = reward_fn(texts, [r["answer_value"] for r in chunk], cot, [r["question"] for r in chunk],
-                               partial_reward=False)
-            correct += sum(s == 1.0 for s in scores)
-    bar.close()
-    total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    model.train(training)
-    return (total[0] / total[1]).item()
+def load_models(args, mesh, device):
+    """Tokenizer, policy (+ value head with GAE) and frozen reference (none for Online-ST, which has no KL), both from
+    the warm-up checkpoint: sharded, dropout off."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    tok = load_tokenizer(args)
+
+    def read(value_head):  # rank 0 only (load_sharded)
+        try:
+            config = without_dropout(AutoConfig.from_pretrained(args.model))
+            lm = AutoModelForCausalLM.from_pretrained(args.model, config=config, dtype=torch.float32)
+            critic = AutoModel.from_pretrained(args.model, config=config, dtype=torch.float32) \
+                if value_head and args.separate_value_model else None
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --model {args.model}: cannot load ({str(e).splitlines()[0]})")
+        torch.manual_seed(args.seed)  # the value head's init
+        return PolicyWithValueHead(lm, value_head, critic)
+
+    def make(value_head):
+        return lambda config: PolicyWithValueHead(
+            AutoModelForCausalLM.from_config(config, dtype=torch.float32), value_head,
+            AutoModel.from_config(config, dtype=torch.float32) if value_head and args.separate_value_model else None)
+
+    value_head = args.objective == "ppo" and args.advantage == "gae"
+    policy = load_sharded(lambda: read(value_head), make(value_head), mesh, device)
+    if args.objective == "online_st":
+        return tok, policy, None
+    reference = load_sharded(lambda: read(False), make(False), mesh, device)
+    return tok, policy, reference.requires_grad_(False).eval()
 
 
-# ----------------------------------------------------------------------------- flags and run folders
+def save_checkpoint(model, tok, args, path, rank, dtype):
+    """HF policy (loadable by AutoModelForCausalLM) plus value_head.safetensors beside it when there is a value head,
+    from rank 0, in `dtype`, the run's compute dtype: bf16 on GPU halves it, and the fp32 master weights live in the
+    resume state."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        for k in sd:
+            sd[k] = sd[k].to(dtype)
+        model.lm.config.dtype = dtype
+        with stop_if_disk_full(path):
+            model.lm.save_pretrained(path, state_dict={k[3:]: v for k, v in sd.items() if k.startswith("lm.")})
+            tok.save_pretrained(path)
+            head = {k: v.contiguous() for k, v in sd.items() if not k.startswith("lm.")}
+            if head:
+                save_file(head, os.path.join(path, "value_head.safetensors"))
+            with open(os.path.join(path, "train_args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=2)
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------- flags, checks and run folders
 
 def parse_args(cls, argv=None):
     """The dataclass `cls` from the command line: `--name` per field (`-x` for one letter), never abbreviated; --help
@@ -1226,6 +1219,19 @@ def resolve_cot(args, checkpoints, fallback="nl"):
     elif flag and args.cot != found[flag]:
         raise SystemExit(f"error: --cot {args.cot}, but {flag} {checkpoints[flag]} was trained on {found[flag]} CoTs "
                          f"(its train_args.json): drop --cot or pass --cot {found[flag]}")
+
+
+def fill_recipe(args):
+    """Flags left at -1 take RECIPES' values (per --cot where a dict) for the size of the model trained (--init, else
+    --model), read before anything loads; returns what was filled, in words for the log."""
+    n = checkpoint_params(getattr(args, "init", "") or args.model)
+    name = "small" if n is not None and n < SMALL_MODEL else "paper"
+    filled = {f: v[args.cot] if isinstance(v, dict) else v for f, v in RECIPES[name].items() if getattr(args, f) == -1}
+    for flag, value in filled.items():
+        setattr(args, flag, value)
+    size = "a hub model" if n is None else f"{n / 1e6:.1f} M parameters"
+    said = ", ".join(f"--{flag} {value:g}" for flag, value in filled.items())
+    return f"{name} ({size}){': ' + said if said else ', every flag given'}"
 
 
 def run_entries(output_dir):
@@ -1454,7 +1460,7 @@ def gathered_for_generation(model):
             model.reset_iter_state()
 
 
-# ----------------------------------------------------------------------------- memory before loading
+# ----------------------------------------------------------------------------- memory before loading, and loading
 
 def device_memory(device):
     """The device's memory in bytes on CUDA; None elsewhere (no memory check on the CPU)."""
@@ -1516,8 +1522,6 @@ def memory_advice(args, peak, world, device_bytes, batch_flags):
                "--gradient_checkpointing, smaller batches): combine them, or use devices with more memory"))
 
 
-# ----------------------------------------------------------------------------- loading and saving
-
 def checkpoint_params(path):
     """The parameter count of a local HF checkpoint, from its safetensors headers (no weights read): the defaults of
     flags left at -1 depend on it. None for a hub id or a folder without safetensors."""
@@ -1537,50 +1541,65 @@ def checkpoint_params(path):
     return total
 
 
-def load_tokenizer(args):
-    """The warm-up checkpoint's tokenizer, with one error line when it cannot serve: PPO needs a pad token distinct
-    from EOS (the EOS token carries the reward)."""
-    from transformers import AutoTokenizer
-    try:
-        tok = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --model {args.model}: cannot load ({str(e).splitlines()[0]})")
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        raise SystemExit(f"error: --model {args.model}: needs a pad token distinct from EOS (sft.py adds one)")
-    return tok
+# ----------------------------------------------------------------------------- evaluation, schedule, epochs to save
+
+def eval_questions(args):
+    """The questions of the evaluation during training: --eval_data (a file as it is, or the --eval_split of a
+    prepared dataset or folder), else the --eval_split of --data. A --data file is training data only: evaluating
+    it would report (and --save_best select on) the training questions as validation. A test split is refused: the
+    checkpoint picked on it would be scored on the questions it was picked with."""
+    if args.eval_split.startswith("test") and not reward.is_data_file(args.eval_data or args.data):
+        raise SystemExit(f"error: --eval_split {args.eval_split}: the evaluation during training picks a checkpoint, "
+                         f"never on a test split; pass --eval_split validation (evaluate.py scores the test split "
+                         f"once, at the end)")
+    if args.eval_data:
+        records = reward.load_records(args.eval_data, None if reward.is_data_file(args.eval_data) else args.eval_split,
+                                      args.cot)
+    elif reward.is_data_file(args.data):
+        raise SystemExit(f"error: --data {args.data} is a file, training data only: the evaluation during training "
+                         f"needs --eval_data (a file or a prepared dataset), a prepared --data, or to be turned off")
+    else:
+        records = reward.load_records(args.data, args.eval_split, args.cot)
+    return records[:args.eval_limit] if args.eval_limit > 0 else records
 
 
-def load_models(args, mesh, device):
-    """Tokenizer, policy (+ value head with GAE) and frozen reference (none for Online-ST, which has no KL), both from
-    the warm-up checkpoint: sharded, dropout off."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-    tok = load_tokenizer(args)
+@torch.no_grad()
+def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size, reward_fn):
+    """Greedy top-1 accuracy computed as `evaluate.py --mode greedy` computes it: transformers' generate from the
+    rollout prompt (for python CoTs it ends with the program header), the same budget of new tokens for every
+    question, correct where `reward_fn` gives 1.0 (reft.py: its --reward; sft.py: reward.py's), questions split
+    across ranks and counts summed. `model` is the sharded root, gathered once; `lm` the causal LM inside it that
+    generates (sft.py: the model itself; reft.py: the policy's `lm`)."""
+    training = model.training
+    model.eval()
+    mine = records[rank::world]
+    correct = 0
+    tok.padding_side = "left"
+    # Its own bar (rank 0's questions): an evaluation of 500 questions with a long budget takes minutes on a CPU.
+    bar = tqdm(total=len(mine), desc=f"greedy evaluation, ≤ {max_new_tokens} new tokens", leave=False,
+               disable=rank != 0)
+    with gathered_for_generation(model):
+        for b in range(0, len(mine), batch_size):
+            chunk = mine[b:b + batch_size]
+            bar.update(len(chunk))
+            prompt_ids = [reward.encode_prompt(tok, reward.build_prompt(r["question"], cot, sampling=True))
+                          for r in chunk]
+            enc = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left padding
+            # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
+            # for the others; transformers' default under FSDP does, and then crashes on a cache one token short.
+            out = lm.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True, synced_gpus=False,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            texts = tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
+            scores = reward_fn(texts, [r["answer_value"] for r in chunk], cot, [r["question"] for r in chunk],
+                               partial_reward=False)
+            correct += sum(s == 1.0 for s in scores)
+    bar.close()
+    total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    model.train(training)
+    return (total[0] / total[1]).item()
 
-    def read(value_head):  # rank 0 only (load_sharded)
-        try:
-            config = without_dropout(AutoConfig.from_pretrained(args.model))
-            lm = AutoModelForCausalLM.from_pretrained(args.model, config=config, dtype=torch.float32)
-            critic = AutoModel.from_pretrained(args.model, config=config, dtype=torch.float32) \
-                if value_head and args.separate_value_model else None
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --model {args.model}: cannot load ({str(e).splitlines()[0]})")
-        torch.manual_seed(args.seed)  # the value head's init
-        return PolicyWithValueHead(lm, value_head, critic)
 
-    def make(value_head):
-        return lambda config: PolicyWithValueHead(
-            AutoModelForCausalLM.from_config(config, dtype=torch.float32), value_head,
-            AutoModel.from_config(config, dtype=torch.float32) if value_head and args.separate_value_model else None)
-
-    value_head = args.objective == "ppo" and args.advantage == "gae"
-    policy = load_sharded(lambda: read(value_head), make(value_head), mesh, device)
-    if args.objective == "online_st":
-        return tok, policy, None
-    reference = load_sharded(lambda: read(False), make(False), mesh, device)
-    return tok, policy, reference.requires_grad_(False).eval()
-
-
-# a copy kept identical across stage files: tests/test_copies.py
 def epochs_to_save(spec):
     """--save_epochs as a test of an epoch number: `all`, `none` or comma-separated epochs such as `2,40`."""
     if spec in ("all", "none"):
@@ -1589,26 +1608,6 @@ def epochs_to_save(spec):
         return {int(e) for e in spec.split(",")}.__contains__
     except ValueError:
         raise SystemExit(f"error: --save_epochs must be all, none or epoch numbers such as 2,40, not {spec!r}")
-
-
-def save_checkpoint(model, tok, args, path, rank, dtype):
-    """HF policy (loadable by AutoModelForCausalLM) plus value_head.safetensors beside it when there is a value head,
-    from rank 0, in `dtype`, the run's compute dtype: bf16 on GPU halves it, and the fp32 master weights live in the
-    resume state."""
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        for k in sd:
-            sd[k] = sd[k].to(dtype)
-        model.lm.config.dtype = dtype
-        with stop_if_disk_full(path):
-            model.lm.save_pretrained(path, state_dict={k[3:]: v for k, v in sd.items() if k.startswith("lm.")})
-            tok.save_pretrained(path)
-            head = {k: v.contiguous() for k, v in sd.items() if not k.startswith("lm.")}
-            if head:
-                save_file(head, os.path.join(path, "value_head.safetensors"))
-            with open(os.path.join(path, "train_args.json"), "w") as f:
-                json.dump(dataclasses.asdict(args), f, indent=2)
-    dist.barrier()
 
 
 # ----------------------------------------------------------------------------- resume state and metrics on disk

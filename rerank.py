@@ -549,12 +549,166 @@ def main(args):
 
 
 # =====================================================================================================================
-# infrastructure: identical in every stage, tests/test_copies.py; skip on a first read
-# The flags and the run-folder rules, the distributed setup and loading, reading and checking samples files, saving
-# the verifier, the resume state and the metrics on disk. A function marked "a copy" is the same in every stage file
-# that has it; the others are this stage's own.
+# infrastructure: skip on a first read
+# First this stage's own helpers, then the helpers repeated across the stage files, kept identical (and in this
+# order) by tests/test_copies.py.
 # =====================================================================================================================
 
+# ----------------------------------------------------------------------------- rerank.py's own
+# Checks, the memory check, samples files, saving the verifier.
+
+def check_args(args):
+    """The flags, the checkpoints (--model only where it samples: not with --samples and --init), --samples and
+    --reward, before any model loads; resolves --cot and returns the reward function."""
+    check_ranges(args, RANGES)
+    if not args.samples and not args.model:
+        raise SystemExit("error: --model is required to draw samples (or pass --samples FILE)")
+    if not (args.init or args.model):
+        raise SystemExit("error: --init (or --model) is required: the checkpoint the verifier trunk starts from")
+    if args.samples and not os.path.isfile(args.samples):
+        raise SystemExit(f"error: --samples {args.samples!r}: no such file")
+    reward_fn = reward.load_reward(args.reward)
+    if args.samples and reward_fn is not reward.compute_rewards:
+        raise SystemExit(f"error: --reward {args.reward} labels the samples rerank.py draws; --samples "
+                         f"{args.samples} brings its own labels")
+    checkpoints = {flag: path for flag, path in (("--model", args.model), ("--init", args.init))
+                   if path and not (flag == "--model" and args.samples and args.init)}
+    if "--model" in checkpoints:
+        check_default_model(args.model, Args.model)
+    for flag, path in checkpoints.items():
+        check_checkpoint(path, flag)
+    resolve_cot(args, checkpoints)
+    return reward_fn
+
+
+def check_memory(args, records, world, device):
+    """On a GPU, stop now when the run cannot fit (memory_error), not at an OOM after minutes of loading; `records`:
+    the questions to sample (None: no sampling)."""
+    device_bytes = device_memory(device)
+    if device_bytes is None:
+        return
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(args.init or args.model)
+    longest = None
+    if records is not None:
+        tok = transformers.AutoTokenizer.from_pretrained(args.model)
+        longest = max(len(reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True)))
+                      for r in records)
+    error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
+                         device_bytes, longest)
+    if error is not None:
+        raise SystemExit(error)
+
+
+def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
+    """None when this run fits `device_bytes` per device, else the error line (memory_advice), for the larger of its
+    two phases. Sampling (unless `prompt_tokens` is None): fp32 weights, 4 bytes per parameter, gathered, with the KV
+    cache of min(--gen_batch_size, --num_samples) sequences of the longest prompt + --max_new_tokens. Training: 12
+    bytes per parameter (fp32 weights, AdamW) + 4 of gradients, a micro-batch of --max_length tokens. Both models
+    count as causal LMs of `n_params`, the trained one's."""
+    def peak(a, world):
+        micro = a.micro_batch_size if a.micro_batch_size > 0 else max(1, a.batch_size // world)
+        train = memory_estimate(n_params, config, world, bf16, 12, 4, micro * a.max_length, False, 0)["training"]
+        if prompt_tokens is None:
+            return train
+        gen = min(a.gen_batch_size, a.num_samples) * (prompt_tokens + a.max_new_tokens)
+        return max(train, memory_estimate(n_params, config, world, bf16, 4, 0, 0, False, gen)["generation"])
+    flags = ["micro_batch_size"] * (args.micro_batch_size > 0) + ["gen_batch_size"]
+    return memory_advice(args, peak, world, device_bytes, flags)
+
+
+def read_samples(path):
+    """Rows of a samples JSONL, checked for the fields training needs; one error line naming a bad row, or the
+    item_ids given to two different questions (the held-out split and --gold_samples go by item_id)."""
+    rows, questions = [], {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{lineno}: malformed JSON ({e.msg})")
+            missing = [k for k in ("item_id", "question", "completion", "correct") if k not in row]
+            if missing:
+                raise SystemExit(f"error: {path}:{lineno}: sample has no {', '.join(missing)}")
+            questions.setdefault(str(row["item_id"]), set()).add(str(row["question"]))
+            rows.append(row)
+    shared = [repr(i) for i, texts in questions.items() if len(texts) > 1]
+    if shared:
+        raise SystemExit(f"error: {path}: {len(shared)} item_ids name more than one question ({', '.join(shared[:3])}"
+                         f"{' …' if len(shared) > 3 else ''}); each question needs its own")
+    return rows
+
+
+def drop_partial_questions(path):
+    """Rank 0, before sampling continues: drop from `path` a last line cut by a kill and the questions with fewer rows
+    than their `distinct` (one warning line), so that they are sampled again; rows without `distinct` count as whole,
+    a line that is not JSON is left for read_samples to name."""
+    with open(path) as f:
+        lines = f.readlines()
+    cut = bool(lines) and not lines[-1].endswith("\n")
+    lines = lines[:len(lines) - cut]
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        rows.append(row if isinstance(row, dict) else {})
+    ids = [row.get("item_id") for row in rows]
+    count = collections.Counter(ids)
+    partial = {i for i, row in zip(ids, rows) if row.get("distinct", count[i]) != count[i]}
+    if not cut and not partial:
+        return
+    print(f"warning: {path}: {'a last line cut by a kill and ' if cut else ''}{len(partial)} questions with fewer "
+          f"rows than they were sampled with dropped; they are sampled again", flush=True)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(line for line, i in zip(lines, ids) if i not in partial)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def check_samples(args, rows, path, world):
+    """The micro-batch per process (--batch_size / world unless given), once the samples are known to train a
+    verifier: both kinds among the training part (a verifier trained on one kind learns a constant), at least one
+    --batch_size of them, split evenly over the processes."""
+    if not rows:
+        raise SystemExit(f"error: {path}: no samples")
+    train_rows = split_by_question(rows, args.holdout_fraction, args.seed)[0]
+    kinds = {bool(r["correct"]) for r in train_rows}
+    if len(kinds) < 2:
+        kind = "correct" if True in kinds else "wrong"
+        gold = "" if kind == "correct" or args.gold_samples else \
+            "pass --gold_samples (each question's gold CoT joins as a correct sample" + \
+            ("), " if args.samples else "; with --resume, to the samples drawn, none drawn again), ")
+        raise SystemExit(f"error: {path}: all {len(train_rows)} training samples are {kind}, and a verifier needs both "
+                         f"kinds: {gold}draw more (--num_samples, --limit), sample another --model or at another "
+                         f"--temperature")
+    micro = args.micro_batch_size if args.micro_batch_size > 0 else max(1, args.batch_size // world)
+    if args.batch_size % (micro * world):
+        raise SystemExit(f"error: --batch_size {args.batch_size} is not a multiple of micro_batch_size × world "
+                         f"({micro} × {world})")
+    if len(train_rows) < args.batch_size:
+        raise SystemExit(f"error: {len(train_rows)} training samples are fewer than one --batch_size {args.batch_size}")
+    return micro
+
+
+def save_verifier(model, tok, args, path, rank):
+    """An AutoModelForSequenceClassification folder (+ tokenizer, train_args.json), written by rank 0."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        tok.model_max_length = args.max_length  # evaluate.py cuts its inputs where training did
+        with stop_if_disk_full(path):
+            model.save_pretrained(path, state_dict=sd)
+            tok.save_pretrained(path)
+            with open(os.path.join(path, "train_args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=2)
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------- flags, checks and run folders
 
 def parse_args(cls, argv=None):
     """The dataclass `cls` from the command line: `--name` per field (`-x` for one letter), never abbreviated; --help
@@ -678,6 +832,19 @@ def resolve_cot(args, checkpoints, fallback="nl"):
     elif flag and args.cot != found[flag]:
         raise SystemExit(f"error: --cot {args.cot}, but {flag} {checkpoints[flag]} was trained on {found[flag]} CoTs "
                          f"(its train_args.json): drop --cot or pass --cot {found[flag]}")
+
+
+def fill_recipe(args):
+    """Flags left at -1 take RECIPES' values (per --cot where a dict) for the size of the model trained (--init, else
+    --model), read before anything loads; returns what was filled, in words for the log."""
+    n = checkpoint_params(getattr(args, "init", "") or args.model)
+    name = "small" if n is not None and n < SMALL_MODEL else "paper"
+    filled = {f: v[args.cot] if isinstance(v, dict) else v for f, v in RECIPES[name].items() if getattr(args, f) == -1}
+    for flag, value in filled.items():
+        setattr(args, flag, value)
+    size = "a hub model" if n is None else f"{n / 1e6:.1f} M parameters"
+    said = ", ".join(f"--{flag} {value:g}" for flag, value in filled.items())
+    return f"{name} ({size}){': ' + said if said else ', every flag given'}"
 
 
 def run_entries(output_dir):
@@ -906,7 +1073,7 @@ def gathered_for_generation(model):
             model.reset_iter_state()
 
 
-# ----------------------------------------------------------------------------- memory before loading
+# ----------------------------------------------------------------------------- memory before loading, and loading
 
 def device_memory(device):
     """The device's memory in bytes on CUDA; None elsewhere (no memory check on the CPU)."""
@@ -968,14 +1135,6 @@ def memory_advice(args, peak, world, device_bytes, batch_flags):
                "--gradient_checkpointing, smaller batches): combine them, or use devices with more memory"))
 
 
-# a copy kept identical across stage files: tests/test_copies.py
-def num_calls(n_items, batch_size, device):
-    """Batches needed by the busiest rank: every rank makes that many (collective) calls, padding with dummies."""
-    t = torch.tensor([math.ceil(n_items / batch_size)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
 def checkpoint_params(path):
     """The parameter count of a local HF checkpoint, from its safetensors headers (no weights read): the defaults of
     flags left at -1 depend on it. None for a hub id or a folder without safetensors."""
@@ -993,6 +1152,13 @@ def checkpoint_params(path):
         with safe_open(os.path.join(path, name), "pt") as f:
             total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
     return total
+
+
+def num_calls(n_items, batch_size, device):
+    """Batches needed by the busiest rank: every rank makes that many (collective) calls, padding with dummies."""
+    t = torch.tensor([math.ceil(n_items / batch_size)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def load(cls_name, path, flag, mesh, device, **kw):
@@ -1021,66 +1187,8 @@ def load(cls_name, path, flag, mesh, device, **kw):
     return load_sharded(read, lambda config: cls.from_config(config, dtype=torch.float32), mesh, device), tok
 
 
-# ----------------------------------------------------------------------------- rerank.py's checks, recipe, schedule
+# ----------------------------------------------------------------------------- evaluation, schedule, epochs to save
 
-def check_args(args):
-    """The flags, the checkpoints (--model only where it samples: not with --samples and --init), --samples and
-    --reward, before any model loads; resolves --cot and returns the reward function."""
-    check_ranges(args, RANGES)
-    if not args.samples and not args.model:
-        raise SystemExit("error: --model is required to draw samples (or pass --samples FILE)")
-    if not (args.init or args.model):
-        raise SystemExit("error: --init (or --model) is required: the checkpoint the verifier trunk starts from")
-    if args.samples and not os.path.isfile(args.samples):
-        raise SystemExit(f"error: --samples {args.samples!r}: no such file")
-    reward_fn = reward.load_reward(args.reward)
-    if args.samples and reward_fn is not reward.compute_rewards:
-        raise SystemExit(f"error: --reward {args.reward} labels the samples rerank.py draws; --samples "
-                         f"{args.samples} brings its own labels")
-    checkpoints = {flag: path for flag, path in (("--model", args.model), ("--init", args.init))
-                   if path and not (flag == "--model" and args.samples and args.init)}
-    if "--model" in checkpoints:
-        check_default_model(args.model, Args.model)
-    for flag, path in checkpoints.items():
-        check_checkpoint(path, flag)
-    resolve_cot(args, checkpoints)
-    return reward_fn
-
-
-def check_memory(args, records, world, device):
-    """On a GPU, stop now when the run cannot fit (memory_error), not at an OOM after minutes of loading; `records`:
-    the questions to sample (None: no sampling)."""
-    device_bytes = device_memory(device)
-    if device_bytes is None:
-        return
-    import transformers
-    config = transformers.AutoConfig.from_pretrained(args.init or args.model)
-    longest = None
-    if records is not None:
-        tok = transformers.AutoTokenizer.from_pretrained(args.model)
-        longest = max(len(reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True)))
-                      for r in records)
-    error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
-                         device_bytes, longest)
-    if error is not None:
-        raise SystemExit(error)
-
-
-# a copy kept identical across stage files: tests/test_copies.py
-def fill_recipe(args):
-    """Flags left at -1 take RECIPES' values (per --cot where a dict) for the size of the model trained (--init, else
-    --model), read before anything loads; returns what was filled, in words for the log."""
-    n = checkpoint_params(getattr(args, "init", "") or args.model)
-    name = "small" if n is not None and n < SMALL_MODEL else "paper"
-    filled = {f: v[args.cot] if isinstance(v, dict) else v for f, v in RECIPES[name].items() if getattr(args, f) == -1}
-    for flag, value in filled.items():
-        setattr(args, flag, value)
-    size = "a hub model" if n is None else f"{n / 1e6:.1f} M parameters"
-    said = ", ".join(f"--{flag} {value:g}" for flag, value in filled.items())
-    return f"{name} ({size}){': ' + said if said else ', every flag given'}"
-
-
-# a copy kept identical across stage files: tests/test_copies.py
 def lr_lambda(warmup_steps, total_steps):
     """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
     def f(step):
@@ -1088,116 +1196,6 @@ def lr_lambda(warmup_steps, total_steps):
             return (step + 1) / warmup_steps
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     return f
-
-
-def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
-    """None when this run fits `device_bytes` per device, else the error line (memory_advice), for the larger of its
-    two phases. Sampling (unless `prompt_tokens` is None): fp32 weights, 4 bytes per parameter, gathered, with the KV
-    cache of min(--gen_batch_size, --num_samples) sequences of the longest prompt + --max_new_tokens. Training: 12
-    bytes per parameter (fp32 weights, AdamW) + 4 of gradients, a micro-batch of --max_length tokens. Both models
-    count as causal LMs of `n_params`, the trained one's."""
-    def peak(a, world):
-        micro = a.micro_batch_size if a.micro_batch_size > 0 else max(1, a.batch_size // world)
-        train = memory_estimate(n_params, config, world, bf16, 12, 4, micro * a.max_length, False, 0)["training"]
-        if prompt_tokens is None:
-            return train
-        gen = min(a.gen_batch_size, a.num_samples) * (prompt_tokens + a.max_new_tokens)
-        return max(train, memory_estimate(n_params, config, world, bf16, 4, 0, 0, False, gen)["generation"])
-    flags = ["micro_batch_size"] * (args.micro_batch_size > 0) + ["gen_batch_size"]
-    return memory_advice(args, peak, world, device_bytes, flags)
-
-
-# ----------------------------------------------------------------------------- samples files, the verifier on disk
-
-def read_samples(path):
-    """Rows of a samples JSONL, checked for the fields training needs; one error line naming a bad row, or the
-    item_ids given to two different questions (the held-out split and --gold_samples go by item_id)."""
-    rows, questions = [], {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}:{lineno}: malformed JSON ({e.msg})")
-            missing = [k for k in ("item_id", "question", "completion", "correct") if k not in row]
-            if missing:
-                raise SystemExit(f"error: {path}:{lineno}: sample has no {', '.join(missing)}")
-            questions.setdefault(str(row["item_id"]), set()).add(str(row["question"]))
-            rows.append(row)
-    shared = [repr(i) for i, texts in questions.items() if len(texts) > 1]
-    if shared:
-        raise SystemExit(f"error: {path}: {len(shared)} item_ids name more than one question ({', '.join(shared[:3])}"
-                         f"{' …' if len(shared) > 3 else ''}); each question needs its own")
-    return rows
-
-
-def drop_partial_questions(path):
-    """Rank 0, before sampling continues: drop from `path` a last line cut by a kill and the questions with fewer rows
-    than their `distinct` (one warning line), so that they are sampled again; rows without `distinct` count as whole,
-    a line that is not JSON is left for read_samples to name."""
-    with open(path) as f:
-        lines = f.readlines()
-    cut = bool(lines) and not lines[-1].endswith("\n")
-    lines = lines[:len(lines) - cut]
-    rows = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        rows.append(row if isinstance(row, dict) else {})
-    ids = [row.get("item_id") for row in rows]
-    count = collections.Counter(ids)
-    partial = {i for i, row in zip(ids, rows) if row.get("distinct", count[i]) != count[i]}
-    if not cut and not partial:
-        return
-    print(f"warning: {path}: {'a last line cut by a kill and ' if cut else ''}{len(partial)} questions with fewer "
-          f"rows than they were sampled with dropped; they are sampled again", flush=True)
-    with open(path + ".tmp", "w") as f:
-        f.writelines(line for line, i in zip(lines, ids) if i not in partial)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-
-def check_samples(args, rows, path, world):
-    """The micro-batch per process (--batch_size / world unless given), once the samples are known to train a
-    verifier: both kinds among the training part (a verifier trained on one kind learns a constant), at least one
-    --batch_size of them, split evenly over the processes."""
-    if not rows:
-        raise SystemExit(f"error: {path}: no samples")
-    train_rows = split_by_question(rows, args.holdout_fraction, args.seed)[0]
-    kinds = {bool(r["correct"]) for r in train_rows}
-    if len(kinds) < 2:
-        kind = "correct" if True in kinds else "wrong"
-        gold = "" if kind == "correct" or args.gold_samples else \
-            "pass --gold_samples (each question's gold CoT joins as a correct sample" + \
-            ("), " if args.samples else "; with --resume, to the samples drawn, none drawn again), ")
-        raise SystemExit(f"error: {path}: all {len(train_rows)} training samples are {kind}, and a verifier needs both "
-                         f"kinds: {gold}draw more (--num_samples, --limit), sample another --model or at another "
-                         f"--temperature")
-    micro = args.micro_batch_size if args.micro_batch_size > 0 else max(1, args.batch_size // world)
-    if args.batch_size % (micro * world):
-        raise SystemExit(f"error: --batch_size {args.batch_size} is not a multiple of micro_batch_size × world "
-                         f"({micro} × {world})")
-    if len(train_rows) < args.batch_size:
-        raise SystemExit(f"error: {len(train_rows)} training samples are fewer than one --batch_size {args.batch_size}")
-    return micro
-
-
-def save_verifier(model, tok, args, path, rank):
-    """An AutoModelForSequenceClassification folder (+ tokenizer, train_args.json), written by rank 0."""
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        tok.model_max_length = args.max_length  # evaluate.py cuts its inputs where training did
-        with stop_if_disk_full(path):
-            model.save_pretrained(path, state_dict=sd)
-            tok.save_pretrained(path)
-            with open(os.path.join(path, "train_args.json"), "w") as f:
-                json.dump(dataclasses.asdict(args), f, indent=2)
-    dist.barrier()
 
 
 # ----------------------------------------------------------------------------- resume state and metrics on disk

@@ -437,12 +437,209 @@ def main(args):
 
 
 # =====================================================================================================================
-# infrastructure: identical in every stage, tests/test_copies.py; skip on a first read
-# The flags and the run-folder rules, the distributed setup, loading the model and tokenizer, the extra samples of
-# Offline-ST, the evaluation questions, checkpoints and the resume state. A function marked "a copy" is the same in
-# every stage file that has it; the others are this stage's own.
+# infrastructure: skip on a first read
+# First this stage's own helpers, then the helpers repeated across the stage files, kept identical (and in this
+# order) by tests/test_copies.py.
 # =====================================================================================================================
 
+# ----------------------------------------------------------------------------- sft.py's own
+# Checks, the tokenizer and the model, Offline-ST's extra samples, saving, resuming.
+
+def check_args(args):
+    """The flags and --model before anything loads. A --model that can only be local (absolute, ./ or ~/, under runs/
+    or under a folder that exists here) must be a checkpoint folder: it is never looked up on the hub, where a missing
+    one costs a minute of retries before failing."""
+    check_ranges(args, RANGES)
+    if args.max_steps <= 0 and args.warmup_epoch > args.epochs:
+        raise SystemExit(f"error: --warmup_epoch {args.warmup_epoch} is after the last of --epochs {args.epochs}: the "
+                         f"run would write no warm-up checkpoint; pass --warmup_epoch {args.epochs} or less (0: none)")
+    m, first = args.model, args.model.split("/")[0]
+    if m.endswith(".gguf") and not os.path.isfile(m):
+        raise SystemExit(f"error: --model {m}: no such GGUF file")
+    if m != "tiny" and not m.endswith(".gguf") and (
+            os.path.isdir(m) or os.path.isabs(m) or m.startswith((".", "~")) or m.count("/") > 1
+            or (m.count("/") == 1 and (first == "runs" or os.path.isdir(first)))):
+        check_checkpoint(m, "--model")
+
+
+def check_memory(args, tok, eval_records, world, device):
+    """On a GPU, stop now when the run cannot fit (memory_error), not at its first OOM after minutes of loading."""
+    device_bytes = device_memory(device)
+    if device_bytes is None or args.model == "tiny":  # no check on the CPU; `tiny` is a few MB
+        return
+    from transformers import AutoConfig
+    path, kw = hf_location(args.model)
+    config = AutoConfig.from_pretrained(path, **kw)
+    prompts = [reward.build_prompt(r["question"], args.cot, sampling=True) for r in eval_records or []]
+    error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
+                         device_bytes, max((len(reward.encode_prompt(tok, p)) for p in prompts), default=0))
+    if error is not None:
+        raise SystemExit(error)
+
+
+def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
+    """None when this run fits `device_bytes` per device, else the error line (memory_advice). Resident: the fp32
+    weights and AdamW's moments, 12 bytes per parameter, and the fp32 gradients, 4, in training; a micro-batch of
+    --max_length tokens; with --eval_every_epoch, a greedy evaluation of --eval_batch_size sequences of the longest
+    evaluation prompt (`prompt_tokens`) + --max_new_tokens."""
+    def peak(a, world):
+        gen = a.eval_batch_size * (prompt_tokens + a.max_new_tokens) if a.eval_every_epoch else 0
+        return max(memory_estimate(n_params, config, world, bf16, 12, 4, a.micro_batch_size * a.max_length,
+                                   a.gradient_checkpointing, gen).values())
+    return memory_advice(args, peak, world, device_bytes, ["micro_batch_size", "eval_batch_size"])
+
+
+def train_tiny_tokenizer(texts, vocab_size):
+    """Byte-level BPE trained on the training texts; every digit is its own token, <pad> (0) != <eos> (1)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # its bar prints blank lines to a pipe or log file
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def hf_location(model):
+    """from_pretrained's arguments for --model: (folder or hub id, {}) or, for a .gguf file, (folder, {gguf_file})."""
+    folder, name = os.path.split(os.path.abspath(model))
+    return (folder, {"gguf_file": name}) if model.endswith(".gguf") else (model, {})
+
+
+def load_tokenizer(args, train_texts):
+    """The tokenizer (`tiny`: trained on `train_texts`) with a pad token distinct from EOS."""
+    from transformers import AutoTokenizer
+    if args.model == "tiny":
+        return train_tiny_tokenizer(train_texts, args.tiny_vocab)
+    path, kw = hf_location(args.model)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --model {args.model}: cannot load a model from this folder or hub id "
+                         f"({str(e).splitlines()[0]})")
+    if tok.eos_token_id is None:
+        raise SystemExit(f"error: --model {args.model}: the tokenizer has no EOS token")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        # A pad equal to EOS would mask the real EOS out of the loss (and later out of PPO's reward position).
+        # A spare token that exists (Llama's <unk>) keeps the vocabulary, and a 7B model's embeddings, as they are.
+        if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+    return tok
+
+
+def tiny_model(args, tok):
+    """A fresh Llama sized by the --tiny_* flags, seeded by --seed, with tied input and output embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=args.tiny_hidden, num_hidden_layers=args.tiny_layers,
+                         num_attention_heads=args.tiny_heads, num_key_value_heads=args.tiny_heads,
+                         intermediate_size=args.tiny_intermediate, max_position_embeddings=TINY_POSITIONS,
+                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(args.seed)
+    return LlamaForCausalLM(config)
+
+
+def load_model(args, tok, mesh, device):
+    """The causal LM sharded over the ranks (rank 0 reads it: load_sharded), in training mode; `tiny` (tiny_model) is
+    also saved to {output_dir}/init, from which a resumed run rebuilds the same one."""
+    from transformers import AutoModelForCausalLM
+
+    def load():
+        if args.model == "tiny":
+            model = tiny_model(args, tok)
+            with stop_if_disk_full(os.path.join(args.output_dir, "init")):
+                model.save_pretrained(os.path.join(args.output_dir, "init"))
+                tok.save_pretrained(os.path.join(args.output_dir, "init"))
+            return model
+        path, kw = hf_location(args.model)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --model {args.model}: cannot load a model from this folder or hub id "
+                             f"({str(e).splitlines()[0]})")
+        if kw:
+            # transformers dequantizes GGUF weights to fp32 but keeps the quantizer marks, which make
+            # save_pretrained refuse; the weights are plain tensors now, so drop the marks.
+            model.hf_quantizer = None
+            model.config.__dict__.pop("quantization_config", None)
+            model.__dict__.pop("is_quantized", None)
+        if model.get_input_embeddings().num_embeddings < len(tok):  # an added pad token
+            model.resize_token_embeddings(len(tok))
+        model.config.pad_token_id, model.config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+        return model
+
+    model = load_sharded(load, lambda config: AutoModelForCausalLM.from_config(config, dtype=torch.float32), mesh,
+                         device)
+    model.config.use_cache = False
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def read_extra_samples(path, records):
+    """([(record, completion)] of the correct rows, number of rows) of a samples JSONL as rerank.py writes it; one
+    error line naming file:line for a row that is not an object with item_id, question, completion (text) and
+    correct (true/false) of a question of `records` (the same item_id and question text)."""
+    by_id = {r["item_id"]: r for r in records}
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --extra_samples {path}: no such file")
+    pairs, n_rows = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{lineno}: malformed JSON ({e.msg})")
+            if not (isinstance(row, dict) and "item_id" in row and isinstance(row.get("question"), str)
+                    and isinstance(row.get("completion"), str) and isinstance(row.get("correct"), bool)):
+                raise SystemExit(f"error: {path}:{lineno}: a sample needs item_id, question and completion (text) "
+                                 f"and correct (true or false)")
+            record = by_id.get(str(row["item_id"]))
+            if record is None or record["question"] != row["question"]:
+                raise SystemExit(f"error: {path}:{lineno}: {row['item_id']!r} is not a training question of --data")
+            n_rows += 1
+            if row["correct"]:
+                pairs.append((record, row["completion"]))
+    return pairs, n_rows
+
+
+def save_hf(model, tok, args, path, rank, dtype):
+    """A plain HF checkpoint (safetensors, tokenizer, train_args.json) written by rank 0 in `dtype`, the run's compute
+    dtype: bf16 on GPU halves it, and the fp32 master weights live in the resume state."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model.config.dtype = dtype
+        with stop_if_disk_full(path):
+            model.save_pretrained(path, state_dict={k: v.to(dtype) for k, v in sd.items()})
+            tok.save_pretrained(path)
+            with open(os.path.join(path, "train_args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=2)
+    dist.barrier()
+
+
+def resume(model, opt, sched, args, rank, metrics_path):
+    """(step, best accuracy so far) of a resumed run: the newest intact resume state loaded, the metrics written after
+    it dropped, and the best evaluation before the kill (its checkpoint is best/)."""
+    state = load_resume_state(model, opt, args.output_dir)
+    step = state["step"]
+    sched.load_state_dict(state["sched"])
+    if rank == 0:
+        trim_metrics(metrics_path, step)
+    dist.barrier()
+    with open(metrics_path) as f:
+        best = max((r["eval_accuracy"] for r in map(json.loads, f) if "eval_accuracy" in r), default=-1.0)
+    return step, best
+
+
+# ----------------------------------------------------------------------------- flags, checks and run folders
 
 def parse_args(cls, argv=None):
     """The dataclass `cls` from the command line: `--name` per field (`-x` for one letter), never abbreviated; --help
@@ -786,7 +983,7 @@ def gathered_for_generation(model):
             model.reset_iter_state()
 
 
-# ----------------------------------------------------------------------------- memory before loading
+# ----------------------------------------------------------------------------- memory before loading, and loading
 
 def device_memory(device):
     """The device's memory in bytes on CUDA; None elsewhere (no memory check on the CPU)."""
@@ -848,177 +1045,8 @@ def memory_advice(args, peak, world, device_bytes, batch_flags):
                "--gradient_checkpointing, smaller batches): combine them, or use devices with more memory"))
 
 
-# ----------------------------------------------------------------------------- sft.py's own: checks, model, data
+# ----------------------------------------------------------------------------- evaluation, schedule, epochs to save
 
-def check_args(args):
-    """The flags and --model before anything loads. A --model that can only be local (absolute, ./ or ~/, under runs/
-    or under a folder that exists here) must be a checkpoint folder: it is never looked up on the hub, where a missing
-    one costs a minute of retries before failing."""
-    check_ranges(args, RANGES)
-    if args.max_steps <= 0 and args.warmup_epoch > args.epochs:
-        raise SystemExit(f"error: --warmup_epoch {args.warmup_epoch} is after the last of --epochs {args.epochs}: the "
-                         f"run would write no warm-up checkpoint; pass --warmup_epoch {args.epochs} or less (0: none)")
-    m, first = args.model, args.model.split("/")[0]
-    if m.endswith(".gguf") and not os.path.isfile(m):
-        raise SystemExit(f"error: --model {m}: no such GGUF file")
-    if m != "tiny" and not m.endswith(".gguf") and (
-            os.path.isdir(m) or os.path.isabs(m) or m.startswith((".", "~")) or m.count("/") > 1
-            or (m.count("/") == 1 and (first == "runs" or os.path.isdir(first)))):
-        check_checkpoint(m, "--model")
-
-
-def check_memory(args, tok, eval_records, world, device):
-    """On a GPU, stop now when the run cannot fit (memory_error), not at its first OOM after minutes of loading."""
-    device_bytes = device_memory(device)
-    if device_bytes is None or args.model == "tiny":  # no check on the CPU; `tiny` is a few MB
-        return
-    from transformers import AutoConfig
-    path, kw = hf_location(args.model)
-    config = AutoConfig.from_pretrained(path, **kw)
-    prompts = [reward.build_prompt(r["question"], args.cot, sampling=True) for r in eval_records or []]
-    error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
-                         device_bytes, max((len(reward.encode_prompt(tok, p)) for p in prompts), default=0))
-    if error is not None:
-        raise SystemExit(error)
-
-
-def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
-    """None when this run fits `device_bytes` per device, else the error line (memory_advice). Resident: the fp32
-    weights and AdamW's moments, 12 bytes per parameter, and the fp32 gradients, 4, in training; a micro-batch of
-    --max_length tokens; with --eval_every_epoch, a greedy evaluation of --eval_batch_size sequences of the longest
-    evaluation prompt (`prompt_tokens`) + --max_new_tokens."""
-    def peak(a, world):
-        gen = a.eval_batch_size * (prompt_tokens + a.max_new_tokens) if a.eval_every_epoch else 0
-        return max(memory_estimate(n_params, config, world, bf16, 12, 4, a.micro_batch_size * a.max_length,
-                                   a.gradient_checkpointing, gen).values())
-    return memory_advice(args, peak, world, device_bytes, ["micro_batch_size", "eval_batch_size"])
-
-
-def train_tiny_tokenizer(texts, vocab_size):
-    """Byte-level BPE trained on the training texts; every digit is its own token, <pad> (0) != <eos> (1)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)  # its bar prints blank lines to a pipe or log file
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-
-
-def hf_location(model):
-    """from_pretrained's arguments for --model: (folder or hub id, {}) or, for a .gguf file, (folder, {gguf_file})."""
-    folder, name = os.path.split(os.path.abspath(model))
-    return (folder, {"gguf_file": name}) if model.endswith(".gguf") else (model, {})
-
-
-def load_tokenizer(args, train_texts):
-    """The tokenizer (`tiny`: trained on `train_texts`) with a pad token distinct from EOS."""
-    from transformers import AutoTokenizer
-    if args.model == "tiny":
-        return train_tiny_tokenizer(train_texts, args.tiny_vocab)
-    path, kw = hf_location(args.model)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --model {args.model}: cannot load a model from this folder or hub id "
-                         f"({str(e).splitlines()[0]})")
-    if tok.eos_token_id is None:
-        raise SystemExit(f"error: --model {args.model}: the tokenizer has no EOS token")
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        # A pad equal to EOS would mask the real EOS out of the loss (and later out of PPO's reward position).
-        # A spare token that exists (Llama's <unk>) keeps the vocabulary, and a 7B model's embeddings, as they are.
-        if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
-            tok.pad_token = tok.unk_token
-        else:
-            tok.add_special_tokens({"pad_token": "<pad>"})
-    return tok
-
-
-def tiny_model(args, tok):
-    """A fresh Llama sized by the --tiny_* flags, seeded by --seed, with tied input and output embeddings."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=args.tiny_hidden, num_hidden_layers=args.tiny_layers,
-                         num_attention_heads=args.tiny_heads, num_key_value_heads=args.tiny_heads,
-                         intermediate_size=args.tiny_intermediate, max_position_embeddings=TINY_POSITIONS,
-                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, bos_token_id=None)
-    torch.manual_seed(args.seed)
-    return LlamaForCausalLM(config)
-
-
-def load_model(args, tok, mesh, device):
-    """The causal LM sharded over the ranks (rank 0 reads it: load_sharded), in training mode; `tiny` (tiny_model) is
-    also saved to {output_dir}/init, from which a resumed run rebuilds the same one."""
-    from transformers import AutoModelForCausalLM
-
-    def load():
-        if args.model == "tiny":
-            model = tiny_model(args, tok)
-            with stop_if_disk_full(os.path.join(args.output_dir, "init")):
-                model.save_pretrained(os.path.join(args.output_dir, "init"))
-                tok.save_pretrained(os.path.join(args.output_dir, "init"))
-            return model
-        path, kw = hf_location(args.model)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --model {args.model}: cannot load a model from this folder or hub id "
-                             f"({str(e).splitlines()[0]})")
-        if kw:
-            # transformers dequantizes GGUF weights to fp32 but keeps the quantizer marks, which make
-            # save_pretrained refuse; the weights are plain tensors now, so drop the marks.
-            model.hf_quantizer = None
-            model.config.__dict__.pop("quantization_config", None)
-            model.__dict__.pop("is_quantized", None)
-        if model.get_input_embeddings().num_embeddings < len(tok):  # an added pad token
-            model.resize_token_embeddings(len(tok))
-        model.config.pad_token_id, model.config.eos_token_id = tok.pad_token_id, tok.eos_token_id
-        return model
-
-    model = load_sharded(load, lambda config: AutoModelForCausalLM.from_config(config, dtype=torch.float32), mesh,
-                         device)
-    model.config.use_cache = False
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.train()
-
-
-def read_extra_samples(path, records):
-    """([(record, completion)] of the correct rows, number of rows) of a samples JSONL as rerank.py writes it; one
-    error line naming file:line for a row that is not an object with item_id, question, completion (text) and
-    correct (true/false) of a question of `records` (the same item_id and question text)."""
-    by_id = {r["item_id"]: r for r in records}
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --extra_samples {path}: no such file")
-    pairs, n_rows = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}:{lineno}: malformed JSON ({e.msg})")
-            if not (isinstance(row, dict) and "item_id" in row and isinstance(row.get("question"), str)
-                    and isinstance(row.get("completion"), str) and isinstance(row.get("correct"), bool)):
-                raise SystemExit(f"error: {path}:{lineno}: a sample needs item_id, question and completion (text) "
-                                 f"and correct (true or false)")
-            record = by_id.get(str(row["item_id"]))
-            if record is None or record["question"] != row["question"]:
-                raise SystemExit(f"error: {path}:{lineno}: {row['item_id']!r} is not a training question of --data")
-            n_rows += 1
-            if row["correct"]:
-                pairs.append((record, row["completion"]))
-    return pairs, n_rows
-
-
-# ----------------------------------------------------------------------------- evaluation questions, the schedule, saving
-
-# a copy kept identical across stage files: tests/test_copies.py
 def eval_questions(args):
     """The questions of the evaluation during training: --eval_data (a file as it is, or the --eval_split of a
     prepared dataset or folder), else the --eval_split of --data. A --data file is training data only: evaluating
@@ -1039,7 +1067,6 @@ def eval_questions(args):
     return records[:args.eval_limit] if args.eval_limit > 0 else records
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 @torch.no_grad()
 def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size, reward_fn):
     """Greedy top-1 accuracy computed as `evaluate.py --mode greedy` computes it: transformers' generate from the
@@ -1077,7 +1104,6 @@ def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, d
     return (total[0] / total[1]).item()
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def lr_lambda(warmup_steps, total_steps):
     """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
     def f(step):
@@ -1087,7 +1113,6 @@ def lr_lambda(warmup_steps, total_steps):
     return f
 
 
-# a copy kept identical across stage files: tests/test_copies.py
 def epochs_to_save(spec):
     """--save_epochs as a test of an epoch number: `all`, `none` or comma-separated epochs such as `2,40`."""
     if spec in ("all", "none"):
@@ -1096,34 +1121,6 @@ def epochs_to_save(spec):
         return {int(e) for e in spec.split(",")}.__contains__
     except ValueError:
         raise SystemExit(f"error: --save_epochs must be all, none or epoch numbers such as 2,40, not {spec!r}")
-
-
-def save_hf(model, tok, args, path, rank, dtype):
-    """A plain HF checkpoint (safetensors, tokenizer, train_args.json) written by rank 0 in `dtype`, the run's compute
-    dtype: bf16 on GPU halves it, and the fp32 master weights live in the resume state."""
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        model.config.dtype = dtype
-        with stop_if_disk_full(path):
-            model.save_pretrained(path, state_dict={k: v.to(dtype) for k, v in sd.items()})
-            tok.save_pretrained(path)
-            with open(os.path.join(path, "train_args.json"), "w") as f:
-                json.dump(dataclasses.asdict(args), f, indent=2)
-    dist.barrier()
-
-
-def resume(model, opt, sched, args, rank, metrics_path):
-    """(step, best accuracy so far) of a resumed run: the newest intact resume state loaded, the metrics written after
-    it dropped, and the best evaluation before the kill (its checkpoint is best/)."""
-    state = load_resume_state(model, opt, args.output_dir)
-    step = state["step"]
-    sched.load_state_dict(state["sched"])
-    if rank == 0:
-        trim_metrics(metrics_path, step)
-    dist.barrier()
-    with open(metrics_path) as f:
-        best = max((r["eval_accuracy"] for r in map(json.loads, f) if "eval_accuracy" in r), default=-1.0)
-    return step, best
 
 
 # ----------------------------------------------------------------------------- resume state and metrics on disk

@@ -92,7 +92,8 @@ def test_the_copy_list_is_complete():
     assert set(COPIES) <= set(repeated) and set(DIFFERENT) <= set(repeated)
 
 
-MARKER = "# infrastructure: identical in every stage, tests/test_copies.py; skip on a first read"
+MARKER = "# infrastructure: skip on a first read"
+STAGES = ["sft.py", "reft.py", "rerank.py", "evaluate.py"]
 
 
 @pytest.mark.parametrize("stage", ["sft.py", "reft.py", "rerank.py", "evaluate.py"])
@@ -104,6 +105,37 @@ def test_each_stage_reads_the_method_first(stage):
     assert text.index("\ndef main(") < text.index(MARKER) < text.index("\ndef init_distributed(")
     assert "Reading guide" in ast.get_docstring(ast.parse(text))
 
+
+
+def sections_of(stage):
+    """Each top-level function or class of a stage as (name, part): "method" above the marker, "own" in the section
+    that names the stage right below it, "copies" after the next section line."""
+    text = (ROOT / stage).read_text()
+    lines = text.split("\n")
+    marker = lines.index(MARKER) + 1
+    own = lines.index(f"# {'-' * 77} {stage}'s own") + 1
+    copies = next(i + 1 for i in range(own, len(lines)) if lines[i].startswith(f"# {'-' * 77} "))
+    assert marker < own < copies
+    return [(n.name, "method" if n.lineno < marker else "own" if n.lineno < copies else "copies")
+            for n in ast.parse(text).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_marker_says_which_functions_are_copies(stage):
+    """What the marker says holds: no copy above it (a reader would take it for the method), then this stage's own
+    helpers under one section line that names the stage, then only copies."""
+    for name, part in sections_of(stage):
+        is_copy = stage in COPIES.get(name, [])
+        assert is_copy == (part == "copies"), f"{stage}: {name} ({'a copy' if is_copy else 'its own'}) in {part}"
+
+
+def test_the_copies_come_in_the_same_order_in_every_stage():
+    """A reader who knows one stage's infrastructure finds each copy at the same place in the others."""
+    order = {stage: [name for name, part in sections_of(stage) if part == "copies"] for stage in STAGES}
+    for a in STAGES:
+        for b in STAGES:
+            common = set(order[a]) & set(order[b])
+            assert [n for n in order[a] if n in common] == [n for n in order[b] if n in common], (a, b)
 
 def test_reft_main_is_a_loop_of_calls():
     """reft.py's main() is the algorithm on one screen: its loop calls one function per step of Algorithm 1 (and the
