@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal, get_args, get_origin
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -515,14 +516,13 @@ def global_sums(xs, device):
     return t.tolist()
 
 
-# The seed of (seed, step, question q, sample s) is (seed·p + step)·p + q·101 + s: distinct while s < 101 and
-# q·101 + s < p, so for questions below 9,901; from question 9,901 on, a row can get the seed of one of the next step.
-SEED_PRIME = 1_000_003
-
-
 def rollout_seeds(seed, step, question_ids, num_samples):
-    """One sampling seed per (question, sample) of this step, independent of ranks and batch order."""
-    return [(seed * SEED_PRIME + step) * SEED_PRIME + q * 101 + s for q in question_ids for s in range(num_samples)]
+    """One 64-bit sampling seed per (question, sample) of this step, independent of ranks, batch order and
+    --num_samples (sample s's seed is the s-th word of its question's stream). numpy's SeedSequence hashes (seed, step,
+    question) into a stream of its own, so two streams share a seed with probability ~2⁻⁶⁴ per pair, at any step count
+    or dataset size; an arithmetic mix like (seed·p + step)·p + 101·q + s collides once 101·q + s reaches p."""
+    return [int(x) for q in question_ids
+            for x in np.random.SeedSequence([seed, step, q]).generate_state(num_samples, np.uint64)]
 
 
 @dataclass(frozen=True)

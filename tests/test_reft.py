@@ -535,6 +535,18 @@ def test_a_question_gets_other_random_streams_at_each_step():
         assert draws[1][b].tolist() != draws[2][b].tolist(), b
 
 
+def test_rollout_seeds_never_collide_over_a_mathqa_sized_range():
+    """Every (step, question, sample) of 3 steps over 30,000 questions × 4 samples (MathQA's training split has
+    ~30,000 questions) gets a seed of its own, among them the pair the old mix (seed·p + step)·p + 101·q + s gave one
+    seed: step 0, question 9,901, sample 2 and step 1, question 0, sample 0. A sample's seed does not depend on
+    --num_samples, and each fits torch.Generator's 64 bits."""
+    seeds = [s for step in range(3) for s in reft.rollout_seeds(42, step, range(30_000), 4)]
+    assert len(set(seeds)) == len(seeds) == 3 * 30_000 * 4
+    assert reft.rollout_seeds(42, 0, [9_901], 3)[2] != reft.rollout_seeds(42, 1, [0], 1)[0]
+    assert reft.rollout_seeds(42, 5, [7], 2) == reft.rollout_seeds(42, 5, [7], 8)[:2]
+    assert reft.rollout_seeds(43, 5, [7], 2) != reft.rollout_seeds(42, 5, [7], 2)
+    torch.Generator().manual_seed(max(seeds))
+
 def sized_checkpoint(path, shards):
     """A checkpoint folder whose safetensors headers declare one uint8 tensor of each size in `shards` (with an index
     over them when there are several, as a 7B model is saved), without writing the data: the files are sparse, so a
