@@ -88,7 +88,7 @@ def test_gold_examples_are_sfts_tokens_and_sequence_nll_a_plain_forward(minigsm,
             assert nll.item() == pytest.approx(want.item(), rel=1e-5)
 
 
-def test_online_st_step_is_half_gold_half_correct_samples_each_a_token_mean():
+def test_online_st_update_is_half_gold_half_correct_samples_each_a_token_mean():
     """One minibatch of 3 rows in micro-batches of 2 and 1: the optimizer sees the (clipped) gradient of
     ½ Σ NLL(gold) / gold tokens + ½ Σ NLL(correct samples) / their tokens, with the counts of the whole minibatch;
     the row whose sample was wrong adds only its gold CoT."""
