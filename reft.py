@@ -1665,7 +1665,8 @@ def stop_if_disk_full(path):
         # errors are no OSError and name it in their message
         errors = [e]
         for x in errors:  # grows as it goes
-            errors += filter(None, (x.__cause__, x.__context__, *(f for f, _ in getattr(x, "failures", {}).values())))
+            wrapped = [f for f, _ in x.failures.values()] if isinstance(x, dcp.CheckpointException) else []
+            errors += filter(None, (x.__cause__, x.__context__, *wrapped))
         if not any(getattr(x, "errno", None) == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(x) for x in errors):
             raise
         folder = os.path.dirname(os.path.abspath(path))
