@@ -1154,7 +1154,6 @@ def damaged_file(folder, rank=0, world=1):
             return f"{name} is missing"
         if file_digest(os.path.join(folder, name)) != sha256:
             return f"{name} does not match its sha256"
-    return None
 
 
 def check_disk_space(output_dir, n_params):
@@ -1168,63 +1167,50 @@ def check_disk_space(output_dir, n_params):
                          f"{need / 1e9:.3g} GB (two states during the switch, 12 bytes per parameter each)")
 
 
-def is_disk_full(error):
-    """Whether `error` or one it wraps (DCP gathers every rank's failure into one CheckpointException) is ENOSPC;
-    safetensors' Rust I/O errors are no OSError and say so in their message."""
-    if getattr(error, "errno", None) == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(error):
-        return True
-    wrapped = [e for e, _ in error.failures.values()] if isinstance(error, dcp.CheckpointException) else []
-    return any(is_disk_full(e) for e in (error.__cause__, error.__context__, *wrapped) if e is not None)
-
-
 @contextmanager
 def stop_if_disk_full(path):
-    """Around a write of `path`: a full disk ends the run with one line naming it, not a traceback (torchrun ends
-    the other ranks if they wait for this one); once there is room, --resume continues from the last whole state."""
+    """Around a write of `path` (a child of the run folder): a full disk ends the run with one line naming it, not a
+    traceback; once there is room, --resume continues from the last whole state."""
     try:
         yield
     except (Exception, dcp.CheckpointException) as e:  # the latter is no Exception
-        if not is_disk_full(e):
+        # ENOSPC in `e` or an error it wraps (DCP gathers every rank's failure into one); safetensors' Rust I/O
+        # errors are no OSError and name it in their message
+        errors = [e]
+        for x in errors:  # grows as it goes
+            wrapped = [f for f, _ in x.failures.values()] if isinstance(x, dcp.CheckpointException) else []
+            errors += filter(None, (x.__cause__, x.__context__, *wrapped))
+        if not any(getattr(x, "errno", None) == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(x) for x in errors):
             raise
         folder = os.path.dirname(os.path.abspath(path))
-        while not os.path.isdir(folder):
-            folder = os.path.dirname(folder)
         raise SystemExit(f"error: no space left on the disk of {folder} while writing {path} "
                          f"({shutil.disk_usage(folder).free / 1e9:.3g} GB free now): make room, then continue with "
                          f"--resume") from None
 
 
 def save_resume_state(model, opt, state, output_dir):
-    """All ranks: the sharded model and optimizer (DCP) and each rank's loop `state` (step, ...) with its RNG, as
-    checkpoint-{step}. Rank 0 first removes every state folder but the newest whole one before it: the disk holds
-    at most two states, one of them whole whenever a kill comes. DCP raises on every rank when any rank failed: the
-    folder is then removed.
-
-    Damage is found by sha256, each rank hashing only the files it wrote (DCP's __{rank}_*.distcp, its loop state,
-    rank 0 also .metadata) right after writing them; rank 0 writes all ranks' digests into manifest.json. At 7B (an
-    81 GB state) on 8 GPUs: ~10 GB per rank, read back from the page cache at ~1.5 GB/s (SHA-256 with SHA-NI, as
-    measured on a 2-core Xeon), ~7 s per save, all ranks at once; load_resume_state shares the check out alike."""
+    """All ranks: checkpoint-{step} with the sharded model and optimizer (DCP) and each rank's loop `state` (step, ...)
+    and RNG, then its manifest. Rank 0 first removes every state but the newest whole one before it: at most two on
+    disk, one whole whenever a kill comes. Each rank hashes only the files it wrote, right after writing them: at 7B on
+    8 GPUs ~10 GB a rank from the page cache, ~7 s per save at ~1.5 GB/s (SHA-NI, measured on a 2-core Xeon)."""
     rank, folder = dist.get_rank(), os.path.join(output_dir, f"checkpoint-{state['step']}")
     if rank == 0:
         keep = (find_resume_state(output_dir, before=state["step"]) or [None])[0]
         for path in (os.path.join(output_dir, name) for name in os.listdir(output_dir)):
             if os.path.basename(path).startswith("checkpoint-") and os.path.isdir(path) and path != keep:
-                if os.path.exists(os.path.join(path, "manifest.json")):  # first: a half-removed folder is partial
-                    os.remove(os.path.join(path, "manifest.json"))
-                shutil.rmtree(path)
+                shutil.rmtree(path)  # a kill may leave it half removed: older than `keep`, or never counted
     dist.barrier()
+    # DCP on a gloo group of its own, destroyed after: on the default group (OMP_NUM_THREADS > 1) the gloo workers that
+    # copy DCP's plans kept OpenMP teams, libgomp stopped spin-waiting, and every later step ran 10-25% slower.
+    group = dist.new_group(backend="gloo")
     with stop_if_disk_full(folder):
-        # DCP on a gloo group of its own, destroyed after: on the default group (OMP_NUM_THREADS > 1) the gloo workers
-        # that copy DCP's plans kept OpenMP teams, libgomp saw more threads than cores and stopped spin-waiting, and
-        # every later step ran 10-25% slower.
-        group = dist.new_group(backend="gloo")
-        try:  # returns once every rank's files are written and then rank 0's .metadata
+        try:  # DCP fsyncs its files, writes .metadata last and raises on every rank when any rank failed
             dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
                      checkpoint_id=folder, process_group=group)
-        except dcp.CheckpointException:
+        except dcp.CheckpointException:  # no partial state left to keep a full disk full
             if rank == 0:
                 shutil.rmtree(folder, ignore_errors=True)
-            dist.barrier()
+            dist.barrier()  # before any rank exits: torchrun would end rank 0 mid-removal
             raise
         finally:
             dist.destroy_process_group(group)
@@ -1236,13 +1222,13 @@ def save_resume_state(model, opt, state, output_dir):
         digests = [None] * dist.get_world_size()
         dist.all_gather_object(digests, {name: file_digest(os.path.join(folder, name)) for name in os.listdir(folder)
                                          if name.startswith(mine)})
-        if rank == 0:
+        if rank == 0:  # renamed into place, so that a manifest is whole; then it and the folder's name made durable
             with open(os.path.join(folder, "manifest.json.tmp"), "w") as f:
                 json.dump({"step": state["step"], "files": {k: v for d in digests for k, v in d.items()}}, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(os.path.join(folder, "manifest.json.tmp"), os.path.join(folder, "manifest.json"))  # now whole
-            for path in (folder, output_dir):  # and its names durable
+            os.replace(os.path.join(folder, "manifest.json.tmp"), os.path.join(folder, "manifest.json"))
+            for path in (folder, output_dir):
                 os.fsync(fd := os.open(path, os.O_RDONLY))
                 os.close(fd)
     dist.barrier()
@@ -1250,9 +1236,8 @@ def save_resume_state(model, opt, state, output_dir):
 
 def load_resume_state(model, opt, output_dir):
     """All ranks: load the model, optimizer and RNG from the newest intact resume state, say which, and return this
-    rank's loop state (rank 0's when more processes resume). The ranks share the check of the sha256s; a damaged
-    state gets one warning line naming the file and is set aside as checkpoint-{step}.damaged (no resume or save
-    takes it), and the previous one is tried; none intact is one error line."""
+    rank's loop state (rank 0's when more processes resume). The ranks share the sha256 check; a damaged state is named
+    in one warning and set aside as checkpoint-{step}.damaged (no resume or save takes it); the previous is tried."""
     rank, world, problems = dist.get_rank(), dist.get_world_size(), []
     while True:
         found = [find_resume_state(output_dir)]
@@ -1262,14 +1247,14 @@ def load_resume_state(model, opt, output_dir):
                              + (f" ({'; '.join(problems)})" if problems else ""))
         path, damage = found[0][0], [None] * world
         dist.all_gather_object(damage, damaged_file(path, rank, world))
-        if not any(damage):
+        if not (what := next(filter(None, damage), None)):
             break
-        problems.append(f"{os.path.basename(path)}: {next(filter(None, damage))}")
+        problems.append(f"{os.path.basename(path)}: {what}")
         if rank == 0:
             shutil.rmtree(path + ".damaged", ignore_errors=True)
             os.rename(path, path + ".damaged")
-            print(f"warning: the resume state {path} is damaged ({next(filter(None, damage))}); set aside as "
-                  f"{path}.damaged, trying the previous one", flush=True)
+            print(f"warning: the resume state {path} is damaged ({what}); set aside as {path}.damaged, trying the "
+                  f"previous one", flush=True)
     sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     group = dist.new_group(backend="gloo")  # as in save_resume_state
     dcp.load(sd, checkpoint_id=path, process_group=group)
@@ -1309,9 +1294,9 @@ def trim_metrics(path, step):
 
 def stop_on_interrupt(args):
     """Ctrl-C (SIGINT, which torchrun passes to every rank) ends every process at once with status 130, rank 0 saying
-    in one line how far the run got and how to continue, not a traceback per rank. A thread, woken by the byte the
-    signal handler writes, ends the process even while the main thread waits in a collective whose other ranks are
-    gone; ending without unwinding is what a kill does, which a run survives."""
+    in one line how far the run got and how to continue. A thread, woken by the byte the signal handler writes, ends
+    the process even while the main thread waits in a collective whose other ranks are gone; ending without unwinding
+    is what a kill does, which a run survives."""
     reader, writer = socket.socketpair()
     writer.setblocking(False)
     signal.set_wakeup_fd(writer.fileno())

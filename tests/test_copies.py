@@ -45,7 +45,6 @@ COPIES = {
     "save_resume_state": ["sft.py", "reft.py", "rerank.py"],
     "load_resume_state": ["sft.py", "reft.py", "rerank.py"],
     "check_disk_space": ["sft.py", "reft.py", "rerank.py"],
-    "is_disk_full": ["sft.py", "reft.py", "rerank.py"],
     "stop_if_disk_full": ["sft.py", "reft.py", "rerank.py"],
     "append_metrics": ["sft.py", "reft.py", "rerank.py"],
     "trim_metrics": ["sft.py", "reft.py", "rerank.py"],
