@@ -1042,8 +1042,7 @@ def eval_questions(args):
     source = args.eval_data or args.data
     if args.eval_split.startswith("test") and not reward.is_data_file(source):
         raise SystemExit(f"error: --eval_split {args.eval_split}: the evaluation during training picks a checkpoint, "
-                         f"never on a test split; pass --eval_split validation (evaluate.py scores the test split "
-                         f"once, at the end)")
+                         f"never on a test split; pass --eval_split validation (evaluate.py scores the test split)")
     if not args.eval_data and reward.is_data_file(args.data):
         raise SystemExit(f"error: --data {args.data} is a file, training data only: the evaluation during training "
                          f"needs --eval_data (a file or a prepared dataset), a prepared --data, or to be turned off")
