@@ -969,42 +969,35 @@ def compute_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def decoder_blocks(model):
-    """The decoder blocks of every transformers model in `model`: the classes its `_no_split_modules` names
-    (LlamaDecoderLayer, OPTDecoderLayer, ...), so any decoder-only family shards."""
-    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
-    return [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]  # also once sharded
-
-
-def head_groups(model):
-    """The output embedding (with the input embedding when they share one weight), reft's `v_head`, the verifier's
-    `score`. They compute in fp32 under bf16: bf16 rounds a logit near 20 by up to 0.06 nats and a value near 1 by
+def fsdp_groups(model):
+    """(decoder blocks, head groups) as shard() wraps them. The blocks are the classes `_no_split_modules` names, so
+    any decoder-only family shards. The heads (the output embedding, with the input one when tied; reft's `v_head`;
+    the verifier's `score`) compute in fp32: bf16 rounds a logit near 20 by up to 0.06 nats and a value near 1 by
     0.004, more than the ~1e-4 per-token KL rewards PPO has to resolve, and makes verifier scores tie."""
-    groups = []
-    for m in model.modules():
-        out = m.get_output_embeddings() if isinstance(m, PreTrainedModel) else None
-        if out is not None:
-            inp = m.get_input_embeddings()
-            groups.append([inp, out] if inp.weight is out.weight else [out])
-    return groups + [[m] for name, m in model.named_children() if name in ("v_head", "score")]
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    blocks = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]  # also once sharded
+    lms = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.get_output_embeddings() is not None]
+    heads = [(m.get_input_embeddings(), m.get_output_embeddings()) for m in lms]
+    heads = [[inp, out] if inp.weight is out.weight else [out] for inp, out in heads]
+    return blocks, heads + [[m] for name, m in model.named_children() if name in ("v_head", "score")]
 
 
 def shard(model, mesh, dtype):
-    """FSDP2: one group per decoder block and one fp32 group per head, the rest at the root. The trunk computes in
-    `dtype`; master weights and gradient reductions stay fp32."""
+    """FSDP2: one group per decoder block computing in `dtype`, one fp32 group per head (fsdp_groups), the rest at
+    the root; master weights and gradient reductions stay fp32."""
+    blocks, heads = fsdp_groups(model)
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for block in decoder_blocks(model):
+    for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    for heads in head_groups(model):
-        fully_shard(heads, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
+    for group in heads:
+        fully_shard(group, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
     return fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
 def without_empty_attention_rows(config):
-    """`config`, set to build attention in which a fully masked query row attends to every key instead. A left-padded
-    batch gives each pad position a row that allows no key; transformers 5 hands it to SDPA, whose cuDNN kernel
-    (torch's choice on H100/H200) returns NaN there, which reaches the real tokens and every gradient. No real token
-    attends to a pad key, so real tokens compute exactly as before."""
+    """`config`, set so that a fully masked query row attends to every key. Left padding gives each pad position such
+    a row; transformers 5 hands it to SDPA, whose cuDNN kernel (torch's pick on H100/H200) returns NaN there, and the
+    NaN reaches the real tokens and every gradient. No real token attends to a pad key: real tokens are unchanged."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -1012,7 +1005,6 @@ def without_empty_attention_rows(config):
     def mask(*args, **kwargs):
         allowed = sdpa_mask(*args, **kwargs)  # (B, 1, Q, K) bool, or None for a plain causal mask (no padding)
         return None if allowed is None else allowed | ~allowed.any(-1, keepdim=True)
-
     # SDPA under its own name: transformers picks the mask function by the attention implementation's name
     AttentionInterface.register("sdpa_no_empty_rows", sdpa_attention_forward)
     AttentionMaskInterface.register("sdpa_no_empty_rows", mask)
@@ -1022,18 +1014,18 @@ def without_empty_attention_rows(config):
 
 
 def load_sharded(load, make, mesh, device):
-    """The model that `load()` builds on rank 0 alone, sharded over all ranks: each rank builds `make(config)` on the
-    meta device, shards it, allocates its own shards and receives them from rank 0, so a 7B model is in host memory
-    once, not once per rank. A SystemExit in load() (a bad checkpoint) reaches every rank."""
+    """The model `load()` builds on rank 0 alone (a 7B model in host memory once, not once per rank), sharded: each
+    rank builds `make(config)` on the meta device, shards it and receives its shards from rank 0. A SystemExit in
+    load() (a bad checkpoint) reaches every rank."""
     full, error = None, None
     if dist.get_rank() == 0:
         try:
             full = load()
         except SystemExit as e:
             error = str(e)
-    msg = [(error, getattr(full, "config", None), getattr(full, "generation_config", None))]
+    msg = [error, getattr(full, "config", None), getattr(full, "generation_config", None)]
     dist.broadcast_object_list(msg, src=0)
-    error, config, generation_config = msg[0]
+    error, config, generation_config = msg
     if error is not None:
         raise SystemExit(error)
     with torch.device("meta"):
@@ -1046,17 +1038,15 @@ def load_sharded(load, make, mesh, device):
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     with torch.no_grad():
         for name, b in model.named_buffers():  # outside the state dict when non-persistent (rotary frequencies)
-            if full is not None:
-                b.copy_(full.get_buffer(name))
-            dist.broadcast(b, src=0)
+            dist.broadcast(b.copy_(full.get_buffer(name)) if full is not None else b, src=0)
     return model
 
 
 @contextmanager
 def gathered_for_generation(model):
-    """Gather the full parameters once for a whole generation, then shard them again: otherwise FSDP2 all-gathers
-    every block for every generated token, and ranks whose sequences end at different lengths wait on each other.
-    A critic (reft.py --separate_value_model) does not generate and stays sharded."""
+    """The full parameters gathered once for a whole generation (a critic, which does not generate, stays sharded):
+    otherwise FSDP2 all-gathers every block for every generated token, and ranks whose sequences end at different
+    lengths wait on each other."""
     mods = [m for name, m in model.named_modules() if isinstance(m, FSDPModule) and not name.startswith("critic")]
     for m in mods:
         m.unshard()
@@ -1067,10 +1057,9 @@ def gathered_for_generation(model):
         for m in mods:  # FSDP2's defaults again: only the root keeps its parameters from forward to backward
             m.set_reshard_after_forward(m is not model, recurse=False)
             m.reshard()
-        # FSDP2 records every forward for backward prefetching and only a backward clears the record: inference-only
-        # loops would grow it by an entry per block and generated token. torch < 2.13 has no public reset.
-        if hasattr(model, "reset_iter_state"):
-            model.reset_iter_state()
+        # FSDP2 records each forward for backward prefetching and only a backward clears the record: without this,
+        # inference-only loops would grow it by an entry per block and generated token
+        model.reset_iter_state()
 
 
 # ----------------------------------------------------------------------------- memory before loading, and loading
@@ -1089,15 +1078,14 @@ def config_params(config):
 
 def memory_estimate(n_params, config, world, bf16, state_bytes, grad_bytes, train_tokens, gradient_checkpointing,
                     gen_tokens):
-    """Estimated peak bytes per device of each phase, {"training": ..., "generation": ...} (0 for a phase not run),
-    from the config alone: docs/scaling.md's table "Memory per GPU", row by row. `state_bytes` and `grad_bytes` per
-    parameter are sharded over `world` processes (fp32 weights 4, AdamW 8, ReFT's reference 4; fp32 gradients 4).
-    Generation holds a KV cache of `gen_tokens` (sequences × (prompt + new tokens)), training one micro-batch of
+    """Estimated peak bytes per device of {"training", "generation"} (0 for a phase not run), from the config alone:
+    docs/scaling.md's table "Memory per GPU". `state_bytes` and `grad_bytes` per parameter are sharded over `world`;
+    generation holds a KV cache of `gen_tokens` (sequences × (prompt + new tokens)), training a micro-batch of
     `train_tokens`. Not counted: the CUDA context, NCCL's buffers, fragmentation (a few GB)."""
     c = 2 if bf16 else 4  # bytes per gathered parameter
     layers, hidden, heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
     kv_width = hidden // heads * (getattr(config, "num_key_value_heads", None) or heads)
-    head = config.vocab_size * hidden  # the LM head, gathered in fp32 (head_groups)
+    head = config.vocab_size * hidden  # the LM head, gathered in fp32 (fsdp_groups)
     resident = state_bytes * n_params / world
     generation = training = 0
     if gen_tokens:  # the model gathered once, and K and V of every layer for every token
@@ -1113,31 +1101,30 @@ def memory_estimate(n_params, config, world, bf16, state_bytes, grad_bytes, trai
 
 
 def memory_advice(args, peak, world, device_bytes, batch_flags):
-    """None when peak(args, world), the estimated bytes per device, fits `device_bytes`; else the one error line,
-    naming each single change that fits: the fewest doublings of the processes (up to 1024 times as many),
-    --gradient_checkpointing where the stage has it, or the largest smaller value of one of `batch_flags`."""
+    """None when peak(args, world), the estimated bytes per device, fits `device_bytes`; else the error line, naming
+    each single change that fits: the fewest doublings of the processes (up to 1024×), --gradient_checkpointing where
+    the stage has it, the largest smaller value of one of `batch_flags`."""
     need = peak(args, world)
     if need <= device_bytes:
         return None
 
     def fits(world=world, **flags):
         return peak(dataclasses.replace(args, **flags), world) <= device_bytes
-    more = next((world * 2 ** i for i in range(1, 11) if fits(world * 2 ** i)), None)
-    changes = [] if more is None else [f"{more} processes"]
+    changes = [next((f"{world * 2 ** i} processes" for i in range(1, 11) if fits(world * 2 ** i)), "")]
     if getattr(args, "gradient_checkpointing", True) is False and fits(gradient_checkpointing=True):
         changes.append("--gradient_checkpointing")
     for flag in batch_flags:
-        smaller = next((b for b in range(getattr(args, flag) - 1, 0, -1) if fits(**{flag: b})), None)
-        changes += [] if smaller is None else [f"--{flag} {smaller}"]
+        changes.append(next((f"--{flag} {b}" for b in range(getattr(args, flag) - 1, 0, -1) if fits(**{flag: b})), ""))
+    changes = " or ".join(filter(None, changes))
     return (f"error: the estimated peak memory is {need / 1e9:.3g} GB per device on {world} process(es) "
             f"(docs/scaling.md), more than this device's {device_bytes / 1e9:.3g} GB; "
-            + (f"would fit: {' or '.join(changes)}" if changes else "no single change fits (more processes, "
+            + (f"would fit: {changes}" if changes else "no single change fits (more processes, "
                "--gradient_checkpointing, smaller batches): combine them, or use devices with more memory"))
 
 
 def checkpoint_params(path):
-    """The parameter count of a local HF checkpoint, from its safetensors headers (no weights read): the defaults of
-    flags left at -1 depend on it. None for a hub id or a folder without safetensors."""
+    """The parameter count of a local HF checkpoint from its safetensors headers (no weights read), on which the
+    defaults of flags left at -1 depend; None for a hub id or a folder without safetensors."""
     from safetensors import safe_open
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
@@ -1147,11 +1134,8 @@ def checkpoint_params(path):
         files = {"model.safetensors"}
     else:
         return None
-    total = 0
-    for name in files:
-        with safe_open(os.path.join(path, name), "pt") as f:
-            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
-    return total
+    headers = [safe_open(os.path.join(path, name), "pt") for name in files]
+    return sum(math.prod(f.get_slice(key).get_shape()) for f in headers for key in f.keys())
 
 
 def num_calls(n_items, batch_size, device):
@@ -1162,28 +1146,27 @@ def num_calls(n_items, batch_size, device):
 
 
 def load(cls_name, path, flag, mesh, device, **kw):
-    """(model, tokenizer) from an HF folder, sharded over the ranks (only rank 0 reads the weights: load_sharded);
-    one error line when it cannot be loaded."""
+    """(model, tokenizer) from an HF folder, sharded over the ranks (rank 0 reads the weights: load_sharded); one
+    error line when it cannot be loaded."""
     import transformers
     if not os.path.isdir(path):
         raise SystemExit(f"error: {flag} {path!r}: no such checkpoint folder")
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {flag} {path}: cannot load a checkpoint from this folder ({str(e).splitlines()[0]})")
+
+    def loaded(from_pretrained, **options):
+        try:
+            return from_pretrained(path, **options)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {flag} {path}: cannot load a checkpoint from this folder "
+                             f"({str(e).splitlines()[0]})")
+    tok = loaded(transformers.AutoTokenizer.from_pretrained)
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         raise SystemExit(f"error: {flag} {path}: the tokenizer needs a pad token distinct from EOS (as sft.py makes)")
     cls = getattr(transformers, cls_name)
 
     def read():
-        try:
-            model = cls.from_pretrained(path, dtype=torch.float32, **kw)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: {flag} {path}: cannot load a checkpoint from this folder "
-                             f"({str(e).splitlines()[0]})")
+        model = loaded(cls.from_pretrained, dtype=torch.float32, **kw)
         model.config.pad_token_id = tok.pad_token_id  # the verifier head reads the last token that is not this
         return model
-
     return load_sharded(read, lambda config: cls.from_config(config, dtype=torch.float32), mesh, device), tok
 
 
@@ -1191,11 +1174,8 @@ def load(cls_name, path, flag, mesh, device, **kw):
 
 def lr_lambda(warmup_steps, total_steps):
     """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
-    def f(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return f
+    return lambda step: ((step + 1) / warmup_steps if step < warmup_steps
+                         else max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps)))
 
 
 # ----------------------------------------------------------------------------- resume state and metrics on disk

@@ -879,42 +879,35 @@ def compute_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def decoder_blocks(model):
-    """The decoder blocks of every transformers model in `model`: the classes its `_no_split_modules` names
-    (LlamaDecoderLayer, OPTDecoderLayer, ...), so any decoder-only family shards."""
-    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
-    return [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]  # also once sharded
-
-
-def head_groups(model):
-    """The output embedding (with the input embedding when they share one weight), reft's `v_head`, the verifier's
-    `score`. They compute in fp32 under bf16: bf16 rounds a logit near 20 by up to 0.06 nats and a value near 1 by
+def fsdp_groups(model):
+    """(decoder blocks, head groups) as shard() wraps them. The blocks are the classes `_no_split_modules` names, so
+    any decoder-only family shards. The heads (the output embedding, with the input one when tied; reft's `v_head`;
+    the verifier's `score`) compute in fp32: bf16 rounds a logit near 20 by up to 0.06 nats and a value near 1 by
     0.004, more than the ~1e-4 per-token KL rewards PPO has to resolve, and makes verifier scores tie."""
-    groups = []
-    for m in model.modules():
-        out = m.get_output_embeddings() if isinstance(m, PreTrainedModel) else None
-        if out is not None:
-            inp = m.get_input_embeddings()
-            groups.append([inp, out] if inp.weight is out.weight else [out])
-    return groups + [[m] for name, m in model.named_children() if name in ("v_head", "score")]
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    blocks = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]  # also once sharded
+    lms = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.get_output_embeddings() is not None]
+    heads = [(m.get_input_embeddings(), m.get_output_embeddings()) for m in lms]
+    heads = [[inp, out] if inp.weight is out.weight else [out] for inp, out in heads]
+    return blocks, heads + [[m] for name, m in model.named_children() if name in ("v_head", "score")]
 
 
 def shard(model, mesh, dtype):
-    """FSDP2: one group per decoder block and one fp32 group per head, the rest at the root. The trunk computes in
-    `dtype`; master weights and gradient reductions stay fp32."""
+    """FSDP2: one group per decoder block computing in `dtype`, one fp32 group per head (fsdp_groups), the rest at
+    the root; master weights and gradient reductions stay fp32."""
+    blocks, heads = fsdp_groups(model)
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for block in decoder_blocks(model):
+    for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    for heads in head_groups(model):
-        fully_shard(heads, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
+    for group in heads:
+        fully_shard(group, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
     return fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
 def without_empty_attention_rows(config):
-    """`config`, set to build attention in which a fully masked query row attends to every key instead. A left-padded
-    batch gives each pad position a row that allows no key; transformers 5 hands it to SDPA, whose cuDNN kernel
-    (torch's choice on H100/H200) returns NaN there, which reaches the real tokens and every gradient. No real token
-    attends to a pad key, so real tokens compute exactly as before."""
+    """`config`, set so that a fully masked query row attends to every key. Left padding gives each pad position such
+    a row; transformers 5 hands it to SDPA, whose cuDNN kernel (torch's pick on H100/H200) returns NaN there, and the
+    NaN reaches the real tokens and every gradient. No real token attends to a pad key: real tokens are unchanged."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -922,7 +915,6 @@ def without_empty_attention_rows(config):
     def mask(*args, **kwargs):
         allowed = sdpa_mask(*args, **kwargs)  # (B, 1, Q, K) bool, or None for a plain causal mask (no padding)
         return None if allowed is None else allowed | ~allowed.any(-1, keepdim=True)
-
     # SDPA under its own name: transformers picks the mask function by the attention implementation's name
     AttentionInterface.register("sdpa_no_empty_rows", sdpa_attention_forward)
     AttentionMaskInterface.register("sdpa_no_empty_rows", mask)
@@ -932,18 +924,18 @@ def without_empty_attention_rows(config):
 
 
 def load_sharded(load, make, mesh, device):
-    """The model that `load()` builds on rank 0 alone, sharded over all ranks: each rank builds `make(config)` on the
-    meta device, shards it, allocates its own shards and receives them from rank 0, so a 7B model is in host memory
-    once, not once per rank. A SystemExit in load() (a bad checkpoint) reaches every rank."""
+    """The model `load()` builds on rank 0 alone (a 7B model in host memory once, not once per rank), sharded: each
+    rank builds `make(config)` on the meta device, shards it and receives its shards from rank 0. A SystemExit in
+    load() (a bad checkpoint) reaches every rank."""
     full, error = None, None
     if dist.get_rank() == 0:
         try:
             full = load()
         except SystemExit as e:
             error = str(e)
-    msg = [(error, getattr(full, "config", None), getattr(full, "generation_config", None))]
+    msg = [error, getattr(full, "config", None), getattr(full, "generation_config", None)]
     dist.broadcast_object_list(msg, src=0)
-    error, config, generation_config = msg[0]
+    error, config, generation_config = msg
     if error is not None:
         raise SystemExit(error)
     with torch.device("meta"):
@@ -956,17 +948,15 @@ def load_sharded(load, make, mesh, device):
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     with torch.no_grad():
         for name, b in model.named_buffers():  # outside the state dict when non-persistent (rotary frequencies)
-            if full is not None:
-                b.copy_(full.get_buffer(name))
-            dist.broadcast(b, src=0)
+            dist.broadcast(b.copy_(full.get_buffer(name)) if full is not None else b, src=0)
     return model
 
 
 @contextmanager
 def gathered_for_generation(model):
-    """Gather the full parameters once for a whole generation, then shard them again: otherwise FSDP2 all-gathers
-    every block for every generated token, and ranks whose sequences end at different lengths wait on each other.
-    A critic (reft.py --separate_value_model) does not generate and stays sharded."""
+    """The full parameters gathered once for a whole generation (a critic, which does not generate, stays sharded):
+    otherwise FSDP2 all-gathers every block for every generated token, and ranks whose sequences end at different
+    lengths wait on each other."""
     mods = [m for name, m in model.named_modules() if isinstance(m, FSDPModule) and not name.startswith("critic")]
     for m in mods:
         m.unshard()
@@ -977,10 +967,9 @@ def gathered_for_generation(model):
         for m in mods:  # FSDP2's defaults again: only the root keeps its parameters from forward to backward
             m.set_reshard_after_forward(m is not model, recurse=False)
             m.reshard()
-        # FSDP2 records every forward for backward prefetching and only a backward clears the record: inference-only
-        # loops would grow it by an entry per block and generated token. torch < 2.13 has no public reset.
-        if hasattr(model, "reset_iter_state"):
-            model.reset_iter_state()
+        # FSDP2 records each forward for backward prefetching and only a backward clears the record: without this,
+        # inference-only loops would grow it by an entry per block and generated token
+        model.reset_iter_state()
 
 
 # ----------------------------------------------------------------------------- memory before loading, and loading
@@ -999,15 +988,14 @@ def config_params(config):
 
 def memory_estimate(n_params, config, world, bf16, state_bytes, grad_bytes, train_tokens, gradient_checkpointing,
                     gen_tokens):
-    """Estimated peak bytes per device of each phase, {"training": ..., "generation": ...} (0 for a phase not run),
-    from the config alone: docs/scaling.md's table "Memory per GPU", row by row. `state_bytes` and `grad_bytes` per
-    parameter are sharded over `world` processes (fp32 weights 4, AdamW 8, ReFT's reference 4; fp32 gradients 4).
-    Generation holds a KV cache of `gen_tokens` (sequences × (prompt + new tokens)), training one micro-batch of
+    """Estimated peak bytes per device of {"training", "generation"} (0 for a phase not run), from the config alone:
+    docs/scaling.md's table "Memory per GPU". `state_bytes` and `grad_bytes` per parameter are sharded over `world`;
+    generation holds a KV cache of `gen_tokens` (sequences × (prompt + new tokens)), training a micro-batch of
     `train_tokens`. Not counted: the CUDA context, NCCL's buffers, fragmentation (a few GB)."""
     c = 2 if bf16 else 4  # bytes per gathered parameter
     layers, hidden, heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
     kv_width = hidden // heads * (getattr(config, "num_key_value_heads", None) or heads)
-    head = config.vocab_size * hidden  # the LM head, gathered in fp32 (head_groups)
+    head = config.vocab_size * hidden  # the LM head, gathered in fp32 (fsdp_groups)
     resident = state_bytes * n_params / world
     generation = training = 0
     if gen_tokens:  # the model gathered once, and K and V of every layer for every token
@@ -1023,25 +1011,24 @@ def memory_estimate(n_params, config, world, bf16, state_bytes, grad_bytes, trai
 
 
 def memory_advice(args, peak, world, device_bytes, batch_flags):
-    """None when peak(args, world), the estimated bytes per device, fits `device_bytes`; else the one error line,
-    naming each single change that fits: the fewest doublings of the processes (up to 1024 times as many),
-    --gradient_checkpointing where the stage has it, or the largest smaller value of one of `batch_flags`."""
+    """None when peak(args, world), the estimated bytes per device, fits `device_bytes`; else the error line, naming
+    each single change that fits: the fewest doublings of the processes (up to 1024×), --gradient_checkpointing where
+    the stage has it, the largest smaller value of one of `batch_flags`."""
     need = peak(args, world)
     if need <= device_bytes:
         return None
 
     def fits(world=world, **flags):
         return peak(dataclasses.replace(args, **flags), world) <= device_bytes
-    more = next((world * 2 ** i for i in range(1, 11) if fits(world * 2 ** i)), None)
-    changes = [] if more is None else [f"{more} processes"]
+    changes = [next((f"{world * 2 ** i} processes" for i in range(1, 11) if fits(world * 2 ** i)), "")]
     if getattr(args, "gradient_checkpointing", True) is False and fits(gradient_checkpointing=True):
         changes.append("--gradient_checkpointing")
     for flag in batch_flags:
-        smaller = next((b for b in range(getattr(args, flag) - 1, 0, -1) if fits(**{flag: b})), None)
-        changes += [] if smaller is None else [f"--{flag} {smaller}"]
+        changes.append(next((f"--{flag} {b}" for b in range(getattr(args, flag) - 1, 0, -1) if fits(**{flag: b})), ""))
+    changes = " or ".join(filter(None, changes))
     return (f"error: the estimated peak memory is {need / 1e9:.3g} GB per device on {world} process(es) "
             f"(docs/scaling.md), more than this device's {device_bytes / 1e9:.3g} GB; "
-            + (f"would fit: {' or '.join(changes)}" if changes else "no single change fits (more processes, "
+            + (f"would fit: {changes}" if changes else "no single change fits (more processes, "
                "--gradient_checkpointing, smaller batches): combine them, or use devices with more memory"))
 
 
@@ -1049,40 +1036,33 @@ def memory_advice(args, peak, world, device_bytes, batch_flags):
 
 def eval_questions(args):
     """The questions of the evaluation during training: --eval_data (a file as it is, or the --eval_split of a
-    prepared dataset or folder), else the --eval_split of --data. A --data file is training data only: evaluating
-    it would report (and --save_best select on) the training questions as validation. A test split is refused: the
+    prepared dataset or folder), else the --eval_split of a prepared --data. A --data file is training data only
+    (evaluating it would report, and --save_best select on, training questions), and a test split is refused: the
     checkpoint picked on it would be scored on the questions it was picked with."""
-    if args.eval_split.startswith("test") and not reward.is_data_file(args.eval_data or args.data):
+    source = args.eval_data or args.data
+    if args.eval_split.startswith("test") and not reward.is_data_file(source):
         raise SystemExit(f"error: --eval_split {args.eval_split}: the evaluation during training picks a checkpoint, "
-                         f"never on a test split; pass --eval_split validation (evaluate.py scores the test split "
-                         f"once, at the end)")
-    if args.eval_data:
-        records = reward.load_records(args.eval_data, None if reward.is_data_file(args.eval_data) else args.eval_split,
-                                      args.cot)
-    elif reward.is_data_file(args.data):
+                         f"never on a test split; pass --eval_split validation (evaluate.py scores the test split)")
+    if not args.eval_data and reward.is_data_file(args.data):
         raise SystemExit(f"error: --data {args.data} is a file, training data only: the evaluation during training "
                          f"needs --eval_data (a file or a prepared dataset), a prepared --data, or to be turned off")
-    else:
-        records = reward.load_records(args.data, args.eval_split, args.cot)
+    records = reward.load_records(source, None if reward.is_data_file(source) else args.eval_split, args.cot)
     return records[:args.eval_limit] if args.eval_limit > 0 else records
 
 
 @torch.no_grad()
 def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, device, batch_size, reward_fn):
-    """Greedy top-1 accuracy computed as `evaluate.py --mode greedy` computes it: transformers' generate from the
-    rollout prompt (for python CoTs it ends with the program header), the same budget of new tokens for every
-    question, correct where `reward_fn` gives 1.0 (reft.py: its --reward; sft.py: reward.py's), questions split
-    across ranks and counts summed. `model` is the sharded root, gathered once; `lm` the causal LM inside it that
-    generates (sft.py: the model itself; reft.py: the policy's `lm`)."""
+    """Greedy top-1 accuracy as `evaluate.py --mode greedy` computes it: generation from the rollout prompt with the
+    same budget of new tokens for every question, correct where `reward_fn` gives 1.0, the questions split across
+    ranks. `model` is the sharded root, gathered once; `lm` the causal LM in it that generates (sft.py: the model
+    itself; reft.py: the policy's `lm`)."""
     training = model.training
     model.eval()
-    mine = records[rank::world]
-    correct = 0
+    mine, correct = records[rank::world], 0
     tok.padding_side = "left"
-    # Its own bar (rank 0's questions): an evaluation of 500 questions with a long budget takes minutes on a CPU.
     bar = tqdm(total=len(mine), desc=f"greedy evaluation, ≤ {max_new_tokens} new tokens", leave=False,
-               disable=rank != 0)
-    with gathered_for_generation(model):
+               disable=rank != 0)  # rank 0's questions: 500 with a long budget take minutes on a CPU
+    with gathered_for_generation(model), bar:
         for b in range(0, len(mine), batch_size):
             chunk = mine[b:b + batch_size]
             bar.update(len(chunk))
@@ -1097,7 +1077,6 @@ def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, d
             scores = reward_fn(texts, [r["answer_value"] for r in chunk], cot, [r["question"] for r in chunk],
                                partial_reward=False)
             correct += sum(s == 1.0 for s in scores)
-    bar.close()
     total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     model.train(training)
@@ -1106,11 +1085,8 @@ def greedy_accuracy(model, lm, tok, records, cot, max_new_tokens, rank, world, d
 
 def lr_lambda(warmup_steps, total_steps):
     """Linear warm-up from 0, then linear decay to 0 (the paper's schedule)."""
-    def f(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return f
+    return lambda step: ((step + 1) / warmup_steps if step < warmup_steps
+                         else max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps)))
 
 
 def epochs_to_save(spec):

@@ -180,13 +180,14 @@ def params_to(model, dtype):
 
 def fsdp_like_copy(lm, dtype, stage):
     """A plain (unsharded) copy of `lm` that computes as the stages' FSDP2 sharding (stage.shard) does: parameters in
-    `dtype`, buffers untouched (as params_to), but the head groups' (stage.head_groups: the LM head, with the input
+    `dtype`, buffers untouched (as params_to), but the head groups' (stage.fsdp_groups: the LM head, with the input
     embedding when tied) kept in fp32; each module's floating inputs cast as FSDP's MixedPrecisionPolicy casts them
     (cast_forward_inputs): to fp32 for a head group, to `dtype` for a decoder block. A copy whose LM head is bf16
     too draws other Gumbel-max tokens than the sharded policy (0.23% of them at 7B width and batch 32 × 256)."""
     import torch
     plain = copy.deepcopy(lm)
-    fp32 = {id(p) for group in stage.head_groups(plain) for module in group for p in module.parameters()}
+    blocks, heads = stage.fsdp_groups(plain)
+    fp32 = {id(p) for group in heads for module in group for p in module.parameters()}
     for p in plain.parameters():
         if id(p) not in fp32:
             p.data = p.data.to(dtype)
@@ -197,9 +198,9 @@ def fsdp_like_copy(lm, dtype, stage):
                 return x.to(to) if torch.is_tensor(x) and x.is_floating_point() else x
             return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
         return hook
-    for block in stage.decoder_blocks(plain):
+    for block in blocks:
         block.register_forward_pre_hook(cast_inputs(dtype), with_kwargs=True)
-    for group in stage.head_groups(plain):
+    for group in heads:
         for module in group:
             module.register_forward_pre_hook(cast_inputs(torch.float32), with_kwargs=True)
     return plain

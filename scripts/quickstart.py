@@ -386,15 +386,14 @@ def data_stats(args, folder):
 
 def memory_estimate(n_params, config, world, bf16, state_bytes, grad_bytes, train_tokens, gradient_checkpointing,
                     gen_tokens):
-    """Estimated peak bytes per device of each phase, {"training": ..., "generation": ...} (0 for a phase not run),
-    from the config alone: docs/scaling.md's table "Memory per GPU", row by row. `state_bytes` and `grad_bytes` per
-    parameter are sharded over `world` processes (fp32 weights 4, AdamW 8, ReFT's reference 4; fp32 gradients 4).
-    Generation holds a KV cache of `gen_tokens` (sequences × (prompt + new tokens)), training one micro-batch of
+    """Estimated peak bytes per device of {"training", "generation"} (0 for a phase not run), from the config alone:
+    docs/scaling.md's table "Memory per GPU". `state_bytes` and `grad_bytes` per parameter are sharded over `world`;
+    generation holds a KV cache of `gen_tokens` (sequences × (prompt + new tokens)), training a micro-batch of
     `train_tokens`. Not counted: the CUDA context, NCCL's buffers, fragmentation (a few GB)."""
     c = 2 if bf16 else 4  # bytes per gathered parameter
     layers, hidden, heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
     kv_width = hidden // heads * (getattr(config, "num_key_value_heads", None) or heads)
-    head = config.vocab_size * hidden  # the LM head, gathered in fp32 (head_groups)
+    head = config.vocab_size * hidden  # the LM head, gathered in fp32 (fsdp_groups)
     resident = state_bytes * n_params / world
     generation = training = 0
     if gen_tokens:  # the model gathered once, and K and V of every layer for every token

@@ -255,9 +255,8 @@ MUTANTS = [
     ("reft_skips_the_memory_check", "reft.py", "    if device_bytes is not None:  # a run that cannot fit",
      "    if False:  # a run that cannot fit",
      ["tests/test_memory.py::test_each_stage_stops_before_loading_when_the_device_is_too_small"]),
-    ("memory_advice_never_suggests_a_smaller_batch", "evaluate.py", "        changes += [] if smaller is None else",
-     "        changes += [] if True else", ["tests/test_memory.py::"
-                                        "test_evaluate_fits_one_80gb_gpu_and_names_the_batch_that_fits_a_smaller_one"]),
+    ("memory_advice_never_suggests_a_smaller_batch", "evaluate.py", "if fits(**{flag: b})),", "if False),",
+     ["tests/test_memory.py::test_evaluate_fits_one_80gb_gpu_and_names_the_batch_that_fits_a_smaller_one"]),
     ("repeated_item_ids_accepted", "reward.py", "    if repeated:", "    if False:",
      ["tests/test_bad_input.py::test_bad_invocation_is_one_error_line[evaluate.py --data RUNS/repeated_ids.jsonl]"]),
     ("verifier_taken_as_a_policy", "evaluate.py", "    if policy and classifier:", "    if False:",

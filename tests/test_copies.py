@@ -9,8 +9,7 @@ from conftest import ROOT
 COPIES = {
     "init_distributed": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "compute_dtype": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
-    "decoder_blocks": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
-    "head_groups": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "fsdp_groups": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "shard": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "without_empty_attention_rows": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "load_sharded": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],

@@ -168,7 +168,7 @@ def test_heads_compute_in_fp32_under_bf16_mixed_precision(group):
         head = model.v_head if name == "v_head" else model.lm.get_output_embeddings()
         head.register_forward_pre_hook(lambda m, i, name=name: dtypes.update({name: m.weight.dtype}))
         head.register_forward_hook(lambda m, i, o, name=name: dtypes.update({name + " out": o.dtype}))
-    block = reft.decoder_blocks(model)[0]
+    block = reft.fsdp_groups(model)[0][0]
     block.register_forward_pre_hook(lambda m, i: dtypes.update(block=m.mlp.up_proj.weight.dtype))
     ids = torch.randint(2, 64, (2, 12))
     with torch.no_grad():
