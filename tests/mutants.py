@@ -252,8 +252,8 @@ MUTANTS = [
     ("memory_estimate_forgets_the_gradients", "reft.py",
      "        training = (resident + grad_bytes * n_params / world + ", "        training = (resident + ",
      ["tests/test_memory.py::test_7b_reft_is_refused_on_one_80gb_gpu_and_accepted_on_eight"]),
-    ("reft_skips_the_memory_check", "reft.py", "    if device_bytes is not None:  # a run that cannot fit",
-     "    if False:  # a run that cannot fit",
+    ("reft_skips_the_memory_check", "reft.py", "    if (device_bytes := device_memory(device)) is not None:",
+     "    if False:",
      ["tests/test_memory.py::test_each_stage_stops_before_loading_when_the_device_is_too_small"]),
     ("memory_advice_never_suggests_a_smaller_batch", "evaluate.py", "        changes += [] if smaller is None else",
      "        changes += [] if True else", ["tests/test_memory.py::"
