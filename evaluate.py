@@ -305,8 +305,6 @@ def main(args):
     do_rerank = args.mode == "rerank" or (args.mode == "all" and bool(args.verifier))
     if args.mode == "all" and not args.verifier:
         log("no --verifier given: rerank is skipped")
-    if do_rerank:
-        check_verifier(args.verifier)
     t0 = time.time()
     torch.manual_seed(args.seed + rank)  # different samples on each rank
     mine = records[rank::world]
@@ -397,7 +395,8 @@ def write_outputs(args, rows, do_greedy, do_sample, do_rerank, world, seconds):
 
 def check_args(args):
     """One line naming every missing flag, so `python evaluate.py --mode rerank` says all it needs at once; then each
-    flag's range, the checkpoints, the CoT kind they were trained on and the output folder; returns --reward."""
+    flag's range, the checkpoints (a --verifier that reranks: a one-label classifier, as rerank.py saves), the CoT
+    kind they were trained on and the output folder; returns --reward."""
     reward_fn = reward.load_reward(args.reward)
     if args.scoring == "paper" and reward_fn is not reward.compute_rewards:
         raise SystemExit(f"error: --scoring paper judges answers by the paper code's rule, --reward {args.reward} by "
@@ -413,6 +412,15 @@ def check_args(args):
     check_checkpoint(args.model, "--model")
     if args.verifier:
         check_checkpoint(args.verifier, "--verifier")
+    if args.verifier and args.mode in ("rerank", "all"):
+        from transformers import AutoConfig
+        try:
+            num_labels = AutoConfig.from_pretrained(args.verifier).num_labels
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --verifier {args.verifier}: cannot read its config ({str(e).splitlines()[0]})")
+        if num_labels != 1:
+            raise SystemExit(f"error: --verifier {args.verifier}: not a verifier written by rerank.py (a classifier "
+                             f"with one label)")
     resolve_cot(args, {flag: path for flag, path in (("--model", args.model), ("--verifier", args.verifier)) if path})
     if args.max_new_tokens == -1:
         n = checkpoint_params(args.model)
@@ -425,22 +433,10 @@ def check_args(args):
     return reward_fn
 
 
-def check_verifier(path):
-    """Fail before any generation when --verifier is not a one-label classifier folder (as rerank.py saves)."""
-    from transformers import AutoConfig
-    try:
-        num_labels = AutoConfig.from_pretrained(path).num_labels
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --verifier {path}: cannot read its config ({str(e).splitlines()[0]})")
-    if num_labels != 1:
-        raise SystemExit(f"error: --verifier {path}: not a verifier written by rerank.py (a classifier with one label)")
-
-
 def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
     """None when this run fits `device_bytes` per device, else the error line (memory_advice): the policy's fp32
-    weights (4 bytes per parameter), gathered for generation with the KV cache of --batch_size sequences of the
-    longest prompt (`prompt_tokens`) + --max_new_tokens. The verifier comes after the policy is dropped and only
-    scores (no KV cache, no gradients)."""
+    weights (4 bytes per parameter), gathered, and the KV cache of --batch_size × (`prompt_tokens` + --max_new_tokens).
+    The verifier loads after the policy is dropped and only scores (no KV cache, no gradients)."""
     def peak(a, world):
         return memory_estimate(n_params, config, world, bf16, 4, 0, 0, False,
                                a.batch_size * (prompt_tokens + a.max_new_tokens))["generation"]
@@ -449,23 +445,21 @@ def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_token
 
 def check_memory(args, records, world, device):
     """On a GPU, stop now when the run cannot fit (memory_error), not at an OOM after minutes of loading."""
-    device_bytes = device_memory(device)
-    if device_bytes is None:
+    if (device_bytes := device_memory(device)) is None:
         return
     import transformers
     config = transformers.AutoConfig.from_pretrained(args.model)
     tok = transformers.AutoTokenizer.from_pretrained(args.model)
     longest = max(len(reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True)))
                   for r in records)
-    error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
-                         device_bytes, longest)
-    if error is not None:
+    if error := memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
+                             device_bytes, longest):
         raise SystemExit(error)
 
 
 def load_questions(args):
-    """The questions: --split of a prepared dataset or folder (test when not given), or a --data file as it is, which
-    is then named as itself in results.json (`split` null) and the printed table."""
+    """The questions: --split of a prepared dataset or folder (test when not given), or a --data file as it is (then
+    `split` null in results.json)."""
     if reward.is_data_file(args.data) and args.split:
         raise SystemExit(f"error: --data {args.data} is one file, evaluated as it is: drop --split {args.split} (or "
                          f"pass a prepared dataset or folder)")

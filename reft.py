@@ -921,9 +921,9 @@ def main(args):
 
 def memory_error(args, n_params, config, world, bf16, device_bytes):
     """None when this run fits `device_bytes` per device, else the error line (memory_advice). Resident: the policy's
-    fp32 weights and AdamW's moments, 12 bytes per parameter (a separate critic counts as a second policy), the fp32
-    reference, 4 (none for Online-ST), and the fp32 gradients, 4, in the update. Generation: this rank's rollout or a
-    greedy evaluation batch; training: a micro-batch; each of up to --max_length tokens."""
+    fp32 weights and AdamW's moments, 12 bytes per parameter (a separate critic is a second policy), the fp32
+    reference, 4 (none for Online-ST), fp32 gradients, 4. Generation: this rank's rollout or a greedy evaluation
+    batch; training: a micro-batch; each of up to --max_length tokens."""
     models = 1 + args.separate_value_model
     state = 12 * models + 4 * (args.objective != "online_st")
 
@@ -936,14 +936,13 @@ def memory_error(args, n_params, config, world, bf16, device_bytes):
 
 def check_flags(args):
     """The flags' ranges, --reward, --model and --cot, one error line each; then fills the flags left at -1 (RECIPES)
-    and checks --model's positions against the lengths. Returns (the reward function, the flags as started: args.json
-    and what a --resume must match, the recipe in words)."""
+    and checks --model's positions. Returns (the reward function, the flags as started, the recipe in words)."""
     check_ranges(args, RANGES)
     reward_fn = reward.load_reward(args.reward)
     check_default_model(args.model, Args.model)
     check_checkpoint(args.model, "--model")
     resolve_cot(args, {"--model": args.model})
-    flags = dataclasses.asdict(args)
+    flags = dataclasses.asdict(args)  # args.json, and what a --resume must match
     recipe = fill_recipe(args)
     check_model_config(args.model, "--model", {"max_length": args.max_length,
                                                "max_prompt_length": args.max_prompt_length})
@@ -951,26 +950,22 @@ def check_flags(args):
 
 
 def check_data(args, flags):
-    """--save_epochs, the training and evaluation questions, the output folder (plan_run). Returns (the training
-    questions, the evaluation questions or None, whether the run resumes)."""
+    """--save_epochs, the training questions (answers only: ReFT never looks at the annotated CoT; Online-ST trains on
+    it), the evaluation questions or None, and whether the run resumes (plan_run)."""
     epochs_to_save(args.save_epochs)
-    # The training questions (answers only: ReFT never looks at the annotated CoT; Online-ST trains on it).
     records = reward.load_records(args.data, "train", args.cot, require_cot=args.objective == "online_st")
-    eval_records = eval_questions(args) if args.eval_every > 0 else None
-    return records, eval_records, plan_run(args, flags, MAY_CHANGE)
+    return records, eval_questions(args) if args.eval_every > 0 else None, plan_run(args, flags, MAY_CHANGE)
 
 
 def load_run(args, flags, resuming, prompt, world, mesh, device, log):
-    """A run that cannot fit stops before loading (memory_error); then the policy and the reference (load_models), the
-    optimizer, one forward (FSDP2 picks its root at the first forward: one before any manual unshard()), the run
-    folder (begin_run) and its disk check. Returns (model, ref, opt)."""
-    device_bytes = device_memory(device)
-    if device_bytes is not None:  # a run that cannot fit stops now, not at its first OOM after minutes of loading
+    """(model, ref, opt), after a check that the run fits (memory_error): the policy and the reference (load_models),
+    the optimizer, one forward (FSDP2 picks its root at the first forward: one before any manual unshard()), then the
+    run folder (begin_run) and its disk check."""
+    if (device_bytes := device_memory(device)) is not None:  # stop now, not at the first OOM after minutes of loading
         from transformers import AutoConfig
         config = AutoConfig.from_pretrained(args.model)
-        error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
-                             device_bytes)
-        if error is not None:
+        if error := memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
+                                 device_bytes):
             raise SystemExit(error)
     tok, model, ref = load_models(args, mesh, device)
     log(f"policy: {sum(p.numel() for p in model.lm.parameters()):,} params, lr {args.lr:g}")
@@ -991,8 +986,8 @@ def load_run(args, flags, resuming, prompt, world, mesh, device, log):
 
 
 def resume(model, opt, args, rank):
-    """The newest intact resume state into the model and the optimizer, metrics.jsonl cut back to its step. Returns
-    its loop state (step, β, skipped optimizer steps, best evaluation)."""
+    """The newest intact resume state's loop state (step, β, skipped optimizer steps, best evaluation), loaded into the
+    model and the optimizer; metrics.jsonl cut back to its step."""
     state = load_resume_state(model, opt, args.output_dir)
     if rank == 0:
         trim_metrics(os.path.join(args.output_dir, "metrics.jsonl"), state["step"])
@@ -1000,8 +995,7 @@ def resume(model, opt, args, rank):
 
 
 def greedy_evaluation(model, tok, eval_records, budget, reward_fn, best, args, device):
-    """Greedy accuracy on the evaluation questions; with --save_best, the best so far is kept as {output_dir}/best.
-    Returns (the accuracy, the best so far)."""
+    """(greedy accuracy on the evaluation questions, the best so far); with --save_best, the best is also best/."""
     rank, world = dist.get_rank(), dist.get_world_size()
     accuracy = greedy_accuracy(model, model.lm, tok, eval_records, args.cot, budget, rank, world, device,
                                args.eval_batch_size, reward_fn)
@@ -1024,17 +1018,15 @@ def write_metrics(m, step, bar, args):
 def save(model, opt, tok, state, epoch, end_of_epoch, total_steps, args, device):
     """An HF checkpoint epoch_K/ at the end of each epoch --save_epochs names; the resume state (with the loop state
     `state`) every --save_steps steps, at each epoch end and at the last step."""
-    rank, step = dist.get_rank(), state["step"]
     if end_of_epoch and epochs_to_save(args.save_epochs)(epoch + 1):
-        save_checkpoint(model, tok, args, os.path.join(args.output_dir, f"epoch_{epoch + 1}"), rank,
+        save_checkpoint(model, tok, args, os.path.join(args.output_dir, f"epoch_{epoch + 1}"), dist.get_rank(),
                         compute_dtype(device))
-    if (args.save_steps > 0 and step % args.save_steps == 0) or end_of_epoch or step == total_steps:
+    if (args.save_steps > 0 and state["step"] % args.save_steps == 0) or end_of_epoch or state["step"] == total_steps:
         save_resume_state(model, opt, state, args.output_dir)
 
 
 def load_tokenizer(args):
-    """The warm-up checkpoint's tokenizer, with one error line when it cannot serve: PPO needs a pad token distinct
-    from EOS (the EOS token carries the reward)."""
+    """The warm-up checkpoint's tokenizer; PPO needs a pad token distinct from EOS (EOS carries the reward)."""
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(args.model)
@@ -1076,18 +1068,17 @@ def load_models(args, mesh, device):
 
 
 def save_checkpoint(model, tok, args, path, rank, dtype):
-    """HF policy (loadable by AutoModelForCausalLM) plus value_head.safetensors beside it when there is a value head,
-    from rank 0, in `dtype`, the run's compute dtype: bf16 on GPU halves it, and the fp32 master weights live in the
-    resume state."""
+    """HF policy (loadable by AutoModelForCausalLM), with value_head.safetensors beside it when there is a value head,
+    from rank 0 in `dtype`, the compute dtype: bf16 on GPU halves it, and the fp32 master weights live in the resume
+    state."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        for k in sd:
-            sd[k] = sd[k].to(dtype)
         model.lm.config.dtype = dtype
+        lm = {k[3:]: v.to(dtype) for k, v in sd.items() if k.startswith("lm.")}
+        head = {k: v.to(dtype).contiguous() for k, v in sd.items() if not k.startswith("lm.")}
         with stop_if_disk_full(path):
-            model.lm.save_pretrained(path, state_dict={k[3:]: v for k, v in sd.items() if k.startswith("lm.")})
+            model.lm.save_pretrained(path, state_dict=lm)
             tok.save_pretrained(path)
-            head = {k: v.contiguous() for k, v in sd.items() if not k.startswith("lm.")}
             if head:
                 save_file(head, os.path.join(path, "value_head.safetensors"))
             with open(os.path.join(path, "train_args.json"), "w") as f:

@@ -584,28 +584,25 @@ def check_args(args):
 def check_memory(args, records, world, device):
     """On a GPU, stop now when the run cannot fit (memory_error), not at an OOM after minutes of loading; `records`:
     the questions to sample (None: no sampling)."""
-    device_bytes = device_memory(device)
-    if device_bytes is None:
+    if (device_bytes := device_memory(device)) is None:
         return
     import transformers
     config = transformers.AutoConfig.from_pretrained(args.init or args.model)
     longest = None
-    if records is not None:
+    if records is not None:  # it samples: the longest prompt's KV cache
         tok = transformers.AutoTokenizer.from_pretrained(args.model)
         longest = max(len(reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True)))
                       for r in records)
-    error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
-                         device_bytes, longest)
-    if error is not None:
+    if error := memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
+                             device_bytes, longest):
         raise SystemExit(error)
 
 
 def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
-    """None when this run fits `device_bytes` per device, else the error line (memory_advice), for the larger of its
-    two phases. Sampling (unless `prompt_tokens` is None): fp32 weights, 4 bytes per parameter, gathered, with the KV
-    cache of min(--gen_batch_size, --num_samples) sequences of the longest prompt + --max_new_tokens. Training: 12
-    bytes per parameter (fp32 weights, AdamW) + 4 of gradients, a micro-batch of --max_length tokens. Both models
-    count as causal LMs of `n_params`, the trained one's."""
+    """None when this run fits `device_bytes` per device, else the error line (memory_advice), for the larger phase.
+    Sampling (unless `prompt_tokens` is None): fp32 weights (4 bytes per parameter), gathered, and the KV cache of
+    min(--gen_batch_size, --num_samples) × (`prompt_tokens` + --max_new_tokens). Training: fp32 weights and AdamW
+    (12), gradients (4), a micro-batch of --max_length tokens. Both models count as the trained one's `n_params`."""
     def peak(a, world):
         micro = a.micro_batch_size if a.micro_batch_size > 0 else max(1, a.batch_size // world)
         train = memory_estimate(n_params, config, world, bf16, 12, 4, micro * a.max_length, False, 0)["training"]
@@ -613,13 +610,13 @@ def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_token
             return train
         gen = min(a.gen_batch_size, a.num_samples) * (prompt_tokens + a.max_new_tokens)
         return max(train, memory_estimate(n_params, config, world, bf16, 4, 0, 0, False, gen)["generation"])
-    flags = ["micro_batch_size"] * (args.micro_batch_size > 0) + ["gen_batch_size"]
-    return memory_advice(args, peak, world, device_bytes, flags)
+    return memory_advice(args, peak, world, device_bytes, ["micro_batch_size"] * (args.micro_batch_size > 0)
+                         + ["gen_batch_size"])
 
 
 def read_samples(path):
-    """Rows of a samples JSONL, checked for the fields training needs; one error line naming a bad row, or the
-    item_ids given to two different questions (the held-out split and --gold_samples go by item_id)."""
+    """Rows of a samples JSONL; one error line naming a row without the fields training needs, or item_ids given to
+    two questions (the held-out split and --gold_samples go by item_id)."""
     rows, questions = [], {}
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
@@ -696,7 +693,7 @@ def check_samples(args, rows, path, world):
 
 
 def save_verifier(model, tok, args, path, rank):
-    """An AutoModelForSequenceClassification folder (+ tokenizer, train_args.json), written by rank 0."""
+    """An AutoModelForSequenceClassification folder (+ tokenizer, train_args.json) written by rank 0."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         tok.model_max_length = args.max_length  # evaluate.py cuts its inputs where training did

@@ -446,9 +446,8 @@ def main(args):
 # Checks, the tokenizer and the model, Offline-ST's extra samples, saving, resuming.
 
 def check_args(args):
-    """The flags and --model before anything loads. A --model that can only be local (absolute, ./ or ~/, under runs/
-    or under a folder that exists here) must be a checkpoint folder: it is never looked up on the hub, where a missing
-    one costs a minute of retries before failing."""
+    """The flags and --model before anything loads. A --model that can only be local (absolute, ./, ~/, under runs/ or
+    a folder here) must be a checkpoint folder: a missing one costs a minute of hub retries before failing."""
     check_ranges(args, RANGES)
     if args.max_steps <= 0 and args.warmup_epoch > args.epochs:
         raise SystemExit(f"error: --warmup_epoch {args.warmup_epoch} is after the last of --epochs {args.epochs}: the "
@@ -464,24 +463,21 @@ def check_args(args):
 
 def check_memory(args, tok, eval_records, world, device):
     """On a GPU, stop now when the run cannot fit (memory_error), not at its first OOM after minutes of loading."""
-    device_bytes = device_memory(device)
-    if device_bytes is None or args.model == "tiny":  # no check on the CPU; `tiny` is a few MB
+    if device_memory(device) is None or args.model == "tiny":  # no check on the CPU; `tiny` is a few MB
         return
     from transformers import AutoConfig
-    path, kw = hf_location(args.model)
-    config = AutoConfig.from_pretrained(path, **kw)
-    prompts = [reward.build_prompt(r["question"], args.cot, sampling=True) for r in eval_records or []]
-    error = memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
-                         device_bytes, max((len(reward.encode_prompt(tok, p)) for p in prompts), default=0))
-    if error is not None:
+    config = from_pretrained(AutoConfig, args.model)
+    longest = max((len(reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True)))
+                   for r in eval_records or []), default=0)
+    if error := memory_error(args, config_params(config), config, world, compute_dtype(device) == torch.bfloat16,
+                             device_memory(device), longest):
         raise SystemExit(error)
 
 
 def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
-    """None when this run fits `device_bytes` per device, else the error line (memory_advice). Resident: the fp32
-    weights and AdamW's moments, 12 bytes per parameter, and the fp32 gradients, 4, in training; a micro-batch of
-    --max_length tokens; with --eval_every_epoch, a greedy evaluation of --eval_batch_size sequences of the longest
-    evaluation prompt (`prompt_tokens`) + --max_new_tokens."""
+    """None when this run fits `device_bytes` per device, else the error line (memory_advice). Resident: fp32 weights
+    and AdamW's moments, 12 bytes per parameter, and fp32 gradients, 4; a micro-batch of --max_length tokens; with
+    --eval_every_epoch, a greedy evaluation of --eval_batch_size × (`prompt_tokens` + --max_new_tokens)."""
     def peak(a, world):
         gen = a.eval_batch_size * (prompt_tokens + a.max_new_tokens) if a.eval_every_epoch else 0
         return max(memory_estimate(n_params, config, world, bf16, 12, 4, a.micro_batch_size * a.max_length,
@@ -489,42 +485,41 @@ def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_token
     return memory_advice(args, peak, world, device_bytes, ["micro_batch_size", "eval_batch_size"])
 
 
+def from_pretrained(auto, model, **kw):
+    """auto.from_pretrained(--model): a folder, a hub id or a .gguf file; one error line when it cannot load."""
+    folder, name = os.path.split(os.path.abspath(model))
+    try:
+        return auto.from_pretrained(folder, gguf_file=name, **kw) if model.endswith(".gguf") else \
+            auto.from_pretrained(model, **kw)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --model {model}: cannot load a model from this folder or hub id "
+                         f"({str(e).splitlines()[0]})")
+
+
 def train_tiny_tokenizer(texts, vocab_size):
-    """Byte-level BPE trained on the training texts; every digit is its own token, <pad> (0) != <eos> (1)."""
+    """Byte-level BPE trained on `texts`; every digit is its own token, <pad> (0) != <eos> (1)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)  # its bar prints blank lines to a pipe or log file
-    tok.train_from_iterator(texts, trainer)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))  # its bar prints blank lines to a pipe or log file
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def hf_location(model):
-    """from_pretrained's arguments for --model: (folder or hub id, {}) or, for a .gguf file, (folder, {gguf_file})."""
-    folder, name = os.path.split(os.path.abspath(model))
-    return (folder, {"gguf_file": name}) if model.endswith(".gguf") else (model, {})
-
-
 def load_tokenizer(args, train_texts):
-    """The tokenizer (`tiny`: trained on `train_texts`) with a pad token distinct from EOS."""
+    """The tokenizer (`tiny`: trained on `train_texts`) with a pad token distinct from EOS: a pad equal to EOS would
+    mask the real EOS out of the loss (and later out of PPO's reward position)."""
     from transformers import AutoTokenizer
     if args.model == "tiny":
         return train_tiny_tokenizer(train_texts, args.tiny_vocab)
-    path, kw = hf_location(args.model)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --model {args.model}: cannot load a model from this folder or hub id "
-                         f"({str(e).splitlines()[0]})")
+    tok = from_pretrained(AutoTokenizer, args.model)
     if tok.eos_token_id is None:
         raise SystemExit(f"error: --model {args.model}: the tokenizer has no EOS token")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        # A pad equal to EOS would mask the real EOS out of the loss (and later out of PPO's reward position).
         # A spare token that exists (Llama's <unk>) keeps the vocabulary, and a 7B model's embeddings, as they are.
         if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
             tok.pad_token = tok.unk_token
@@ -546,24 +541,19 @@ def tiny_model(args, tok):
 
 
 def load_model(args, tok, mesh, device):
-    """The causal LM sharded over the ranks (rank 0 reads it: load_sharded), in training mode; `tiny` (tiny_model) is
-    also saved to {output_dir}/init, from which a resumed run rebuilds the same one."""
+    """The causal LM sharded over the ranks (rank 0 reads it: load_sharded), in training mode; `tiny` is also saved to
+    {output_dir}/init, from which a resumed run rebuilds the same one."""
     from transformers import AutoModelForCausalLM
 
     def load():
         if args.model == "tiny":
-            model = tiny_model(args, tok)
-            with stop_if_disk_full(os.path.join(args.output_dir, "init")):
-                model.save_pretrained(os.path.join(args.output_dir, "init"))
-                tok.save_pretrained(os.path.join(args.output_dir, "init"))
+            model, init = tiny_model(args, tok), os.path.join(args.output_dir, "init")
+            with stop_if_disk_full(init):
+                model.save_pretrained(init)
+                tok.save_pretrained(init)
             return model
-        path, kw = hf_location(args.model)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --model {args.model}: cannot load a model from this folder or hub id "
-                             f"({str(e).splitlines()[0]})")
-        if kw:
+        model = from_pretrained(AutoModelForCausalLM, args.model, dtype=torch.float32)
+        if args.model.endswith(".gguf"):
             # transformers dequantizes GGUF weights to fp32 but keeps the quantizer marks, which make
             # save_pretrained refuse; the weights are plain tensors now, so drop the marks.
             model.hf_quantizer = None
@@ -584,12 +574,10 @@ def load_model(args, tok, mesh, device):
 
 def read_extra_samples(path, records):
     """([(record, completion)] of the correct rows, number of rows) of a samples JSONL as rerank.py writes it; one
-    error line naming file:line for a row that is not an object with item_id, question, completion (text) and
-    correct (true/false) of a question of `records` (the same item_id and question text)."""
-    by_id = {r["item_id"]: r for r in records}
+    error line naming file:line for a row that is not a sample of a question of `records`."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: --extra_samples {path}: no such file")
-    pairs, n_rows = [], 0
+    by_id, pairs, n_rows = {r["item_id"]: r for r in records}, [], 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -606,14 +594,13 @@ def read_extra_samples(path, records):
             if record is None or record["question"] != row["question"]:
                 raise SystemExit(f"error: {path}:{lineno}: {row['item_id']!r} is not a training question of --data")
             n_rows += 1
-            if row["correct"]:
-                pairs.append((record, row["completion"]))
+            pairs += [(record, row["completion"])] * row["correct"]
     return pairs, n_rows
 
 
 def save_hf(model, tok, args, path, rank, dtype):
-    """A plain HF checkpoint (safetensors, tokenizer, train_args.json) written by rank 0 in `dtype`, the run's compute
-    dtype: bf16 on GPU halves it, and the fp32 master weights live in the resume state."""
+    """A plain HF checkpoint (+ tokenizer, train_args.json) written by rank 0 in `dtype`, the compute dtype: bf16 on
+    GPU halves it, and the fp32 master weights live in the resume state."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         model.config.dtype = dtype
@@ -627,16 +614,15 @@ def save_hf(model, tok, args, path, rank, dtype):
 
 def resume(model, opt, sched, args, rank, metrics_path):
     """(step, best accuracy so far) of a resumed run: the newest intact resume state loaded, the metrics written after
-    it dropped, and the best evaluation before the kill (its checkpoint is best/)."""
+    it dropped; the best evaluation before the kill is best/'s."""
     state = load_resume_state(model, opt, args.output_dir)
-    step = state["step"]
     sched.load_state_dict(state["sched"])
     if rank == 0:
-        trim_metrics(metrics_path, step)
+        trim_metrics(metrics_path, state["step"])
     dist.barrier()
     with open(metrics_path) as f:
         best = max((r["eval_accuracy"] for r in map(json.loads, f) if "eval_accuracy" in r), default=-1.0)
-    return step, best
+    return state["step"], best
 
 
 # ----------------------------------------------------------------------------- flags, checks and run folders
