@@ -714,8 +714,10 @@ def gathered_for_generation(model):
             m.set_reshard_after_forward(m is not model, recurse=False)
             m.reshard()
         # FSDP2 records each forward for backward prefetching and only a backward clears the record: without this,
-        # inference-only loops would grow it by an entry per block and generated token
-        model.reset_iter_state()
+        # inference-only loops would grow it by an entry per block and generated token (torch < 2.13 has no reset:
+        # the lent GPU machine's torch 2.11)
+        if hasattr(model, "reset_iter_state"):
+            model.reset_iter_state()
 
 
 # ----------------------------------------------------------------------------- memory before loading, and loading
