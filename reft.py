@@ -661,8 +661,9 @@ def step_metrics(scores, no_answer, kl, entropy, mask, ended, returns, old_value
     holds this rank's per-micro-batch losses; every rank runs as many micro-batches, so their mean of means is
     the mean over the step. `no_answer` (b,) flags the sequences without an extractable answer, so that
     "unparseable" is told apart from "wrong" whatever --reward gives them. Metrics of what a variant lacks are
-    absent: KL without a reference forward (Online-ST; β = 0, forwards_to_run), entropy without PPO, the values' explained variance without GAE's returns, the
-    fraction of questions whose samples all scored alike (zero_variance_groups) with one sample per question."""
+    absent: KL without a reference forward (Online-ST; β = 0, forwards_to_run), entropy without PPO, the values'
+    explained variance without GAE's returns, the fraction of questions whose samples all scored alike
+    (zero_variance_groups) with one sample per question."""
     sums = dict(n=len(scores), score=scores.sum(), correct=(scores == 1.0).sum(), no_answer=no_answer.sum(),
                 tokens=mask.sum(), ended=ended.sum(), **{k: sum(v) / len(v) for k, v in stats.items()})
     if num_samples >= 2:
@@ -920,9 +921,9 @@ def main(args):
                                         args.temperature, policy)
             # r_t = score · [t is last] - β·KL_t; with --kl_in_loss the KL is in the loss instead. Without one of the
             # forwards β·KL_t is 0 (forwards_to_run): zeros stand in for both log-probs, with the same rewards.
-            logps = (forwards.old_logprobs, forwards.ref_logprobs)
             if policy and reference:
-                rewards, _ = kl_shaped_rewards(scores, *logps, rollout.mask, 0.0 if args.kl_in_loss else beta)
+                rewards, _ = kl_shaped_rewards(scores, forwards.old_logprobs, forwards.ref_logprobs, rollout.mask,
+                                               0.0 if args.kl_in_loss else beta)
             else:
                 zeros = torch.zeros_like(rollout.mask)
                 rewards, _ = kl_shaped_rewards(scores, zeros, zeros, rollout.mask, 0.0)

@@ -137,6 +137,9 @@ RUN = ["--batch_size", 8, "--max_length", 120, "--eval_every", 0, "--save_steps"
      ("vf_loss", "explained_variance", "loss")),
     (["--objective", "online_st"], ("loss", "zero_variance_groups"),
      ("kl", "entropy", "pg_loss", "vf_loss", "beta", "ratio_first")),
+    # one PPO epoch of one minibatch: ppo_update's first forwards give the old log-probs on each rank (issue 36)
+    (["--advantage", "rloo", "--kl_in_loss", "--ppo_epochs", 1], ("pg_loss", "kl", "kl_loss", "entropy", "ratio_first"),
+     ("vf_loss", "kl_penalty")),
 ])
 def test_two_processes_match_one(variant, keys, absent, minigsm, warmup, tmp_path):
     """1 process with micro-batches of 4 and 2 processes take the same steps; no value head is written, and the

@@ -333,8 +333,8 @@ def test_a_call_of_many_questions_samples_each_as_a_call_of_its_own(temperature,
     args = rerank.Args(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=40)
     seeds = [42 * 1_000_003 + i for i in range(len(prompts))]
     with torch.no_grad():
-        batched = rerank.draw(model, tok, prompts, [3] * len(prompts), [torch.Generator().manual_seed(s) for s in seeds],
-                              args, "cpu")
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        batched = rerank.draw(model, tok, prompts, [3] * len(prompts), generators, args, "cpu")
         alone = []
         for prompt, seed in zip(prompts, seeds):
             torch.manual_seed(seed)
