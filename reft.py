@@ -265,8 +265,9 @@ def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, beta):
         r_t = -β (log π(a_t) - log π_ref(a_t))  + score · [t is the last response token]
 
     k1 estimator of the KL, as the paper's code. The score sits on the last valid action: the token that
-    emits EOS, or the final token of a response that never ended. Returns (rewards, kl) of shape (B, R)."""
-    kl = (logprobs - ref_logprobs) * mask
+    emits EOS, or the final token of a response that never ended. Either log-probs None (a forward skipped where
+    β·KL_t is 0, forwards_to_run): KL_t = 0. Returns (rewards, kl) of shape (B, R)."""
+    kl = torch.zeros_like(mask) if logprobs is None or ref_logprobs is None else (logprobs - ref_logprobs) * mask
     rewards = -beta * kl
     last = mask.sum(1).long() - 1  # (B,)
     rewards[torch.arange(len(scores)), last] += scores
@@ -548,10 +549,10 @@ class Forwards:
 
 
 @torch.no_grad()
-def rollout_forwards(model, ref, rollout, micro_batch_size, temperature, policy=True):
+def rollout_forwards(model, ref, rollout, micro_batch_size, temperature, policy=True, reference=True):
     """Step 3 of Algorithm 1, micro-batch by micro-batch: the policy's log-probs and values and the reference's
-    log-probs of the sampled responses, and the policy's entropy per token (Forwards); the policy's forward only with
-    `policy`, the reference's only with a `ref` (forwards_to_run).
+    log-probs of the sampled responses, and the policy's entropy per token (Forwards); each forward only where
+    `policy` and `reference` ask for it (forwards_to_run).
 
     The policy's log-probs take exactly the steps of logprobs_of, which the PPO update uses, so the first ratio is
     exactly 1; the entropy reuses that log-softmax instead of computing a second one over the vocabulary."""
@@ -564,7 +565,7 @@ def rollout_forwards(model, ref, rollout, micro_batch_size, temperature, policy=
             old_logprobs.append(logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1))
             entropy.append(-(logp.exp() * logp).sum(-1))
             values.append(v)
-        if ref is not None:
+        if reference:
             ref_logits, _ = ref(ids, attn, rollout.P)
             ref_logprobs.append(logprobs_of(ref_logits, responses, temperature))
     return Forwards(*(None if not x or x[0] is None else torch.cat(x)
@@ -864,12 +865,17 @@ def forwards_to_run(args, mini, beta):
     return policy, args.kl_in_loss or args.adaptive_kl or beta > 0
 
 
-def step_log(rollout, scores, no_answer, kl, forwards, returns, stats, beta, skipped, times, args):
+def step_log(rollout, scores, no_answer, forwards, returns, stats, beta, skipped, times, args):
     """The step's metrics: means over all ranks' sequences and tokens (step_metrics), β, the first ratio, the optimizer
-    steps skipped so far, the seconds of each phase. `forwards`, `kl` and `returns` are None where the variant has
-    none (Online-ST; returns without GAE)."""
+    steps skipped so far, the seconds of each phase. `forwards` (as ppo_update left them: filled in) and `returns` are
+    None where the variant has none (Online-ST; returns without GAE); the KL, log π_old - log π_ref, is logged where
+    the reference's forward ran."""
     t0, t1, t2, t3 = times
-    entropy, old_values = (None, None) if forwards is None else (forwards.entropy, forwards.old_values)
+    entropy, old_values, kl = None, None, None
+    if forwards is not None:
+        entropy, old_values = forwards.entropy, forwards.old_values
+        if forwards.ref_logprobs is not None:
+            kl = kl_shaped_rewards(scores, forwards.old_logprobs, forwards.ref_logprobs, rollout.mask, 0.0)[1]
     m = step_metrics(scores, no_answer, kl, entropy, rollout.mask, rollout.ended, returns, old_values, stats,
                      dist.get_world_size(), rollout.mask.device, args.num_samples)
     if args.objective == "ppo":
@@ -910,31 +916,22 @@ def main(args):
         scores, no_answer = score(tok, reward_fn, records, rollout, args)  # y' = EXTRACT(e'): 1 right, 0.1 wrong, 0
         t2 = time.time()
         if args.objective == "online_st":  # the paper's baseline: NLL on the correct samples and gold CoTs, no PPO
-            forwards = kl = returns = None
+            forwards = returns = None
             examples = online_st_examples(gold, prompts, rollout.rows, rollout.responses, rollout.mask, scores)
             stats, stepped = online_st_update(model, opt, examples, tok.pad_token_id, mini, world, step, args, device)
         else:
-            # π_θold ← π_θ: old log-probs and values; the reference's log-probs: the forwards whose numbers are
-            # needed now and known no other way (forwards_to_run).
-            policy, reference = forwards_to_run(args, mini, beta)
-            forwards = rollout_forwards(model, ref if reference else None, rollout, args.micro_batch_size,
-                                        args.temperature, policy)
-            # r_t = score · [t is last] - β·KL_t; with --kl_in_loss the KL is in the loss instead. Without one of the
-            # forwards β·KL_t is 0 (forwards_to_run): zeros stand in for both log-probs, with the same rewards.
-            if policy and reference:
-                rewards, _ = kl_shaped_rewards(scores, forwards.old_logprobs, forwards.ref_logprobs, rollout.mask,
-                                               0.0 if args.kl_in_loss else beta)
-            else:
-                zeros = torch.zeros_like(rollout.mask)
-                rewards, _ = kl_shaped_rewards(scores, zeros, zeros, rollout.mask, 0.0)
+            # π_θold ← π_θ: old log-probs and values; the reference's log-probs; each if needed (forwards_to_run).
+            forwards = rollout_forwards(model, ref, rollout, args.micro_batch_size, args.temperature,
+                                        *forwards_to_run(args, mini, beta))
+            # r_t = score · [t is last] - β·KL_t; with --kl_in_loss the KL is in the loss instead.
+            rewards, _ = kl_shaped_rewards(scores, forwards.old_logprobs, forwards.ref_logprobs, rollout.mask,
+                                           0.0 if args.kl_in_loss else beta)
             advantages, returns = estimate_advantages(rewards, forwards.old_values, rollout, args)
             stats, stepped = ppo_update(model, opt, rollout, forwards, advantages, returns, beta, mini, step, args)
-            # The logged KL, with the old log-probs ppo_update filled in where their forward was skipped.
-            kl = None if not reference else (forwards.old_logprobs - forwards.ref_logprobs) * rollout.mask
         t3 = time.time()
         skipped, skipped_in_a_row = count_skipped(skipped, skipped_in_a_row, stepped, step, args)
         m = dict(step=step + 1, epoch=epoch + (i + 1) / steps_per_epoch, **step_log(
-            rollout, scores, no_answer, kl, forwards, returns, stats, beta, skipped, (t0, t1, t2, t3), args))
+            rollout, scores, no_answer, forwards, returns, stats, beta, skipped, (t0, t1, t2, t3), args))
         if args.adaptive_kl:
             beta = adaptive_beta(beta, m["kl"], args.target_kl, args.batch_size * args.num_samples)
         step += 1

@@ -487,9 +487,9 @@ def counted_main(out, minigsm, warmup, every_forward, *flags):
     def counted(name, module):
         return lambda *a: ran.append(name) or module(*a)
 
-    def spy(model, ref, rollout, micro_batch_size, temperature, policy=True):
-        return real(counted("policy", model), ref and counted("reference", ref), rollout, micro_batch_size,
-                    temperature, policy)
+    def spy(model, ref, rollout, micro_batch_size, temperature, policy=True, reference=True):
+        return real(counted("policy", model), counted("reference", ref), rollout, micro_batch_size, temperature,
+                    policy, reference)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(reft, "rollout_forwards", spy)
         if every_forward:
