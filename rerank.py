@@ -631,9 +631,9 @@ def check_memory(args, records, world, device):
 def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
     """None when this run fits `device_bytes` per device, else the error line (memory_advice), for the larger of its
     two phases. Sampling (unless `prompt_tokens` is None): fp32 weights, 4 bytes per parameter, gathered, with the KV
-    cache of one generate() call's sequences (sample: up to --gen_batch_size) of the longest prompt +
-    --max_new_tokens. Training: 12 bytes per parameter (fp32 weights, AdamW) + 4 of gradients, a micro-batch of --max_length tokens. Both models
-    count as causal LMs of `n_params`, the trained one's."""
+    cache of one generate() call's sequences (sample: up to --gen_batch_size) of the longest prompt + --max_new_tokens.
+    Training: 12 bytes per parameter (fp32 weights, AdamW) + 4 of gradients, a micro-batch of --max_length tokens.
+    Both models count as causal LMs of `n_params`, the trained one's."""
     def peak(a, world):
         micro = a.micro_batch_size if a.micro_batch_size > 0 else max(1, a.batch_size // world)
         train = memory_estimate(n_params, config, world, bf16, 12, 4, micro * a.max_length, False, 0)["training"]
