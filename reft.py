@@ -265,8 +265,9 @@ def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, beta):
         r_t = -β (log π(a_t) - log π_ref(a_t))  + score · [t is the last response token]
 
     k1 estimator of the KL, as the paper's code. The score sits on the last valid action: the token that
-    emits EOS, or the final token of a response that never ended. Returns (rewards, kl) of shape (B, R)."""
-    kl = (logprobs - ref_logprobs) * mask
+    emits EOS, or the final token of a response that never ended. Either log-probs None (a forward skipped where
+    β·KL_t is 0, forwards_to_run): KL_t = 0. Returns (rewards, kl) of shape (B, R)."""
+    kl = torch.zeros_like(mask) if logprobs is None or ref_logprobs is None else (logprobs - ref_logprobs) * mask
     rewards = -beta * kl
     last = mask.sum(1).long() - 1  # (B,)
     rewards[torch.arange(len(scores)), last] += scores
@@ -537,33 +538,38 @@ class Rollout:
     ended: torch.Tensor       # (b,) bool, whether the response emitted EOS within --max_length
 
 
-@dataclass(frozen=True)
+@dataclass
 class Forwards:
-    """Step 3: the rollout's per-token quantities before any update, without gradients. (b, R) each."""
-    old_logprobs: torch.Tensor  # log π_θold(a_t | s_t): the policy that sampled, the PPO ratio's denominator
+    """Step 3: the rollout's per-token quantities before any update, without gradients. (b, R) each; None where the
+    forward did not run (forwards_to_run): ppo_update then fills in the old log-probs and the entropy."""
+    old_logprobs: torch.Tensor | None  # log π_θold(a_t | s_t): the policy that sampled, the PPO ratio's denominator
     old_values: torch.Tensor | None  # V(s_t) of the value head; None without one (GRPO, RLOO)
-    ref_logprobs: torch.Tensor  # log π_ref(a_t | s_t) of the frozen warm-up model
-    entropy: torch.Tensor       # the policy's entropy per token (logged only)
+    ref_logprobs: torch.Tensor | None  # log π_ref(a_t | s_t) of the frozen warm-up model
+    entropy: torch.Tensor | None       # the policy's entropy per token (logged only)
 
 
 @torch.no_grad()
-def rollout_forwards(model, ref, rollout, micro_batch_size, temperature):
+def rollout_forwards(model, ref, rollout, micro_batch_size, temperature, policy=True, reference=True):
     """Step 3 of Algorithm 1, micro-batch by micro-batch: the policy's log-probs and values and the reference's
-    log-probs of the sampled responses, and the policy's entropy per token (Forwards).
+    log-probs of the sampled responses, and the policy's entropy per token (Forwards); each forward only where
+    `policy` and `reference` ask for it (forwards_to_run).
 
     The policy's log-probs take exactly the steps of logprobs_of, which the PPO update uses, so the first ratio is
     exactly 1; the entropy reuses that log-softmax instead of computing a second one over the vocabulary."""
     old_logprobs, values, ref_logprobs, entropy = [], [], [], []
     for s in range(0, len(rollout.rows), micro_batch_size):
         ids, attn, responses = (x[s:s + micro_batch_size] for x in (rollout.input_ids, rollout.attn, rollout.responses))
-        logits, v = model(ids, attn, rollout.P)  # (m, R, V), (m, R)
-        logp = torch.log_softmax(logits.float() / temperature, -1)
-        old_logprobs.append(logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1))
-        entropy.append(-(logp.exp() * logp).sum(-1))
-        values.append(v)
-        ref_logits, _ = ref(ids, attn, rollout.P)
-        ref_logprobs.append(logprobs_of(ref_logits, responses, temperature))
-    return Forwards(*(None if x[0] is None else torch.cat(x) for x in (old_logprobs, values, ref_logprobs, entropy)))
+        if policy:
+            logits, v = model(ids, attn, rollout.P)  # (m, R, V), (m, R)
+            logp = torch.log_softmax(logits.float() / temperature, -1)
+            old_logprobs.append(logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1))
+            entropy.append(-(logp.exp() * logp).sum(-1))
+            values.append(v)
+        if reference:
+            ref_logits, _ = ref(ids, attn, rollout.P)
+            ref_logprobs.append(logprobs_of(ref_logits, responses, temperature))
+    return Forwards(*(None if not x or x[0] is None else torch.cat(x)
+                      for x in (old_logprobs, values, ref_logprobs, entropy)))
 
 
 def clipped_step(model, opt):
@@ -656,14 +662,17 @@ def step_metrics(scores, no_answer, kl, entropy, mask, ended, returns, old_value
     holds this rank's per-micro-batch losses; every rank runs as many micro-batches, so their mean of means is
     the mean over the step. `no_answer` (b,) flags the sequences without an extractable answer, so that
     "unparseable" is told apart from "wrong" whatever --reward gives them. Metrics of what a variant lacks are
-    absent: KL and entropy without a reference (Online-ST), the values' explained variance without GAE's returns, the
-    fraction of questions whose samples all scored alike (zero_variance_groups) with one sample per question."""
+    absent: KL without a reference forward (Online-ST; β = 0, forwards_to_run), entropy without PPO, the values'
+    explained variance without GAE's returns, the fraction of questions whose samples all scored alike
+    (zero_variance_groups) with one sample per question."""
     sums = dict(n=len(scores), score=scores.sum(), correct=(scores == 1.0).sum(), no_answer=no_answer.sum(),
                 tokens=mask.sum(), ended=ended.sum(), **{k: sum(v) / len(v) for k, v in stats.items()})
     if num_samples >= 2:
         sums["zero_variance"] = zero_variance_groups(scores, num_samples)
     if kl is not None:
-        sums.update(kl=kl.sum(), entropy=masked_mean(entropy, mask, 1).sum())
+        sums["kl"] = kl.sum()
+    if entropy is not None:
+        sums["entropy"] = masked_mean(entropy, mask, 1).sum()
     if returns is not None:
         sums.update(err=((returns - old_values) * mask).sum(), err2=((returns - old_values) ** 2 * mask).sum(),
                     ret=returns.sum(), ret2=(returns ** 2).sum())
@@ -792,9 +801,14 @@ def ppo_update(model, opt, rollout, forwards, advantages, returns, beta, mini, s
     """Step 6, the U updates of L_RL = L_policy + α·L_value (+ β·KL with --kl_in_loss): --ppo_epochs passes over this
     rank's rollout, each in an order of its own seed per (step, pass) so that a resumed run repeats it; per minibatch
     of `mini` sequences (all ranks: mini / world of them here) one clipped optimizer step, the gradient accumulated
-    over micro-batches of --micro_batch_size. Returns (the micro-batches' losses, whether each optimizer step
-    stepped)."""
+    over micro-batches of --micro_batch_size. Where rollout_forwards skipped the policy's forward (forwards_to_run),
+    the first forward of each micro-batch still sees the weights that sampled: its log-probs and entropy, detached,
+    fill in `forwards`' old ones, so the first ratio is exactly 1 as before. Returns (the micro-batches' losses,
+    whether each optimizer step stepped)."""
     world, device = dist.get_world_size(), rollout.mask.device
+    fill = forwards.old_logprobs is None
+    if fill:
+        forwards.old_logprobs, forwards.entropy = torch.empty_like(rollout.mask), torch.empty_like(rollout.mask)
     aggregation = dict(how=args.loss_aggregation, n_seq=mini, max_length=args.max_length)
     clip_range_high = args.clip_range if args.clip_range_high < 0 else args.clip_range_high
     model.train()
@@ -807,9 +821,13 @@ def ppo_update(model, opt, rollout, forwards, advantages, returns, beta, mini, s
             if args.loss_aggregation == "token_mean":  # the count of the whole minibatch, on all ranks: one all-reduce
                 aggregation["n_tokens"] = global_sums([rollout.mask[torch.cat(micro_batches)].sum()], device)[0]
             for idx in micro_batches:
-                mask, old_logprobs = rollout.mask[idx], forwards.old_logprobs[idx]
                 logits, values = model(rollout.input_ids[idx], rollout.attn[idx], rollout.P)
-                logprobs = logprobs_of(logits, rollout.responses[idx], args.temperature)
+                logp = torch.log_softmax(logits.float() / args.temperature, -1)  # logprobs_of's steps, kept for fill
+                logprobs = logp.gather(-1, rollout.responses[idx].unsqueeze(-1)).squeeze(-1)
+                if fill:
+                    forwards.old_logprobs[idx] = logprobs.detach()
+                    forwards.entropy[idx] = -(logp.detach().exp() * logp.detach()).sum(-1)
+                mask, old_logprobs = rollout.mask[idx], forwards.old_logprobs[idx]
                 pg, pg_clip, approx_kl = policy_loss(logprobs, old_logprobs, advantages[idx], mask, args.clip_range,
                                                      clip_range_high, aggregation)
                 loss, st = pg, dict(pg_loss=pg.mean(), pg_clipfrac=pg_clip, approx_kl=approx_kl,
@@ -831,19 +849,38 @@ def ppo_update(model, opt, rollout, forwards, advantages, returns, beta, mini, s
                 for k, v in st.items():
                     stats.setdefault(k, []).append(v.item())
             stepped.append(clipped_step(model, opt))
+        fill = False
     return stats, stepped
 
 
-def step_log(rollout, scores, no_answer, kl, forwards, returns, stats, beta, skipped, times, args):
+def forwards_to_run(args, mini, beta):
+    """Which of step 3's no-grad forwards run: (the policy's, the reference's). The policy's is known without running
+    it with one PPO epoch over one minibatch of the whole rollout and advantages that need neither its values nor its
+    log-probs (GRPO or RLOO with β·KL in the loss or β = 0): each micro-batch's first forward in ppo_update then sees
+    the weights that sampled, and its log-probs, detached, are the old ones (TRL's GRPOTrainer skips it so too). GAE's
+    advantages need the old values before any update. The reference's is unused with β = 0, no --kl_in_loss and no
+    --adaptive_kl (which steers β by the KL)."""
+    one_update = args.ppo_epochs == 1 and mini == args.batch_size * args.num_samples
+    policy = not (one_update and args.advantage != "gae" and (args.kl_in_loss or beta == 0))
+    return policy, args.kl_in_loss or args.adaptive_kl or beta > 0
+
+
+def step_log(rollout, scores, no_answer, forwards, returns, stats, beta, skipped, times, args):
     """The step's metrics: means over all ranks' sequences and tokens (step_metrics), β, the first ratio, the optimizer
-    steps skipped so far, the seconds of each phase. `forwards`, `kl` and `returns` are None where the variant has
-    none (Online-ST; returns without GAE)."""
+    steps skipped so far, the seconds of each phase. `forwards` (as ppo_update left them: filled in) and `returns` are
+    None where the variant has none (Online-ST; returns without GAE); the KL, log π_old - log π_ref, is logged where
+    the reference's forward ran."""
     t0, t1, t2, t3 = times
-    entropy, old_values = (None, None) if forwards is None else (forwards.entropy, forwards.old_values)
+    entropy, old_values, kl = None, None, None
+    if forwards is not None:
+        entropy, old_values = forwards.entropy, forwards.old_values
+        if forwards.ref_logprobs is not None:
+            kl = (forwards.old_logprobs - forwards.ref_logprobs) * rollout.mask  # as kl_shaped_rewards
     m = step_metrics(scores, no_answer, kl, entropy, rollout.mask, rollout.ended, returns, old_values, stats,
                      dist.get_world_size(), rollout.mask.device, args.num_samples)
     if args.objective == "ppo":
-        m.update({} if args.kl_in_loss else {"kl_penalty": -beta * m["kl"]}, beta=beta, ratio_first=stats["ratio"][0])
+        m.update({} if args.kl_in_loss or "kl" not in m else {"kl_penalty": -beta * m["kl"]}, beta=beta,
+                 ratio_first=stats["ratio"][0])
     m.update(skipped_steps=skipped, tokens_per_s=m.pop("tokens") / (t1 - t0), time_generation=t1 - t0,
              time_scoring=t2 - t1, time_training=t3 - t2)
     return m
@@ -879,21 +916,22 @@ def main(args):
         scores, no_answer = score(tok, reward_fn, records, rollout, args)  # y' = EXTRACT(e'): 1 right, 0.1 wrong, 0
         t2 = time.time()
         if args.objective == "online_st":  # the paper's baseline: NLL on the correct samples and gold CoTs, no PPO
-            forwards = kl = returns = None
+            forwards = returns = None
             examples = online_st_examples(gold, prompts, rollout.rows, rollout.responses, rollout.mask, scores)
             stats, stepped = online_st_update(model, opt, examples, tok.pad_token_id, mini, world, step, args, device)
         else:
-            # π_θold ← π_θ: old log-probs and values; the reference's log-probs.
-            forwards = rollout_forwards(model, ref, rollout, args.micro_batch_size, args.temperature)
+            # π_θold ← π_θ: old log-probs and values; the reference's log-probs; each if needed (forwards_to_run).
+            forwards = rollout_forwards(model, ref, rollout, args.micro_batch_size, args.temperature,
+                                        *forwards_to_run(args, mini, beta))
             # r_t = score · [t is last] - β·KL_t; with --kl_in_loss the KL is in the loss instead.
-            rewards, kl = kl_shaped_rewards(scores, forwards.old_logprobs, forwards.ref_logprobs, rollout.mask,
-                                            0.0 if args.kl_in_loss else beta)
+            rewards, _ = kl_shaped_rewards(scores, forwards.old_logprobs, forwards.ref_logprobs, rollout.mask,
+                                           0.0 if args.kl_in_loss else beta)
             advantages, returns = estimate_advantages(rewards, forwards.old_values, rollout, args)
             stats, stepped = ppo_update(model, opt, rollout, forwards, advantages, returns, beta, mini, step, args)
         t3 = time.time()
         skipped, skipped_in_a_row = count_skipped(skipped, skipped_in_a_row, stepped, step, args)
         m = dict(step=step + 1, epoch=epoch + (i + 1) / steps_per_epoch, **step_log(
-            rollout, scores, no_answer, kl, forwards, returns, stats, beta, skipped, (t0, t1, t2, t3), args))
+            rollout, scores, no_answer, forwards, returns, stats, beta, skipped, (t0, t1, t2, t3), args))
         if args.adaptive_kl:
             beta = adaptive_beta(beta, m["kl"], args.target_kl, args.batch_size * args.num_samples)
         step += 1

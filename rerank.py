@@ -90,7 +90,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
-from transformers import PreTrainedModel
+from transformers import (LogitsProcessor, LogitsProcessorList, PreTrainedModel, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
 
 import reward
 
@@ -218,12 +219,46 @@ def dedup_rows(records, texts, answers, correct, k):
     return rows
 
 
+class QuestionSampler(LogitsProcessor):
+    """generate()'s sampling step, torch.multinomial of the softmax of the warped scores, with each question's rows
+    drawing from the question's own generator, as generate(do_sample=True) draws them from the global one after
+    torch.manual_seed: a question's samples are those of a call of its own, whatever else shares the call. Returns
+    scores that are -inf but at the drawn token, for generate()'s greedy argmax. `sizes`: each question's rows, in
+    order."""
+
+    def __init__(self, sizes, generators):
+        self.sizes, self.generators = sizes, generators
+
+    def __call__(self, input_ids, scores):
+        drawn = torch.cat([torch.multinomial(torch.softmax(s, dim=-1), 1, generator=g)
+                           for s, g in zip(scores.split(self.sizes), self.generators)])  # (B, 1)
+        return torch.full_like(scores, -math.inf).scatter_(1, drawn, 0.0)
+
+
+def draw(model, tok, prompts, sizes, generators, args, device):
+    """One generate() call: sizes[j] samples of prompts[j] (token ids), drawn from generators[j]; their texts in
+    order (none for none: a rank done early). The warpers are generate()'s for do_sample=True, in its order and on its
+    conditions."""
+    if not prompts:
+        return []
+    enc = tok.pad({"input_ids": [p for p, n in zip(prompts, sizes) for _ in range(n)]}, return_tensors="pt").to(device)
+    warpers = [w(v) for w, v, on in ((TemperatureLogitsWarper, args.temperature, args.temperature != 1.0),
+                                     (TopKLogitsWarper, args.top_k, args.top_k != 0),
+                                     (TopPLogitsWarper, args.top_p, args.top_p < 1.0)) if on]
+    # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping for the others;
+    # transformers' default under FSDP does, and then crashes on a cache one token short.
+    out = model.generate(**enc, do_sample=False, use_cache=True, synced_gpus=False, max_new_tokens=args.max_new_tokens,
+                         logits_processor=LogitsProcessorList([*warpers, QuestionSampler(sizes, generators)]),
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
+
+
 @torch.no_grad()
 def sample(args, path, rank, world, device, mesh, log, reward_fn):
     """Append k samples per not-yet-sampled question to `path`, labelled by `reward_fn` and deduplicated (rank 0
-    writes). A question's samples come from a generator seeded by (seed, the question's index) alone and the rows
-    are written in the questions' order, so that any number of processes, and a sampling killed and run again, write
-    the same file."""
+    writes). A question's samples come from a generator seeded by (seed, the question's index) alone (QuestionSampler:
+    up to --gen_batch_size rows of many questions share a generate() call) and the rows are written in the questions'
+    order, so that any number of processes, and a sampling killed and run again, write the same file."""
     records = reward.load_records(args.data, args.split, args.cot)
     records = records[:args.limit] if args.limit > 0 else records
     if rank == 0 and os.path.exists(path):
@@ -241,26 +276,19 @@ def sample(args, path, rank, world, device, mesh, log, reward_fn):
     tok.padding_side = "left"
     k, bs = args.num_samples, args.gen_batch_size
     mine = todo[rank::world]
-    per_group = max(1, bs // k)  # questions whose k samples are labelled and written together
+    per_group = max(1, bs // k)  # questions sampled in one call, labelled and written together
     bar = tqdm(total=len(todo), desc="sampling", disable=rank != 0)
     with gathered_for_generation(model):
         for g in range(num_calls(len(mine), per_group, device)):
             indexed = mine[g * per_group:(g + 1) * per_group]
             group = [r for _, r in indexed]
+            prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True))
+                       for r in group]
+            # 1_000_003: a prime above any split's size
+            generators = [torch.Generator(device).manual_seed(args.seed * 1_000_003 + i) for i, _ in indexed]
             texts = []
-            for i, r in indexed:  # one question per generate() call: its samples must not depend on its neighbours
-                torch.manual_seed(args.seed * 1_000_003 + i)  # 1_000_003: a prime above any split's size
-                prompt = reward.encode_prompt(tok, reward.build_prompt(r["question"], args.cot, sampling=True))
-                for c in range(0, k, bs):
-                    enc = tok.pad({"input_ids": [prompt] * min(bs, k - c)}, return_tensors="pt").to(device)
-                    # synced_gpus=False: the parameters are gathered, so a rank that is done need not keep stepping
-                    # for the others; transformers' default under FSDP does, and then crashes on a cache one token
-                    # short.
-                    out = model.generate(**enc, do_sample=True, use_cache=True, synced_gpus=False,
-                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                         max_new_tokens=args.max_new_tokens,
-                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-                    texts += tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
+            for c in range(0, k, bs):  # k ≤ bs: one call; else one question, bs rows a call, one stream throughout
+                texts += draw(model, tok, prompts, [min(bs, k - c)] * len(group), generators, args, device)
             golds = [r for r in group for _ in range(k)]
             answers = reward.extract_answers(texts, args.cot, [r["question"] for r in golds])
             # Correct exactly when --reward (partial_reward=False) gives 1.0; the answer is kept too.
@@ -600,15 +628,16 @@ def check_memory(args, records, world, device):
 
 def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
     """None when this run fits `device_bytes` per device, else the error line (memory_advice), for the larger phase.
-    Sampling (unless `prompt_tokens` is None): fp32 weights (4 bytes per parameter), gathered, and the KV cache of
-    min(--gen_batch_size, --num_samples) × (`prompt_tokens` + --max_new_tokens). Training: fp32 weights and AdamW
-    (12), gradients (4), a micro-batch of --max_length tokens. Both models count as the trained one's `n_params`."""
+    Sampling (unless `prompt_tokens` is None): fp32 weights (4 bytes per parameter), gathered, and the KV cache of one
+    generate() call's rows (up to --gen_batch_size) × (`prompt_tokens` + --max_new_tokens). Training: fp32 weights and
+    AdamW (12), gradients (4), a micro-batch of --max_length tokens. Both models count as the trained one's `n_params`."""
     def peak(a, world):
         micro = a.micro_batch_size if a.micro_batch_size > 0 else max(1, a.batch_size // world)
         train = memory_estimate(n_params, config, world, bf16, 12, 4, micro * a.max_length, False, 0)["training"]
         if prompt_tokens is None:
             return train
-        gen = min(a.gen_batch_size, a.num_samples) * (prompt_tokens + a.max_new_tokens)
+        rows = max(1, a.gen_batch_size // a.num_samples) * min(a.gen_batch_size, a.num_samples)
+        gen = rows * (prompt_tokens + a.max_new_tokens)
         return max(train, memory_estimate(n_params, config, world, bf16, 4, 0, 0, False, gen)["generation"])
     return memory_advice(args, peak, world, device_bytes, ["micro_batch_size"] * (args.micro_batch_size > 0)
                          + ["gen_batch_size"])

@@ -137,6 +137,9 @@ RUN = ["--batch_size", 8, "--max_length", 120, "--eval_every", 0, "--save_steps"
      ("vf_loss", "explained_variance", "loss")),
     (["--objective", "online_st"], ("loss", "zero_variance_groups"),
      ("kl", "entropy", "pg_loss", "vf_loss", "beta", "ratio_first")),
+    # one PPO epoch of one minibatch: ppo_update's first forwards give the old log-probs on each rank (issue 36)
+    (["--advantage", "rloo", "--kl_in_loss", "--ppo_epochs", 1], ("pg_loss", "kl", "kl_loss", "entropy", "ratio_first"),
+     ("vf_loss", "kl_penalty")),
 ])
 def test_two_processes_match_one(variant, keys, absent, minigsm, warmup, tmp_path):
     """1 process with micro-batches of 4 and 2 processes take the same steps; no value head is written, and the
@@ -473,3 +476,55 @@ def test_gae_gets_gamma_and_lam(minigsm, warmup, tmp_path):
 def test_advantage_rloo_takes_rloos_advantages(minigsm, warmup, tmp_path):
     seen, _ = spied_main(tmp_path, minigsm, warmup, "--num_samples", 2, "--advantage", "rloo")
     assert len(seen["rloo_advantages"]) == 1 and not seen["grpo_advantages"] and not seen["compute_gae"]
+
+
+def counted_main(out, minigsm, warmup, every_forward, *flags):
+    """(the no-grad forwards rollout_forwards ran, by model, the metrics rows) of 2 steps of main(); every_forward
+    forces today's path before issue 36: every forward of step 3 runs."""
+    ran = []
+    real = reft.rollout_forwards
+
+    def counted(name, module):
+        return lambda *a: ran.append(name) or module(*a)
+
+    def spy(model, ref, rollout, micro_batch_size, temperature, policy=True, reference=True):
+        return real(counted("policy", model), counted("reference", ref), rollout, micro_batch_size, temperature,
+                    policy, reference)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reft, "rollout_forwards", spy)
+        if every_forward:
+            mp.setattr(reft, "forwards_to_run", lambda *a: (True, True))
+        try:
+            reft.main(reft.parse_args(reft.Args, [str(a) for a in (
+                "--model", warmup, "--data", minigsm, "--output_dir", out, "--max_steps", 2, "--batch_size", 8,
+                "--micro_batch_size", 4, "--max_length", 120, "--eval_every", 0, "--save_steps", 1000, *flags)]))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return ran, read_metrics(out / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("variant, skipped", [
+    # one PPO epoch of one minibatch, advantages from the scores alone: the old log-probs are the update's
+    (["--advantage", "grpo", "--kl_in_loss", "--kl_coef", 0.3, "--ppo_epochs", 1], {"policy"}),
+    # β = 0, the KL in the reward: the reference is unused (GAE needs the old values: the policy's forward runs)
+    (["--kl_coef", 0], {"reference"}),
+    (["--advantage", "rloo", "--kl_coef", 0, "--ppo_epochs", 1], {"policy", "reference"}),
+])
+def test_skipped_forwards_leave_the_weights_bitwise_the_same(variant, skipped, minigsm, warmup, tmp_path):
+    """Issue 36: a no-grad forward whose numbers are known (the old policy's) or unused (the reference's) is not run,
+    and the final weights are bitwise those of the run with every forward, the metrics the same but the KL (absent
+    without a reference) and the times."""
+    flags = ["--num_samples", 2, "--seed", 3, *variant]
+    ran, fast = counted_main(tmp_path / "fast", minigsm, warmup, False, *flags)
+    ran_all, full = counted_main(tmp_path / "full", minigsm, warmup, True, *flags)
+    assert set(ran_all) == {"policy", "reference"} and not set(ran) & skipped and set(ran) | skipped == set(ran_all)
+    assert len(ran) == len(ran_all) // 2 * (2 - len(skipped))  # 2 steps × 2 micro-batches of each forward that ran
+    for name in ("model.safetensors", "value_head.safetensors"):
+        a, b = tmp_path / "fast/final" / name, tmp_path / "full/final" / name
+        assert a.exists() == b.exists() and (not a.exists() or a.read_bytes() == b.read_bytes()), name
+    times = {"tokens_per_s", "time_generation", "time_scoring", "time_training"}
+    no_kl = {"kl", "kl_penalty"} if "reference" in skipped else set()
+    for f, g in zip(fast, full):
+        assert set(g) - set(f) == no_kl and f["ratio_first"] == g["ratio_first"] == 1.0
+        assert {k: v for k, v in f.items() if k not in times} == {k: v for k, v in g.items() if k not in times | no_kl}

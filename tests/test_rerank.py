@@ -317,3 +317,30 @@ def test_a_resumed_sampling_is_refused_for_a_change_of_any_sampling_flag(minigsm
     for given in ([], ["--limit", "8", "--gen_batch_size", "2"]):
         args = rerank.parse_args(rerank.Args, ["--output_dir", str(out), "--resume", *given])
         assert rerank.plan_run(args, dataclasses.asdict(args), rerank.MAY_CHANGE, ("samples.jsonl",)) is True
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
+def test_a_call_of_many_questions_samples_each_as_a_call_of_its_own(temperature, top_k, top_p, minigsm, warmup):
+    """Issue 36: rerank.draw puts the rows of many questions, left-padded, in one generate() call; each question's
+    samples are those of the call of its own that rerank.py made before: generate(do_sample=True) after
+    torch.manual_seed(the question's seed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tok = AutoModelForCausalLM.from_pretrained(warmup).eval(), AutoTokenizer.from_pretrained(warmup)
+    tok.padding_side = "left"
+    records = reward.load_records(str(minigsm), "train", "nl")[:6]
+    prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], "nl", sampling=True)) for r in records]
+    assert len({len(p) for p in prompts}) > 1  # so the call pads
+    args = rerank.Args(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=40)
+    seeds = [42 * 1_000_003 + i for i in range(len(prompts))]
+    with torch.no_grad():
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        batched = rerank.draw(model, tok, prompts, [3] * len(prompts), generators, args, "cpu")
+        alone = []
+        for prompt, seed in zip(prompts, seeds):
+            torch.manual_seed(seed)
+            enc = tok.pad({"input_ids": [prompt] * 3}, return_tensors="pt")
+            out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 max_new_tokens=40, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            alone += tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
+    assert batched == alone
+    assert len(set(alone)) > len(prompts)  # teeth: a question's 3 samples are not all alike
