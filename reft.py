@@ -538,10 +538,10 @@ class Rollout:
     ended: torch.Tensor       # (b,) bool, whether the response emitted EOS within --max_length
 
 
-@dataclass
+@dataclass(frozen=True)
 class Forwards:
     """Step 3: the rollout's per-token quantities before any update, without gradients. (b, R) each; None where the
-    forward did not run (forwards_to_run): ppo_update then fills in the old log-probs and the entropy."""
+    forward did not run (forwards_to_run): ppo_update returns them with the old log-probs and entropy filled in."""
     old_logprobs: torch.Tensor | None  # log π_θold(a_t | s_t): the policy that sampled, the PPO ratio's denominator
     old_values: torch.Tensor | None  # V(s_t) of the value head; None without one (GRPO, RLOO)
     ref_logprobs: torch.Tensor | None  # log π_ref(a_t | s_t) of the frozen warm-up model
@@ -803,12 +803,13 @@ def ppo_update(model, opt, rollout, forwards, advantages, returns, beta, mini, s
     of `mini` sequences (all ranks: mini / world of them here) one clipped optimizer step, the gradient accumulated
     over micro-batches of --micro_batch_size. Where rollout_forwards skipped the policy's forward (forwards_to_run),
     the first forward of each micro-batch still sees the weights that sampled: its log-probs and entropy, detached,
-    fill in `forwards`' old ones, so the first ratio is exactly 1 as before. Returns (the micro-batches' losses,
-    whether each optimizer step stepped)."""
+    are the old ones, so the first ratio is exactly 1 as before. Returns (the micro-batches' losses, whether each
+    optimizer step stepped, `forwards` with the old log-probs and entropy filled in)."""
     world, device = dist.get_world_size(), rollout.mask.device
-    fill = forwards.old_logprobs is None
+    old_logprobs, entropy = forwards.old_logprobs, forwards.entropy
+    fill = old_logprobs is None
     if fill:
-        forwards.old_logprobs, forwards.entropy = torch.empty_like(rollout.mask), torch.empty_like(rollout.mask)
+        old_logprobs, entropy = torch.empty_like(rollout.mask), torch.empty_like(rollout.mask)
     aggregation = dict(how=args.loss_aggregation, n_seq=mini, max_length=args.max_length)
     clip_range_high = args.clip_range if args.clip_range_high < 0 else args.clip_range_high
     model.train()
@@ -825,13 +826,13 @@ def ppo_update(model, opt, rollout, forwards, advantages, returns, beta, mini, s
                 logp = torch.log_softmax(logits.float() / args.temperature, -1)  # logprobs_of's steps, kept for fill
                 logprobs = logp.gather(-1, rollout.responses[idx].unsqueeze(-1)).squeeze(-1)
                 if fill:
-                    forwards.old_logprobs[idx] = logprobs.detach()
-                    forwards.entropy[idx] = -(logp.detach().exp() * logp.detach()).sum(-1)
-                mask, old_logprobs = rollout.mask[idx], forwards.old_logprobs[idx]
-                pg, pg_clip, approx_kl = policy_loss(logprobs, old_logprobs, advantages[idx], mask, args.clip_range,
+                    old_logprobs[idx] = logprobs.detach()
+                    entropy[idx] = -(logp.detach().exp() * logp.detach()).sum(-1)
+                mask, old = rollout.mask[idx], old_logprobs[idx]
+                pg, pg_clip, approx_kl = policy_loss(logprobs, old, advantages[idx], mask, args.clip_range,
                                                      clip_range_high, aggregation)
                 loss, st = pg, dict(pg_loss=pg.mean(), pg_clipfrac=pg_clip, approx_kl=approx_kl,
-                                    ratio=masked_mean(torch.exp(logprobs - old_logprobs), mask))
+                                    ratio=masked_mean(torch.exp(logprobs - old), mask))
                 if values is not None:  # GAE's value head
                     vf, vf_clip = value_loss(values, forwards.old_values[idx], returns[idx], mask,
                                              args.clip_range_value, aggregation)
@@ -850,7 +851,7 @@ def ppo_update(model, opt, rollout, forwards, advantages, returns, beta, mini, s
                     stats.setdefault(k, []).append(v.item())
             stepped.append(clipped_step(model, opt))
         fill = False
-    return stats, stepped
+    return stats, stepped, dataclasses.replace(forwards, old_logprobs=old_logprobs, entropy=entropy)
 
 
 def forwards_to_run(args, mini, beta):
@@ -867,7 +868,7 @@ def forwards_to_run(args, mini, beta):
 
 def step_log(rollout, scores, no_answer, forwards, returns, stats, beta, skipped, times, args):
     """The step's metrics: means over all ranks' sequences and tokens (step_metrics), β, the first ratio, the optimizer
-    steps skipped so far, the seconds of each phase. `forwards` (as ppo_update left them: filled in) and `returns` are
+    steps skipped so far, the seconds of each phase. `forwards` (as ppo_update returns them) and `returns` are
     None where the variant has none (Online-ST; returns without GAE); the KL, log π_old - log π_ref, is logged where
     the reference's forward ran."""
     t0, t1, t2, t3 = times
@@ -927,7 +928,8 @@ def main(args):
             rewards, _ = kl_shaped_rewards(scores, forwards.old_logprobs, forwards.ref_logprobs, rollout.mask,
                                            0.0 if args.kl_in_loss else beta)
             advantages, returns = estimate_advantages(rewards, forwards.old_values, rollout, args)
-            stats, stepped = ppo_update(model, opt, rollout, forwards, advantages, returns, beta, mini, step, args)
+            stats, stepped, forwards = ppo_update(model, opt, rollout, forwards, advantages, returns, beta, mini,
+                                                  step, args)
         t3 = time.time()
         skipped, skipped_in_a_row = count_skipped(skipped, skipped_in_a_row, stepped, step, args)
         m = dict(step=step + 1, epoch=epoch + (i + 1) / steps_per_epoch, **step_log(
@@ -943,8 +945,7 @@ def main(args):
              (i + 1) == steps_per_epoch, total_steps, args, device)
     bar.close()
     save_checkpoint(model, tok, args, os.path.join(args.output_dir, "final"), rank, compute_dtype(device))
-    log(f"done: {step} {args.objective} steps; policy in {args.output_dir}/final, metrics in "
-        f"{os.path.join(args.output_dir, 'metrics.jsonl')}")
+    log(f"done: {step} {args.objective} steps; the policy in {os.path.join(args.output_dir, 'final')}, metrics beside")
     dist.destroy_process_group()
 
 

@@ -115,7 +115,7 @@ def main():
     deltas = (rewards + args.gamma * next_values - old_values * mask) * mask
     # Step 6: one PPO epoch of one minibatch (the whole batch), one optimizer step; then the new ratio of each token.
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-8, weight_decay=0.0)
-    stats, _ = reft.ppo_update(model, opt, rollout, forwards, whitened, returns, beta, len(rows), 0, args)
+    stats, _, _ = reft.ppo_update(model, opt, rollout, forwards, whitened, returns, beta, len(rows), 0, args)
     pg, vf = stats["pg_loss"][0], stats["vf_loss"][0]
     with torch.no_grad():
         new_logprobs = reft.logprobs_of(model(rollout.input_ids, rollout.attn, rollout.P)[0], responses,

@@ -334,7 +334,7 @@ GRADIENTS = textwrap.dedent("""
             args = reft.Args(loss_aggregation=how, micro_batch_size=m, kl_in_loss=True, clip_range_high=0.28,
                              max_length=P + R, vf_coef=5.0, ppo_epochs=1)
             seen.clear()
-            _, stepped = reft.ppo_update(model, None, rollout, forwards, mine["advantages"], mine["returns"],
+            _, stepped, _ = reft.ppo_update(model, None, rollout, forwards, mine["advantages"], mine["returns"],
                                          0.1, B, 0, args)
             assert stepped == [True] and len(seen) == 1
             if rank == 0:
