@@ -865,10 +865,9 @@ def run_progress(output_dir):
 
 
 def plan_run(args, flags, may_change, resumable=()):
-    """The run-folder rules, before any model loads: a folder holding a run is never written over without --resume
-    (continue it) or --overwrite (start over). --resume refuses a flag of `flags` (as started) that differs from
-    args.json unless it is in `may_change`, and with nothing to resume (no resume state nor a `resumable` file) starts
-    at step 0, so that a requeued job works the first time. Returns: does it resume."""
+    """Before any model loads: a folder holding a run is never written over without --resume or --overwrite; --resume
+    refuses a flag of `flags` (as started) that differs from args.json unless `may_change`, and with nothing to resume
+    (no resume state nor a `resumable` file) starts at step 0, so that a requeued job works at once. Does it resume?"""
     check_output_dir(args.output_dir)
     if args.resume and args.overwrite:
         raise SystemExit("error: --resume continues the run in --output_dir and --overwrite starts it over: pass one")
@@ -898,9 +897,8 @@ def plan_run(args, flags, may_change, resumable=()):
 
 
 def begin_run(args, flags, world, resuming):
-    """Rank 0, once every check passed: a run starting at step 0 removes what an earlier run left, naming it, and
-    writes args.json (`flags` as started, the world size, the versions); a resumed one keeps its own. Each launch
-    appends to launches.jsonl its time, world size and the flags that differ from args.json."""
+    """Rank 0, after every check: a run at step 0 removes what an earlier one left, naming it, and writes args.json
+    (`flags` as started, world size, versions); each launch appends to launches.jsonl the flags that differ from it."""
     import transformers
     if not resuming:
         removed = [e + "/" * os.path.isdir(os.path.join(args.output_dir, e)) for e in run_entries(args.output_dir)]
