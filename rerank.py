@@ -797,11 +797,10 @@ def check_model_config(path, flag, lengths, policy=True, positions=None):
     """One error line, before any model loads, from config.json: a verifier (*ForSequenceClassification) where a
     policy is needed, or a length of `lengths` ({flag: value}) over max_position_embeddings (else `positions`)."""
     config = read_json(os.path.join(path, "config.json"))
-    classifier = next((a for a in config.get("architectures") or [] if str(a).endswith("ForSequenceClassification")),
-                      None)
+    classifier = [a for a in config.get("architectures") or [] if str(a).endswith("ForSequenceClassification")]
     if policy and classifier:
-        raise SystemExit(f"error: {flag} {path}: a verifier ({classifier}, as rerank.py writes), not a policy; pass a "
-                         f"checkpoint written by sft.py or reft.py")
+        raise SystemExit(f"error: {flag} {path}: a verifier ({classifier[0]}, as rerank.py writes), not a policy; pass "
+                         f"a checkpoint written by sft.py or reft.py")
     maximum = config.get("max_position_embeddings", positions)
     for name, value in lengths.items():
         if isinstance(maximum, int) and value > maximum:
