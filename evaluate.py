@@ -316,7 +316,10 @@ def main(args):
         if os.path.exists(os.path.join(args.output_dir, "results.json")):
             log(f"overwriting the results in {args.output_dir} (evaluate.py keeps only its latest)")
         os.makedirs(args.output_dir, exist_ok=True)
-        write_run_args(dataclasses.asdict(args), world)
+        import transformers
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:  # the flags, the world size, the versions
+            json.dump({**dataclasses.asdict(args), "world_size": world, "python": sys.version.split()[0],
+                       "torch": torch.__version__, "transformers": transformers.__version__}, f, indent=2)
     none = [{} for _ in mine]
     greedy = greedy_predictions(model, tok, prompts, mine, args, reward_fn, device, rank) if do_greedy else none
     samples, voted = vote_predictions(model, tok, prompts, mine, args, reward_fn, device, rank) if do_sample \
@@ -484,32 +487,29 @@ def parse_args(cls, argv=None):
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0], allow_abbrev=False,
+                                argument_default=argparse.SUPPRESS)  # only the flags given come back: cls has the rest
     for f in dataclasses.fields(cls):
         kind = ({"action": argparse.BooleanOptionalAction} if f.type is bool else
                 {"choices": get_args(f.type)} if get_origin(f.type) is Literal else {"type": type(f.default)})
-        # An empty default is "not given" (its docstring says what that means), not a value to show as "(default: )"
+        shown = f" (default: {f.default})" if f.default != "" else ""  # empty: "not given", as its docstring says
         p.add_argument(f"--{f.name}", *([f"-{f.name}"] if len(f.name) == 1 else []), **kind,
-                       default=argparse.SUPPRESS if f.default == "" else f.default,
-                       help=docs.get(f.name, "").replace("%", "%%"))
-    args = p.parse_args(argv)
-    if getattr(args, "resume", False):
-        run = {}
+                       help=(docs.get(f.name, "") + shown).replace("%", "%%"))
+    given, run = vars(p.parse_args(argv)), {}
+    if given.get("resume"):
+        folder = given.get("output_dir", cls.output_dir)
         try:  # when this fails, plan_run says what is wrong
-            with open(os.path.join(args.output_dir, "args.json")) as f:
+            with open(os.path.join(folder, "args.json")) as f:
                 run = json.load(f)
-            with open(os.path.join(args.output_dir, "launches.jsonl")) as f:
+            with open(os.path.join(folder, "launches.jsonl")) as f:
                 last = [line for line in f if line.endswith("\n")][-1:]  # not a line cut by a kill
             # Each launch records every flag that differed from args.json then: the last one is the run's now.
             run.update({k: new for line in last for k, (_, new) in json.loads(line)["changed"].items()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
-        # The run's flags become the defaults; where the run is and whether to continue it are this launch's own.
-        own = {f.name for f in dataclasses.fields(cls)} - {"output_dir", "resume", "overwrite"}
-        p.set_defaults(**{k: v for k, v in run.items() if k in own})
-        args = p.parse_args(argv)
-    return cls(**vars(args))
+    # The run's flags stand for those not given; where the run is and whether to continue it are this launch's own.
+    own = {f.name for f in dataclasses.fields(cls)} - {"output_dir", "resume", "overwrite"}
+    return cls(**{**{k: v for k, v in run.items() if k in own}, **given})
 
 
 def check_ranges(args, rules):
@@ -531,12 +531,16 @@ def check_output_dir(path, flag="--output_dir"):
         raise SystemExit(f"error: {flag} {path}: cannot be created ({parent} is not a writable folder)")
 
 
-def check_checkpoint(path, flag):
-    """One error line, before any model loads, for a missing checkpoint folder, one without config.json (a run folder
-    suggests its checkpoint), or a safetensors file cut short or garbled (transformers would give a traceback)."""
+def check_checkpoint(path, flag, default=None):
+    """One error line, before any model loads, for a checkpoint folder missing (the `default`, sft.py's warm-up: how
+    to write it), without config.json (a run folder suggests its checkpoint), or with a safetensors file cut short or
+    garbled (transformers would give a traceback)."""
     from safetensors import SafetensorError, safe_open
     if not os.path.isdir(path):
-        raise SystemExit(f"error: {flag} {path!r}: no such checkpoint folder")
+        raise SystemExit(f"error: {flag} {path} (the default) not found: `python sft.py` writes it (its epoch "
+                         f"--warmup_epoch, which --epochs must reach; with this run's --data and --cot), or pass "
+                         f"{flag} PATH, a checkpoint written by sft.py or reft.py" if path == default else
+                         f"error: {flag} {path!r}: no such checkpoint folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
         inside = sorted((d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "config.json"))),
                         key=lambda d: (d != "final", d != "best", d))
@@ -565,11 +569,10 @@ def check_model_config(path, flag, lengths, policy=True, positions=None):
     """One error line, before any model loads, from config.json: a verifier (*ForSequenceClassification) where a
     policy is needed, or a length of `lengths` ({flag: value}) over max_position_embeddings (else `positions`)."""
     config = read_json(os.path.join(path, "config.json"))
-    classifier = next((a for a in config.get("architectures") or [] if str(a).endswith("ForSequenceClassification")),
-                      None)
+    classifier = [a for a in config.get("architectures") or [] if str(a).endswith("ForSequenceClassification")]
     if policy and classifier:
-        raise SystemExit(f"error: {flag} {path}: a verifier ({classifier}, as rerank.py writes), not a policy; pass a "
-                         f"checkpoint written by sft.py or reft.py")
+        raise SystemExit(f"error: {flag} {path}: a verifier ({classifier[0]}, as rerank.py writes), not a policy; pass "
+                         f"a checkpoint written by sft.py or reft.py")
     maximum = config.get("max_position_embeddings", positions)
     for name, value in lengths.items():
         if isinstance(maximum, int) and value > maximum:
@@ -591,14 +594,6 @@ def resolve_cot(args, checkpoints, fallback="nl"):
     elif flag and args.cot != found[flag]:
         raise SystemExit(f"error: --cot {args.cot}, but {flag} {checkpoints[flag]} was trained on {found[flag]} CoTs "
                          f"(its train_args.json): drop --cot or pass --cot {found[flag]}")
-
-
-def write_run_args(flags, world):
-    """{output_dir}/args.json: every flag as the run started, the world size and the versions."""
-    import transformers
-    with open(os.path.join(flags["output_dir"], "args.json"), "w") as f:
-        json.dump({**flags, "world_size": world, "python": sys.version.split()[0], "torch": torch.__version__,
-                   "transformers": transformers.__version__}, f, indent=2)
 
 
 # ----------------------------------------------------------------------------- distributed setup

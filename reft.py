@@ -978,8 +978,7 @@ def check_flags(args):
     and checks --model's positions. Returns (the reward function, the flags as started, the recipe in words)."""
     check_ranges(args, RANGES)
     reward_fn = reward.load_reward(args.reward)
-    check_default_model(args.model, Args.model)
-    check_checkpoint(args.model, "--model")
+    check_checkpoint(args.model, "--model", Args.model)
     resolve_cot(args, {"--model": args.model})
     flags = dataclasses.asdict(args)  # args.json, and what a --resume must match
     recipe = fill_recipe(args)
@@ -1134,32 +1133,29 @@ def parse_args(cls, argv=None):
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0], allow_abbrev=False,
+                                argument_default=argparse.SUPPRESS)  # only the flags given come back: cls has the rest
     for f in dataclasses.fields(cls):
         kind = ({"action": argparse.BooleanOptionalAction} if f.type is bool else
                 {"choices": get_args(f.type)} if get_origin(f.type) is Literal else {"type": type(f.default)})
-        # An empty default is "not given" (its docstring says what that means), not a value to show as "(default: )"
+        shown = f" (default: {f.default})" if f.default != "" else ""  # empty: "not given", as its docstring says
         p.add_argument(f"--{f.name}", *([f"-{f.name}"] if len(f.name) == 1 else []), **kind,
-                       default=argparse.SUPPRESS if f.default == "" else f.default,
-                       help=docs.get(f.name, "").replace("%", "%%"))
-    args = p.parse_args(argv)
-    if getattr(args, "resume", False):
-        run = {}
+                       help=(docs.get(f.name, "") + shown).replace("%", "%%"))
+    given, run = vars(p.parse_args(argv)), {}
+    if given.get("resume"):
+        folder = given.get("output_dir", cls.output_dir)
         try:  # when this fails, plan_run says what is wrong
-            with open(os.path.join(args.output_dir, "args.json")) as f:
+            with open(os.path.join(folder, "args.json")) as f:
                 run = json.load(f)
-            with open(os.path.join(args.output_dir, "launches.jsonl")) as f:
+            with open(os.path.join(folder, "launches.jsonl")) as f:
                 last = [line for line in f if line.endswith("\n")][-1:]  # not a line cut by a kill
             # Each launch records every flag that differed from args.json then: the last one is the run's now.
             run.update({k: new for line in last for k, (_, new) in json.loads(line)["changed"].items()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
-        # The run's flags become the defaults; where the run is and whether to continue it are this launch's own.
-        own = {f.name for f in dataclasses.fields(cls)} - {"output_dir", "resume", "overwrite"}
-        p.set_defaults(**{k: v for k, v in run.items() if k in own})
-        args = p.parse_args(argv)
-    return cls(**vars(args))
+    # The run's flags stand for those not given; where the run is and whether to continue it are this launch's own.
+    own = {f.name for f in dataclasses.fields(cls)} - {"output_dir", "resume", "overwrite"}
+    return cls(**{**{k: v for k, v in run.items() if k in own}, **given})
 
 
 def check_ranges(args, rules):
@@ -1181,12 +1177,16 @@ def check_output_dir(path, flag="--output_dir"):
         raise SystemExit(f"error: {flag} {path}: cannot be created ({parent} is not a writable folder)")
 
 
-def check_checkpoint(path, flag):
-    """One error line, before any model loads, for a missing checkpoint folder, one without config.json (a run folder
-    suggests its checkpoint), or a safetensors file cut short or garbled (transformers would give a traceback)."""
+def check_checkpoint(path, flag, default=None):
+    """One error line, before any model loads, for a checkpoint folder missing (the `default`, sft.py's warm-up: how
+    to write it), without config.json (a run folder suggests its checkpoint), or with a safetensors file cut short or
+    garbled (transformers would give a traceback)."""
     from safetensors import SafetensorError, safe_open
     if not os.path.isdir(path):
-        raise SystemExit(f"error: {flag} {path!r}: no such checkpoint folder")
+        raise SystemExit(f"error: {flag} {path} (the default) not found: `python sft.py` writes it (its epoch "
+                         f"--warmup_epoch, which --epochs must reach; with this run's --data and --cot), or pass "
+                         f"{flag} PATH, a checkpoint written by sft.py or reft.py" if path == default else
+                         f"error: {flag} {path!r}: no such checkpoint folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
         inside = sorted((d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "config.json"))),
                         key=lambda d: (d != "final", d != "best", d))
@@ -1215,24 +1215,15 @@ def check_model_config(path, flag, lengths, policy=True, positions=None):
     """One error line, before any model loads, from config.json: a verifier (*ForSequenceClassification) where a
     policy is needed, or a length of `lengths` ({flag: value}) over max_position_embeddings (else `positions`)."""
     config = read_json(os.path.join(path, "config.json"))
-    classifier = next((a for a in config.get("architectures") or [] if str(a).endswith("ForSequenceClassification")),
-                      None)
+    classifier = [a for a in config.get("architectures") or [] if str(a).endswith("ForSequenceClassification")]
     if policy and classifier:
-        raise SystemExit(f"error: {flag} {path}: a verifier ({classifier}, as rerank.py writes), not a policy; pass a "
-                         f"checkpoint written by sft.py or reft.py")
+        raise SystemExit(f"error: {flag} {path}: a verifier ({classifier[0]}, as rerank.py writes), not a policy; pass "
+                         f"a checkpoint written by sft.py or reft.py")
     maximum = config.get("max_position_embeddings", positions)
     for name, value in lengths.items():
         if isinstance(maximum, int) and value > maximum:
             raise SystemExit(f"error: --{name} {value} is over the model's maximum of {maximum} positions "
                              f"({flag} {path}); pass at most {maximum}")
-
-
-def check_default_model(model, default):
-    """The default --model, sft.py's warm-up, missing: one error line saying which command writes it."""
-    if model == default and not os.path.isdir(model):
-        raise SystemExit(f"error: --model {default} (the default) not found: `python sft.py` writes it (its epoch "
-                         f"--warmup_epoch, which --epochs must reach; with this run's --data and --cot), or pass --model "
-                         f"PATH, a checkpoint written by sft.py or reft.py")
 
 
 def resolve_cot(args, checkpoints, fallback="nl"):
@@ -1272,30 +1263,28 @@ def run_entries(output_dir):
 
 
 def run_progress(output_dir):
-    """How far the run in `output_dir` got, in words for an error line; None when the folder holds no run."""
+    """What the run in `output_dir` holds, in words for one line; None when the folder holds no run."""
     entries, said = run_entries(output_dir), []
     for name, unit in (("metrics.jsonl", "steps logged"), ("samples.jsonl", "samples drawn")):
         if name in entries:
             with open(os.path.join(output_dir, name), "rb") as f:
                 lines = f.read().splitlines()
-            count = len(lines)
-            if name == "metrics.jsonl":
-                try:  # the last step logged
-                    count = json.loads([line for line in lines if line.strip()][-1])["step"]
-                except (ValueError, KeyError, IndexError, TypeError):
-                    pass
+            rows = [line for line in lines if line.strip()]
+            try:  # metrics.jsonl: the step of its last row
+                count = json.loads(rows[-1])["step"] if name == "metrics.jsonl" else len(lines)
+            except (ValueError, KeyError, IndexError, TypeError):
+                count = len(lines)
             said.append(f"{count} {unit} in {name}")
     state = find_resume_state(output_dir)
     said += [f"a resume state at step {state[1]}"] if state else []
     said += [f"{e}/" for e in entries if e in ("final", "best", "warmup")]
-    return ", ".join(said) or ", ".join(entries) or None
+    return ", ".join(said or entries) or None
 
 
 def plan_run(args, flags, may_change, resumable=()):
-    """The run-folder rule, before any model loads: a folder holding a run is never written over without --resume
-    (continue it) or --overwrite (start over). --resume refuses a flag of `flags` (as started: -1 and auto
-    unresolved) that differs from args.json unless it is in `may_change`, and with nothing to resume (no resume state
-    nor a `resumable` file) starts at step 0, so that a requeued job works the first time. Returns: does it resume."""
+    """Before any model loads: a folder holding a run is never written over without --resume or --overwrite; --resume
+    refuses a flag of `flags` (as started) that differs from args.json unless `may_change`, and with nothing to resume
+    (no resume state nor a `resumable` file) starts at step 0, so that a requeued job works at once. Does it resume?"""
     check_output_dir(args.output_dir)
     if args.resume and args.overwrite:
         raise SystemExit("error: --resume continues the run in --output_dir and --overwrite starts it over: pass one")
@@ -1325,36 +1314,27 @@ def plan_run(args, flags, may_change, resumable=()):
 
 
 def begin_run(args, flags, world, resuming):
-    """Rank 0, once every check passed: a run starting at step 0 removes what an earlier run left, naming it, and
-    writes args.json (`flags` as started); a resumed one keeps its own. Each launch appends a line to launches.jsonl:
-    time, world size and the flags that differ from args.json."""
-    if resuming:
-        saved = read_json(os.path.join(args.output_dir, "args.json"))
-    else:
-        removed = []
-        for entry in run_entries(args.output_dir):
+    """Rank 0, after every check: a run at step 0 removes what an earlier one left, naming it, and writes args.json
+    (`flags` as started, world size, versions); each launch appends to launches.jsonl the flags that differ from it."""
+    import transformers
+    if not resuming:
+        removed = [e + "/" * os.path.isdir(os.path.join(args.output_dir, e)) for e in run_entries(args.output_dir)]
+        for entry in removed:
             path = os.path.join(args.output_dir, entry)
-            removed.append(entry + "/" * os.path.isdir(path))
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            shutil.rmtree(path) if entry.endswith("/") else os.remove(path)
         if removed:
             print(f"{'--overwrite' if args.overwrite else '--resume with nothing to resume'}: removed "
                   f"{os.path.join(args.output_dir, '')}{{{', '.join(removed)}}}", flush=True)
         os.makedirs(args.output_dir, exist_ok=True)
-        write_run_args(flags, world)
-        saved = flags
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump({**flags, "world_size": world, "python": sys.version.split()[0], "torch": torch.__version__,
+                       "transformers": transformers.__version__}, f, indent=2)
+    saved = read_json(os.path.join(args.output_dir, "args.json"))
     changed = {k: [saved.get(k), v] for k, v in flags.items()
                if saved.get(k) != v and k not in ("resume", "overwrite")}
     with open(os.path.join(args.output_dir, "launches.jsonl"), "a") as f:
         f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": world, "resumed": resuming,
                             "changed": changed, "argv": sys.argv[1:]}) + "\n")
-
-
-def write_run_args(flags, world):
-    """{output_dir}/args.json: every flag as the run started, the world size and the versions."""
-    import transformers
-    with open(os.path.join(flags["output_dir"], "args.json"), "w") as f:
-        json.dump({**flags, "world_size": world, "python": sys.version.split()[0], "torch": torch.__version__,
-                   "transformers": transformers.__version__}, f, indent=2)
 
 
 def summary(row):

@@ -170,32 +170,29 @@ def parse_args(cls, argv=None):
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0], allow_abbrev=False,
+                                argument_default=argparse.SUPPRESS)  # only the flags given come back: cls has the rest
     for f in dataclasses.fields(cls):
         kind = ({"action": argparse.BooleanOptionalAction} if f.type is bool else
                 {"choices": get_args(f.type)} if get_origin(f.type) is Literal else {"type": type(f.default)})
-        # An empty default is "not given" (its docstring says what that means), not a value to show as "(default: )"
+        shown = f" (default: {f.default})" if f.default != "" else ""  # empty: "not given", as its docstring says
         p.add_argument(f"--{f.name}", *([f"-{f.name}"] if len(f.name) == 1 else []), **kind,
-                       default=argparse.SUPPRESS if f.default == "" else f.default,
-                       help=docs.get(f.name, "").replace("%", "%%"))
-    args = p.parse_args(argv)
-    if getattr(args, "resume", False):
-        run = {}
+                       help=(docs.get(f.name, "") + shown).replace("%", "%%"))
+    given, run = vars(p.parse_args(argv)), {}
+    if given.get("resume"):
+        folder = given.get("output_dir", cls.output_dir)
         try:  # when this fails, plan_run says what is wrong
-            with open(os.path.join(args.output_dir, "args.json")) as f:
+            with open(os.path.join(folder, "args.json")) as f:
                 run = json.load(f)
-            with open(os.path.join(args.output_dir, "launches.jsonl")) as f:
+            with open(os.path.join(folder, "launches.jsonl")) as f:
                 last = [line for line in f if line.endswith("\n")][-1:]  # not a line cut by a kill
             # Each launch records every flag that differed from args.json then: the last one is the run's now.
             run.update({k: new for line in last for k, (_, new) in json.loads(line)["changed"].items()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
-        # The run's flags become the defaults; where the run is and whether to continue it are this launch's own.
-        own = {f.name for f in dataclasses.fields(cls)} - {"output_dir", "resume", "overwrite"}
-        p.set_defaults(**{k: v for k, v in run.items() if k in own})
-        args = p.parse_args(argv)
-    return cls(**vars(args))
+    # The run's flags stand for those not given; where the run is and whether to continue it are this launch's own.
+    own = {f.name for f in dataclasses.fields(cls)} - {"output_dir", "resume", "overwrite"}
+    return cls(**{**{k: v for k, v in run.items() if k in own}, **given})
 
 
 def check_ranges(args, rules):
