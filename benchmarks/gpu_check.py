@@ -28,12 +28,17 @@ any fail or phase error makes the exit status 1), run early (with the first ReFT
                           trips write to a temporary folder, removed after: ~8 GB for the 2-layer Llama's resume state)
   same_samples_fsdp_vs_plain  (rollout_compare) the sharded policy and a plain copy computing as FSDP does
                           (fsdp_like_copy: bf16 blocks, fp32 LM head) sample the same tokens
+  same_samples_kv_cache   (rollout_compare) on the plain copy, reft.sample with its preallocated KV cache and with
+                          transformers' DynamicCache (the sampler before issue 36) sample the same tokens: attention
+                          reads the filled prefix of the preallocated cache, a strided view, on the GPU's kernels too
 
 Phases, for each (family, layers, gradient checkpointing off/on), each timed between
 torch.cuda.synchronize() calls, with its own peak (reset_peak_memory_stats / max_memory_allocated):
   sft_step              sft.py's step: token_nll_sum, backward, clip, AdamW(foreach).step, zero_grad
   rollout_compare       (checkpointing off, Llama) batch 4 and 32: reft.sample and HF generate, each on the
-                        FSDP-sharded policy inside reft.gathered_for_generation and on a plain copy (fsdp_like_copy)
+                        FSDP-sharded policy inside reft.gathered_for_generation and on a plain copy (fsdp_like_copy),
+                        and reft.sample with transformers' DynamicCache on the plain copy (what the preallocated
+                        KV cache gains: `preallocated_vs_dynamic_plain`, a tokens/s ratio)
   reft_rollout          reft.sample of 4 × 400 tokens inside gathered_for_generation
   reft_old_ref_forward  old log-probs, values and entropy from the policy, reference log-probs (bf16 model)
   reft_ppo_update       one PPO minibatch: forward, policy + value loss, backward, clip, AdamW step
@@ -93,6 +98,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
@@ -108,8 +114,9 @@ README_GB = {("resident", None): 13.5, ("reft_rollout", None): 28.7,
 PHASES = ("sft_step", "rollout_compare", "reft_rollout", "reft_old_ref_forward", "reft_ppo_update",
           "eval_generation", "padded_batch", "checkpoint_round_trip", "resume_round_trip")
 # The checks with a verdict (pass, fail, or skipped with the reason) in the JSON's `verdicts`: the three phases of
-# that name (each returns "pass") and rollout_compare's same_samples_fsdp_vs_plain.
-CHECKS = ("same_samples_fsdp_vs_plain", "padded_batch", "checkpoint_round_trip", "resume_round_trip")
+# that name (each returns "pass") and rollout_compare's same_samples_fsdp_vs_plain and same_samples_kv_cache.
+CHECKS = ("same_samples_fsdp_vs_plain", "same_samples_kv_cache", "padded_batch", "checkpoint_round_trip",
+          "resume_round_trip")
 
 
 def parse_args(argv=None):
@@ -280,7 +287,8 @@ def summarize(phases):
             ext.append(dict(e, phase=phase, gc=gc_on, readme_gb=readme_estimate(phase, gc_on)))
     rollout = [{k: r[k] for k in ("family", "layers", "batch", "fsdp_hook_ms_per_step",
                                   "fsdp_hook_ms_per_step_per_layer", "sampler_vs_generate_fsdp",
-                                  "same_samples_fsdp_vs_plain")}
+                                  "preallocated_vs_dynamic_plain", "same_samples_fsdp_vs_plain",
+                                  "same_samples_kv_cache")}
                for r in phases if r["phase"] == "rollout_compare" and r["status"] == "ok"]
     return ext, rollout
 
@@ -291,14 +299,14 @@ def verdicts(phases):
     pass with the number of runs."""
     out = {}
     for name in CHECKS:
-        phase, key = ("rollout_compare", name) if name == "same_samples_fsdp_vs_plain" else (name, "pass")
+        phase, key = ("rollout_compare", name) if name.startswith("same_samples") else (name, "pass")
         recs = [r for r in phases if r["phase"] == phase]
         ran = [r for r in recs if r["status"] != "skipped"]
         failed = [r for r in ran if r["status"] == "error" or not r.get(key)]
         where = lambda r: " ".join(f"{k}={r[k]}" for k in ("family", "layers", "batch") if k in r)  # noqa: E731
         if failed:
             out[name] = {"verdict": "fail", "reason": "; ".join(
-                f"{where(r)}: {r.get('error') or r.get('reason') or 'the FSDP and plain samplers drew other tokens'}"
+                f"{where(r)}: {r.get('error') or r.get('reason') or 'the two samplers drew other tokens'}"
                 for r in failed)[:2000]}
         elif ran:
             out[name] = {"verdict": "pass", "runs": len(ran)}
@@ -899,7 +907,8 @@ class Check:
 
     def rollout_compare(self, state, batch):
         """Generated tokens/s of reft.sample and HF generate, on the FSDP policy (gathered) and a plain copy that computes
-        as FSDP does (fsdp_like_copy)."""
+        as FSDP does (fsdp_like_copy), and of reft.sample on transformers' DynamicCache on the plain copy."""
+        from transformers.cache_utils import DynamicLayer
         torch, reft, sh = self.torch, self.reft, self.sh
         policy, plain = state["policy"], state["plain"]
         policy.eval()
@@ -909,6 +918,10 @@ class Check:
 
         def sampler(lm, n):
             return reft.sample(lm, ids, mask, n, -1, 0, 1.0, seeds)
+
+        def dynamic_cache(lm, n):  # reft.sample on transformers' DynamicCache: torch.cat of the whole cache per token
+            with mock.patch.object(reft, "RolloutCacheLayer", lambda capacity: DynamicLayer()):
+                return sampler(lm, n)
 
         def hf(lm, n):
             out = lm.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
@@ -922,7 +935,8 @@ class Check:
             return run
 
         variants = {"sampler_fsdp": fsdp(sampler), "generate_fsdp": fsdp(hf),
-                    "sampler_plain": lambda n: sampler(plain, n), "generate_plain": lambda n: hf(plain, n)}
+                    "sampler_plain": lambda n: sampler(plain, n), "generate_plain": lambda n: hf(plain, n),
+                    "sampler_dynamic_plain": lambda n: dynamic_cache(plain, n)}
         rec, outs = {"batch": batch, "prompt": sh["rollout_prompt"], "new_tokens": n_new}, {}
         with torch.no_grad():
             for name, fn in variants.items():
@@ -942,7 +956,10 @@ class Check:
                    sampler_vs_generate_fsdp=rec["sampler_fsdp"]["tokens_per_s"] / rec["generate_fsdp"]["tokens_per_s"],
                    sampler_vs_generate_plain=rec["sampler_plain"]["tokens_per_s"]
                    / rec["generate_plain"]["tokens_per_s"],
-                   same_samples_fsdp_vs_plain=bool(torch.equal(outs["sampler_fsdp"], outs["sampler_plain"])))
+                   preallocated_vs_dynamic_plain=rec["sampler_plain"]["tokens_per_s"]
+                   / rec["sampler_dynamic_plain"]["tokens_per_s"],
+                   same_samples_fsdp_vs_plain=bool(torch.equal(outs["sampler_fsdp"], outs["sampler_plain"])),
+                   same_samples_kv_cache=bool(torch.equal(outs["sampler_plain"], outs["sampler_dynamic_plain"])))
         return rec
 
     # -- evaluate
@@ -1061,13 +1078,15 @@ def report(result):
     rc = [r for r in result["phases"] if r["phase"] == "rollout_compare" and r["status"] == "ok"]
     if rc:
         lines += ["", f"{'rollout (generated tok/s)':<28}{'L':>3}{'batch':>6}{'sample FSDP':>13}{'generate FSDP':>15}"
-                      f"{'sample plain':>14}{'generate plain':>16}{'hook ms/step':>14}{'same':>6}"]
+                      f"{'sample plain':>14}{'generate plain':>16}{'DynamicCache plain':>20}{'hook ms/step':>14}"
+                      f"{'same':>6}{'same kv':>9}"]
         for r in rc:
             lines.append(f"{r['family']:<28}{r['layers']:>3}{r['batch']:>6}"
                          + "".join(f"{r[k]['tokens_per_s']:>{w},.0f}" for k, w in
                                    (("sampler_fsdp", 13), ("generate_fsdp", 15), ("sampler_plain", 14),
-                                    ("generate_plain", 16)))
-                         + f"{r['fsdp_hook_ms_per_step']:>14.3f}{str(r['same_samples_fsdp_vs_plain']):>6}")
+                                    ("generate_plain", 16), ("sampler_dynamic_plain", 20)))
+                         + f"{r['fsdp_hook_ms_per_step']:>14.3f}{str(r['same_samples_fsdp_vs_plain']):>6}"
+                         + f"{str(r['same_samples_kv_cache']):>9}")
     if result.get("extrapolation"):
         lines += ["", f"{'peak GB per GPU':<22}{'gc':<4}{'/layer':>8}{'resid/layer':>12}{'32L 1 GPU':>10}"
                       f"{'FSDP-8':>8}{'(max)':>8}{'resid/8':>8}{'README':>8}"]

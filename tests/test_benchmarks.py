@@ -111,8 +111,10 @@ def test_small_run_measures_every_llama_phase(small_run):
         for b in (2, 4):
             rc = llama[("rollout_compare", L, False, b)]
             assert all(rc[v]["tokens_per_s"] > 0 and rc[v]["steps"] == 16
-                       for v in ("sampler_fsdp", "generate_fsdp", "sampler_plain", "generate_plain"))
+                       for v in ("sampler_fsdp", "generate_fsdp", "sampler_plain", "generate_plain",
+                                 "sampler_dynamic_plain"))
             assert rc["same_samples_fsdp_vs_plain"]  # same weights and seeds: FSDP must not change the samples
+            assert rc["same_samples_kv_cache"] and rc["preallocated_vs_dynamic_plain"] > 0
     assert "rollout (generated tok/s)" in out.with_suffix(".txt").read_text()
 
 
@@ -124,6 +126,7 @@ def test_small_run_checks_padded_batches_and_both_round_trips(small_run):
     p, result, out = small_run
     assert p.returncode == 0
     assert result["verdicts"] == {"same_samples_fsdp_vs_plain": {"verdict": "pass", "runs": 4},
+                                  "same_samples_kv_cache": {"verdict": "pass", "runs": 4},
                                   "padded_batch": {"verdict": "pass", "runs": 4},
                                   "checkpoint_round_trip": {"verdict": "pass", "runs": 2},
                                   "resume_round_trip": {"verdict": "pass", "runs": 2}}
@@ -212,9 +215,9 @@ def test_the_plain_copy_computes_as_the_sharded_model():
 def test_verdicts_name_each_failure_and_each_skip():
     ok = {"status": "ok", "pass": True}
     phases = [{"phase": "rollout_compare", "family": "llama", "layers": 2, "batch": 4, "status": "ok",
-               "same_samples_fsdp_vs_plain": True},
+               "same_samples_fsdp_vs_plain": True, "same_samples_kv_cache": False},
               {"phase": "rollout_compare", "family": "llama", "layers": 2, "batch": 32, "status": "ok",
-               "same_samples_fsdp_vs_plain": False},
+               "same_samples_fsdp_vs_plain": False, "same_samples_kv_cache": True},
               {"phase": "padded_batch", "family": "llama", "layers": 2, **ok},
               {"phase": "padded_batch", "family": "opt", "layers": 2, "status": "ok", "pass": False,
                "reason": "finite False"},
@@ -227,6 +230,8 @@ def test_verdicts_name_each_failure_and_each_skip():
     assert v["same_samples_fsdp_vs_plain"]["verdict"] == "fail"
     assert "batch=32" in v["same_samples_fsdp_vs_plain"]["reason"] and "batch=4" not in \
         v["same_samples_fsdp_vs_plain"]["reason"]
+    assert v["same_samples_kv_cache"] == {"verdict": "fail",
+                                          "reason": "family=llama layers=2 batch=4: the two samplers drew other tokens"}
     assert v["padded_batch"] == {"verdict": "fail", "reason": "family=opt layers=2: finite False"}
     assert v["checkpoint_round_trip"] == {"verdict": "fail", "reason": "family=opt layers=2: OSError: disk full"}
     assert v["resume_round_trip"] == {"verdict": "skipped", "reason": "budget of 330 s spent"}

@@ -212,6 +212,61 @@ def test_greedy_sampling_equals_hf_generate():
         assert ours[b, :n].tolist() == theirs[b, :n].tolist()
 
 
+
+def sample_reference(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, seeds):
+    """reft.sample before its preallocated KV cache: transformers' DynamicCache, the mask grown by torch.cat, and
+    all-done checked after every token."""
+    B, device = prompt_ids.size(0), prompt_ids.device
+    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    mask = prompt_mask
+    inp, pos = prompt_ids, (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    past, out = None, []
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        o = lm(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+        past, logits = o.past_key_values, o.logits[:, -1].float()  # (B, V)
+        if temperature > 0:
+            u = torch.stack([torch.rand(logits.size(1), generator=g, device=device) for g in gens])
+            logits = logits / temperature - torch.log(-torch.log(u))
+        nxt = torch.where(done, pad_id, logits.argmax(-1))
+        out.append(nxt)
+        done |= nxt == eos_id
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        inp, pos = nxt[:, None], pos[:, -1:] + 1
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_sampler_draws_exactly_the_tokens_of_the_dynamic_cache_loop(family):
+    """The preallocated KV cache and the every-8-tokens all-done check change no token and no length: left-padded
+    prompts, greedy and sampled, rows ending at different steps, the batch ending between two checks or running to
+    max_new_tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    seen = set()
+    for seed in range(4):
+        torch.manual_seed(seed)
+        if family == "llama":
+            lm = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                              num_key_value_heads=2, intermediate_size=64))
+        else:
+            lm = OPTForCausalLM(OPTConfig(vocab_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                          ffn_dim=64, word_embed_proj_dim=32))
+        gen = torch.Generator().manual_seed(seed)
+        prompts = [torch.randint(2, 8, (n,), generator=gen).tolist() for n in (3, 9, 1, 6, 4)]
+        ids, mask = reft.left_pad(prompts, 0, "cpu")
+        for temperature in (0.0, 0.7, 1.0):
+            for R in (1, 6, 30):
+                seeds = [100 * seed + b for b in range(5)]
+                want = sample_reference(lm.eval(), ids, mask, R, 1, 0, temperature, seeds)
+                assert torch.equal(reft.sample(lm, ids, mask, R, 1, 0, temperature, seeds), want)
+                n = want.size(1)
+                if len(set(reft.response_mask(want, 1).sum(1).tolist())) > 1:
+                    seen.add("rows end at different steps")
+                seen.add("ends between two checks" if n < R and n % 8 else "runs to max_new_tokens" if n == R else "")
+    assert {"rows end at different steps", "ends between two checks", "runs to max_new_tokens"} <= seen
+
 def chi_square(counts, probs):
     """Pearson's statistic of observed counts against probabilities, the bins expected under 5 merged into one."""
     expected = probs * counts.sum()
