@@ -22,15 +22,19 @@ any fail or phase error makes the exit status 1), run early (with the first ReFT
                           with the KV cache, and reft.sample): finite, and each row equal to that row run alone,
                           unpadded (1e-4 in fp32, 0.1 in bf16: `padded_check` says why)
   checkpoint_round_trip   reft.save_checkpoint, then reft.load_sharded (meta device, to_empty, rank 0's broadcast):
-                          every tensor equal to the policy's in the saved dtype; save and load timed
+                          every tensor equal to the policy's in the saved dtype (buffers, computed on the CPU
+                          by rank 0's from_pretrained, to 1e-6 relative: CUDA's pow differs in the last ulp); timed
   resume_round_trip       reft.save_resume_state (DCP, each rank's sha256s, the manifest), weights and AdamW
                           state changed, then reft.load_resume_state: all equal to what was saved; timed (both round
                           trips write to a temporary folder, removed after: ~8 GB for the 2-layer Llama's resume state)
-  same_samples_fsdp_vs_plain  (rollout_compare) the sharded policy and a plain copy computing as FSDP does
-                          (fsdp_like_copy: bf16 blocks, fp32 LM head) sample the same tokens
-  same_samples_kv_cache   (rollout_compare) on the plain copy, reft.sample with its preallocated KV cache and with
-                          transformers' DynamicCache (the sampler before issue 36) sample the same tokens: attention
-                          reads the filled prefix of the preallocated cache, a strided view, on the GPU's kernels too
+  same_samples_fsdp_vs_plain  (rollout_compare) reft.sample on the sharded policy, teacher-forced on the tokens that
+                          a plain copy computing as FSDP does (fsdp_like_copy: bf16 blocks, fp32 LM head) sampled,
+                          gives them the plain copy's log-probs (padded_batch's tolerance)
+  same_samples_kv_cache   (rollout_compare) the same for reft.sample on transformers' DynamicCache (the sampler
+                          before issue 36) against its preallocated KV cache, on the plain copy: attention reads the
+                          filled prefix of the preallocated cache, a strided view, on the GPU's kernels too.
+                          Not the same tokens: random-init logits are nearly flat, and a Gumbel-max near-tie flips on
+                          any bf16 kernel's rounding (the fraction of equal tokens is reported: same_tokens_*)
 
 Phases, for each (family, layers, gradient checkpointing off/on), each timed between
 torch.cuda.synchronize() calls, with its own peak (reset_peak_memory_stats / max_memory_allocated):
@@ -81,7 +85,7 @@ embedding look-ups are not FLOPs; recomputation under gradient checkpointing is 
 not hardware FLOPs). Rollouts report generated tokens/s (batch × new tokens ÷ seconds) and the FSDP hook cost:
 (ms per decoding step of reft.sample on the sharded, gathered policy, its one gather and reshard included) -
 (the same on the plain copy, which computes as FSDP's policy does: bf16 blocks, the LM head in fp32, buffers such
-as rotary inv_freq in fp32, so both sample the same tokens: `same_samples_fsdp_vs_plain`).
+as rotary inv_freq in fp32, so both give the same log-probs: `same_samples_fsdp_vs_plain`).
 
 Versions: written for torch ≥ 2.11 and transformers ≥ 5.17 (the GPU machine's); nothing newer is used.
 """
