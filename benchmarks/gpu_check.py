@@ -22,15 +22,19 @@ any fail or phase error makes the exit status 1), run early (with the first ReFT
                           with the KV cache, and reft.sample): finite, and each row equal to that row run alone,
                           unpadded (1e-4 in fp32, 0.1 in bf16: `padded_check` says why)
   checkpoint_round_trip   reft.save_checkpoint, then reft.load_sharded (meta device, to_empty, rank 0's broadcast):
-                          every tensor equal to the policy's in the saved dtype; save and load timed
+                          every tensor equal to the policy's in the saved dtype (buffers, computed on the CPU
+                          by rank 0's from_pretrained, to 1e-6 relative: CUDA's pow differs in the last ulp); timed
   resume_round_trip       reft.save_resume_state (DCP, each rank's sha256s, the manifest), weights and AdamW
                           state changed, then reft.load_resume_state: all equal to what was saved; timed (both round
                           trips write to a temporary folder, removed after: ~8 GB for the 2-layer Llama's resume state)
-  same_samples_fsdp_vs_plain  (rollout_compare) the sharded policy and a plain copy computing as FSDP does
-                          (fsdp_like_copy: bf16 blocks, fp32 LM head) sample the same tokens
-  same_samples_kv_cache   (rollout_compare) on the plain copy, reft.sample with its preallocated KV cache and with
-                          transformers' DynamicCache (the sampler before issue 36) sample the same tokens: attention
-                          reads the filled prefix of the preallocated cache, a strided view, on the GPU's kernels too
+  same_samples_fsdp_vs_plain  (rollout_compare) reft.sample on the sharded policy, teacher-forced on the tokens that
+                          a plain copy computing as FSDP does (fsdp_like_copy: bf16 blocks, fp32 LM head) sampled,
+                          gives them the plain copy's log-probs (padded_batch's tolerance)
+  same_samples_kv_cache   (rollout_compare) the same for reft.sample on transformers' DynamicCache (the sampler
+                          before issue 36) against its preallocated KV cache, on the plain copy: attention reads the
+                          filled prefix of the preallocated cache, a strided view, on the GPU's kernels too.
+                          Not the same tokens: random-init logits are nearly flat, and a Gumbel-max near-tie flips on
+                          any bf16 kernel's rounding (the fraction of equal tokens is reported: same_tokens_*)
 
 Phases, for each (family, layers, gradient checkpointing off/on), each timed between
 torch.cuda.synchronize() calls, with its own peak (reset_peak_memory_stats / max_memory_allocated):
@@ -81,7 +85,7 @@ embedding look-ups are not FLOPs; recomputation under gradient checkpointing is 
 not hardware FLOPs). Rollouts report generated tokens/s (batch × new tokens ÷ seconds) and the FSDP hook cost:
 (ms per decoding step of reft.sample on the sharded, gathered policy, its one gather and reshard included) -
 (the same on the plain copy, which computes as FSDP's policy does: bf16 blocks, the LM head in fp32, buffers such
-as rotary inv_freq in fp32, so both sample the same tokens: `same_samples_fsdp_vs_plain`).
+as rotary inv_freq in fp32, so both give the same log-probs: `same_samples_fsdp_vs_plain`).
 
 Versions: written for torch ≥ 2.11 and transformers ≥ 5.17 (the GPU machine's); nothing newer is used.
 """
@@ -288,7 +292,8 @@ def summarize(phases):
     rollout = [{k: r[k] for k in ("family", "layers", "batch", "fsdp_hook_ms_per_step",
                                   "fsdp_hook_ms_per_step_per_layer", "sampler_vs_generate_fsdp",
                                   "preallocated_vs_dynamic_plain", "same_samples_fsdp_vs_plain",
-                                  "same_samples_kv_cache")}
+                                  "same_samples_kv_cache", "max_diff_logprobs_fsdp_vs_plain", "max_diff_logprobs_kv_cache",
+                                  "same_tokens_fsdp_vs_plain", "same_tokens_kv_cache")}
                for r in phases if r["phase"] == "rollout_compare" and r["status"] == "ok"]
     return ext, rollout
 
@@ -306,7 +311,7 @@ def verdicts(phases):
         where = lambda r: " ".join(f"{k}={r[k]}" for k in ("family", "layers", "batch") if k in r)  # noqa: E731
         if failed:
             out[name] = {"verdict": "fail", "reason": "; ".join(
-                f"{where(r)}: {r.get('error') or r.get('reason') or 'the two samplers drew other tokens'}"
+                f"{where(r)}: {r.get('error') or r.get('reason') or r.get(f'{key}_reason') or 'failed'}"
                 for r in failed)[:2000]}
         elif ran:
             out[name] = {"verdict": "pass", "runs": len(ran)}
@@ -588,7 +593,7 @@ class Check:
     def reft_group(self, family, layers, gc_on, compare):
         torch, reft, sh, labels = self.torch, self.reft, self.sh, dict(family=family, layers=layers, gc=gc_on)
         state = {}
-        P, R, B = sh["prompt"], sh["response"], sh["reft_batch"]
+        P = sh["prompt"]
 
         def build():
             lm = self.build_lm(family, layers)
@@ -802,7 +807,8 @@ class Check:
         """reft.save_checkpoint (rank 0 gathers the full state dict and writes the HF folder in the compute dtype,
         with value_head.safetensors) and back through reft.load_sharded as the stages read a checkpoint (rank 0 reads
         it; every rank builds the model on the meta device, shards it, to_empty, and receives rank 0's broadcast):
-        passes when every weight, buffer and value-head tensor equals the policy's rounded to the saved dtype. Timed."""
+        passes when every weight and value-head tensor equals the policy's rounded to the saved dtype, and every buffer
+        the policy's to 1e-6 relative (see below). Timed."""
         torch, reft = self.torch, self.reft
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -827,8 +833,15 @@ class Check:
             got = get_model_state_dict(loaded, options=full)
             heads = load_file(os.path.join(path, "value_head.safetensors"))
             size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+            # Buffers (rotary inv_freq) are not saved: load_sharded's come from rank 0's from_pretrained on the CPU,
+            # the policy's were computed on its device, and CUDA's pow may differ from the CPU's in the last ulp
+            # (the first GPU run: both inv_freq buffers, weights equal). 1e-6 relative is a few fp32 ulps; a lost
+            # rope_theta or rope scaling in the saved config moves inv_freq by orders of magnitude more.
             buffers = dict(policy.lm.named_buffers())
-            bad_buffers = [n for n, b in loaded.named_buffers() if not torch.equal(b.cpu(), buffers[n].cpu())]
+            buffer_gaps = {n: float((b.cpu().double() - buffers[n].cpu().double()).abs().max())
+                           for n, b in loaded.named_buffers()}
+            bad_buffers = [n for n, b in loaded.named_buffers()
+                           if not torch.allclose(b.cpu(), buffers[n].cpu(), rtol=1e-6, atol=0.0)]
         finally:
             policy.lm.config.dtype = config_dtype
             shutil.rmtree(folder, ignore_errors=True)
@@ -838,9 +851,10 @@ class Check:
         bad += sorted(k for k, v in want.items() if not k.startswith("lm.")
                       and (k not in heads or not torch.equal(heads[k].float(), v.to(dtype).float())))
         rec = {"pass": not bad and not bad_buffers, "save_s": save_s, "load_s": load_s, "checkpoint_gb": size / GB,
-               "tensors": len(want), "dtype": str(dtype)}
+               "tensors": len(want), "dtype": str(dtype), "max_diff_buffers": buffer_gaps}
         if not rec["pass"]:
-            rec["reason"] = f"differ after the round trip: weights {bad[:10]}, buffers {bad_buffers[:10]}"
+            rec["reason"] = (f"differ after the round trip: weights {bad[:10]}, buffers (largest difference) "
+                             f"{ {n: buffer_gaps[n] for n in bad_buffers[:10]} } (relative tolerance 1e-6)")
         return rec
 
     def resume_round_trip(self, state):
@@ -907,7 +921,15 @@ class Check:
 
     def rollout_compare(self, state, batch):
         """Generated tokens/s of reft.sample and HF generate, on the FSDP policy (gathered) and a plain copy that computes
-        as FSDP does (fsdp_like_copy), and of reft.sample on transformers' DynamicCache on the plain copy."""
+        as FSDP does (fsdp_like_copy), and of reft.sample on transformers' DynamicCache on the plain copy; and the two
+        same_samples checks: reft.sample on the FSDP policy and with the DynamicCache, each teacher-forced on the plain
+        sampler's tokens, give them the plain sampler's log-probs (to padded_check's tolerance).
+
+        Not the same tokens: the models are random-init, their logits nearly flat, and a near-tie of two Gumbel-perturbed
+        scores flips on any last-bit difference between two bf16 kernels (another GEMM or SDPA kernel for a strided
+        view, a gathered DTensor, another batch shape): the first GPU run drew other tokens at batch 32. Forcing the
+        tokens keeps every path on the same sequences, and a wrong gather, cache slot or mask still moves log-probs by
+        far more than rounding does. The fraction of identical free-running tokens is kept as information."""
         from transformers.cache_utils import DynamicLayer
         torch, reft, sh = self.torch, self.reft, self.sh
         policy, plain = state["policy"], state["plain"]
@@ -934,6 +956,23 @@ class Check:
                     return fn(policy.lm, n)
             return run
 
+        def forced_logprobs(lm, run, tokens):  # reft.sample via run(n), step t's token forced to tokens[:, t]: (B, R)
+            steps = []
+
+            def force(module, args, out):
+                t = len(steps)
+                steps.append(torch.log_softmax(out.logits[:, -1].float(), -1).gather(1, tokens[:, t:t + 1]))
+                # every score -inf but the forced token's, which the Gumbel noise cannot lift them over
+                out.logits = torch.full_like(out.logits[:, -1:], float("-inf")).scatter_(-1, tokens[:, t:t + 1, None],
+                                                                                         0.0)
+                return out
+            handle = lm.register_forward_hook(force)
+            try:
+                run(tokens.size(1))
+            finally:
+                handle.remove()
+            return torch.cat(steps, 1)
+
         variants = {"sampler_fsdp": fsdp(sampler), "generate_fsdp": fsdp(hf),
                     "sampler_plain": lambda n: sampler(plain, n), "generate_plain": lambda n: hf(plain, n),
                     "sampler_dynamic_plain": lambda n: dynamic_cache(plain, n)}
@@ -949,6 +988,20 @@ class Check:
                 steps = out.size(1)
                 rec[name] = {"seconds": best, "steps": steps, "tokens_per_s": out.numel() / best,
                              "ms_per_step": 1e3 * best / steps, "peak_gb": peak}
+            tokens = outs["sampler_plain"]
+            want = forced_logprobs(plain, variants["sampler_plain"], tokens)
+            forced = {"fsdp_vs_plain": forced_logprobs(policy.lm, variants["sampler_fsdp"], tokens),
+                      "kv_cache": forced_logprobs(plain, variants["sampler_dynamic_plain"], tokens)}
+        tol = 1e-4 if self.compute_dtype == torch.float32 else 0.1  # padded_check's, for the same reasons
+        for key, other in forced.items():
+            d = (other - want).abs().max()
+            gap = float(d) if bool(torch.isfinite(d)) else float("inf")
+            compared = outs["sampler_fsdp" if key == "fsdp_vs_plain" else "sampler_dynamic_plain"]
+            rec.update({f"same_samples_{key}": gap <= tol, f"max_diff_logprobs_{key}": gap,
+                        f"same_tokens_{key}": float((compared == tokens).float().mean())})
+            if gap > tol:
+                rec[f"same_samples_{key}_reason"] = (f"teacher-forced log-probs differ by up to {gap:.3g} (tolerance "
+                                                     f"{tol}); {rec[f'same_tokens_{key}']:.2%} of free-running tokens equal")
         layers = policy.lm.config.num_hidden_layers
         hook = rec["sampler_fsdp"]["ms_per_step"] - rec["sampler_plain"]["ms_per_step"]
         rec.update(fsdp_hook_ms_per_step=hook, fsdp_hook_ms_per_step_per_layer=hook / layers,
@@ -957,9 +1010,7 @@ class Check:
                    sampler_vs_generate_plain=rec["sampler_plain"]["tokens_per_s"]
                    / rec["generate_plain"]["tokens_per_s"],
                    preallocated_vs_dynamic_plain=rec["sampler_plain"]["tokens_per_s"]
-                   / rec["sampler_dynamic_plain"]["tokens_per_s"],
-                   same_samples_fsdp_vs_plain=bool(torch.equal(outs["sampler_fsdp"], outs["sampler_plain"])),
-                   same_samples_kv_cache=bool(torch.equal(outs["sampler_plain"], outs["sampler_dynamic_plain"])))
+                   / rec["sampler_dynamic_plain"]["tokens_per_s"])
         return rec
 
     # -- evaluate
@@ -1079,14 +1130,15 @@ def report(result):
     if rc:
         lines += ["", f"{'rollout (generated tok/s)':<28}{'L':>3}{'batch':>6}{'sample FSDP':>13}{'generate FSDP':>15}"
                       f"{'sample plain':>14}{'generate plain':>16}{'DynamicCache plain':>20}{'hook ms/step':>14}"
-                      f"{'same':>6}{'same kv':>9}"]
+                      f"{'Δlogp FSDP':>12}{'Δlogp kv':>10}{'same tok':>10}{'same tok kv':>13}"]
         for r in rc:
             lines.append(f"{r['family']:<28}{r['layers']:>3}{r['batch']:>6}"
                          + "".join(f"{r[k]['tokens_per_s']:>{w},.0f}" for k, w in
                                    (("sampler_fsdp", 13), ("generate_fsdp", 15), ("sampler_plain", 14),
                                     ("generate_plain", 16), ("sampler_dynamic_plain", 20)))
-                         + f"{r['fsdp_hook_ms_per_step']:>14.3f}{str(r['same_samples_fsdp_vs_plain']):>6}"
-                         + f"{str(r['same_samples_kv_cache']):>9}")
+                         + f"{r['fsdp_hook_ms_per_step']:>14.3f}{r['max_diff_logprobs_fsdp_vs_plain']:>12.2g}"
+                         + f"{r['max_diff_logprobs_kv_cache']:>10.2g}{r['same_tokens_fsdp_vs_plain']:>10.2%}"
+                         + f"{r['same_tokens_kv_cache']:>13.2%}")
     if result.get("extrapolation"):
         lines += ["", f"{'peak GB per GPU':<22}{'gc':<4}{'/layer':>8}{'resid/layer':>12}{'32L 1 GPU':>10}"
                       f"{'FSDP-8':>8}{'(max)':>8}{'resid/8':>8}{'README':>8}"]
