@@ -1411,10 +1411,15 @@ def shard(model, mesh, dtype):
     the root; master weights and gradient reductions stay fp32."""
     blocks, heads = fsdp_groups(model)
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+    def fp32_inputs(module, args):
+        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     for group in heads:
         fully_shard(group, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
+        for module in group:  # FSDP2 before torch 2.13 casts the inputs of a group's first module alone: a tied
+            module.register_forward_pre_hook(fp32_inputs)  # output embedding got the trunk's bf16 hidden states
     return fully_shard(model, mesh=mesh, mp_policy=mp)
 
 

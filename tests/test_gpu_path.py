@@ -123,6 +123,38 @@ def test_real_tokens_compute_exactly_as_with_plain_sdpa(family, monkeypatch):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_a_tied_lm_head_computes_in_fp32_on_the_bf16_trunk(family):
+    """shard() in bf16 (the GPU's compute dtype) on a model whose output embedding is its input one (Galactica's
+    OPT; here also a tied Llama): one FSDP2 group holds both, and FSDP2 before torch 2.13 casts the inputs of the
+    group's first module alone (the ids of the input embedding), so the LM head met the trunk's bf16 hidden states
+    with its fp32 weight and the first GPU run failed (mat1 and mat2 dtypes). A training step, a forward and a
+    short generation: the LM head computes in fp32 on fp32 inputs and hands out fp32 logits."""
+    _, _, device, mesh = sft.init_distributed()
+    try:
+        full = tiny(family)
+        if family == "llama":
+            full = type(full)(full.config.__class__(**{**full.config.to_dict(), "tie_word_embeddings": True}))
+        head = full.get_output_embeddings()
+        assert head.weight is full.get_input_embeddings().weight
+        model = sft.shard(full.to(device), mesh, torch.bfloat16)
+        seen, trunk = [], []
+        head.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+        sft.fsdp_groups(model)[0][-1].register_forward_hook(
+            lambda m, args, out: trunk.append((out if torch.is_tensor(out) else out[0]).dtype))
+        ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]], device=device)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        assert out.logits.dtype == torch.float32 and torch.isfinite(out.loss)
+        assert all(p.grad is not None and torch.isfinite(p.grad.full_tensor()).all() for p in model.parameters())
+        with torch.no_grad(), sft.gathered_for_generation(model):
+            model.generate(input_ids=ids, do_sample=False, max_new_tokens=2, pad_token_id=0, eos_token_id=1)
+        assert len(seen) == 1 + 2 and set(seen) == {(torch.float32, torch.float32)}  # training, prefill, 1 decode
+        assert trunk == [torch.bfloat16] * 3  # teeth: uncast, the LM head's input would be bf16
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("stage", ["evaluate", "rerank"])
 def test_the_dropped_policy_is_freed_before_the_verifier_loads(stage, minigsm, warmup, verifier, tmp_path,
                                                                monkeypatch):
