@@ -23,6 +23,8 @@ main() calls it. Read top to bottom: the PPO math, the model and sampler, the st
   variants                                               grpo_advantages, rloo_advantages, k3_kl, online_st_update
   which variants combine, β, sizes, dropped prompts      check_variants, main, minibatch_size, training_prompts
   metrics, evaluation, checkpoints                       step_log, greedy_evaluation, write_metrics, save
+  LoRA (--lora_rank): W + (α/r)·B A on the projections;   LoRALinear, add_lora (below the marker: sft.py and rerank.py
+    π_ref = the policy with its adapters off              share them), adapters_off
 One step with real numbers (the mask, scores, per-token KL, shaped rewards, values, TD errors, advantages, returns,
 ratios and clipped losses of 2 questions × 2 samples): docs/walkthrough.md, made by scripts/walkthrough.py.
 
@@ -56,7 +58,7 @@ import sys
 import textwrap
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal, get_args, get_origin
@@ -120,7 +122,8 @@ class Args:
     `none` only centres it, as Dr. GRPO (Liu et al. 2025) and TRL's GRPOTrainer scale_rewards="none" (a question whose
     samples nearly agree then gets small advantages, not unit ones)"""
     lr: float = -1.0
-    """constant learning rate; -1 = by model size: 1e-4 small, 3e-7 paper; 0 trains at 0 (a frozen-policy control)"""
+    """constant learning rate; -1 = by model size: 1e-4 small, 3e-7 paper, × LORA_LR_SCALE (10) with --lora_rank; 0
+    trains at 0 (a frozen-policy control)"""
     kl_coef: float = -1.0
     """β of the per-token KL penalty; -1 = by model size: 0.05 small, paper by --cot (0.05 nl, 0.01 python)"""
     adaptive_kl: bool = False
@@ -194,6 +197,13 @@ class Args:
     """also keep the checkpoint with the best periodic evaluation as {output_dir}/best (paper: its reported model)"""
     gradient_checkpointing: bool = False
     """recompute activations in the PPO backward to save memory (7B models)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (Hu et al. 2022) on the attention and MLP projections (LORA_TARGETS) and the
+    value head, the warm-up frozen (in bf16 on GPU); the reference is the policy with its adapters off, no second copy:
+    ReFT of a 7B model on one 80 GB GPU (docs/scaling.md). The checkpoints stay merged HF ones, with the adapters in
+    peft's format in their adapter/. 0 = full fine-tuning (paper)"""
+    lora_alpha: float = 32.0
+    """LoRA's α: the update B A is scaled by α / --lora_rank (verl's one-GPU 7B recipe: rank 32, α 32)"""
     log_every: int = 10
     """print a one-line summary of the metrics every this many steps (0: never)"""
     max_skipped_steps: int = 10
@@ -222,7 +232,8 @@ RANGES = [("epochs", lambda v: v == -1 or v >= 1, SIZED + "at least 1"), ("batch
           ("save_steps", lambda v: v >= 0, "at least 0"), ("eval_every", lambda v: v >= -1, SIZED + "at least 0"),
           ("eval_limit", lambda v: v == -1 or v >= 1, "-1 (all) or at least 1"),
           ("eval_batch_size", lambda v: v >= 1, "at least 1"), ("log_every", lambda v: v >= 0, "at least 0"),
-          ("max_skipped_steps", lambda v: v >= 0, "at least 0")]
+          ("max_skipped_steps", lambda v: v >= 0, "at least 0"),
+          ("lora_rank", lambda v: v >= 0, "at least 0 (0: full fine-tuning)"), ("lora_alpha", lambda v: v > 0, "above 0")]
 
 # What a flag left at -1 becomes, by the size of --model. A pretrained model (50 M parameters or more, or a hub id) gets
 # the paper's code's values; a smaller one is the tiny Llama trained from scratch on minigsm, and gets the quickstart's
@@ -232,6 +243,9 @@ RECIPES = {"small": dict(lr=1e-4, kl_coef=0.05, vf_coef=0.1, lam=1.0, num_sample
            "paper": dict(lr=3e-7, kl_coef={"nl": 0.05, "python": 0.01}, vf_coef=5.0, lam=0.95, num_samples=1,
                          epochs=300, max_prompt_length=300, max_length=700, eval_every=50)}
 SMALL_MODEL = 50_000_000
+# With --lora_rank, an --lr left at -1 is the recipe's × this: LoRA's few parameters need a larger step (verl's LoRA guide
+# advises about 10× full fine-tuning's rate; at full fine-tuning's, users report LoRA learning little, TRL #2872).
+LORA_LR_SCALE = 10
 
 
 # ----------------------------------------------------------------------------- the PPO math
@@ -458,6 +472,21 @@ class PolicyWithValueHead(nn.Module):
         return logits, self.v_head(h.float()).squeeze(-1).clone()  # (B, R); clone: FSDP2 dislikes views
 
 
+@contextmanager
+def adapters_off(model):
+    """The policy without its LoRA adapters (each LoRALinear's h = W x): with the warm-up frozen under them, exactly the
+    warm-up, so it is the KL reference with --lora_rank, at no memory (TRL's and verl's reference with LoRA too). A
+    warm-up trained with LoRA was merged into its weights when sft.py saved it: it is still the warm-up."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
 def without_dropout(config):
     """The config with every dropout probability at 0, before the model is built from it: rollout, old, new and
     reference log-probs must come from one function, or the first PPO ratio is not 1 and clipping acts on noise.
@@ -579,7 +608,8 @@ class Forwards:
 def rollout_forwards(model, ref, rollout, micro_batch_size, temperature, policy=True, reference=True):
     """Step 3 of Algorithm 1, micro-batch by micro-batch: the policy's log-probs and values and the reference's
     log-probs of the sampled responses, and the policy's entropy per token (Forwards); each forward only where
-    `policy` and `reference` ask for it (forwards_to_run).
+    `policy` and `reference` ask for it (forwards_to_run). `ref` None: the reference is the policy with its LoRA
+    adapters off (adapters_off).
 
     The policy's log-probs take exactly the steps of logprobs_of, which the PPO update uses, so the first ratio is
     exactly 1; the entropy reuses that log-softmax instead of computing a second one over the vocabulary."""
@@ -593,7 +623,8 @@ def rollout_forwards(model, ref, rollout, micro_batch_size, temperature, policy=
             entropy.append(-(logp.exp() * logp).sum(-1))
             values.append(v)
         if reference:
-            ref_logits, _ = ref(ids, attn, rollout.P)
+            with adapters_off(model) if ref is None else nullcontext():
+                ref_logits, _ = (model if ref is None else ref)(ids, attn, rollout.P)
             ref_logprobs.append(logprobs_of(ref_logits, responses, temperature))
     return Forwards(*(None if not x or x[0] is None else torch.cat(x)
                       for x in (old_logprobs, values, ref_logprobs, entropy)))
@@ -742,6 +773,9 @@ def check_variants(args):
     if args.objective == "online_st" and (args.advantage != "gae" or args.kl_in_loss or args.adaptive_kl):
         raise SystemExit("error: --objective online_st has no advantages and no KL: drop --advantage, --kl_in_loss "
                          "and --adaptive_kl")
+    if args.lora_rank and args.separate_value_model:
+        raise SystemExit("error: --separate_value_model trains a second full trunk: it needs full fine-tuning, "
+                         "without --lora_rank")
     if args.objective == "online_st" and (args.loss_aggregation != "seq_mean" or args.clip_range_high >= 0):
         raise SystemExit("error: --loss_aggregation and --clip_range_high shape PPO's loss: --objective online_st has "
                          "its own (½ NLL of correct samples + ½ NLL of gold CoTs, each a token mean)")
@@ -988,14 +1022,18 @@ def main(args):
 def memory_error(args, n_params, config, world, bf16, device_bytes):
     """None when this run fits `device_bytes` per device, else the error line (memory_advice). Resident: the policy's
     fp32 weights and AdamW's moments, 12 bytes per parameter (a separate critic is a second policy), the fp32
-    reference, 4 (none for Online-ST), fp32 gradients, 4. Generation: this rank's rollout or a greedy evaluation
-    batch; training: a micro-batch; each of up to --max_length tokens."""
+    reference, 4 (none for Online-ST), fp32 gradients, 4. With --lora_rank: the frozen warm-up in the compute dtype
+    (2 bytes in bf16), no reference, and the 12 + 4 bytes per trained parameter only (lora_params). Generation: this
+    rank's rollout or a greedy evaluation batch; training: a micro-batch; each of up to --max_length tokens."""
     models = 1 + args.separate_value_model
-    state = 12 * models + 4 * (args.objective != "online_st")
+    state, grads = 12 * models + 4 * (args.objective != "online_st"), 4 * models
+    if args.lora_rank:  # bytes per parameter of the whole model, as memory_estimate takes them
+        trained = lora_params(config, args.lora_rank) / n_params
+        state, grads = (2 if bf16 else 4) + 12 * trained, 4 * trained
 
     def peak(a, world):
         seqs = max(a.batch_size * a.num_samples // world, a.eval_batch_size if a.eval_every > 0 else 0)
-        return max(memory_estimate(n_params, config, world, bf16, state, 4 * models, a.micro_batch_size * a.max_length,
+        return max(memory_estimate(n_params, config, world, bf16, state, grads, a.micro_batch_size * a.max_length,
                                    a.gradient_checkpointing, seqs * a.max_length).values())
     return memory_advice(args, peak, world, device_bytes, ["micro_batch_size", "eval_batch_size"])
 
@@ -1033,17 +1071,20 @@ def load_run(args, flags, resuming, prompt, world, mesh, device, log):
                                  device_bytes):
             raise SystemExit(error)
     tok, model, ref = load_models(args, mesh, device)
-    log(f"policy: {sum(p.numel() for p in model.lm.parameters()):,} params, lr {args.lr:g}")
+    trained = [p for p in model.parameters() if p.requires_grad]  # all, or (LoRA) the adapters and the value head
+    log(f"policy: {sum(p.numel() for p in model.lm.parameters()):,} params"
+        + (f", {sum(p.numel() for p in trained):,} trained (LoRA rank {args.lora_rank})" if args.lora_rank else "")
+        + f", lr {args.lr:g}")
     if args.gradient_checkpointing:
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-8, weight_decay=0.0)  # on the sharded params
+    opt = torch.optim.AdamW(trained, lr=args.lr, eps=1e-8, weight_decay=0.0)  # on the sharded params
     with torch.no_grad():
         model(*left_pad([prompt], tok.pad_token_id, device), len(prompt))
     if dist.get_rank() == 0:
         begin_run(args, flags, world, resuming)
     dist.barrier()
-    check_disk_space(args.output_dir, sum(p.numel() for p in model.parameters()))
+    check_disk_space(args.output_dir, sum(p.numel() for p in trained))
     if args.objective == "ppo":
         log(f"ppo: loss aggregation {args.loss_aggregation}, clip range [1 - {args.clip_range:g}, 1 + "
             f"{args.clip_range if args.clip_range_high < 0 else args.clip_range_high:g}]")
@@ -1103,8 +1144,8 @@ def load_tokenizer(args):
 
 
 def load_models(args, mesh, device):
-    """Tokenizer, policy (+ value head with GAE) and frozen reference (none for Online-ST, which has no KL), both from
-    the warm-up checkpoint: sharded, dropout off."""
+    """Tokenizer, policy (+ value head with GAE) and frozen reference, both from the warm-up checkpoint: sharded,
+    dropout off. No reference for Online-ST (no KL) nor with --lora_rank (the policy with its adapters off)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     tok = load_tokenizer(args)
 
@@ -1124,9 +1165,12 @@ def load_models(args, mesh, device):
             AutoModelForCausalLM.from_config(config, dtype=torch.float32), value_head,
             AutoModel.from_config(config, dtype=torch.float32) if value_head and args.separate_value_model else None)
 
+    def lora(model):  # the same LoRA layers on rank 0's loaded policy and on the other ranks' meta one
+        return add_lora(model, args.lora_rank, args.lora_alpha, compute_dtype(device)) if args.lora_rank else model
+
     value_head = args.objective == "ppo" and args.advantage == "gae"
-    policy = load_sharded(lambda: read(value_head), make(value_head), mesh, device)
-    if args.objective == "online_st":
+    policy = load_sharded(lambda: lora(read(value_head)), lambda config: lora(make(value_head)(config)), mesh, device)
+    if args.objective == "online_st" or args.lora_rank:
         return tok, policy, None
     reference = load_sharded(lambda: read(False), make(False), mesh, device)
     return tok, policy, reference.requires_grad_(False).eval()
@@ -1135,10 +1179,11 @@ def load_models(args, mesh, device):
 def save_checkpoint(model, tok, args, path, rank, dtype):
     """HF policy (loadable by AutoModelForCausalLM), with value_head.safetensors beside it when there is a value head,
     from rank 0 in `dtype`, the compute dtype: bf16 on GPU halves it, and the fp32 master weights live in the resume
-    state."""
+    state. With LoRA the adapters are merged into it, and also saved in peft's format in adapter/ (save_adapter)."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         model.lm.config.dtype = dtype
+        sd, adapters = merge_lora(sd, args.lora_alpha / max(args.lora_rank, 1))
         lm = {k[3:]: v.to(dtype) for k, v in sd.items() if k.startswith("lm.")}
         head = {k: v.to(dtype).contiguous() for k, v in sd.items() if not k.startswith("lm.")}
         with stop_if_disk_full(path):
@@ -1146,6 +1191,9 @@ def save_checkpoint(model, tok, args, path, rank, dtype):
             tok.save_pretrained(path)
             if head:
                 save_file(head, os.path.join(path, "value_head.safetensors"))
+            if adapters:
+                save_adapter({k[3:]: v for k, v in adapters.items()}, os.path.join(path, "adapter"), args, args.model,
+                             "CAUSAL_LM")
             with open(os.path.join(path, "train_args.json"), "w") as f:
                 json.dump(dataclasses.asdict(args), f, indent=2)
     dist.barrier()
@@ -1271,10 +1319,13 @@ def resolve_cot(args, checkpoints, fallback="nl"):
 
 def fill_recipe(args):
     """Flags left at -1 take RECIPES' values (per --cot where a dict) for the size of the model trained (--init, else
-    --model), read before anything loads; returns what was filled, in words for the log."""
+    --model), --lr × LORA_LR_SCALE with --lora_rank, read before anything loads; returns what was filled, in words for
+    the log."""
     n = checkpoint_params(getattr(args, "init", "") or args.model)
     name = "small" if n is not None and n < SMALL_MODEL else "paper"
     filled = {f: v[args.cot] if isinstance(v, dict) else v for f, v in RECIPES[name].items() if getattr(args, f) == -1}
+    if "lr" in filled and args.lora_rank > 0:
+        filled["lr"] *= LORA_LR_SCALE
     for flag, value in filled.items():
         setattr(args, flag, value)
     size = "a hub model" if n is None else f"{n / 1e6:.1f} M parameters"
@@ -1493,6 +1544,88 @@ def gathered_for_generation(model):
             model.reset_iter_state()
 
 
+# ----------------------------------------------------------------------------- LoRA (--lora_rank)
+
+# The layers LoRA adapts: the attention and MLP projections of Llama (and Mistral, Qwen) and of OPT/Galactica.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "out_proj", "fc1", "fc2")
+
+
+class LoRALinear(nn.Linear):
+    """A frozen nn.Linear plus a trainable low-rank update (Hu et al. 2022, LoRA, eq. 3):
+
+        h = W x + (α / r) B A x,    A (r, in) random, B (out, r) zeros: the model is unchanged until B moves
+
+    It keeps the layer's own `weight` and `bias` (the base model's state dict keys stay as they were) and names its
+    factors as peft does (`lora_A`, `lora_B`). With `enabled` False it is W x: the model without its adapters."""
+
+    def __init__(self, linear, rank, alpha):
+        super().__init__(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias
+        device = linear.weight.device
+        self.lora_A = nn.Linear(linear.in_features, rank, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, linear.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.zeros_(self.lora_B.weight)  # lora_A keeps nn.Linear's init, kaiming-uniform, as peft's
+        self.scaling, self.enabled = alpha / rank, True
+
+    def forward(self, x):
+        h = super().forward(x)
+        return h + self.lora_B(self.lora_A(x)) * self.scaling if self.enabled else h
+
+
+def add_lora(model, rank, alpha, dtype):
+    """`model` with LoRA: every pretrained weight frozen and stored in `dtype` (bf16 on GPU: 2 bytes per parameter, the
+    compute dtype, so nothing is cast per step), and each nn.Linear named in LORA_TARGETS a LoRALinear whose adapters
+    train in fp32 with AdamW, as does a fresh head (fsdp_groups' `v_head`, `score`). Called the same way on rank 0's
+    loaded model and on the other ranks' meta one (load_sharded), so both have the same parameters."""
+    for name, p in model.named_parameters():
+        if name.split(".")[0] not in ("v_head", "score"):
+            p.requires_grad_(False)
+            p.data = p.data.to(dtype)
+    targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.split(".")[-1] in
+               LORA_TARGETS]
+    if not targets:
+        raise SystemExit(f"error: --lora_rank: the model has no linear layer named {', '.join(LORA_TARGETS)}")
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, LoRALinear(model.get_submodule(name), rank, alpha))
+    return model
+
+
+def lora_params(config, rank):
+    """The trainable parameters LoRA of `rank` adds to a causal LM of `config` (built on the meta device)."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        lm = add_lora(AutoModelForCausalLM.from_config(config), rank, 1.0, torch.float32)
+    return sum(p.numel() for p in lm.parameters() if p.requires_grad)
+
+
+def merge_lora(sd, scaling):
+    """A full state dict with LoRA layers -> (the state dict with each update merged into its weight, W + (α/r) B A: a
+    plain checkpoint every stage loads as any other; the adapters' tensors, {name: tensor}). Without LoRA: (sd, {})."""
+    adapters = {k: v for k, v in sd.items() if ".lora_" in k}
+    merged = {k: v for k, v in sd.items() if ".lora_" not in k}
+    for key in (k[:-len(".lora_A.weight")] for k in adapters if k.endswith(".lora_A.weight")):
+        update = adapters[key + ".lora_B.weight"].float() @ adapters[key + ".lora_A.weight"].float()
+        merged[key + ".weight"] = merged[key + ".weight"].float() + scaling * update
+    return merged, adapters
+
+
+def save_adapter(adapters, path, args, base, task_type, heads=()):
+    """The adapters in peft's format in `path`: adapter_config.json and adapter_model.safetensors with peft's key
+    names, so that `PeftModel.from_pretrained(<the model in base>, path)` rebuilds the trained model; `heads` are the
+    fresh heads' tensors, peft's modules_to_save. A folder of its own: transformers would read an adapter_config.json
+    beside config.json as an adapter to load onto its base."""
+    config = dict(peft_type="LORA", task_type=task_type, base_model_name_or_path=base, r=args.lora_rank,
+                  lora_alpha=args.lora_alpha, lora_dropout=0.0, bias="none", fan_in_fan_out=False,
+                  inference_mode=True, target_modules=sorted({k.split(".")[-3] for k in adapters}),
+                  modules_to_save=sorted({k.split(".")[0] for k in heads}) or None)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in {**adapters, **dict(heads)}.items()},
+              os.path.join(path, "adapter_model.safetensors"))
+
+
 # ----------------------------------------------------------------------------- memory before loading, and loading
 
 def device_memory(device):
@@ -1634,6 +1767,14 @@ def epochs_to_save(spec):
 # A resume state is the folder {output_dir}/checkpoint-{step}: DCP's shards and .metadata, each rank's loop state,
 # and manifest.json (every file's sha256), written last: a folder without it is partial, whatever a kill left.
 
+def trained_state(model):
+    """The model's state dict without its frozen parameters: what a resume state holds. With LoRA, the adapters and the
+    head, not the frozen base (--model gives it again), under any of its names (DCP's ignore_frozen_params keeps a tied
+    output embedding)."""
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in get_model_state_dict(model).items() if k not in frozen}
+
+
 def find_resume_state(output_dir, before=float("inf")):
     """(path, step) of the newest whole resume state in `output_dir` (of a step before `before`), or None. Reads
     folder names only: cheap enough to ask before any model loads."""
@@ -1712,7 +1853,7 @@ def save_resume_state(model, opt, state, output_dir):
     group = dist.new_group(backend="gloo")
     with stop_if_disk_full(folder):
         try:  # DCP fsyncs its files, writes .metadata last and raises on every rank when any rank failed
-            dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+            dcp.save({"model": trained_state(model), "optim": get_optimizer_state_dict(model, opt)},
                      checkpoint_id=folder, process_group=group)
         except dcp.CheckpointException:  # no partial state left to keep a full disk full
             if rank == 0:
@@ -1762,11 +1903,11 @@ def load_resume_state(model, opt, output_dir):
             os.rename(path, path + ".damaged")
             print(f"warning: the resume state {path} is damaged ({what}); set aside as {path}.damaged, trying the "
                   f"previous one", flush=True)
-    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    sd = {"model": trained_state(model), "optim": get_optimizer_state_dict(model, opt)}
     group = dist.new_group(backend="gloo")  # as in save_resume_state
     dcp.load(sd, checkpoint_id=path, process_group=group)
     dist.destroy_process_group(group)
-    set_model_state_dict(model, sd["model"])
+    set_model_state_dict(model, sd["model"], options=StateDictOptions(strict=False))  # the frozen base stays
     set_optimizer_state_dict(model, opt, sd["optim"])
     if rank == 0:
         print(f"resumed from {path}", flush=True)
