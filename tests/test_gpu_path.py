@@ -1,6 +1,7 @@
 """What the first GPU run would meet, checked on CPU: attention rows that allow no key (cuDNN on H100/H200 turns
 them into NaN, the CPU kernel into zeros, so nothing else on CPU notices them), dropped models that stay in memory
 beside the next one, and a run whose gradient is never finite."""
+import copy
 import json
 import sys
 import textwrap
@@ -324,3 +325,52 @@ def test_sft_and_the_verifier_stop_at_a_gradient_that_is_not_finite(stage, minig
         run_main(module, [*argv, "--data", minigsm, "--output_dir", tmp_path])
     assert str(e.value).startswith("error: step 1: the gradient norm is not finite"), str(e.value)
     assert not (tmp_path / "final").exists() and not list(tmp_path.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_lora_trains_on_a_bf16_base_as_the_gpu_runs_it(family):
+    """--lora_rank on the GPU's path, on CPU: the frozen base stored in bf16 and the fp32 adapters in the same FSDP2
+    groups (FSDP2 asks one dtype of a group's trainable parameters only), built as every stage builds a model
+    (load_sharded: rank 0's loaded model and the meta one, both through add_lora). A training step moves the adapters
+    and leaves every base weight bit for bit and in bf16; generation runs on the gathered model; with the adapters off
+    the policy computes exactly as the same bf16 model without LoRA."""
+    from transformers import AutoModelForCausalLM
+    _, _, device, mesh = sft.init_distributed()
+    try:
+        def bf16_params(model):  # as add_lora stores a base, without the adapters (buffers stay fp32)
+            for p in model.parameters():
+                p.data = p.data.to(torch.bfloat16)
+            return model
+
+        def make(config):
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        full = tiny(family)
+        plain = sft.load_sharded(lambda: bf16_params(copy.deepcopy(full)), lambda c: bf16_params(make(c)), mesh,
+                                 device)
+        base = {k: v.to(torch.bfloat16) for k, v in full.state_dict().items()}
+        model = sft.load_sharded(lambda: reft.add_lora(full, 4, 8.0, torch.bfloat16),
+                                 lambda config: reft.add_lora(make(config), 4, 8.0, torch.bfloat16), mesh, device)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        assert trained and all(p.dtype == torch.float32 for p in trained)
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+        opt = torch.optim.AdamW(trained, lr=1e-2)
+        ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]], device=device)
+        for _ in range(2):  # the second step moves lora_A too (its gradient is 0 while lora_B is)
+            out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad()
+        assert out.logits.dtype == torch.float32 and torch.isfinite(out.loss)
+        sd = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        assert all(torch.equal(sd[k], v) for k, v in base.items())
+        assert all(sd[k].abs().sum() > 0 for k in sd if ".lora_B." in k)
+        model.eval(), plain.eval()  # OPT's dropout
+        with torch.no_grad():
+            with reft.adapters_off(model):
+                off = model(input_ids=ids).logits
+            on, reference = model(input_ids=ids).logits, plain(input_ids=ids).logits
+            assert torch.equal(off, reference) and not torch.equal(on, reference)
+            with sft.gathered_for_generation(model):
+                model.generate(input_ids=ids, do_sample=False, max_new_tokens=2, pad_token_id=0, eos_token_id=1)
+    finally:
+        dist.destroy_process_group()
