@@ -184,9 +184,11 @@ RANGES = [("epochs", lambda v: v >= 1, "at least 1"), ("batch_size", lambda v: v
           ("log_every", lambda v: v >= 0, "at least 0"), ("tiny_hidden", lambda v: v >= 1, "at least 1"),
           ("tiny_layers", lambda v: v >= 1, "at least 1"), ("tiny_heads", lambda v: v >= 1, "at least 1"),
           ("tiny_intermediate", lambda v: v >= 1, "at least 1"), ("tiny_vocab", lambda v: v >= 8, "at least 8"),
-          ("lora_rank", lambda v: v >= 0, "at least 0 (0: full fine-tuning)"), ("lora_alpha", lambda v: v > 0, "above 0")]
-# With --lora_rank, an --lr left at -1 is the automatic one × this: LoRA's few parameters need a larger step (verl's LoRA
-# guide advises about 10× full fine-tuning's rate; at full fine-tuning's, users report LoRA learning little, TRL #2872).
+          ("lora_rank", lambda v: v >= 0, "at least 0 (0: full fine-tuning)"),
+          ("lora_alpha", lambda v: v > 0, "above 0")]
+# With --lora_rank, an --lr left at -1 is the automatic one × this: LoRA's few parameters need a larger step (verl's
+# LoRA guide advises about 10× full fine-tuning's rate; at full fine-tuning's, users report LoRA learning little, TRL
+# #2872).
 LORA_LR_SCALE = 10
 
 
@@ -593,7 +595,8 @@ def load_model(args, tok, mesh, device):
         return add_lora(model, args.lora_rank, args.lora_alpha, compute_dtype(device)) if args.lora_rank else model
 
     model = load_sharded(lambda: lora(load()),
-                         lambda config: lora(AutoModelForCausalLM.from_config(config, dtype=torch.float32)), mesh, device)
+                         lambda config: lora(AutoModelForCausalLM.from_config(config, dtype=torch.float32)), mesh,
+                         device)
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
