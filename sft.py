@@ -59,6 +59,8 @@ from typing import Literal, get_args, get_origin
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -97,7 +99,7 @@ class Args:
     -1 = batch_size / world (no accumulation), so the same command runs at any number of processes"""
     lr: float = -1.0
     """peak learning rate; -1 (the default) = automatic: 2e-3 for `tiny` (from scratch it wants ~1e-3), the paper's
-    1e-5 for a pretrained model; 0 trains at 0"""
+    1e-5 for a pretrained model, × LORA_LR_SCALE (10) with --lora_rank; 0 trains at 0"""
     warmup_ratio: float = 0.1
     """fraction of the steps spent on linear warm-up, then linear decay to 0 (paper: 0.1)"""
     weight_decay: float = 0.0
@@ -141,6 +143,13 @@ class Args:
     """questions per generation batch of the per-epoch evaluation, on one process (its KV cache is the memory)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory (7B models)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (Hu et al. 2022) on the attention and MLP projections (LORA_TARGETS), the
+    model frozen under them (in bf16 on GPU): SFT of a 7B model on one 80 GB GPU (docs/scaling.md). The checkpoints
+    (warmup/ included) are saved merged, plain HF ones, so the warm-up ReFT takes as its reference is this model; the
+    adapters are also in peft's format in their adapter/. 0 = full fine-tuning (paper)"""
+    lora_alpha: float = 32.0
+    """LoRA's α: the update B A is scaled by α / --lora_rank (verl's one-GPU 7B recipe: rank 32, α 32)"""
     log_every: int = 10
     """print a one-line summary of the metrics every this many steps (0: never)"""
     tiny_hidden: int = 192
@@ -174,7 +183,13 @@ RANGES = [("epochs", lambda v: v >= 1, "at least 1"), ("batch_size", lambda v: v
           ("eval_batch_size", lambda v: v >= 1, "at least 1"),
           ("log_every", lambda v: v >= 0, "at least 0"), ("tiny_hidden", lambda v: v >= 1, "at least 1"),
           ("tiny_layers", lambda v: v >= 1, "at least 1"), ("tiny_heads", lambda v: v >= 1, "at least 1"),
-          ("tiny_intermediate", lambda v: v >= 1, "at least 1"), ("tiny_vocab", lambda v: v >= 8, "at least 8")]
+          ("tiny_intermediate", lambda v: v >= 1, "at least 1"), ("tiny_vocab", lambda v: v >= 8, "at least 8"),
+          ("lora_rank", lambda v: v >= 0, "at least 0 (0: full fine-tuning)"),
+          ("lora_alpha", lambda v: v > 0, "above 0")]
+# With --lora_rank, an --lr left at -1 is the automatic one × this: LoRA's few parameters need a larger step (verl's
+# LoRA guide advises about 10× full fine-tuning's rate; at full fine-tuning's, users report LoRA learning little, TRL
+# #2872).
+LORA_LR_SCALE = 10
 
 
 # ----------------------------------------------------------------------------- data
@@ -356,9 +371,11 @@ def save_epoch_checkpoints(model, tok, args, epoch, accuracy, best, keep_epochs,
 def fill_automatic(args):
     """The flags left at -1, by model: `tiny` from scratch wants a large rate (a pretrained 7B model would be wrecked by
     it), a late warm-up epoch and a short budget for its short CoTs (the quickstart's values); any other model gets the
-    paper's."""
+    paper's; an lr × LORA_LR_SCALE with --lora_rank."""
     tiny = args.model == "tiny"
-    for flag, small, paper in (("lr", 2e-3, 1e-5), ("warmup_epoch", 24, 2), ("max_new_tokens", 48, 700)):
+    lr_scale = LORA_LR_SCALE if args.lora_rank > 0 else 1
+    for flag, small, paper in (("lr", 2e-3 * lr_scale, 1e-5 * lr_scale), ("warmup_epoch", 24, 2),
+                               ("max_new_tokens", 48, 700)):
         if getattr(args, flag) == -1:
             setattr(args, flag, small if tiny else paper)
 
@@ -394,10 +411,12 @@ def main(args):
         begin_run(args, flags, world, resuming)
     dist.barrier()
     model = load_model(args, tok, mesh, device)  # in training mode
-    log(f"model: {sum(p.numel() for p in model.parameters()):,} params, lr {args.lr:g}")
-    check_disk_space(args.output_dir, sum(p.numel() for p in model.parameters()))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-                            weight_decay=args.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]  # all, or (LoRA) the adapters
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} params"
+        + (f", {sum(p.numel() for p in trained):,} trained (LoRA rank {args.lora_rank})" if args.lora_rank else "")
+        + f", lr {args.lr:g}")
+    check_disk_space(args.output_dir, sum(p.numel() for p in trained))
+    opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total_steps), total_steps))
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     step, best = resume(model, opt, sched, args, rank, metrics_path) if resuming else (0, -1.0)
@@ -476,11 +495,18 @@ def check_memory(args, tok, eval_records, world, device):
 
 def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_tokens):
     """None when this run fits `device_bytes` per device, else the error line (memory_advice). Resident: fp32 weights
-    and AdamW's moments, 12 bytes per parameter, and fp32 gradients, 4; a micro-batch of --max_length tokens; with
-    --eval_every_epoch, a greedy evaluation of --eval_batch_size × (`prompt_tokens` + --max_new_tokens)."""
+    and AdamW's moments, 12 bytes per parameter, and fp32 gradients, 4; with --lora_rank the frozen model in the
+    compute dtype (2 bytes in bf16) and the 12 + 4 bytes per trained parameter only (lora_params); a micro-batch of
+    --max_length tokens; with --eval_every_epoch, a greedy evaluation of --eval_batch_size × (`prompt_tokens` +
+    --max_new_tokens)."""
+    state, grads = 12, 4
+    if args.lora_rank:  # bytes per parameter of the whole model, as memory_estimate takes them
+        trained = lora_params(config, args.lora_rank) / n_params
+        state, grads = (2 if bf16 else 4) + 12 * trained, 4 * trained
+
     def peak(a, world):
         gen = a.eval_batch_size * (prompt_tokens + a.max_new_tokens) if a.eval_every_epoch else 0
-        return max(memory_estimate(n_params, config, world, bf16, 12, 4, a.micro_batch_size * a.max_length,
+        return max(memory_estimate(n_params, config, world, bf16, state, grads, a.micro_batch_size * a.max_length,
                                    a.gradient_checkpointing, gen).values())
     return memory_advice(args, peak, world, device_bytes, ["micro_batch_size", "eval_batch_size"])
 
@@ -541,8 +567,9 @@ def tiny_model(args, tok):
 
 
 def load_model(args, tok, mesh, device):
-    """The causal LM sharded over the ranks (rank 0 reads it: load_sharded), in training mode; `tiny` is also saved to
-    {output_dir}/init, from which a resumed run rebuilds the same one."""
+    """The causal LM sharded over the ranks (rank 0 reads it: load_sharded), in training mode, with --lora_rank frozen
+    under its adapters (add_lora); `tiny` is also saved to {output_dir}/init, from which a resumed run rebuilds the same
+    one."""
     from transformers import AutoModelForCausalLM
 
     def load():
@@ -564,7 +591,11 @@ def load_model(args, tok, mesh, device):
         model.config.pad_token_id, model.config.eos_token_id = tok.pad_token_id, tok.eos_token_id
         return model
 
-    model = load_sharded(load, lambda config: AutoModelForCausalLM.from_config(config, dtype=torch.float32), mesh,
+    def lora(model):  # the same LoRA layers on rank 0's loaded model and on the other ranks' meta one
+        return add_lora(model, args.lora_rank, args.lora_alpha, compute_dtype(device)) if args.lora_rank else model
+
+    model = load_sharded(lambda: lora(load()),
+                         lambda config: lora(AutoModelForCausalLM.from_config(config, dtype=torch.float32)), mesh,
                          device)
     model.config.use_cache = False
     if args.gradient_checkpointing:
@@ -600,13 +631,18 @@ def read_extra_samples(path, records):
 
 def save_hf(model, tok, args, path, rank, dtype):
     """A plain HF checkpoint (+ tokenizer, train_args.json) written by rank 0 in `dtype`, the compute dtype: bf16 on
-    GPU halves it, and the fp32 master weights live in the resume state."""
+    GPU halves it, and the fp32 master weights live in the resume state. With LoRA the adapters are merged into it, and
+    also saved in peft's format in adapter/ (save_adapter) on the model they train on (`tiny`: {output_dir}/init)."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         model.config.dtype = dtype
+        sd, adapters = merge_lora(sd, args.lora_alpha / max(args.lora_rank, 1))
         with stop_if_disk_full(path):
             model.save_pretrained(path, state_dict={k: v.to(dtype) for k, v in sd.items()})
             tok.save_pretrained(path)
+            if adapters:
+                base = os.path.join(args.output_dir, "init") if args.model == "tiny" else args.model
+                save_adapter(adapters, os.path.join(path, "adapter"), args, base, "CAUSAL_LM")
             with open(os.path.join(path, "train_args.json"), "w") as f:
                 json.dump(dataclasses.asdict(args), f, indent=2)
     dist.barrier()
@@ -954,6 +990,88 @@ def gathered_for_generation(model):
             model.reset_iter_state()
 
 
+# ----------------------------------------------------------------------------- LoRA (--lora_rank)
+
+# The layers LoRA adapts: the attention and MLP projections of Llama (and Mistral, Qwen) and of OPT/Galactica.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "out_proj", "fc1", "fc2")
+
+
+class LoRALinear(nn.Linear):
+    """A frozen nn.Linear plus a trainable low-rank update (Hu et al. 2022, LoRA, eq. 3):
+
+        h = W x + (α / r) B A x,    A (r, in) random, B (out, r) zeros: the model is unchanged until B moves
+
+    It keeps the layer's own `weight` and `bias` (the base model's state dict keys stay as they were) and names its
+    factors as peft does (`lora_A`, `lora_B`). With `enabled` False it is W x: the model without its adapters."""
+
+    def __init__(self, linear, rank, alpha):
+        super().__init__(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias
+        device = linear.weight.device
+        self.lora_A = nn.Linear(linear.in_features, rank, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, linear.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.zeros_(self.lora_B.weight)  # lora_A keeps nn.Linear's init, kaiming-uniform, as peft's
+        self.scaling, self.enabled = alpha / rank, True
+
+    def forward(self, x):
+        h = super().forward(x)
+        return h + self.lora_B(self.lora_A(x)) * self.scaling if self.enabled else h
+
+
+def add_lora(model, rank, alpha, dtype):
+    """`model` with LoRA: every pretrained weight frozen and stored in `dtype` (bf16 on GPU: 2 bytes per parameter, the
+    compute dtype, so nothing is cast per step), and each nn.Linear named in LORA_TARGETS a LoRALinear whose adapters
+    train in fp32 with AdamW, as does a fresh head (fsdp_groups' `v_head`, `score`). Called the same way on rank 0's
+    loaded model and on the other ranks' meta one (load_sharded), so both have the same parameters."""
+    for name, p in model.named_parameters():
+        if name.split(".")[0] not in ("v_head", "score"):
+            p.requires_grad_(False)
+            p.data = p.data.to(dtype)
+    targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.split(".")[-1] in
+               LORA_TARGETS]
+    if not targets:
+        raise SystemExit(f"error: --lora_rank: the model has no linear layer named {', '.join(LORA_TARGETS)}")
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, LoRALinear(model.get_submodule(name), rank, alpha))
+    return model
+
+
+def lora_params(config, rank):
+    """The trainable parameters LoRA of `rank` adds to a causal LM of `config` (built on the meta device)."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        lm = add_lora(AutoModelForCausalLM.from_config(config), rank, 1.0, torch.float32)
+    return sum(p.numel() for p in lm.parameters() if p.requires_grad)
+
+
+def merge_lora(sd, scaling):
+    """A full state dict with LoRA layers -> (the state dict with each update merged into its weight, W + (α/r) B A: a
+    plain checkpoint every stage loads as any other; the adapters' tensors, {name: tensor}). Without LoRA: (sd, {})."""
+    adapters = {k: v for k, v in sd.items() if ".lora_" in k}
+    merged = {k: v for k, v in sd.items() if ".lora_" not in k}
+    for key in (k[:-len(".lora_A.weight")] for k in adapters if k.endswith(".lora_A.weight")):
+        update = adapters[key + ".lora_B.weight"].float() @ adapters[key + ".lora_A.weight"].float()
+        merged[key + ".weight"] = merged[key + ".weight"].float() + scaling * update
+    return merged, adapters
+
+
+def save_adapter(adapters, path, args, base, task_type, heads=()):
+    """The adapters in peft's format in `path`: adapter_config.json and adapter_model.safetensors with peft's key
+    names, so that `PeftModel.from_pretrained(<the model in base>, path)` rebuilds the trained model; `heads` are the
+    fresh heads' tensors, peft's modules_to_save. A folder of its own: transformers would read an adapter_config.json
+    beside config.json as an adapter to load onto its base."""
+    config = dict(peft_type="LORA", task_type=task_type, base_model_name_or_path=base, r=args.lora_rank,
+                  lora_alpha=args.lora_alpha, lora_dropout=0.0, bias="none", fan_in_fan_out=False,
+                  inference_mode=True, target_modules=sorted({k.split(".")[-3] for k in adapters}),
+                  modules_to_save=sorted({k.split(".")[0] for k in heads}) or None)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in {**adapters, **dict(heads)}.items()},
+              os.path.join(path, "adapter_model.safetensors"))
+
+
 # ----------------------------------------------------------------------------- memory before loading, and loading
 
 def device_memory(device):
@@ -1085,6 +1203,14 @@ def epochs_to_save(spec):
 # A resume state is the folder {output_dir}/checkpoint-{step}: DCP's shards and .metadata, each rank's loop state,
 # and manifest.json (every file's sha256), written last: a folder without it is partial, whatever a kill left.
 
+def trained_state(model):
+    """The model's state dict without its frozen parameters: what a resume state holds. With LoRA, the adapters and the
+    head, not the frozen base (--model gives it again), under any of its names (DCP's ignore_frozen_params keeps a tied
+    output embedding)."""
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in get_model_state_dict(model).items() if k not in frozen}
+
+
 def find_resume_state(output_dir, before=float("inf")):
     """(path, step) of the newest whole resume state in `output_dir` (of a step before `before`), or None. Reads
     folder names only: cheap enough to ask before any model loads."""
@@ -1163,7 +1289,7 @@ def save_resume_state(model, opt, state, output_dir):
     group = dist.new_group(backend="gloo")
     with stop_if_disk_full(folder):
         try:  # DCP fsyncs its files, writes .metadata last and raises on every rank when any rank failed
-            dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+            dcp.save({"model": trained_state(model), "optim": get_optimizer_state_dict(model, opt)},
                      checkpoint_id=folder, process_group=group)
         except dcp.CheckpointException:  # no partial state left to keep a full disk full
             if rank == 0:
@@ -1213,11 +1339,11 @@ def load_resume_state(model, opt, output_dir):
             os.rename(path, path + ".damaged")
             print(f"warning: the resume state {path} is damaged ({what}); set aside as {path}.damaged, trying the "
                   f"previous one", flush=True)
-    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    sd = {"model": trained_state(model), "optim": get_optimizer_state_dict(model, opt)}
     group = dist.new_group(backend="gloo")  # as in save_resume_state
     dcp.load(sd, checkpoint_id=path, process_group=group)
     dist.destroy_process_group(group)
-    set_model_state_dict(model, sd["model"])
+    set_model_state_dict(model, sd["model"], options=StateDictOptions(strict=False))  # the frozen base stays
     set_optimizer_state_dict(model, opt, sd["optim"])
     if rank == 0:
         print(f"resumed from {path}", flush=True)

@@ -14,6 +14,11 @@ COPIES = {
     "without_empty_attention_rows": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "load_sharded": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "gathered_for_generation": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
+    "LoRALinear": ["sft.py", "reft.py"],
+    "add_lora": ["sft.py", "reft.py"],
+    "lora_params": ["sft.py", "reft.py"],
+    "merge_lora": ["sft.py", "reft.py"],
+    "save_adapter": ["sft.py", "reft.py"],
     "device_memory": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "config_params": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "memory_estimate": ["sft.py", "reft.py", "rerank.py", "evaluate.py", "scripts/quickstart.py"],
@@ -29,6 +34,7 @@ COPIES = {
     "resolve_cot": ["sft.py", "reft.py", "rerank.py", "evaluate.py"],
     "checkpoint_params": ["reft.py", "rerank.py", "evaluate.py"],
     "fill_recipe": ["reft.py", "rerank.py"],
+    "trained_state": ["sft.py", "reft.py"],
     "find_resume_state": ["sft.py", "reft.py", "rerank.py"],
     "run_entries": ["sft.py", "reft.py", "rerank.py"],
     "run_progress": ["sft.py", "reft.py", "rerank.py"],
@@ -59,8 +65,9 @@ DIFFERENT = {"collate": ["sft.py", "rerank.py"],
 
 
 def function_source(path, name):
+    """The source of the top-level function or class `name` of `path`."""
     tree = ast.parse(path.read_text())
-    found = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == name]
+    found = [node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name]
     assert len(found) == 1, f"{path.name} defines {name} {len(found)} times"
     return ast.get_source_segment(path.read_text(), found[0])
 
@@ -74,14 +81,15 @@ def test_repeated_helpers_are_identical_copies(name):
 
 
 def test_the_copy_list_is_complete():
-    """A helper defined in two stage files and missing from COPIES would drift unchecked."""
+    """A helper (function or class) defined in two stage files and missing from COPIES would drift unchecked; each
+    stage's main() and Args (its flags) are its own."""
     stages = ["sft.py", "reft.py", "rerank.py", "evaluate.py"]
     defined = {}
     for f in stages:
         for node in ast.parse((ROOT / f).read_text()).body:
-            if isinstance(node, ast.FunctionDef):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                 defined.setdefault(node.name, []).append(f)
-    repeated = {name: files for name, files in defined.items() if len(files) > 1 and name != "main"}
+    repeated = {name: files for name, files in defined.items() if len(files) > 1 and name not in ("main", "Args")}
     for name, files in repeated.items():
         copies = [f for f in COPIES.get(name, []) if f in stages]
         assert sorted(copies + DIFFERENT.get(name, [])) == sorted(files), f"{name}: defined in {files}"

@@ -1,7 +1,10 @@
 """sft.py: loss masking, 1-vs-2-process parity, kill/resume, the GGUF model, and bad input."""
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,6 +151,91 @@ def held_out_loss(path, minigsm):
         return sft.token_nll_sum(model, input_ids, labels, attn).item() / int((labels[:, 1:] != -100).sum())
 
 
+LORA = ["--lora_rank", 4, "--lora_alpha", 8.0, "--lr", 5e-3, "--max_steps", 4, "--save_steps", 2, "--max_length", 96,
+        "--no-eval_every_epoch", "--warmup_epoch", 0, *SMALL]
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_lora_saves_a_merged_checkpoint_its_adapters_and_a_resume_state_of_the_adapters(warmup, minigsm, tmp_path):
+    """4 steps of LoRA on the warm-up. final/ is a plain HF checkpoint whose logits are the trained model's (the warm-up
+    + the adapters of the last resume state, as LoRALinear computes them) and peft's on final/adapter; it differs from
+    the warm-up only in the adapted projections; the resume state holds the adapters alone. Resumed from step 2 (the
+    later state and final/ removed, as a kill would leave them), the run ends on the same bytes."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = tmp_path / "lora"
+    run([PY, "sft.py", "--model", warmup, "--data", minigsm, *LORA, "--output_dir", out])
+
+    # The trained model rebuilt from the warm-up and the step-4 resume state, the resume state holding the adapters.
+    state = dcp.FileSystemReader(out / "checkpoint-4").read_metadata().state_dict_metadata
+    adapted = {k for k in state if k.startswith("model.")}
+    layers = AutoModelForCausalLM.from_pretrained(warmup).config.num_hidden_layers
+    assert len(adapted) == 2 * 7 * layers and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in adapted)
+    trained = sft.add_lora(AutoModelForCausalLM.from_pretrained(warmup), 4, 8.0, torch.float32)
+    sd = sft.trained_state(trained)
+    dcp.load({"model": sd}, checkpoint_id=out / "checkpoint-4")
+    trained.load_state_dict(sd, strict=False)
+
+    tok = AutoTokenizer.from_pretrained(warmup)
+    records = reward.load_records(str(minigsm / "validation_nl.jsonl"))[:8]
+    input_ids, _, attn = sft.collate([sft.encode_example(tok, r, "nl", 512) for r in records], tok.pad_token_id)
+
+    def logits(model):
+        with torch.no_grad():
+            return model.eval()(input_ids=input_ids, attention_mask=attn).logits
+    want = logits(trained)
+    assert (want - logits(AutoModelForCausalLM.from_pretrained(warmup))).abs().max() > 1e-2  # the adapters moved
+    assert (logits(AutoModelForCausalLM.from_pretrained(out / "final")) - want).abs().max() < 1e-5
+    config = json.loads((out / "final/adapter/adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8.0, str(warmup))
+    base, merged = load_file(warmup / "model.safetensors"), load_file(out / "final/model.safetensors")
+    assert base.keys() == merged.keys()
+    for k in base:
+        assert torch.equal(base[k], merged[k]) != (k.split(".")[-2] in sft.LORA_TARGETS), k
+
+    before = {f: sha256(out / "final" / f) for f in ("model.safetensors", "adapter/adapter_model.safetensors")}
+    shutil.rmtree(out / "checkpoint-4")
+    shutil.rmtree(out / "final")
+    run([PY, "sft.py", "--output_dir", out, "--resume"])
+    assert {f: sha256(out / "final" / f) for f in before} == before
+
+    peft = pytest.importorskip("peft", reason="peft is not installed: its loading of final/adapter is not checked")
+    peft_model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(warmup), out / "final/adapter")
+    assert (logits(peft_model) - want).abs().max() < 1e-5
+
+
+def test_lora_multiplies_the_automatic_lr_and_its_memory_is_the_adapters():
+    """An --lr left at -1 is × LORA_LR_SCALE with --lora_rank, one given stays. SFT of CodeLlama-7B with LoRA fits one
+    80 GB GPU (full fine-tuning needs 4): the bf16 model, 2 bytes a parameter, and 16 per adapter parameter, r (in +
+    out) per adapted projection (7 per layer), the rest as for full fine-tuning."""
+    for model, lr in (("tiny", 2e-3), ("some/model", 1e-5)):
+        for rank, given, want in ((0, -1, lr), (8, -1, lr * sft.LORA_LR_SCALE), (8, 0.5, 0.5)):
+            args = sft.Args(model=model, lora_rank=rank, lr=given)
+            sft.fill_automatic(args)
+            assert args.lr == want
+    from transformers import LlamaConfig
+    L, H, I, V = 32, 4096, 11008, 32016
+    config = LlamaConfig(num_hidden_layers=L, hidden_size=H, num_attention_heads=32, num_key_value_heads=32,
+                         intermediate_size=I, vocab_size=V, tie_word_embeddings=False)
+    P, r, GB = sft.config_params(config), 32, 1e9
+    adapters = L * r * (4 * (H + H) + 3 * (H + I))
+    assert sft.lora_params(config, r) == adapters
+    args = sft.Args(micro_batch_size=6, max_length=1024, gradient_checkpointing=True, eval_batch_size=64,
+                    max_new_tokens=700, lora_rank=r)
+    assert sft.memory_error(args, P, config, 1, True, 80 * GB, 200) is None
+    assert sft.memory_error(dataclasses.replace(args, lora_rank=0), P, config, 1, True, 80 * GB, 200) is not None
+    tokens, kv = 6 * 1024, 2 * L * H * 2
+    training = 2 * P + 16 * adapters + (2 * 2 + 4) * P / L + 4 * V * H + 3 * 4 * tokens * V + L * tokens * H * 2 \
+        + 34 * tokens * H
+    generation = 2 * P + 12 * adapters + 2 * (P - V * H) + 4 * V * H + 64 * 900 * kv
+    error = sft.memory_error(args, P, config, 1, True, 10 * GB, 200)
+    assert f"the estimated peak memory is {max(training, generation) / GB:.3g} GB per device" in error, error
+
+
 def test_warmup_and_best_are_their_epochs_and_a_resume_keeps_the_best(minigsm, tmp_path):
     """warmup/ holds epoch --warmup_epoch and best/ the epoch with the highest validation accuracy (the earliest of
     equals), byte for byte as epoch_K/. A resumed run that extends the epochs compares each new evaluation with the
@@ -284,6 +372,8 @@ def test_resume_state_leaves_no_thread_behind(tmp_path):
     (["--batch_size", 48, "--micro_batch_size", 32], "--batch_size 48 is not a multiple of micro_batch_size × world"),
     (["--batch_size", 512], "256 examples are fewer than one --batch_size 512"),
     (["--save_epochs", "two"], "--save_epochs must be all, none or epoch numbers such as 2,40, not 'two'"),
+    (["--lora_rank", -1], "--lora_rank must be at least 0 (0: full fine-tuning), not -1"),
+    (["--lora_alpha", 0], "--lora_alpha must be above 0, not 0.0"),
 ])
 def test_bad_input_gives_one_clear_line(minigsm, bad_tokenizers, args, message, tmp_path):
     """One `error:` line and no output folder, before any training."""
