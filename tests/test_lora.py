@@ -16,8 +16,8 @@ sys.path.insert(0, str(ROOT))
 import reft  # noqa: E402
 
 RANK, ALPHA = 4, 32.0
-LORA = ["--batch_size", 16, "--micro_batch_size", 8, "--max_length", 96, "--eval_every", 0, "--save_steps", 1000,
-        "--seed", 5, "--lora_rank", RANK, "--lora_alpha", ALPHA]
+LORA = ["--batch_size", 8, "--num_samples", 2, "--micro_batch_size", 8, "--max_length", 96, "--eval_every", 0,
+        "--save_steps", 1000, "--seed", 5, "--lora_rank", RANK, "--lora_alpha", ALPHA]
 
 
 def sha256(path):
