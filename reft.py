@@ -1324,12 +1324,14 @@ def fill_recipe(args):
     n = checkpoint_params(getattr(args, "init", "") or args.model)
     name = "small" if n is not None and n < SMALL_MODEL else "paper"
     filled = {f: v[args.cot] if isinstance(v, dict) else v for f, v in RECIPES[name].items() if getattr(args, f) == -1}
-    if "lr" in filled and args.lora_rank > 0:
+    lora = "lr" in filled and args.lora_rank > 0
+    if lora:
         filled["lr"] *= LORA_LR_SCALE
     for flag, value in filled.items():
         setattr(args, flag, value)
     size = "a hub model" if n is None else f"{n / 1e6:.1f} M parameters"
-    said = ", ".join(f"--{flag} {value:g}" for flag, value in filled.items())
+    said = ", ".join(f"--{flag} {value:g}" + (f" (× {LORA_LR_SCALE} for LoRA)" if flag == "lr" and lora else "")
+                     for flag, value in filled.items())
     return f"{name} ({size}){': ' + said if said else ', every flag given'}"
 
 

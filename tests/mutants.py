@@ -270,6 +270,16 @@ MUTANTS = [
     ("explained_variance_divides_by_rounding", "reft.py", "if var_ret > 1e-6 * ret_sq_sum / n else None",
      "if var_ret > 0 else None",
      ["tests/test_reft.py::test_explained_variance_of_constant_returns_summed_in_float32_is_none"]),
+    # --- LoRA (issue 37)
+    ("lora_reference_keeps_the_adapters_on", "reft.py", "        m.enabled = False\n", "        m.enabled = True\n",
+     ["tests/test_lora.py::test_reference_is_the_warmup_with_the_adapters_off_after_a_step"]),
+    ("merge_lora_without_the_scaling", "reft.py", 'merged[key + ".weight"].float() + scaling * update',
+     'merged[key + ".weight"].float() + update',
+     ["tests/test_lora.py::test_ppo_steps_move_the_adapters_and_the_head_never_the_base"]),
+    ("resume_state_keeps_the_frozen_base", "reft.py", "if k not in frozen}", "}",
+     ["tests/test_lora.py::test_resume_state_holds_only_what_trains_and_resuming_gives_the_same_weights"]),
+    ("lora_lr_not_scaled", "reft.py", '        filled["lr"] *= LORA_LR_SCALE\n', "        pass\n",
+     ["tests/test_lora.py::test_lora_learning_rate_is_ten_times_the_recipes"]),
     # --- the data
     ("minigsm_question_states_another_number", "data/minigsm/prepare.py",
      "sentences.append(template.format(P=subj, o=obj, F=friend, n=n))",

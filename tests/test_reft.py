@@ -514,6 +514,10 @@ def bad_inputs(minigsm, warmup, tmp_path_factory):
     (["--max_length", 30], "--max_length 30 leaves no room to generate after the longest training prompt"),
     (["--data", "LONG_EVAL", "--max_length", 80], "--max_length 80 leaves no room to generate after the longest "
                                                    "--eval_split validation prompt"),
+    (["--lora_rank", -1], "--lora_rank must be at least 0 (0: full fine-tuning), not -1"),
+    (["--lora_rank", 8, "--lora_alpha", 0], "--lora_alpha must be above 0, not 0"),
+    (["--lora_rank", 8, "--separate_value_model"], "--separate_value_model trains a second full trunk: it needs full "
+                                                   "fine-tuning, without --lora_rank"),
 ])
 def test_bad_input_gives_one_error_line(args, message, minigsm, warmup, bad_inputs, tmp_path):
     """One `error:` line and no output folder, before any training."""
