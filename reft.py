@@ -233,7 +233,8 @@ RANGES = [("epochs", lambda v: v == -1 or v >= 1, SIZED + "at least 1"), ("batch
           ("eval_limit", lambda v: v == -1 or v >= 1, "-1 (all) or at least 1"),
           ("eval_batch_size", lambda v: v >= 1, "at least 1"), ("log_every", lambda v: v >= 0, "at least 0"),
           ("max_skipped_steps", lambda v: v >= 0, "at least 0"),
-          ("lora_rank", lambda v: v >= 0, "at least 0 (0: full fine-tuning)"), ("lora_alpha", lambda v: v > 0, "above 0")]
+          ("lora_rank", lambda v: v >= 0, "at least 0 (0: full fine-tuning)"),
+          ("lora_alpha", lambda v: v > 0, "above 0")]
 
 # What a flag left at -1 becomes, by the size of --model. A pretrained model (50 M parameters or more, or a hub id) gets
 # the paper's code's values; a smaller one is the tiny Llama trained from scratch on minigsm, and gets the quickstart's
@@ -243,8 +244,8 @@ RECIPES = {"small": dict(lr=1e-4, kl_coef=0.05, vf_coef=0.1, lam=1.0, num_sample
            "paper": dict(lr=3e-7, kl_coef={"nl": 0.05, "python": 0.01}, vf_coef=5.0, lam=0.95, num_samples=1,
                          epochs=300, max_prompt_length=300, max_length=700, eval_every=50)}
 SMALL_MODEL = 50_000_000
-# With --lora_rank, an --lr left at -1 is the recipe's × this: LoRA's few parameters need a larger step (verl's LoRA guide
-# advises about 10× full fine-tuning's rate; at full fine-tuning's, users report LoRA learning little, TRL #2872).
+# With --lora_rank, an --lr left at -1 is the recipe's × this: LoRA's few parameters need a larger step (verl's LoRA
+# guide advises about 10× full fine-tuning's rate; at full fine-tuning's, users report LoRA learning little, TRL #2872).
 LORA_LR_SCALE = 10
 
 
