@@ -353,7 +353,7 @@ def lora_run(synthetic_samples, warmup, tmp_path_factory):
     """A 2-step verifier training with --lora_rank 4: (its folder, its stdout)."""
     out = tmp_path_factory.mktemp("lora")
     p = run([PY, "rerank.py", "--samples", synthetic_samples, "--init", warmup, "--output_dir", out, *TRAIN,
-             "--max_steps", 2, "--lora_rank", 4])
+             "--max_steps", 2, "--lora_rank", 4, "--save_steps", 1])
     return out, p.stdout
 
 
@@ -387,6 +387,18 @@ def test_lora_trains_the_adapters_and_the_head_only(lora_run, warmup):
     saved = dcp.FileSystemReader(state).read_metadata().state_dict_metadata
     assert {k[len("model."):] for k in saved if k.startswith("model.")} == trained
     assert {k.rsplit(".", 1)[0][len("optim.state."):] for k in saved if k.startswith("optim.state.")} == trained
+
+
+def test_lora_resumes_to_the_same_verifier(lora_run, synthetic_samples, warmup, tmp_path):
+    """The run's folder as a kill after step 1 leaves it (its resume state at step 1, only the adapters and the
+    head): --resume takes the frozen trunk from --init again and ends on the same verifier, byte for byte."""
+    out, _ = lora_run
+    shutil.copytree(out, tmp_path / "run", ignore=shutil.ignore_patterns("final", "checkpoint-2"))
+    p = run([PY, "rerank.py", "--samples", synthetic_samples, "--init", warmup, "--output_dir", tmp_path / "run",
+             *TRAIN, "--max_steps", 2, "--lora_rank", 4, "--save_steps", 1, "--resume"])
+    assert "resumed from" in p.stdout and "checkpoint-1" in p.stdout, p.stdout
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        assert (tmp_path / "run" / "final" / name).read_bytes() == (out / "final" / name).read_bytes(), name
 
 
 def test_lora_adapter_loads_in_peft_as_the_merged_verifier(lora_run, warmup, synthetic_samples):
