@@ -803,9 +803,10 @@ def num_calls(n_items, batch_size, device):
     return int(t.item())
 
 
-def load(cls_name, path, flag, mesh, device, **kw):
+def load(cls_name, path, flag, mesh, device, wrap=None, **kw):
     """(model, tokenizer) from an HF folder, sharded over the ranks (rank 0 reads the weights: load_sharded); one
-    error line when it cannot be loaded."""
+    error line when it cannot be loaded. `wrap(model)`, if given, changes the model before it is sharded, alike on rank
+    0's loaded one and on the other ranks' meta one (rerank.py's LoRA layers)."""
     import transformers
     if not os.path.isdir(path):
         raise SystemExit(f"error: {flag} {path!r}: no such checkpoint folder")
@@ -819,13 +820,13 @@ def load(cls_name, path, flag, mesh, device, **kw):
     tok = loaded(transformers.AutoTokenizer.from_pretrained)
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         raise SystemExit(f"error: {flag} {path}: the tokenizer needs a pad token distinct from EOS (as sft.py makes)")
-    cls = getattr(transformers, cls_name)
+    cls, wrap = getattr(transformers, cls_name), wrap or (lambda model: model)
 
     def read():
         model = loaded(cls.from_pretrained, dtype=torch.float32, **kw)
         model.config.pad_token_id = tok.pad_token_id  # the verifier head reads the last token that is not this
-        return model
-    return load_sharded(read, lambda config: cls.from_config(config, dtype=torch.float32), mesh, device), tok
+        return wrap(model)
+    return load_sharded(read, lambda config: wrap(cls.from_config(config, dtype=torch.float32)), mesh, device), tok
 
 
 if __name__ == "__main__":

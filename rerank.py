@@ -11,6 +11,8 @@ evaluate.py --mode rerank uses the verifier.
   a step: --batch_size over processes, micro-batches  check_samples (per process), epoch_batch, verifier_step
   held-out questions: accuracy, AUC, rerank@k         split_by_question, score, auc, holdout_metrics
   the schedule: linear warm-up, then linear decay     lr_lambda
+  LoRA (--lora_rank): W + (α/r)·B A on the trunk's    add_lora (below the marker: reft.py's), train, save_verifier
+    projections, the score head trained in full
 
 1. Sampling: k CoTs per training question from a policy checkpoint (--model; the paper samples 100 per
    question from the warm-up SFT checkpoint), each labelled correct/incorrect through reward.py (or --reward), exact
@@ -84,6 +86,8 @@ from typing import Literal, get_args, get_origin
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -130,11 +134,19 @@ class Args:
     max_steps: int = -1
     """stop the verifier training after this many optimizer steps (overrides epochs when > 0)"""
     lr: float = -1.0
-    """peak learning rate; -1 = by model size: 1e-4 small, 1e-6 paper; 0 trains at 0"""
+    """peak learning rate; -1 = by model size: 1e-4 small, 1e-6 paper, × LORA_LR_SCALE (10) with --lora_rank; 0 trains
+    at 0"""
     warmup_ratio: float = 0.1
     """fraction of the steps spent on linear warm-up, then linear decay to 0 (paper: 0.1)"""
     weight_decay: float = 0.0
     """AdamW weight decay (paper: 0)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (Hu et al. 2022) on the verifier trunk's attention and MLP projections
+    (LORA_TARGETS), the trunk frozen (in bf16 on GPU), and the fresh `score` head in full: a 7B verifier on one GPU.
+    final/ stays a merged AutoModelForSequenceClassification, with the adapters and the head in peft's format in
+    final/adapter/. 0 = full fine-tuning (paper)"""
+    lora_alpha: float = 32.0
+    """LoRA's α: the update B A is scaled by α / --lora_rank (verl's one-GPU 7B recipe: rank 32, α 32)"""
     batch_size: int = 32
     """global batch: samples per optimizer step summed over processes and accumulation (paper: 24)"""
     micro_batch_size: int = -1
@@ -190,13 +202,18 @@ RANGES = [("num_samples", lambda v: v == -1 or v >= 1, SIZED + "at least 1"), ("
           ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"), ("max_new_tokens", lambda v: v == -1 or v >= 1, SIZED + "at least 1"),
           ("gen_batch_size", lambda v: v >= 1, "at least 1"), ("limit", lambda v: v == -1 or v >= 1,
                                                                  "-1 (all) or at least 1"),
-          ("log_every", lambda v: v >= 0, "at least 0"), ("save_steps", lambda v: v >= 0, "at least 0")]
+          ("log_every", lambda v: v >= 0, "at least 0"), ("save_steps", lambda v: v >= 0, "at least 0"),
+          ("lora_rank", lambda v: v >= 0, "at least 0 (0: full fine-tuning)"),
+          ("lora_alpha", lambda v: v > 0, "above 0")]
 
 # What a flag left at -1 becomes, by the size of the verifier's trunk (--init, else --model): the paper's values for a
 # pretrained model (50 M parameters or more, or a hub id), the quickstart's for the tiny one trained from scratch.
 RECIPES = {"small": dict(num_samples=8, lr=1e-4, max_length=256, max_new_tokens=48),
            "paper": dict(num_samples=100, lr=1e-6, max_length=700, max_new_tokens=700)}
 SMALL_MODEL = 50_000_000
+# With --lora_rank, an --lr left at -1 is the recipe's × this: LoRA's few parameters need a larger step (verl's LoRA guide
+# advises about 10× full fine-tuning's rate; at full fine-tuning's, users report LoRA learning little, TRL #2872).
+LORA_LR_SCALE = 10
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -463,9 +480,12 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
     questions, evaluated on those at every epoch's end, saved to {output_dir}/final."""
     train_rows, held_rows = split_by_question(rows, args.holdout_fraction, args.seed)
     init = args.init or args.model
-    torch.manual_seed(args.seed)  # the fresh head's init (rank 0 draws it, load_sharded sends it to the others)
+    torch.manual_seed(args.seed)  # the fresh head's (and LoRA's) init: rank 0 draws it, load_sharded sends it around
+
+    def lora(model):  # the same LoRA layers on rank 0's loaded verifier and on the other ranks' meta one
+        return add_lora(model, args.lora_rank, args.lora_alpha, compute_dtype(device))
     model, tok = load("AutoModelForSequenceClassification", init, "--init" if args.init else "--model", mesh, device,
-                      num_labels=1)
+                      wrap=lora if args.lora_rank else None, num_labels=1)
     examples, cut = encode(tok, train_rows, args.cot, args.max_length)
     held, held_cut = encode(tok, held_rows, args.cot, args.max_length)
     log(f"verifier data: {len(train_rows)} train samples ({sum(r['correct'] for r in train_rows)} correct), "
@@ -477,9 +497,12 @@ def train(args, rows, resuming, rank, world, device, mesh, log):
     model.config.use_cache = False
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"verifier: {n_params:,} params from {init}, lr {args.lr:g}")
-    check_disk_space(args.output_dir, n_params)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+    trained = [p for p in model.parameters() if p.requires_grad]  # all, or (LoRA) the adapters and the score head
+    log(f"verifier: {n_params:,} params from {init}"
+        + (f", {sum(p.numel() for p in trained):,} trained (LoRA rank {args.lora_rank})" if args.lora_rank else "")
+        + f", lr {args.lr:g}")
+    check_disk_space(args.output_dir, sum(p.numel() for p in trained))
+    opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total_steps), total_steps))
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
@@ -628,10 +651,17 @@ def memory_error(args, n_params, config, world, bf16, device_bytes, prompt_token
     """None when this run fits `device_bytes` per device, else the error line (memory_advice), for the larger phase.
     Sampling (unless `prompt_tokens` is None): fp32 weights (4 bytes per parameter), gathered, and the KV cache of one
     generate() call's rows (up to --gen_batch_size) × (`prompt_tokens` + --max_new_tokens). Training: fp32 weights and
-    AdamW (12), gradients (4), a micro-batch of --max_length tokens. Both models count as the trained one's `n_params`."""
+    AdamW (12), gradients (4), a micro-batch of --max_length tokens; with --lora_rank, the frozen trunk in the compute
+    dtype (2 bytes in bf16) and the 12 + 4 bytes per trained parameter only (lora_params). Both models count as the
+    trained one's `n_params`."""
+    state, grads = 12, 4
+    if args.lora_rank:  # bytes per parameter of the whole model, as memory_estimate takes them
+        trained = lora_params(config, args.lora_rank) / n_params
+        state, grads = (2 if bf16 else 4) + 12 * trained, 4 * trained
+
     def peak(a, world):
         micro = a.micro_batch_size if a.micro_batch_size > 0 else max(1, a.batch_size // world)
-        train = memory_estimate(n_params, config, world, bf16, 12, 4, micro * a.max_length, False, 0)["training"]
+        train = memory_estimate(n_params, config, world, bf16, state, grads, micro * a.max_length, False, 0)["training"]
         if prompt_tokens is None:
             return train
         rows = max(1, a.gen_batch_size // a.num_samples) * min(a.gen_batch_size, a.num_samples)
@@ -720,13 +750,21 @@ def check_samples(args, rows, path, world):
 
 
 def save_verifier(model, tok, args, path, rank):
-    """An AutoModelForSequenceClassification folder (+ tokenizer, train_args.json) written by rank 0."""
+    """An AutoModelForSequenceClassification folder (+ tokenizer, train_args.json) written by rank 0, in fp32. With
+    LoRA the adapters are merged into it, and also saved with the `score` head in peft's format in adapter/, on
+    --init's checkpoint (save_adapter)."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         tok.model_max_length = args.max_length  # evaluate.py cuts its inputs where training did
+        sd, adapters = merge_lora(sd, args.lora_alpha / max(args.lora_rank, 1))
         with stop_if_disk_full(path):
-            model.save_pretrained(path, state_dict=sd)
+            model.save_pretrained(path, state_dict={k: v.float() for k, v in sd.items()})
             tok.save_pretrained(path)
+            if adapters:  # save_pretrained wrote the frozen trunk's dtype (bf16 on GPU) as the checkpoint's
+                model.config.dtype = "float32"
+                model.config.save_pretrained(path)
+                save_adapter(adapters, os.path.join(path, "adapter"), args, args.init or args.model, "SEQ_CLS",
+                             {k: v for k, v in sd.items() if k.startswith("score.")})
             with open(os.path.join(path, "train_args.json"), "w") as f:
                 json.dump(dataclasses.asdict(args), f, indent=2)
     dist.barrier()
@@ -852,10 +890,13 @@ def resolve_cot(args, checkpoints, fallback="nl"):
 
 def fill_recipe(args):
     """Flags left at -1 take RECIPES' values (per --cot where a dict) for the size of the model trained (--init, else
-    --model), read before anything loads; returns what was filled, in words for the log."""
+    --model), --lr × LORA_LR_SCALE with --lora_rank, read before anything loads; returns what was filled, in words for
+    the log."""
     n = checkpoint_params(getattr(args, "init", "") or args.model)
     name = "small" if n is not None and n < SMALL_MODEL else "paper"
     filled = {f: v[args.cot] if isinstance(v, dict) else v for f, v in RECIPES[name].items() if getattr(args, f) == -1}
+    if "lr" in filled and args.lora_rank > 0:
+        filled["lr"] *= LORA_LR_SCALE
     for flag, value in filled.items():
         setattr(args, flag, value)
     size = "a hub model" if n is None else f"{n / 1e6:.1f} M parameters"
@@ -1074,6 +1115,88 @@ def gathered_for_generation(model):
             model.reset_iter_state()
 
 
+# ----------------------------------------------------------------------------- LoRA (--lora_rank)
+
+# The layers LoRA adapts: the attention and MLP projections of Llama (and Mistral, Qwen) and of OPT/Galactica.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "out_proj", "fc1", "fc2")
+
+
+class LoRALinear(nn.Linear):
+    """A frozen nn.Linear plus a trainable low-rank update (Hu et al. 2022, LoRA, eq. 3):
+
+        h = W x + (α / r) B A x,    A (r, in) random, B (out, r) zeros: the model is unchanged until B moves
+
+    It keeps the layer's own `weight` and `bias` (the base model's state dict keys stay as they were) and names its
+    factors as peft does (`lora_A`, `lora_B`). With `enabled` False it is W x: the model without its adapters."""
+
+    def __init__(self, linear, rank, alpha):
+        super().__init__(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias
+        device = linear.weight.device
+        self.lora_A = nn.Linear(linear.in_features, rank, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, linear.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.zeros_(self.lora_B.weight)  # lora_A keeps nn.Linear's init, kaiming-uniform, as peft's
+        self.scaling, self.enabled = alpha / rank, True
+
+    def forward(self, x):
+        h = super().forward(x)
+        return h + self.lora_B(self.lora_A(x)) * self.scaling if self.enabled else h
+
+
+def add_lora(model, rank, alpha, dtype):
+    """`model` with LoRA: every pretrained weight frozen and stored in `dtype` (bf16 on GPU: 2 bytes per parameter, the
+    compute dtype, so nothing is cast per step), and each nn.Linear named in LORA_TARGETS a LoRALinear whose adapters
+    train in fp32 with AdamW, as does a fresh head (fsdp_groups' `v_head`, `score`). Called the same way on rank 0's
+    loaded model and on the other ranks' meta one (load_sharded), so both have the same parameters."""
+    for name, p in model.named_parameters():
+        if name.split(".")[0] not in ("v_head", "score"):
+            p.requires_grad_(False)
+            p.data = p.data.to(dtype)
+    targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.split(".")[-1] in
+               LORA_TARGETS]
+    if not targets:
+        raise SystemExit(f"error: --lora_rank: the model has no linear layer named {', '.join(LORA_TARGETS)}")
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, LoRALinear(model.get_submodule(name), rank, alpha))
+    return model
+
+
+def lora_params(config, rank):
+    """The trainable parameters LoRA of `rank` adds to a causal LM of `config` (built on the meta device)."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        lm = add_lora(AutoModelForCausalLM.from_config(config), rank, 1.0, torch.float32)
+    return sum(p.numel() for p in lm.parameters() if p.requires_grad)
+
+
+def merge_lora(sd, scaling):
+    """A full state dict with LoRA layers -> (the state dict with each update merged into its weight, W + (α/r) B A: a
+    plain checkpoint every stage loads as any other; the adapters' tensors, {name: tensor}). Without LoRA: (sd, {})."""
+    adapters = {k: v for k, v in sd.items() if ".lora_" in k}
+    merged = {k: v for k, v in sd.items() if ".lora_" not in k}
+    for key in (k[:-len(".lora_A.weight")] for k in adapters if k.endswith(".lora_A.weight")):
+        update = adapters[key + ".lora_B.weight"].float() @ adapters[key + ".lora_A.weight"].float()
+        merged[key + ".weight"] = merged[key + ".weight"].float() + scaling * update
+    return merged, adapters
+
+
+def save_adapter(adapters, path, args, base, task_type, heads=()):
+    """The adapters in peft's format in `path`: adapter_config.json and adapter_model.safetensors with peft's key
+    names, so that `PeftModel.from_pretrained(<the model in base>, path)` rebuilds the trained model; `heads` are the
+    fresh heads' tensors, peft's modules_to_save. A folder of its own: transformers would read an adapter_config.json
+    beside config.json as an adapter to load onto its base."""
+    config = dict(peft_type="LORA", task_type=task_type, base_model_name_or_path=base, r=args.lora_rank,
+                  lora_alpha=args.lora_alpha, lora_dropout=0.0, bias="none", fan_in_fan_out=False,
+                  inference_mode=True, target_modules=sorted({k.split(".")[-3] for k in adapters}),
+                  modules_to_save=sorted({k.split(".")[0] for k in heads}) or None)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in {**adapters, **dict(heads)}.items()},
+              os.path.join(path, "adapter_model.safetensors"))
+
+
 # ----------------------------------------------------------------------------- memory before loading, and loading
 
 def device_memory(device):
@@ -1157,9 +1280,10 @@ def num_calls(n_items, batch_size, device):
     return int(t.item())
 
 
-def load(cls_name, path, flag, mesh, device, **kw):
+def load(cls_name, path, flag, mesh, device, wrap=None, **kw):
     """(model, tokenizer) from an HF folder, sharded over the ranks (rank 0 reads the weights: load_sharded); one
-    error line when it cannot be loaded."""
+    error line when it cannot be loaded. `wrap(model)`, if given, changes the model before it is sharded, alike on rank
+    0's loaded one and on the other ranks' meta one (rerank.py's LoRA layers)."""
     import transformers
     if not os.path.isdir(path):
         raise SystemExit(f"error: {flag} {path!r}: no such checkpoint folder")
@@ -1173,13 +1297,13 @@ def load(cls_name, path, flag, mesh, device, **kw):
     tok = loaded(transformers.AutoTokenizer.from_pretrained)
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         raise SystemExit(f"error: {flag} {path}: the tokenizer needs a pad token distinct from EOS (as sft.py makes)")
-    cls = getattr(transformers, cls_name)
+    cls, wrap = getattr(transformers, cls_name), wrap or (lambda model: model)
 
     def read():
         model = loaded(cls.from_pretrained, dtype=torch.float32, **kw)
         model.config.pad_token_id = tok.pad_token_id  # the verifier head reads the last token that is not this
-        return model
-    return load_sharded(read, lambda config: cls.from_config(config, dtype=torch.float32), mesh, device), tok
+        return wrap(model)
+    return load_sharded(read, lambda config: wrap(cls.from_config(config, dtype=torch.float32)), mesh, device), tok
 
 
 # ----------------------------------------------------------------------------- evaluation, schedule, epochs to save
@@ -1193,6 +1317,14 @@ def lr_lambda(warmup_steps, total_steps):
 # ----------------------------------------------------------------------------- resume state and metrics on disk
 # A resume state is the folder {output_dir}/checkpoint-{step}: DCP's shards and .metadata, each rank's loop state,
 # and manifest.json (every file's sha256), written last: a folder without it is partial, whatever a kill left.
+
+def trained_state(model):
+    """The model's state dict without its frozen parameters: what a resume state holds. With LoRA, the adapters and the
+    head, not the frozen base (--model gives it again), under any of its names (DCP's ignore_frozen_params keeps a tied
+    output embedding)."""
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in get_model_state_dict(model).items() if k not in frozen}
+
 
 def find_resume_state(output_dir, before=float("inf")):
     """(path, step) of the newest whole resume state in `output_dir` (of a step before `before`), or None. Reads
@@ -1272,7 +1404,7 @@ def save_resume_state(model, opt, state, output_dir):
     group = dist.new_group(backend="gloo")
     with stop_if_disk_full(folder):
         try:  # DCP fsyncs its files, writes .metadata last and raises on every rank when any rank failed
-            dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+            dcp.save({"model": trained_state(model), "optim": get_optimizer_state_dict(model, opt)},
                      checkpoint_id=folder, process_group=group)
         except dcp.CheckpointException:  # no partial state left to keep a full disk full
             if rank == 0:
@@ -1322,11 +1454,11 @@ def load_resume_state(model, opt, output_dir):
             os.rename(path, path + ".damaged")
             print(f"warning: the resume state {path} is damaged ({what}); set aside as {path}.damaged, trying the "
                   f"previous one", flush=True)
-    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    sd = {"model": trained_state(model), "optim": get_optimizer_state_dict(model, opt)}
     group = dist.new_group(backend="gloo")  # as in save_resume_state
     dcp.load(sd, checkpoint_id=path, process_group=group)
     dist.destroy_process_group(group)
-    set_model_state_dict(model, sd["model"])
+    set_model_state_dict(model, sd["model"], options=StateDictOptions(strict=False))  # the frozen base stays
     set_optimizer_state_dict(model, opt, sd["optim"])
     if rank == 0:
         print(f"resumed from {path}", flush=True)

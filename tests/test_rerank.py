@@ -203,6 +203,8 @@ def test_sampling_labels_dedups_and_resumes(minigsm, warmup, tmp_path):
      "--batch_size 24 is not a multiple of micro_batch_size × world (16 × 1)"),
     (["--samples", "GOOD", "--init", "WARMUP", "--batch_size", 4096],
      "training samples are fewer than one --batch_size 4096"),
+    (["--model", "WARMUP", "--lora_rank", -1], "--lora_rank must be at least 0 (0: full fine-tuning), not -1"),
+    (["--model", "WARMUP", "--lora_rank", 8, "--lora_alpha", 0], "--lora_alpha must be above 0, not 0.0"),
 ])
 def test_bad_input_gives_one_error_line(args, message, minigsm, warmup, synthetic_samples, tmp_path):
     """One `error:` line and no file written, before any sampling or training."""
@@ -344,3 +346,104 @@ def test_a_call_of_many_questions_samples_each_as_a_call_of_its_own(temperature,
             alone += tok.batch_decode(out[:, enc.input_ids.size(1):], skip_special_tokens=True)
     assert batched == alone
     assert len(set(alone)) > len(prompts)  # teeth: a question's 3 samples are not all alike
+
+
+@pytest.fixture(scope="module")
+def lora_run(synthetic_samples, warmup, tmp_path_factory):
+    """A 2-step verifier training with --lora_rank 4: (its folder, its stdout)."""
+    out = tmp_path_factory.mktemp("lora")
+    p = run([PY, "rerank.py", "--samples", synthetic_samples, "--init", warmup, "--output_dir", out, *TRAIN,
+             "--max_steps", 2, "--lora_rank", 4, "--save_steps", 1])
+    return out, p.stdout
+
+
+def test_lora_trains_the_adapters_and_the_head_only(lora_run, warmup):
+    """final/ is a plain verifier whose trunk is --init's but for the LoRA targets, where the merged updates changed
+    every one; the head moved from its fresh init by at most AdamW's two steps; the resume state holds only the
+    adapters and the head (and their AdamW moments); the recipe's lr is ×10, and the log counts what trains."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+    out, stdout = lora_run
+    final, init = load_file(out / "final" / "model.safetensors"), load_file(warmup / "model.safetensors")
+    targets = [k for k in final if k.split(".")[-2] in rerank.LORA_TARGETS]
+    layers = json.loads((warmup / "config.json").read_text())["num_hidden_layers"]
+    assert len(targets) == 7 * layers and set(final) - set(init) == {"score.weight"}  # q k v o gate up down
+    assert all(final[k].dtype == torch.float32 for k in final)
+    for key in set(final) - {"score.weight"}:
+        assert torch.equal(final[key], init[key]) == (key not in targets), key
+    assert "model.embed_tokens.weight" in final and "model.norm.weight" in final
+
+    torch.manual_seed(3)  # --seed: the head's init, drawn as rerank.py draws it, before the LoRA layers
+    fresh = AutoModelForSequenceClassification.from_pretrained(warmup, num_labels=1).score.weight.detach()
+    moved = (final["score.weight"] - fresh).abs().max().item()
+    assert 0 < moved <= 2e-3, moved  # two AdamW steps of at most lr (1e-3, then 5e-4 as it decays) each
+
+    trained = {f"{name}.{factor}.weight" for name in (k[:-len(".weight")] for k in targets)
+               for factor in ("lora_A", "lora_B")} | {"score.weight"}
+    n_trained = sum(4 * (init[k].shape[0] + init[k].shape[1]) for k in targets) + final["score.weight"].numel()
+    assert f"{n_trained:,} trained (LoRA rank 4), lr 0.001" in stdout, stdout
+    state, _ = rerank.find_resume_state(out)
+    saved = dcp.FileSystemReader(state).read_metadata().state_dict_metadata
+    assert {k[len("model."):] for k in saved if k.startswith("model.")} == trained
+    assert {k.rsplit(".", 1)[0][len("optim.state."):] for k in saved if k.startswith("optim.state.")} == trained
+
+
+def test_lora_resumes_to_the_same_verifier(lora_run, synthetic_samples, warmup, tmp_path):
+    """The run's folder as a kill after step 1 leaves it (its resume state at step 1, only the adapters and the
+    head): --resume takes the frozen trunk from --init again and ends on the same verifier, byte for byte."""
+    out, _ = lora_run
+    shutil.copytree(out, tmp_path / "run", ignore=shutil.ignore_patterns("final", "checkpoint-2"))
+    p = run([PY, "rerank.py", "--samples", synthetic_samples, "--init", warmup, "--output_dir", tmp_path / "run",
+             *TRAIN, "--max_steps", 2, "--lora_rank", 4, "--save_steps", 1, "--resume"])
+    assert "resumed from" in p.stdout and "checkpoint-1" in p.stdout, p.stdout
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        assert (tmp_path / "run" / "final" / name).read_bytes() == (out / "final" / name).read_bytes(), name
+
+
+def test_lora_adapter_loads_in_peft_as_the_merged_verifier(lora_run, warmup, synthetic_samples):
+    """final/adapter/ in peft's format: PeftModel.from_pretrained on --init's AutoModelForSequenceClassification
+    scores texts as the merged final/ does; without the adapters (and with --init's fresh head) the scores differ."""
+    peft = pytest.importorskip("peft", reason="peft (a test dependency) loads the adapters in their format")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    out, _ = lora_run
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "final").eval()
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    tok.padding_side = "right"
+    base = AutoModelForSequenceClassification.from_pretrained(warmup, num_labels=1)
+    base.config.pad_token_id = tok.pad_token_id
+    adapted = peft.PeftModel.from_pretrained(base, out / "final" / "adapter").eval()
+    config = json.loads((out / "final" / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"] and config["r"] == 4
+    rows = [json.loads(line) for line in synthetic_samples.read_text().splitlines()[:8]]
+    ids = [reward.encode_prompt(tok, reward.build_prompt(r["question"], "nl", sampling=True) + r["completion"])
+           for r in rows]
+    enc = tok.pad({"input_ids": ids}, return_tensors="pt")
+    with torch.no_grad():
+        want, got = merged(**enc).logits[:, 0], adapted(**enc).logits[:, 0]
+        with adapted.disable_adapter():
+            bare = adapted(**enc).logits[:, 0]
+    assert torch.allclose(got, want, atol=1e-5), (got, want)
+    assert (bare - want).abs().max() > 1e-3  # teeth: the adapters and the head matter
+
+
+def test_lora_memory_is_the_frozen_trunk_in_bf16_and_the_trained_fraction():
+    """rerank.py's training phase of a CodeLlama-7B verifier on one 80 GB GPU: full fine-tuning (16 bytes per
+    parameter, 108 GB) is refused; with --lora_rank 16 the state is the bf16 trunk (2 bytes per parameter) plus 12 + 4
+    bytes per adapter parameter, counted here from the projections' shapes: it fits, and the estimate is this sum."""
+    import dataclasses
+    from transformers import LlamaConfig
+    config = LlamaConfig(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
+                         intermediate_size=11008, vocab_size=32016, tie_word_embeddings=False)
+    P, L, H, V = 6_738_546_688, 32, 4096, 32016  # CodeLlama-7B's parameters (tests/test_memory.py)
+    args = dataclasses.replace(rerank.Args(), batch_size=48, micro_batch_size=6, max_length=700)
+    assert rerank.memory_error(args, P, config, 1, True, 80e9, None) is not None
+    lora = dataclasses.replace(args, lora_rank=16)
+    assert rerank.memory_error(lora, P, config, 1, True, 80e9, None) is None
+    adapters = 16 * L * (4 * (H + H) + 2 * (H + 11008) + (11008 + H))  # r (in + out): q k v o, gate up, down
+    tokens = 6 * 700
+    training = (2 * P + 12 * adapters + 4 * adapters + (2 * 2 + 4) * P / L + 4 * V * H + 3 * 4 * tokens * V
+                + L * 34 * tokens * H)
+    error = rerank.memory_error(lora, P, config, 1, True, 20e9, None)
+    assert error.startswith(f"error: the estimated peak memory is {training / 1e9:.3g} GB per device"), error
+    assert 30e9 < training < 40e9
