@@ -211,8 +211,8 @@ RANGES = [("num_samples", lambda v: v == -1 or v >= 1, SIZED + "at least 1"), ("
 RECIPES = {"small": dict(num_samples=8, lr=1e-4, max_length=256, max_new_tokens=48),
            "paper": dict(num_samples=100, lr=1e-6, max_length=700, max_new_tokens=700)}
 SMALL_MODEL = 50_000_000
-# With --lora_rank, an --lr left at -1 is the recipe's × this: LoRA's few parameters need a larger step (verl's LoRA guide
-# advises about 10× full fine-tuning's rate; at full fine-tuning's, users report LoRA learning little, TRL #2872).
+# With --lora_rank, an --lr left at -1 is the recipe's × this: LoRA's few parameters need a larger step (verl's LoRA
+# guide advises about 10× full fine-tuning's rate; at full fine-tuning's, users report LoRA learning little, TRL #2872).
 LORA_LR_SCALE = 10
 
 
@@ -895,12 +895,14 @@ def fill_recipe(args):
     n = checkpoint_params(getattr(args, "init", "") or args.model)
     name = "small" if n is not None and n < SMALL_MODEL else "paper"
     filled = {f: v[args.cot] if isinstance(v, dict) else v for f, v in RECIPES[name].items() if getattr(args, f) == -1}
-    if "lr" in filled and args.lora_rank > 0:
+    lora = "lr" in filled and args.lora_rank > 0
+    if lora:
         filled["lr"] *= LORA_LR_SCALE
     for flag, value in filled.items():
         setattr(args, flag, value)
     size = "a hub model" if n is None else f"{n / 1e6:.1f} M parameters"
-    said = ", ".join(f"--{flag} {value:g}" for flag, value in filled.items())
+    said = ", ".join(f"--{flag} {value:g}" + (f" (× {LORA_LR_SCALE} for LoRA)" if flag == "lr" and lora else "")
+                     for flag, value in filled.items())
     return f"{name} ({size}){': ' + said if said else ', every flag given'}"
 
 
