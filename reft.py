@@ -37,6 +37,7 @@ The paper's setting (8 GPUs, CodeLlama-7B warm-up = epoch 2 of SFT, GSM8K progra
     torchrun --nproc_per_node 8 reft.py --model runs/sft7b/warmup --data gsm8k_reft --cot python \\
         --batch_size 32 --micro_batch_size 4 --lr 3e-7 --epochs 300 --kl_coef 0.01 --max_prompt_length 300 \\
         --max_length 700 --gradient_checkpointing --output_dir runs/reft7b
+On one 80 GB GPU: the same with --lora_rank 16 and without --lr (the recipe's × 10 for LoRA), docs/scaling.md.
 
 One code path: plain `python reft.py` is a 1-process group; under `torchrun` the policy (with its value head)
 and the reference are sharded with FSDP2, gloo + fp32 on CPU and NCCL + bf16 mixed precision on GPU.

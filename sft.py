@@ -14,6 +14,8 @@ method and main() first; below the "infrastructure" marker (flags, loading, savi
   the schedule: linear warm-up, then linear decay        lr_lambda
   the warm-up epoch and the best epoch on validation     save_epoch_checkpoints (warmup/, best/), greedy_accuracy
   Offline-ST: gold CoTs + correct, distinct samples      read_extra_samples, sample_target, self_training_examples
+  LoRA (--lora_rank): W + (α/r)·B A on the projections,  LoRALinear, add_lora, merge_lora (below the marker, shared
+    saved merged, so a LoRA warm-up is a plain one       with reft.py and rerank.py), save_hf
 
 Run it (CPU, the offline default: a tiny Llama trained from scratch on the `minigsm` word problems, python CoTs,
 40 epochs with a greedy validation evaluation after each, ~11 min on 2 cores):
@@ -25,6 +27,9 @@ The paper's setting (8 GPUs, CodeLlama-7B, GSM8K program CoT, warm-up = epoch 2 
     torchrun --nproc_per_node 8 sft.py --model codellama/CodeLlama-7b-hf --data gsm8k_reft --cot python \\
         --epochs 40 --batch_size 48 --micro_batch_size 6 --lr 1e-5 --max_length 1024 --gradient_checkpointing \\
         --save_epochs none --output_dir runs/sft7b                                  # warmup/ = epoch 2, best/, final/
+On one GPU, LoRA adapters instead of every weight (docs/scaling.md; --lr left at -1 is then 10× the paper's):
+    python sft.py --model codellama/CodeLlama-7b-hf --data gsm8k_reft --cot python --lora_rank 16 \
+        --batch_size 48 --micro_batch_size 6 --max_length 1024 --gradient_checkpointing --output_dir runs/sft7b_lora
 Offline self-training (the paper's Offline-ST baseline): sample the training questions from the warm-up with
 rerank.py, then train on the gold CoTs plus the correct, distinct samples:
     python rerank.py --model runs/sft/warmup --output_dir runs/rerank                   # runs/rerank/samples.jsonl
