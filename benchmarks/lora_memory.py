@@ -1,9 +1,10 @@
-"""Peak memory of one reft.py PPO step on the CPU, full fine-tuning against --lora_rank, next to the arithmetic's
-ratio (reft.py's memory_error and memory_estimate, fp32 as on the CPU): the measured check of docs/scaling.md's
-section "ReFT on one GPU with LoRA".
+"""Peak RSS of one reft.py step on the CPU, full fine-tuning against --lora_rank, next to reft.py's arithmetic.
 
-    python benchmarks/lora_memory.py            # a random-initialised 300 M-parameter Llama: ~10 GB, minutes on 2 cores
-    python benchmarks/lora_memory.py --layers 2 --hidden 256 --intermediate 688   # a quick look
+The measured check of docs/scaling.md's section "ReFT on one GPU with LoRA": the arithmetic is reft.py's own
+(memory_error and memory_estimate, fp32 as on the CPU).
+
+    python benchmarks/lora_memory.py            # a random 309 M-parameter Llama: 8.7 GB at most, ~15 min on 2 cores
+    python benchmarks/lora_memory.py --layers 2 --hidden 256 --intermediate 688 --heads 4   # a quick look
     python benchmarks/lora_memory.py --paper    # the arithmetic only: CodeLlama-7B ReFT, full and LoRA, per GPU
 
 The model: a LlamaConfig of --hidden, --layers and --intermediate with the `tiny` benchmark checkpoint's tokenizer
@@ -14,6 +15,8 @@ process's ru_maxrss (os.wait4), which also counts what every process holds (Pyth
 alone are measured too.
 """
 import argparse
+import dataclasses
+import datetime
 import json
 import os
 import sys
@@ -78,7 +81,8 @@ def peak_rss(cmd, threads):
 
 def paper_table(ranks=(16, 64)):
     """Lines of text: the per-GPU arithmetic of CodeLlama-7B ReFT (the paper preset's reft.py flags) in bf16, full
-    fine-tuning on 8 GPUs and on 1, and LoRA of each rank on 1, with the parameters each trains."""
+    fine-tuning on 8 GPUs and on 1, and LoRA of each rank on 1, with the parameters each trains: each phase's peak,
+    the rollout's (32 / GPUs sequences) that of a run without the periodic evaluation (64 sequences)."""
     import reft
     from transformers import LlamaConfig
     config = LlamaConfig(vocab_size=32016, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
@@ -89,16 +93,16 @@ def paper_table(ranks=(16, 64)):
     shown = " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in paper.items())
     lines = [f"CodeLlama-7B, {n:,} parameters; reft.py {shown}, bf16 "
              f"(arithmetic: reft.py memory_error / memory_estimate)",
-             "| run | GPUs | parameters trained | weights, AdamW, reference | rollout (generation) "
-             "| PPO update (training) |",
-             "|---|---|---|---|---|---|"]
+             "| run | GPUs | parameters trained | weights, AdamW, reference | rollout | evaluation | PPO update |",
+             "|---|---|---|---|---|---|---|"]
     for rank, world in [(0, 8), (0, 1), *((r, 1) for r in ranks)]:
         args = reft.Args(**paper, lora_rank=rank)
         trained = reft.lora_params(config, rank) if rank else n
         state = 2 * n + 12 * trained if rank else 16 * n  # memory_error's: the weights, AdamW's moments, the reference
         phases = reft_estimate(args, n, config, world, bf16=True)
+        rollout = reft_estimate(dataclasses.replace(args, eval_every=0), n, config, world, bf16=True)["generation"]
         lines.append(f"| {'LoRA rank ' + str(rank) if rank else 'full'} | {world} | {trained:,} | "
-                     f"{state / world / 1e9:.1f} GB | {phases['generation'] / 1e9:.1f} GB | "
+                     f"{state / world / 1e9:.1f} GB | {rollout / 1e9:.1f} GB | {phases['generation'] / 1e9:.1f} GB | "
                      f"{phases['training'] / 1e9:.1f} GB |")
     return lines
 
@@ -140,7 +144,10 @@ def main():
         est = {rank: max(reft_estimate(reft.Args(**run_flags(ckpt, "", a.max_length, rank)), n, config).values())
                for rank in peaks}
     full, lora = peaks[0], peaks[a.lora_rank]
-    res = dict(params=n, lora_params=reft.lora_params(config, a.lora_rank), lora_rank=a.lora_rank,
+    import torch
+    import transformers
+    res = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, transformers=transformers.__version__,
+               params=n, lora_params=reft.lora_params(config, a.lora_rank), lora_rank=a.lora_rank,
                peak_rss_full=full, peak_rss_lora=lora, peak_rss_imports=imports, measured_ratio=lora / full,
                measured_ratio_above_imports=(lora - imports) / (full - imports), estimate_full=est[0],
                estimate_lora=est[a.lora_rank], estimate_ratio=est[a.lora_rank] / est[0], machine=machine(),
