@@ -4,6 +4,7 @@
     python scripts/quickstart.py --fast             # a few steps per stage: checks the plumbing (CI runs this)
     python scripts/quickstart.py --preset paper --nproc 8 --data gsm8k_reft --cot python   # CodeLlama-7B, 8 GPUs
     python scripts/quickstart.py --preset paper --nproc 8 --estimate_only   # the cost estimate and the commands only
+    python scripts/quickstart.py --preset paper --nproc 1 --lora_rank 16 --estimate_only   # ReFT with LoRA: one GPU
 
 Two presets fill every size and hyperparameter flag left at its -1 (or "") default; `--help` gives both values:
   cpu    (`bash run.sh quickstart`) the `minigsm` word problems, prepared here, and a tiny Llama trained from scratch,

@@ -261,3 +261,15 @@ def test_estimate_only_with_lora_on_one_gpu_is_reft_s_memory_check(tmp_path):
     assert reft.memory_error(args, n, config, 1, True, need + 0.05e9) is None
     assert reft.memory_error(args, n, config, 1, True, need - 0.05e9) is not None
     assert reft.memory_error(dataclasses.replace(args, lora_rank=0), n, config, 1, True, 80e9) is not None
+
+
+def test_lora_rank_scales_only_the_preset_s_reft_lr_and_is_checked_first(tmp_path):
+    """--lora_rank makes a --reft_lr left at -1 the preset's × 10 (the cpu preset's 1e-4 too); a given --reft_lr
+    stays; a negative rank is one error line before anything runs."""
+    out = ["--out_dir", str(tmp_path / "q")]
+    assert quickstart.quickstart_args(out).reft_lr == 1e-4
+    assert quickstart.quickstart_args([*out, "--lora_rank", "8"]).reft_lr == pytest.approx(1e-3)
+    assert quickstart.quickstart_args([*out, "--lora_rank", "8", "--reft_lr", "2e-4"]).reft_lr == 2e-4
+    with pytest.raises(SystemExit) as e:
+        quickstart.quickstart_args([*out, "--lora_rank", "-1"])
+    assert str(e.value) == "error: --lora_rank must be at least 0, not -1"
