@@ -238,7 +238,7 @@ PRESETS = {
                   verifier_samples=100, max_new_tokens=700, reft_max_length=700),
 }
 PAPER_KL = {"python": 0.01, "nl": 0.05}
-LORA_LR_SCALE = 10  # reft.py's: with --lora_rank, its lr left at -1 is the recipe's × this (verifiers: about 10×)
+LORA_LR_SCALE = 10  # reft.py's: with --lora_rank, an lr left at -1 is the recipe's × this (verl's LoRA guide: ~10×)
 # The paper preset's fixed flags per stage: its other hyperparameters, none of which sets the run's size.
 PAPER_FLAGS = {
     "sft": ["--batch_size", 48, "--micro_batch_size", 6, "--warmup_ratio", 0.1, "--weight_decay", 0,
