@@ -10,9 +10,12 @@ The measured check of docs/scaling.md's section "ReFT on one GPU with LoRA": the
 The model: a LlamaConfig of --hidden, --layers and --intermediate with the `tiny` benchmark checkpoint's tokenizer
 (benchmarks/common.py: a pad token distinct from EOS, as reft.py requires), random weights saved in fp32, built in a
 child process so that no run inherits this process's memory. Each run is `reft.py --max_steps 1` in its own process
-(loading, a rollout, the old-policy and reference forwards, one PPO update, the final checkpoint); its peak is that
-process's ru_maxrss (os.wait4), which also counts what every process holds (Python, torch, transformers): the imports
-alone are measured too.
+(loading, a rollout, the old-policy and reference forwards, one PPO update, the final checkpoint). Two peaks of its
+resident memory: while loading (VmHWM when reft.py logs `ppo:`, after load_run), and during the step, from then to the
+end (the high-water mark reset there through /proc/PID/clear_refs, then the process's ru_maxrss from os.wait4). The
+loading peak holds transient copies of the checkpoint whose freeing the allocator decides, and varies from run to run;
+the step's is what the arithmetic estimates. Both count what every process holds (Python, torch, transformers): the
+imports alone are measured too.
 """
 import argparse
 import dataclasses
@@ -66,17 +69,26 @@ def run_flags(ckpt, out, max_length, lora_rank):
                 eval_every=0, lr=1e-5, lora_rank=lora_rank)
 
 
-def peak_rss(cmd, threads):
-    """The peak resident memory of `cmd` run to its end, in bytes (its own ru_maxrss, not its siblings')."""
+def peak_rss(cmd, threads, mark=None):
+    """(peak resident bytes of `cmd` up to the first output line starting with `mark`, peak from then to its end);
+    without `mark`, (0, the peak of the whole run). Its own ru_maxrss, not its siblings'."""
     import subprocess
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     print("$", " ".join(cmd), flush=True)
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    before = 0
+    for line in p.stdout:
+        print(line, end="", flush=True)
+        if mark and not before and line.startswith(mark):
+            with open(f"/proc/{p.pid}/status") as f:
+                before = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:"))
+            with open(f"/proc/{p.pid}/clear_refs", "w") as f:
+                f.write("5")  # the high-water mark starts again from the current resident size (Linux >= 4.0)
     _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode:
-        raise SystemExit(f"error: {' '.join(cmd)} failed (exit {p.returncode})")
-    return usage.ru_maxrss * 1024  # kilobytes on Linux
+    if p.returncode or (mark and not before):
+        raise SystemExit(f"error: {' '.join(cmd)} failed (exit {p.returncode}) or never printed {mark!r}")
+    return before, usage.ru_maxrss * 1024  # kilobytes on Linux
 
 
 def paper_table(ranks=(16, 64)):
@@ -131,12 +143,12 @@ def main():
         subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                         f"import lora_memory; print(lora_memory.build_checkpoint({str(ckpt)!r}, {str(tokenizer)!r}, "
                         f"{a.hidden}, {a.layers}, {a.intermediate}, {a.heads}))"], cwd=ROOT, check=True)
-        imports = peak_rss([sys.executable, "-c", "import torch, transformers, reft"], a.threads)
-        peaks = {}
+        imports = peak_rss([sys.executable, "-c", "import torch, transformers, reft"], a.threads)[1]
+        loading, peaks = {}, {}
         for rank in (0, a.lora_rank):
             flags = run_flags(ckpt, Path(tmp) / f"run_{rank}", a.max_length, rank)
-            peaks[rank] = peak_rss([sys.executable, "reft.py", *(x for k, v in flags.items()
-                                                                  for x in (f"--{k}", str(v)))], a.threads)
+            cmd = [sys.executable, "reft.py", *(x for k, v in flags.items() for x in (f"--{k}", str(v)))]
+            loading[rank], peaks[rank] = peak_rss(cmd, a.threads, "ppo:")
         import reft
         from transformers import AutoConfig
         config = AutoConfig.from_pretrained(ckpt)
@@ -148,12 +160,14 @@ def main():
     import transformers
     res = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, transformers=transformers.__version__,
                params=n, lora_params=reft.lora_params(config, a.lora_rank), lora_rank=a.lora_rank,
-               peak_rss_full=full, peak_rss_lora=lora, peak_rss_imports=imports, measured_ratio=lora / full,
+               step_peak_rss_full=full, step_peak_rss_lora=lora, loading_peak_rss_full=loading[0],
+               loading_peak_rss_lora=loading[a.lora_rank], peak_rss_imports=imports, measured_ratio=lora / full,
                measured_ratio_above_imports=(lora - imports) / (full - imports), estimate_full=est[0],
                estimate_lora=est[a.lora_rank], estimate_ratio=est[a.lora_rank] / est[0], machine=machine(),
                sizes=dict(hidden=a.hidden, layers=a.layers, intermediate=a.intermediate, heads=a.heads,
                           max_length=a.max_length))
     print(f"random Llama: {n:,} parameters, LoRA rank {a.lora_rank}: {res['lora_params']:,} trained\n"
+          f"peak RSS while loading: full {loading[0] / 1e9:.2f} GB, LoRA {loading[a.lora_rank] / 1e9:.2f} GB\n"
           f"peak RSS of one reft.py step: full {full / 1e9:.2f} GB, LoRA {lora / 1e9:.2f} GB, ratio "
           f"{res['measured_ratio']:.3f}; above the imports' {imports / 1e9:.2f} GB: ratio "
           f"{res['measured_ratio_above_imports']:.3f}\n"
