@@ -340,3 +340,13 @@ def test_lora_memory_builds_a_checkpoint_reft_accepts_and_reports_reft_s_own_est
         assert reft.memory_error(args, n, config, 1, False, peaks[rank]) is None
         assert reft.memory_error(args, n, config, 1, False, peaks[rank] - 1) is not None
     assert peaks[16] < peaks[0]
+
+
+def test_lora_memory_separates_the_loading_peak_from_the_step_s():
+    """peak_rss: a child that holds 300 MB, frees it, prints the mark and then holds 60 MB: the peak before the mark
+    has the 300 MB, the one after it the 60 MB but not the 300 MB."""
+    import lora_memory
+    child = ("import time; a = bytearray(300_000_000); del a; print('ppo: loaded', flush=True); time.sleep(0.5); "
+             "b = bytearray(60_000_000); time.sleep(1)")
+    loading, step = lora_memory.peak_rss([PY, "-c", child], 1, "ppo:")
+    assert loading > 300e6 and 60e6 < step < 300e6, (loading, step)
