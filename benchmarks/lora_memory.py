@@ -10,12 +10,11 @@ The measured check of docs/scaling.md's section "ReFT on one GPU with LoRA": the
 The model: a LlamaConfig of --hidden, --layers and --intermediate with the `tiny` benchmark checkpoint's tokenizer
 (benchmarks/common.py: a pad token distinct from EOS, as reft.py requires), random weights saved in fp32, built in a
 child process so that no run inherits this process's memory. Each run is `reft.py --max_steps 1` in its own process
-(loading, a rollout, the old-policy and reference forwards, one PPO update, the final checkpoint). Two peaks of its
-resident memory: while loading (VmHWM when reft.py logs `ppo:`, after load_run), and during the step, from then to the
-end (the high-water mark reset there through /proc/PID/clear_refs, then the process's ru_maxrss from os.wait4). The
-loading peak holds transient copies of the checkpoint whose freeing the allocator decides, and varies from run to run;
-the step's is what the arithmetic estimates. Both count what every process holds (Python, torch, transformers): the
-imports alone are measured too.
+(loading, a rollout, the old-policy and reference forwards, one PPO update, the resume state and the final
+checkpoint). Three peaks of its resident memory (peak_rss: VmHWM, reset through /proc/PID/clear_refs at each mark):
+loading, up to reft.py's `ppo:` line (after load_run); the step, up to its log line; saving, to the end (LoRA's merge
+makes a merged copy of the weights). The step's is what the arithmetic estimates. Each counts what every process
+holds (Python, torch, transformers): the imports alone are measured too.
 """
 import argparse
 import dataclasses
@@ -63,32 +62,33 @@ def reft_estimate(args, n_params, config, world=1, bf16=False):
 
 
 def run_flags(ckpt, out, max_length, lora_rank):
-    """reft.py's flags for one short PPO step on `ckpt`: one question, one sample, no evaluation."""
+    """reft.py's flags for one short PPO step on `ckpt`: one question, one sample, no evaluation, its log line (the
+    step's end, before the resume state and the final checkpoint are saved)."""
     return dict(model=str(ckpt), data="minigsm", cot="nl", output_dir=str(out), max_steps=1, batch_size=1,
                 num_samples=1, micro_batch_size=1, max_prompt_length=max_length - 16, max_length=max_length,
-                eval_every=0, lr=1e-5, lora_rank=lora_rank)
+                eval_every=0, lr=1e-5, lora_rank=lora_rank, log_every=1)
 
 
-def peak_rss(cmd, threads, mark=None):
-    """(peak resident bytes of `cmd` up to the first output line starting with `mark`, peak from then to its end);
-    without `mark`, (0, the peak of the whole run). Its own ru_maxrss, not its siblings'."""
+def peak_rss(cmd, threads, marks=()):
+    """The peak resident bytes of `cmd` in each part of its run, its output lines starting with `marks` (in turn)
+    ending one part and starting the next: len(marks) + 1 peaks. Its own, not its siblings'."""
     import subprocess
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     print("$", " ".join(cmd), flush=True)
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    before = 0
+    peaks = []
     for line in p.stdout:
         print(line, end="", flush=True)
-        if mark and not before and line.startswith(mark):
+        if len(peaks) < len(marks) and line.startswith(marks[len(peaks)]):
             with open(f"/proc/{p.pid}/status") as f:
-                before = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:"))
+                peaks.append(next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:")))
             with open(f"/proc/{p.pid}/clear_refs", "w") as f:
                 f.write("5")  # the high-water mark starts again from the current resident size (Linux >= 4.0)
     _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode or (mark and not before):
-        raise SystemExit(f"error: {' '.join(cmd)} failed (exit {p.returncode}) or never printed {mark!r}")
-    return before, usage.ru_maxrss * 1024  # kilobytes on Linux
+    if p.returncode or len(peaks) < len(marks):
+        raise SystemExit(f"error: {' '.join(cmd)} failed (exit {p.returncode}) or never printed {marks[len(peaks):]}")
+    return [*peaks, usage.ru_maxrss * 1024]  # kilobytes on Linux
 
 
 def paper_table(ranks=(16, 64)):
@@ -143,12 +143,12 @@ def main():
         subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                         f"import lora_memory; print(lora_memory.build_checkpoint({str(ckpt)!r}, {str(tokenizer)!r}, "
                         f"{a.hidden}, {a.layers}, {a.intermediate}, {a.heads}))"], cwd=ROOT, check=True)
-        imports = peak_rss([sys.executable, "-c", "import torch, transformers, reft"], a.threads)[1]
-        loading, peaks = {}, {}
+        imports = peak_rss([sys.executable, "-c", "import torch, transformers, reft"], a.threads)[0]
+        loading, peaks, saving = {}, {}, {}
         for rank in (0, a.lora_rank):
             flags = run_flags(ckpt, Path(tmp) / f"run_{rank}", a.max_length, rank)
             cmd = [sys.executable, "reft.py", *(x for k, v in flags.items() for x in (f"--{k}", str(v)))]
-            loading[rank], peaks[rank] = peak_rss(cmd, a.threads, "ppo:")
+            loading[rank], peaks[rank], saving[rank] = peak_rss(cmd, a.threads, ("ppo:", "step "))
         import reft
         from transformers import AutoConfig
         config = AutoConfig.from_pretrained(ckpt)
@@ -161,13 +161,15 @@ def main():
     res = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, transformers=transformers.__version__,
                params=n, lora_params=reft.lora_params(config, a.lora_rank), lora_rank=a.lora_rank,
                step_peak_rss_full=full, step_peak_rss_lora=lora, loading_peak_rss_full=loading[0],
-               loading_peak_rss_lora=loading[a.lora_rank], peak_rss_imports=imports, measured_ratio=lora / full,
+               loading_peak_rss_lora=loading[a.lora_rank], saving_peak_rss_full=saving[0],
+               saving_peak_rss_lora=saving[a.lora_rank], peak_rss_imports=imports, measured_ratio=lora / full,
                measured_ratio_above_imports=(lora - imports) / (full - imports), estimate_full=est[0],
                estimate_lora=est[a.lora_rank], estimate_ratio=est[a.lora_rank] / est[0], machine=machine(),
                sizes=dict(hidden=a.hidden, layers=a.layers, intermediate=a.intermediate, heads=a.heads,
                           max_length=a.max_length))
     print(f"random Llama: {n:,} parameters, LoRA rank {a.lora_rank}: {res['lora_params']:,} trained\n"
-          f"peak RSS while loading: full {loading[0] / 1e9:.2f} GB, LoRA {loading[a.lora_rank] / 1e9:.2f} GB\n"
+          f"peak RSS while loading: full {loading[0] / 1e9:.2f} GB, LoRA {loading[a.lora_rank] / 1e9:.2f} GB; "
+          f"while saving: full {saving[0] / 1e9:.2f} GB, LoRA {saving[a.lora_rank] / 1e9:.2f} GB\n"
           f"peak RSS of one reft.py step: full {full / 1e9:.2f} GB, LoRA {lora / 1e9:.2f} GB, ratio "
           f"{res['measured_ratio']:.3f}; above the imports' {imports / 1e9:.2f} GB: ratio "
           f"{res['measured_ratio_above_imports']:.3f}\n"

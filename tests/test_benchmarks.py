@@ -348,5 +348,5 @@ def test_lora_memory_separates_the_loading_peak_from_the_step_s():
     import lora_memory
     child = ("import time; a = bytearray(300_000_000); del a; print('ppo: loaded', flush=True); time.sleep(0.5); "
              "b = bytearray(60_000_000); time.sleep(1)")
-    loading, step = lora_memory.peak_rss([PY, "-c", child], 1, "ppo:")
+    loading, step = lora_memory.peak_rss([PY, "-c", child], 1, ("ppo:",))
     assert loading > 300e6 and 60e6 < step < 300e6, (loading, step)
