@@ -4,6 +4,7 @@
     python scripts/quickstart.py --fast             # a few steps per stage: checks the plumbing (CI runs this)
     python scripts/quickstart.py --preset paper --nproc 8 --data gsm8k_reft --cot python   # CodeLlama-7B, 8 GPUs
     python scripts/quickstart.py --preset paper --nproc 8 --estimate_only   # the cost estimate and the commands only
+    python scripts/quickstart.py --preset paper --nproc 1 --lora_rank 16 --estimate_only   # ReFT with LoRA: one GPU
 
 Two presets fill every size and hyperparameter flag left at its -1 (or "") default; `--help` gives both values:
   cpu    (`bash run.sh quickstart`) the `minigsm` word problems, prepared here, and a tiny Llama trained from scratch,
@@ -88,6 +89,11 @@ class Args:
     nproc: int = 1
     """processes per stage (GPUs on a GPU machine): each stage runs as `torchrun --standalone --nproc_per_node N`,
     as `python` when 1"""
+    lora_rank: int = 0
+    """ReFT (every reft.py run) with LoRA adapters of this rank (reft.py --lora_rank): the warm-up frozen, no second
+    copy as the reference; with --nproc 1, CodeLlama-7B's ReFT fits one 80 GB GPU (the estimate prints its memory per
+    GPU: docs/scaling.md). --reft_lr left at -1 becomes the preset's × 10 (reft.py's LORA_LR_SCALE). SFT and the
+    verifiers still train every parameter. 0 = full fine-tuning (paper)"""
     estimate_only: bool = False
     """print the cost estimate and every stage's command line, and run nothing"""
     fast: bool = False
@@ -220,7 +226,7 @@ RANGES = [(name, lambda v: v >= 1, "at least 1") for name in ("n_train", "max_nu
         "warmup_epoch", "reft_epochs", "reft_steps", "reft_eval_every", "num_samples", "reft_max_length", "k",
         "verifier_samples", "max_new_tokens")] + \
     [(name, lambda v: v == -1 or v >= 0, "at least 0") for name in ("sft_lr", "reft_lr", "kl_coef", "vf_coef")] + \
-    [("lam", lambda v: v == -1 or 0 <= v <= 1, "in [0, 1]")]
+    [("lam", lambda v: v == -1 or 0 <= v <= 1, "in [0, 1]"), ("lora_rank", lambda v: v >= 0, "at least 0")]
 
 # What each preset gives the flags left at -1 (or ""). The paper's values are README's "paper pipeline at scale",
 # which takes them from the paper's code (github.com/lqtrung1998/mwp_ReFT); the cpu ones are explained in --help.
@@ -232,6 +238,7 @@ PRESETS = {
                   verifier_samples=100, max_new_tokens=700, reft_max_length=700),
 }
 PAPER_KL = {"python": 0.01, "nl": 0.05}
+LORA_LR_SCALE = 10  # reft.py's: with --lora_rank, an lr left at -1 is the recipe's × this (verl's LoRA guide: ~10×)
 # The paper preset's fixed flags per stage: its other hyperparameters, none of which sets the run's size.
 PAPER_FLAGS = {
     "sft": ["--batch_size", 48, "--micro_batch_size", 6, "--warmup_ratio", 0.1, "--weight_decay", 0,
@@ -246,11 +253,12 @@ MWP_REFT = {"gsm8k_reft": "gsm8k", "svamp": "svamp", "mathqa": "mathqa", "mathqa
 # The estimate's figures beyond the data files, each printed with its source.
 KNOWN_MODELS = {  # parameters (computed from the published config), the config's sizes, the config in words
     "codellama/CodeLlama-7b-hf": (6_738_546_688, dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
-                                                      num_key_value_heads=32, vocab_size=32016),
+                                                      num_key_value_heads=32, vocab_size=32016,
+                                                      intermediate_size=11008),
                                   "CodeLlama-7B's config: 32 layers, hidden 4096, MLP 11,008, vocabulary 32,016, "
                                   "untied LM head (docs/scaling.md: 6.74e9)"),
     "facebook/galactica-6.7b": (6_657_359_872, dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
-                                                    vocab_size=50000),
+                                                    vocab_size=50000, ffn_dim=16384),
                                 "Galactica-6.7B's config (the OPT layout): 32 layers, hidden 4096, FFN 16,384, "
                                 "vocabulary 50,000, 2,050 learned positions, tied head"),
 }
@@ -294,6 +302,8 @@ def quickstart_args(argv=None):
         raise SystemExit(f"error: --{'fast' if args.fast else 'compare'} is the cpu preset's; a small paper-preset "
                          f"run takes the size flags (--sft_epochs, --reft_steps, -k, --verifier_samples, ...)")
     preset = dict(PRESETS[args.preset], kl_coef=PAPER_KL[args.cot]) if args.preset == "paper" else PRESETS[args.preset]
+    if args.lora_rank:  # reft.py scales only an lr left at -1, and the preset passes its lr explicitly
+        preset = dict(preset, reft_lr=preset["reft_lr"] * LORA_LR_SCALE)
     args = dataclasses.replace(args, **{name: value for name, value in preset.items()
                                         if getattr(args, name) in (-1, "")})
     if args.fast:
@@ -409,18 +419,36 @@ def memory_per_gpu(args, n, config, d):
     """{stage: estimated peak bytes per GPU} of the paper preset's commands on --nproc GPUs in bf16: the stages' own
     arithmetic (memory_estimate, which each stage checks against its GPU before loading) with their flags
     (PAPER_FLAGS, the stages' defaults for the rest: a generation batch of GEN_BATCH) and the prepared data's longest
-    prompts (characters / CHARS_PER_TOKEN)."""
+    prompts (characters / CHARS_PER_TOKEN). ReFT holds the policy, AdamW's moments, its gradients and the reference
+    (16 + 4 bytes per parameter); with --lora_rank, as reft.py's memory_error: the frozen warm-up in bf16 (2), no
+    reference, 12 + 4 bytes per trained parameter (lora_params)."""
     W, prompt, test_prompt = args.nproc, d["longest_prompt"], d["longest_test_prompt"]
     sft = memory_estimate(n, config, W, True, 12, 4, 6 * 1024, True, GEN_BATCH * (prompt + args.max_new_tokens))
     rollout = max(1, args.reft_batch_size * args.num_samples // W)
-    reft = memory_estimate(n, config, W, True, 16, 4, 4 * args.reft_max_length, True,
+    trained = lora_params(config, args.lora_rank) / n  # per parameter of the whole model, as memory_estimate takes it
+    state, grads = (2 + 12 * trained, 4 * trained) if args.lora_rank else (16, 4)
+    reft = memory_estimate(n, config, W, True, state, grads, 4 * args.reft_max_length, True,
                            max(rollout, GEN_BATCH) * args.reft_max_length)
     sampling = memory_estimate(n, config, W, True, 4, 0, 0, False,
                                min(GEN_BATCH, args.verifier_samples) * (prompt + args.max_new_tokens))
     verifier = memory_estimate(n, config, W, True, 12, 4, 6 * 700, False, 0)
     evaluation = memory_estimate(n, config, W, True, 4, 0, 0, False, GEN_BATCH * (test_prompt + args.max_new_tokens))
-    return {"SFT": max(sft.values()), "ReFT": max(reft.values()),
+    name = f"ReFT (LoRA rank {args.lora_rank})" if args.lora_rank else "ReFT"
+    return {"SFT": max(sft.values()), name: max(reft.values()),
             "verifier": max(sampling["generation"], verifier["training"]), "evaluation": evaluation["generation"]}
+
+
+def lora_params(config, rank):
+    """The parameters LoRA of `rank` trains in a causal LM of `config`, r × (in + out) per adapted projection and layer
+    (reft.py's LORA_TARGETS: Llama's q, k, v, o, gate, up, down; OPT's q, k, v, out, fc1, fc2): reft.py's lora_params
+    counted from the sizes, as the stages are not imported here."""
+    h, heads = config.hidden_size, config.num_attention_heads
+    if hasattr(config, "ffn_dim"):  # OPT (Galactica)
+        per_layer = 4 * (h + h) + 2 * (h + config.ffn_dim)
+    else:
+        kv = h // heads * (getattr(config, "num_key_value_heads", None) or heads)
+        per_layer = 2 * (h + h) + 2 * (h + kv) + 3 * (h + config.intermediate_size)
+    return rank * config.num_hidden_layers * per_layer
 
 
 def gb(n_bytes):
@@ -576,7 +604,8 @@ def rl_command(args, common, W, key, out):
     length = (["--epochs", args.reft_epochs] if args.reft_epochs > 0 else []) + \
         (["--max_steps", args.reft_steps] if args.reft_steps > 0 else [])
     prompts = ["--max_prompt_length", 96] if args.preset == "cpu" else PAPER_FLAGS["reft"]
-    return [*launch(args, "reft.py"), *common, "--model", W, *length, "--lr", args.reft_lr,
+    lora = ["--lora_rank", args.lora_rank] if args.lora_rank else []
+    return [*launch(args, "reft.py"), *common, "--model", W, *length, *lora, "--lr", args.reft_lr,
             "--batch_size", args.reft_batch_size, "--num_samples", args.num_samples, *rl_flags(args, key),
             "--max_length", args.reft_max_length, *prompts, "--eval_every", args.reft_eval_every,
             "--save_steps", args.reft_eval_every, "--save_best", "--output_dir", out / key]

@@ -310,3 +310,43 @@ def test_a_saved_checkpoint_keeps_the_rope_base(tmp_path):
                                device)
     want = dict(policy.lm.named_buffers())
     assert all(torch.equal(b, want[n]) for n, b in loaded.named_buffers())
+
+
+# ----------------------------------------------------------------------------- lora_memory.py
+
+def test_lora_memory_builds_a_checkpoint_reft_accepts_and_reports_reft_s_own_estimate(warmup, tmp_path):
+    """benchmarks/lora_memory.py at toy size: the random Llama has the parameters its sizes give (untied head), the
+    tokenizer's vocabulary and a pad token distinct from EOS (reft.py's load_tokenizer accepts it); reft_estimate's
+    phases are what reft.py's memory_error checks (its peak fits a device of that size, not one a byte smaller), and
+    LoRA shrinks the fp32 estimate on the CPU."""
+    import lora_memory
+    from transformers import AutoConfig, AutoTokenizer
+
+    import reft
+    h, layers, inter = 64, 2, 96
+    n = lora_memory.build_checkpoint(tmp_path / "model", warmup, h, layers, inter, 4)
+    vocab = len(AutoTokenizer.from_pretrained(warmup))
+    assert n == 2 * vocab * h + layers * (4 * h * h + 3 * h * inter + 2 * h) + h
+    config = AutoConfig.from_pretrained(tmp_path / "model")
+    assert (config.vocab_size, reft.config_params(config)) == (vocab, n)
+    args = reft.Args(**lora_memory.run_flags(tmp_path / "model", tmp_path / "out", 64, 0))
+    tok = reft.load_tokenizer(args)
+    assert tok.pad_token_id == config.pad_token_id != config.eos_token_id
+    peaks = {}
+    for rank in (0, 16):
+        args = reft.Args(**lora_memory.run_flags(tmp_path / "model", tmp_path / "out", 64, rank))
+        phases = lora_memory.reft_estimate(args, n, config)
+        peaks[rank] = max(phases.values())
+        assert reft.memory_error(args, n, config, 1, False, peaks[rank]) is None
+        assert reft.memory_error(args, n, config, 1, False, peaks[rank] - 1) is not None
+    assert peaks[16] < peaks[0]
+
+
+def test_lora_memory_separates_the_loading_peak_from_the_step_s():
+    """peak_rss: a child that holds 300 MB, frees it, prints the mark and then holds 60 MB: the peak before the mark
+    has the 300 MB, the one after it the 60 MB but not the 300 MB."""
+    import lora_memory
+    child = ("import time; a = bytearray(300_000_000); del a; print('ppo: loaded', flush=True); time.sleep(0.5); "
+             "b = bytearray(60_000_000); time.sleep(1)")
+    loading, step = lora_memory.peak_rss([PY, "-c", child], 1, ("ppo:",))
+    assert loading > 300e6 and 60e6 < step < 300e6, (loading, step)

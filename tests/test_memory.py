@@ -56,6 +56,40 @@ def test_7b_reft_is_refused_on_one_80gb_gpu_and_accepted_on_eight():
                      f"on 1 process(es) (docs/scaling.md), more than this device's 80 GB; would fit: 4 processes")
 
 
+def test_7b_reft_with_lora_fits_one_80gb_gpu():
+    """--lora_rank 16 on one GPU, written out: T = 16 × 32 layers × (in + out of q, k, v, o, gate, up, down) adapter
+    parameters; the frozen warm-up in bf16 (2 P), no reference, fp32 adapters with AdamW (12 T) and gradients (4 T).
+    The greedy evaluation (the gathered policy and 64 sequences' KV cache) is the peak, 51.2 GB, then the rollout (32
+    sequences), 39.4 GB, then the PPO update, 18.5 GB; rank 64 adds 1.4 GB; on a 48 GB GPU, 2 processes or an evaluation
+    batch of 55."""
+    T = 16 * 32 * (4 * 2 * H + 3 * (H + 11008))
+    assert reft.lora_params(CODELLAMA, 16) == T == 39_976_960
+    tokens = 4 * 700
+    training = 2 * P + 16 * T + 2 * 2 * P / L + 4 * P / L + 4 * HEAD + 3 * 4 * tokens * V + L * tokens * H * 2 \
+        + 34 * tokens * H
+    generation = 2 * P + 12 * T + 2 * (P - HEAD) + 4 * HEAD + 64 * 700 * KV
+    lora = dataclasses.replace(REFT, lora_rank=16)
+
+    def peak_is(args, need):  # to within a kilobyte: the bytes per parameter are fractions of T / P
+        return reft.memory_error(args, P, CODELLAMA, 1, True, need + 1e3) is None and \
+            reft.memory_error(args, P, CODELLAMA, 1, True, need - 1e3) is not None
+    assert peak_is(lora, generation)
+    assert reft.memory_error(lora, P, CODELLAMA, 1, True, 80 * GB) is None
+    assert reft.memory_error(lora, P, CODELLAMA, 1, True, 50 * GB).startswith(
+        f"error: the estimated peak memory is {generation / GB:.3g} GB per device on 1 process(es)")
+    assert reft.memory_estimate(P, CODELLAMA, 1, True, 2 + 12 * T / P, 4 * T / P, tokens, True, 0)["training"] \
+        == pytest.approx(training)
+    rollout = generation - 32 * 700 * KV  # without the evaluation: the rollout's 32 sequences
+    assert peak_is(dataclasses.replace(lora, eval_every=0), rollout)
+    assert [round(b / GB, 1) for b in (training, rollout, generation)] == [18.5, 39.4, 51.2]
+    assert peak_is(dataclasses.replace(lora, lora_rank=64), generation + 12 * 3 * T)  # T grows with the rank
+    batch = max(b for b in range(1, 64) if generation - (64 - b) * 700 * KV <= 48 * GB)
+    two = (2 * P + 12 * T) / 2 + 2 * (P - HEAD) + 4 * HEAD + 64 * 700 * KV  # 2 processes: the state halved
+    assert batch == 55 and two <= 48 * GB
+    assert reft.memory_error(lora, P, CODELLAMA, 1, True, 48 * GB).endswith(
+        f"would fit: 2 processes or --eval_batch_size {batch}")
+
+
 def test_each_remedy_is_named_when_it_alone_fits():
     """ReFT without the periodic evaluation and without gradient checkpointing on 8 × 30 GB: the PPO update's
     activations (12.5 GB) are what does not fit; each of the three changes alone brings it under 30 GB."""

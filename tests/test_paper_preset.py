@@ -1,10 +1,12 @@
 """scripts/quickstart.py --preset paper: the paper's pipeline in one command. Its code path end to end on a CPU (the
 tiny model, small sizes, two processes per stage under torchrun), and its cost estimate for CodeLlama-7B on 8 GPUs
 against an independent computation."""
+import dataclasses
 import json
 import random
 import re
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -211,3 +213,63 @@ def test_paper_preset_refuses_missing_data_and_unknown_models_in_one_line(tmp_pa
         with pytest.raises(SystemExit) as e:
             quickstart.quickstart_args(["--preset", "paper", *map(str, argv)])
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_the_lora_parameter_count_from_the_sizes_is_reft_s(family):
+    """The quickstart's LoRA count (r × (in + out) per projection, from the config's sizes) equals reft.py's, which
+    builds the model on the meta device and wraps its LORA_TARGETS: a Llama with grouped KV heads and an OPT, and
+    the paper's two 7B models as KNOWN_MODELS gives their sizes."""
+    import reft
+    from transformers import LlamaConfig, OPTConfig
+    if family == "llama":
+        small = LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=8,
+                            num_key_value_heads=2, intermediate_size=96)
+        big = LlamaConfig(**quickstart.KNOWN_MODELS["codellama/CodeLlama-7b-hf"][1], tie_word_embeddings=False)
+        known = quickstart.KNOWN_MODELS["codellama/CodeLlama-7b-hf"]
+    else:
+        small = OPTConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, ffn_dim=96,
+                          word_embed_proj_dim=64)
+        big = OPTConfig(**quickstart.KNOWN_MODELS["facebook/galactica-6.7b"][1], word_embed_proj_dim=4096)
+        known = quickstart.KNOWN_MODELS["facebook/galactica-6.7b"]
+    for rank in (1, 16):
+        assert quickstart.lora_params(small, rank) == reft.lora_params(small, rank)
+    assert reft.config_params(big) == known[0]  # the sizes are the model's
+    assert quickstart.lora_params(SimpleNamespace(**known[1]), 64) == reft.lora_params(big, 64)
+    assert quickstart.lora_params(SimpleNamespace(**known[1]), 16) == \
+        (16 * 32 * (11 * 4096 + 3 * 11008) if family == "llama" else 16 * 32 * (10 * 4096 + 2 * 16384))
+
+
+def test_estimate_only_with_lora_on_one_gpu_is_reft_s_memory_check(tmp_path):
+    """--nproc 1 --lora_rank 16: reft.py gets --lora_rank 16 and the preset's lr × 10, the other stages no LoRA, and
+    the ReFT memory printed is what reft.py's own check (memory_error) computes for that command on one GPU: the
+    printed figure (0.1 GB) fits a device of its size + 0.05 GB and not one of its size - 0.05 GB."""
+    import reft
+    from transformers import LlamaConfig
+    data, out = fake_reft_data(tmp_path / "gsm8k_like"), tmp_path / "run"
+    p = run([PY, "scripts/quickstart.py", "--preset", "paper", "--nproc", 1, "--data", data, "--cot", "python",
+             "--lora_rank", 16, "--estimate_only", "--out_dir", out], timeout=120)
+    commands = {line.split("]")[0][1:]: line for line in p.stdout.splitlines() if line.startswith("[")}
+    assert " --lora_rank 16 --lr 3e-06 " in commands["reft"]
+    assert all("--lora_rank" not in line for name, line in commands.items() if name != "reft")
+    need = float(re.search(r"ReFT \(LoRA rank 16\) ([\d.]+) GB", p.stdout).group(1)) * 1e9
+    assert "(SFT, verifier would stop" in p.stdout  # full fine-tuning of 7B on one GPU, as without --lora_rank
+    config = LlamaConfig(**quickstart.KNOWN_MODELS["codellama/CodeLlama-7b-hf"][1], tie_word_embeddings=False)
+    args = reft.Args(batch_size=32, num_samples=1, micro_batch_size=4, max_length=700, gradient_checkpointing=True,
+                     eval_every=3, lora_rank=16)
+    n = quickstart.KNOWN_MODELS["codellama/CodeLlama-7b-hf"][0]
+    assert reft.memory_error(args, n, config, 1, True, need + 0.05e9) is None
+    assert reft.memory_error(args, n, config, 1, True, need - 0.05e9) is not None
+    assert reft.memory_error(dataclasses.replace(args, lora_rank=0), n, config, 1, True, 80e9) is not None
+
+
+def test_lora_rank_scales_only_the_preset_s_reft_lr_and_is_checked_first(tmp_path):
+    """--lora_rank makes a --reft_lr left at -1 the preset's × 10 (the cpu preset's 1e-4 too); a given --reft_lr
+    stays; a negative rank is one error line before anything runs."""
+    out = ["--out_dir", str(tmp_path / "q")]
+    assert quickstart.quickstart_args(out).reft_lr == 1e-4
+    assert quickstart.quickstart_args([*out, "--lora_rank", "8"]).reft_lr == pytest.approx(1e-3)
+    assert quickstart.quickstart_args([*out, "--lora_rank", "8", "--reft_lr", "2e-4"]).reft_lr == 2e-4
+    with pytest.raises(SystemExit) as e:
+        quickstart.quickstart_args([*out, "--lora_rank", "-1"])
+    assert str(e.value) == "error: --lora_rank must be at least 0, not -1"
