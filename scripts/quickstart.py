@@ -90,10 +90,10 @@ class Args:
     """processes per stage (GPUs on a GPU machine): each stage runs as `torchrun --standalone --nproc_per_node N`,
     as `python` when 1"""
     lora_rank: int = 0
-    """ReFT (every reft.py run) with LoRA adapters of this rank (reft.py --lora_rank): the warm-up frozen, no second
-    copy as the reference; with --nproc 1, CodeLlama-7B's ReFT fits one 80 GB GPU (the estimate prints its memory per
-    GPU: docs/scaling.md). --reft_lr left at -1 becomes the preset's × 10 (reft.py's LORA_LR_SCALE). SFT and the
-    verifiers still train every parameter. 0 = full fine-tuning (paper)"""
+    """every stage that trains (sft.py, reft.py, rerank.py's verifiers) with LoRA adapters of this rank (their
+    --lora_rank): the base frozen, no second copy as ReFT's reference; with --nproc 1, CodeLlama-7B's pipeline fits one
+    80 GB GPU (the estimate prints its memory per GPU: docs/scaling.md). --sft_lr and --reft_lr left at -1, and the
+    paper verifier's lr, become the preset's × 10 (the stages' LORA_LR_SCALE). 0 = full fine-tuning (paper)"""
     estimate_only: bool = False
     """print the cost estimate and every stage's command line, and run nothing"""
     fast: bool = False
@@ -238,7 +238,7 @@ PRESETS = {
                   verifier_samples=100, max_new_tokens=700, reft_max_length=700),
 }
 PAPER_KL = {"python": 0.01, "nl": 0.05}
-LORA_LR_SCALE = 10  # reft.py's: with --lora_rank, an lr left at -1 is the recipe's × this (verl's LoRA guide: ~10×)
+LORA_LR_SCALE = 10  # the stages': with --lora_rank, an lr left at -1 is the recipe's × this (verl's LoRA guide: ~10×)
 # The paper preset's fixed flags per stage: its other hyperparameters, none of which sets the run's size.
 PAPER_FLAGS = {
     "sft": ["--batch_size", 48, "--micro_batch_size", 6, "--warmup_ratio", 0.1, "--weight_decay", 0,
@@ -302,8 +302,8 @@ def quickstart_args(argv=None):
         raise SystemExit(f"error: --{'fast' if args.fast else 'compare'} is the cpu preset's; a small paper-preset "
                          f"run takes the size flags (--sft_epochs, --reft_steps, -k, --verifier_samples, ...)")
     preset = dict(PRESETS[args.preset], kl_coef=PAPER_KL[args.cot]) if args.preset == "paper" else PRESETS[args.preset]
-    if args.lora_rank:  # reft.py scales only an lr left at -1, and the preset passes its lr explicitly
-        preset = dict(preset, reft_lr=preset["reft_lr"] * LORA_LR_SCALE)
+    if args.lora_rank:  # the stages scale only an lr left at -1, and the preset passes its lrs explicitly
+        preset = dict(preset, sft_lr=preset["sft_lr"] * LORA_LR_SCALE, reft_lr=preset["reft_lr"] * LORA_LR_SCALE)
     args = dataclasses.replace(args, **{name: value for name, value in preset.items()
                                         if getattr(args, name) in (-1, "")})
     if args.fast:
@@ -419,22 +419,22 @@ def memory_per_gpu(args, n, config, d):
     """{stage: estimated peak bytes per GPU} of the paper preset's commands on --nproc GPUs in bf16: the stages' own
     arithmetic (memory_estimate, which each stage checks against its GPU before loading) with their flags
     (PAPER_FLAGS, the stages' defaults for the rest: a generation batch of GEN_BATCH) and the prepared data's longest
-    prompts (characters / CHARS_PER_TOKEN). ReFT holds the policy, AdamW's moments, its gradients and the reference
-    (16 + 4 bytes per parameter); with --lora_rank, as reft.py's memory_error: the frozen warm-up in bf16 (2), no
-    reference, 12 + 4 bytes per trained parameter (lora_params)."""
+    prompts (characters / CHARS_PER_TOKEN). A stage that trains holds the weights, AdamW's moments and the gradients
+    (12 + 4 bytes per parameter), ReFT also the reference (4); with --lora_rank, as the stages' memory_error: the
+    frozen base in bf16 (2), no reference, 12 + 4 bytes per trained parameter (lora_params)."""
     W, prompt, test_prompt = args.nproc, d["longest_prompt"], d["longest_test_prompt"]
-    sft = memory_estimate(n, config, W, True, 12, 4, 6 * 1024, True, GEN_BATCH * (prompt + args.max_new_tokens))
-    rollout = max(1, args.reft_batch_size * args.num_samples // W)
     trained = lora_params(config, args.lora_rank) / n  # per parameter of the whole model, as memory_estimate takes it
-    state, grads = (2 + 12 * trained, 4 * trained) if args.lora_rank else (16, 4)
-    reft = memory_estimate(n, config, W, True, state, grads, 4 * args.reft_max_length, True,
+    state, grads = (2 + 12 * trained, 4 * trained) if args.lora_rank else (12, 4)
+    sft = memory_estimate(n, config, W, True, state, grads, 6 * 1024, True, GEN_BATCH * (prompt + args.max_new_tokens))
+    rollout = max(1, args.reft_batch_size * args.num_samples // W)
+    reft = memory_estimate(n, config, W, True, state + 4 * (not args.lora_rank), grads, 4 * args.reft_max_length, True,
                            max(rollout, GEN_BATCH) * args.reft_max_length)
     sampling = memory_estimate(n, config, W, True, 4, 0, 0, False,
                                min(GEN_BATCH, args.verifier_samples) * (prompt + args.max_new_tokens))
-    verifier = memory_estimate(n, config, W, True, 12, 4, 6 * 700, False, 0)
+    verifier = memory_estimate(n, config, W, True, state, grads, 6 * 700, False, 0)
     evaluation = memory_estimate(n, config, W, True, 4, 0, 0, False, GEN_BATCH * (test_prompt + args.max_new_tokens))
-    name = f"ReFT (LoRA rank {args.lora_rank})" if args.lora_rank else "ReFT"
-    return {"SFT": max(sft.values()), name: max(reft.values()),
+    name = f" (LoRA rank {args.lora_rank})" if args.lora_rank else ""
+    return {"SFT" + name: max(sft.values()), "ReFT" + name: max(reft.values()),
             "verifier": max(sampling["generation"], verifier["training"]), "evaluation": evaluation["generation"]}
 
 
@@ -614,7 +614,12 @@ def rl_command(args, common, W, key, out):
 def pipeline(args, out):
     """Stages 1-5 in order, each (name, the file that says it finished, command, its resume flag or "")."""
     W, S, R = out / "sft/warmup", out / "sft/best", out / "reft/best"
-    paper = (lambda name: PAPER_FLAGS[name]) if args.preset == "paper" else (lambda name: [])
+    lora = ["--lora_rank", args.lora_rank] if args.lora_rank else []
+    lr_scale = LORA_LR_SCALE if args.lora_rank else 1  # the paper verifier's --lr, as the presets' lrs
+
+    def paper(name):
+        flags = PAPER_FLAGS[name] if args.preset == "paper" else []
+        return [round(f * lr_scale, 12) if before == "--lr" else f for before, f in zip([None, *flags], flags)] + lora
     stages = []
     if args.preset == "cpu":
         data = out / "data"

@@ -241,9 +241,10 @@ def test_the_lora_parameter_count_from_the_sizes_is_reft_s(family):
 
 
 def test_estimate_only_with_lora_on_one_gpu_is_reft_s_memory_check(tmp_path):
-    """--nproc 1 --lora_rank 16: reft.py gets --lora_rank 16 and the preset's lr × 10, the other stages no LoRA, and
-    the ReFT memory printed is what reft.py's own check (memory_error) computes for that command on one GPU: the
-    printed figure (0.1 GB) fits a device of its size + 0.05 GB and not one of its size - 0.05 GB."""
+    """--nproc 1 --lora_rank 16: every stage that trains gets --lora_rank 16 and the preset's lr × 10 (evaluate.py
+    none), every stage fits one 80 GB GPU, and the ReFT memory printed is what reft.py's own check (memory_error)
+    computes for that command on one GPU: the printed figure (0.1 GB) fits a device of its size + 0.05 GB and not one
+    of its size - 0.05 GB."""
     import reft
     from transformers import LlamaConfig
     data, out = fake_reft_data(tmp_path / "gsm8k_like"), tmp_path / "run"
@@ -251,9 +252,12 @@ def test_estimate_only_with_lora_on_one_gpu_is_reft_s_memory_check(tmp_path):
              "--lora_rank", 16, "--estimate_only", "--out_dir", out], timeout=120)
     commands = {line.split("]")[0][1:]: line for line in p.stdout.splitlines() if line.startswith("[")}
     assert " --lora_rank 16 --lr 3e-06 " in commands["reft"]
-    assert all("--lora_rank" not in line for name, line in commands.items() if name != "reft")
+    assert " --lr 0.0001 " in commands["sft"] and commands["sft"].count(" --lora_rank 16 ") == 1
+    assert all(" --lr 1e-05 " in commands[v] and " --lora_rank 16 " in commands[v]
+               for v in ("verifier_sft", "verifier_reft"))
+    assert not any("--lora_rank" in line for name, line in commands.items() if name.startswith("evaluate"))
     need = float(re.search(r"ReFT \(LoRA rank 16\) ([\d.]+) GB", p.stdout).group(1)) * 1e9
-    assert "(SFT, verifier would stop" in p.stdout  # full fine-tuning of 7B on one GPU, as without --lora_rank
+    assert "SFT (LoRA rank 16) " in p.stdout and "would stop" not in p.stdout  # full fine-tuning: SFT, verifier
     config = LlamaConfig(**quickstart.KNOWN_MODELS["codellama/CodeLlama-7b-hf"][1], tie_word_embeddings=False)
     args = reft.Args(batch_size=32, num_samples=1, micro_batch_size=4, max_length=700, gradient_checkpointing=True,
                      eval_every=3, lora_rank=16)
@@ -263,13 +267,15 @@ def test_estimate_only_with_lora_on_one_gpu_is_reft_s_memory_check(tmp_path):
     assert reft.memory_error(dataclasses.replace(args, lora_rank=0), n, config, 1, True, 80e9) is not None
 
 
-def test_lora_rank_scales_only_the_preset_s_reft_lr_and_is_checked_first(tmp_path):
-    """--lora_rank makes a --reft_lr left at -1 the preset's × 10 (the cpu preset's 1e-4 too); a given --reft_lr
-    stays; a negative rank is one error line before anything runs."""
+def test_lora_rank_scales_the_preset_s_lrs_left_automatic_and_is_checked_first(tmp_path):
+    """--lora_rank makes a --reft_lr or --sft_lr left at -1 the preset's × 10 (the cpu preset's 1e-4 and 2e-3 too); a
+    given one stays; a negative rank is one error line before anything runs."""
     out = ["--out_dir", str(tmp_path / "q")]
-    assert quickstart.quickstart_args(out).reft_lr == 1e-4
-    assert quickstart.quickstart_args([*out, "--lora_rank", "8"]).reft_lr == pytest.approx(1e-3)
-    assert quickstart.quickstart_args([*out, "--lora_rank", "8", "--reft_lr", "2e-4"]).reft_lr == 2e-4
+    plain, lora = quickstart.quickstart_args(out), quickstart.quickstart_args([*out, "--lora_rank", "8"])
+    assert (plain.reft_lr, plain.sft_lr) == (1e-4, 2e-3)
+    assert (lora.reft_lr, lora.sft_lr) == (pytest.approx(1e-3), pytest.approx(2e-2))
+    given = quickstart.quickstart_args([*out, "--lora_rank", "8", "--reft_lr", "2e-4", "--sft_lr", "1e-3"])
+    assert (given.reft_lr, given.sft_lr) == (2e-4, 1e-3)
     with pytest.raises(SystemExit) as e:
         quickstart.quickstart_args([*out, "--lora_rank", "-1"])
     assert str(e.value) == "error: --lora_rank must be at least 0, not -1"
