@@ -35,6 +35,12 @@ any fail or phase error makes the exit status 1), run early (with the first ReFT
                           filled prefix of the preallocated cache, a strided view, on the GPU's kernels too.
                           Not the same tokens: random-init logits are nearly flat, and a Gumbel-max near-tie flips on
                           any bf16 kernel's rounding (the fraction of equal tokens is reported: same_tokens_*)
+  lora_step               (once: Llama, the fewest layers, gc on, after the first ReFT group) reft.py's policy with
+                          --lora_rank 16 (reft_lora_iteration): after its PPO step every frozen base parameter is
+                          bit-for-bit what it was and still in the compute dtype, every lora_B moved and is finite,
+                          the value head moved; the reference log-probs (adapters off), before and after the step,
+                          equal those of the same model built without LoRA (padded_batch's tolerance), and the
+                          policy's with its adapters on equal them before the step (lora_B = 0) and differ after it
 
 Phases, for each (family, layers, gradient checkpointing off/on), each timed between
 torch.cuda.synchronize() calls, with its own peak (reset_peak_memory_stats / max_memory_allocated):
@@ -47,6 +53,14 @@ torch.cuda.synchronize() calls, with its own peak (reset_peak_memory_stats / max
   reft_old_ref_forward  old log-probs, values and entropy from the policy, reference log-probs (bf16 model)
   reft_ppo_update       one PPO minibatch: forward, policy + value loss, backward, clip, AdamW step
   eval_generation       (checkpointing off) evaluate.py's sampling: model.generate, batch 50, 700 new tokens
+  reft_lora_iteration   (once, Llama, the fewest layers, checkpointing on) reft.py --lora_rank 16: the policy built
+                        as reft.load_models builds it (reft.add_lora inside reft.load_sharded: the base frozen in the
+                        compute dtype, adapters and value head fp32, no reference model), then one ReFT iteration,
+                        step 3 by reft.rollout_forwards with ref None (the reference: the policy with its adapters
+                        off), AdamW over the trained parameters only (lr 1e-3: one step must move bf16 log-probs).
+                        Its first iteration, so kernels warm up inside it. Its resident memory at the PPO update
+                        (policy + AdamW, no reference) sits next to full fine-tuning's (policy + AdamW + reference,
+                        the same layer count's reft_ppo_update): `full_resident_gb`
 The ReFT phases are recorded on their second iteration, when AdamW's state exists (as in a running job). The
 build_* phases record the model build and sharding. After each group its models are freed; anything that
 survives (a model or GPU memory) is listed under `leaks`, since it would inflate the next group's figures.
@@ -825,12 +839,12 @@ class Check:
         policy, data, before = state["policy"], state["data"], state["before"]
         tol = 1e-4 if self.compute_dtype == torch.float32 else 0.1
         after = self.local_params(policy)
-        trained = {n for n, p in policy.named_parameters() if p.requires_grad}
-        frozen_changed = [n for n in before if n not in trained and not torch.equal(before[n], after[n])]
-        frozen_dtype = [n for n in before if n not in trained and after[n].dtype != self.compute_dtype]
-        lora_b = [n for n in trained if n.endswith("lora_B.weight")]
+        frozen = [n for n in before if ".lora_" not in n and not n.startswith("v_head.")]  # by name, not requires_grad
+        frozen_changed = [n for n in frozen if not torch.equal(before[n], after[n])]
+        frozen_dtype = [n for n in frozen if after[n].dtype != self.compute_dtype]
+        lora_b = [n for n in before if n.endswith("lora_B.weight")]
         b_still = [n for n in lora_b if torch.equal(before[n], after[n]) or not bool(torch.isfinite(after[n]).all())]
-        v_head_moved = any(not torch.equal(before[n], after[n]) for n in trained if n.startswith("v_head."))
+        v_head_moved = any(not torch.equal(before[n], after[n]) for n in before if n.startswith("v_head."))
         rollout = self.rollout_of(data)
         policy.eval()
         now = reft.rollout_forwards(policy, None, rollout, rollout.input_ids.size(0), 1.0)
@@ -853,7 +867,7 @@ class Check:
         ok = (not frozen_changed and not frozen_dtype and lora_b and not b_still and v_head_moved
               and max(figures["ref_vs_plain_before"], figures["ref_vs_plain_after"],
                       figures["policy_vs_ref_before"]) <= tol and figures["policy_vs_ref_after"] > 0)
-        rec = {"pass": bool(ok), "tolerance": tol, "frozen": len(before) - len(trained), "lora_B": len(lora_b),
+        rec = {"pass": bool(ok), "tolerance": tol, "frozen": len(frozen), "lora_B": len(lora_b),
                **{f"max_diff_{k}": v for k, v in figures.items()}}
         if not ok:
             rec["reason"] = (f"frozen parameters changed {frozen_changed[:5]}, not in {self.compute_dtype} "
@@ -1259,6 +1273,14 @@ def report(result):
                      f"{fmt(r.get('peak_gb')):>9}")
         if r["status"] != "ok":
             lines.append(f"    {r.get('error', r.get('reason', ''))[:300]}")
+    for r in result["phases"]:
+        if r["phase"] == "reft_lora_iteration" and r["status"] == "ok":
+            lines += ["", f"LoRA rank {r['lora_rank']} ({r['family']}, {r['layers']} layers, gc on): resident "
+                          f"{fmt(r['resident_gb'])} GB at the PPO update (policy + AdamW, no reference), full "
+                          f"fine-tuning's {fmt(r['full_resident_gb'])} GB (policy + AdamW + reference); peak "
+                          f"{fmt(r['peak_gb'])} GB; "
+                          f"iteration {r['seconds']:.2f} s (rollout {r['rollout_s']:.2f}, forwards "
+                          f"{r['old_ref_forward_s']:.2f}, update {r['ppo_s']:.2f})"]
     rc = [r for r in result["phases"] if r["phase"] == "rollout_compare" and r["status"] == "ok"]
     if rc:
         lines += ["", f"{'rollout (generated tok/s)':<28}{'L':>3}{'batch':>6}{'sample FSDP':>13}{'generate FSDP':>15}"
