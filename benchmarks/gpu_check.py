@@ -35,6 +35,12 @@ any fail or phase error makes the exit status 1), run early (with the first ReFT
                           filled prefix of the preallocated cache, a strided view, on the GPU's kernels too.
                           Not the same tokens: random-init logits are nearly flat, and a Gumbel-max near-tie flips on
                           any bf16 kernel's rounding (the fraction of equal tokens is reported: same_tokens_*)
+  lora_step               (once: Llama, the fewest layers, gc on, after the first ReFT group) reft.py's policy with
+                          --lora_rank 16 (reft_lora_iteration): after its PPO step every frozen base parameter is
+                          bit-for-bit what it was and still in the compute dtype, every lora_B moved and is finite,
+                          the value head moved; the reference log-probs (adapters off), before and after the step,
+                          equal those of the same model built without LoRA (padded_batch's tolerance), and the
+                          policy's with its adapters on equal them before the step (lora_B = 0) and differ after it
 
 Phases, for each (family, layers, gradient checkpointing off/on), each timed between
 torch.cuda.synchronize() calls, with its own peak (reset_peak_memory_stats / max_memory_allocated):
@@ -47,6 +53,14 @@ torch.cuda.synchronize() calls, with its own peak (reset_peak_memory_stats / max
   reft_old_ref_forward  old log-probs, values and entropy from the policy, reference log-probs (bf16 model)
   reft_ppo_update       one PPO minibatch: forward, policy + value loss, backward, clip, AdamW step
   eval_generation       (checkpointing off) evaluate.py's sampling: model.generate, batch 50, 700 new tokens
+  reft_lora_iteration   (once, Llama, the fewest layers, checkpointing on) reft.py --lora_rank 16: the policy built
+                        as reft.load_models builds it (reft.add_lora inside reft.load_sharded: the base frozen in the
+                        compute dtype, adapters and value head fp32, no reference model), then one ReFT iteration,
+                        step 3 by reft.rollout_forwards with ref None (the reference: the policy with its adapters
+                        off), AdamW over the trained parameters only (lr 1e-3: one step must move bf16 log-probs).
+                        Its first iteration, so kernels warm up inside it. Its resident memory at the PPO update
+                        (policy + AdamW, no reference) sits next to full fine-tuning's (policy + AdamW + reference,
+                        the same layer count's reft_ppo_update): `full_resident_gb`
 The ReFT phases are recorded on their second iteration, when AdamW's state exists (as in a running job). The
 build_* phases record the model build and sharding. After each group its models are freed; anything that
 survives (a model or GPU memory) is listed under `leaks`, since it would inflate the next group's figures.
@@ -116,11 +130,15 @@ README_GB = {("resident", None): 13.5, ("reft_rollout", None): 28.7,
              ("reft_ppo_update", True): 21.3, ("reft_ppo_update", False): 32.6}
 
 PHASES = ("sft_step", "rollout_compare", "reft_rollout", "reft_old_ref_forward", "reft_ppo_update",
-          "eval_generation", "padded_batch", "checkpoint_round_trip", "resume_round_trip")
+          "eval_generation", "padded_batch", "checkpoint_round_trip", "resume_round_trip", "reft_lora_iteration",
+          "lora_step")
 # The checks with a verdict (pass, fail, or skipped with the reason) in the JSON's `verdicts`: the three phases of
 # that name (each returns "pass") and rollout_compare's same_samples_fsdp_vs_plain and same_samples_kv_cache.
 CHECKS = ("same_samples_fsdp_vs_plain", "same_samples_kv_cache", "padded_batch", "checkpoint_round_trip",
-          "resume_round_trip")
+          "resume_round_trip", "lora_step")
+# reft.py --lora_rank 16 (its --lora_alpha default), and a learning rate at which one AdamW step (each lora_B entry
+# moves by about the rate) moves the policy's bf16 log-probs: the recipe's 3e-6 may move them by less than bf16 rounds
+LORA_RANK, LORA_ALPHA, LORA_LR = 16, 32.0, 1e-3
 
 
 def parse_args(argv=None):
@@ -639,7 +657,8 @@ class Check:
 
     def reft_iteration(self, state, record=None, needs=True):
         """One iteration of reft.main's loop: rollout (step 1), old/ref log-probs (3), rewards and GAE (4-5) and one
-        PPO minibatch (6). With `record` (the phase labels) each part is a recorded phase."""
+        PPO minibatch (6). With `record` (the phase labels) each part is a recorded phase, else returns their figures.
+        `state["ref"]` None (LoRA): step 3 is reft.rollout_forwards, the reference the policy with its adapters off."""
         torch, reft, sh = self.torch, self.reft, self.sh
         P, R, B = sh["prompt"], sh["response"], sh["reft_batch"]
         policy, ref, opt = state.get("policy"), state.get("ref"), state.get("opt")
@@ -664,8 +683,12 @@ class Check:
             input_ids = torch.cat([data["prompt_ids"], data["responses"]], 1)  # (B, P+R)
             attn = torch.cat([data["prompt_mask"], data["mask"].long()], 1)
             responses = data["responses"]
+            data.update(input_ids=input_ids, attn=attn)
 
             def run():
+                if ref is None:  # LoRA: reft.py's own step 3, the reference being the policy with its adapters off
+                    f = reft.rollout_forwards(policy, None, self.rollout_of(data), B, 1.0)
+                    return f.old_logprobs, f.old_values, f.ref_logprobs, f.entropy
                 with torch.no_grad():
                     logits, values = policy(input_ids, attn, P)
                     old_lp = reft.logprobs_of(logits, responses)
@@ -676,7 +699,7 @@ class Check:
                     ref_lp = reft.logprobs_of(ref_logits, responses)
                 return old_lp, values, ref_lp, entropy
             (old_lp, values, ref_lp, entropy), dt, resident, peak = self.measure(run)
-            data.update(input_ids=input_ids, attn=attn, old_lp=old_lp, old_values=values, ref_lp=ref_lp)
+            data.update(old_lp=old_lp, old_values=values, ref_lp=ref_lp)
             n = input_ids.numel()
             return {"seconds": dt, "tokens": n, "tokens_per_s": n / dt, "resident_gb": resident, "peak_gb": peak,
                     "peak_reserved_gb": self.peak_reserved(), "values_dtype": str(values.dtype),
@@ -724,13 +747,134 @@ class Check:
             return out
 
         if record is None:
-            for fn in (rollout, old_ref, ppo):
-                fn()
-            return {}
+            state["data"] = data
+            return {name: fn() for name, fn in (("rollout", rollout), ("old_ref_forward", old_ref), ("ppo", ppo))}
         ok = self.phase("reft_rollout", rollout, needs=needs, **record)
         ok = self.phase("reft_old_ref_forward", old_ref, needs=self.after(ok, "reft_rollout"), **record)
         self.phase("reft_ppo_update", ppo, needs=self.after(ok, "reft_old_ref_forward"), **record)
         return {}
+
+    # -- ReFT with LoRA (reft.py --lora_rank): once, Llama, the fewest layers, gradient checkpointing on
+    def rollout_of(self, data):
+        """reft.Rollout of reft_iteration's samples: every row its own question, no response ended (no EOS id)."""
+        B = data["responses"].size(0)
+        return self.reft.Rollout(list(range(B)), data["input_ids"], data["attn"], self.sh["prompt"], data["responses"],
+                                 data["mask"], self.torch.zeros(B, dtype=self.torch.bool, device=self.device))
+
+    def lora_group(self, family, layers):
+        """reft.py's policy with --lora_rank LORA_RANK as its load_models builds it (reft.add_lora on rank 0's model
+        and on the meta one, through reft.load_sharded: the frozen base in the compute dtype, the adapters and the
+        value head fp32; no reference model), one iteration of reft_iteration (its step 3 reft.rollout_forwards with
+        ref None, the PPO step over the trained parameters only), then the lora_step check."""
+        torch, reft = self.torch, self.reft
+        from transformers import AutoModelForCausalLM
+        labels = dict(family=family, layers=layers, gc=True, lora_rank=LORA_RANK)
+        state = {}
+
+        def policy_of(lm):
+            return reft.add_lora(reft.PolicyWithValueHead(lm), LORA_RANK, LORA_ALPHA, self.compute_dtype)
+
+        def load():  # rank 0 (load_sharded): a model of its own, as reft.load_models' read() then lora()
+            lm = self.build_lm(family, layers)
+            state["flops_params"] = self.matmul_params(lm)
+            with torch.device(self.device):
+                torch.manual_seed(1)  # the value head's init
+                return policy_of(lm)
+
+        def build():
+            start = self.mem()
+            policy = reft.load_sharded(load, lambda config: policy_of(AutoModelForCausalLM.from_config(
+                config, dtype=torch.float32)), self.mesh, self.device)
+            policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            policy.train()
+            trained = [p for p in policy.parameters() if p.requires_grad]
+            state["opt"] = torch.optim.AdamW(trained, lr=LORA_LR, eps=1e-8, weight_decay=0.0,
+                                             foreach=self.device.type == "cuda")
+            ids, attn = self.tokens(1, self.sh["prompt"])
+            with torch.no_grad():  # FSDP2 picks its root at the first forward (as reft.main)
+                policy(torch.cat([ids, ids[:, :1]], 1), torch.cat([attn, attn[:, :1]], 1), self.sh["prompt"])
+            state["policy"], state["ref"] = policy, None
+            self.free()
+            state["before"] = self.local_params(policy)
+            resident = self.mem()
+            return {"params": sum(p.numel() for p in policy.parameters()), "trained": sum(p.numel() for p in trained),
+                    "resident_gb": resident, "lora_policy_gb": None if start is None else resident - start,
+                    "frozen_dtypes": sorted({str(p.dtype) for p in policy.parameters() if not p.requires_grad})}
+
+        def iteration():
+            parts = self.reft_iteration(state)
+            full = [r for r in self.result["phases"] if r["phase"] == "reft_ppo_update" and r["status"] == "ok"
+                    and r.get("family") == family and r.get("layers") == layers and "lora_rank" not in r]
+            peaks = [r["peak_gb"] for r in parts.values() if r.get("peak_gb") is not None]
+            ppo, fwd = parts["ppo"], parts["old_ref_forward"]
+            return {"seconds": sum(r["seconds"] for r in parts.values()),
+                    **{f"{k}_s": r["seconds"] for k, r in parts.items()},
+                    **{f"{k}_peak_gb": r.get("peak_gb") for k, r in parts.items()},
+                    "peak_gb": max(peaks) if peaks else None, "resident_gb": ppo["resident_gb"],
+                    "grads_gb": ppo["grads_gb"], "peak_reserved_gb": self.peak_reserved(),
+                    "full_resident_gb": full[0]["resident_gb"] if full else None,
+                    "ppo_tokens_per_s": ppo["tokens_per_s"], "ratio_mean": ppo["ratio_mean"],
+                    "approx_kl": ppo["approx_kl"], "grad_norm": ppo["grad_norm"], "kl_mean": fwd["kl_mean"]}
+
+        ok = self.phase("build_reft_lora", build, **labels)
+        ok = self.phase("reft_lora_iteration", iteration, needs=self.after(ok, "build_reft_lora"), **labels)
+        self.phase("lora_step", lambda: self.lora_check(state, family, layers),
+                   needs=self.after(ok, "reft_lora_iteration"), **labels)
+
+    def local_params(self, model):
+        """{name: this rank's shard of each parameter, copied to the CPU} (bit-for-bit comparisons after a step)."""
+        return {n: (p.to_local() if hasattr(p, "to_local") else p).detach().cpu().clone()
+                for n, p in model.named_parameters()}
+
+    def lora_check(self, state, family, layers):
+        """After the LoRA policy's PPO step: every frozen base parameter bit-for-bit what it was and still in the
+        compute dtype; every lora_B moved (from zero) and finite; the value head moved. The reference log-probs of the
+        rollout (the policy with its adapters off, reft.rollout_forwards with ref None), before and after the step,
+        equal those of the same model built without LoRA (as reft.load_models builds the reference: fp32, computing in
+        the compute dtype) to padded_check's tolerance (in bf16 the LoRA policy's frozen LM head is rounded to bf16,
+        the plain reference's is not); the policy's log-probs with its adapters on equal them before the step (lora_B
+        is zero) and differ after it."""
+        torch, reft = self.torch, self.reft
+        from transformers import AutoModelForCausalLM
+        policy, data, before = state["policy"], state["data"], state["before"]
+        tol = 1e-4 if self.compute_dtype == torch.float32 else 0.1
+        after = self.local_params(policy)
+        frozen = [n for n in before if ".lora_" not in n and not n.startswith("v_head.")]  # by name, not requires_grad
+        frozen_changed = [n for n in frozen if not torch.equal(before[n], after[n])]
+        frozen_dtype = [n for n in frozen if after[n].dtype != self.compute_dtype]
+        lora_b = [n for n in before if n.endswith("lora_B.weight")]
+        b_still = [n for n in lora_b if torch.equal(before[n], after[n]) or not bool(torch.isfinite(after[n]).all())]
+        v_head_moved = any(not torch.equal(before[n], after[n]) for n in before if n.startswith("v_head."))
+        rollout = self.rollout_of(data)
+        policy.eval()
+        now = reft.rollout_forwards(policy, None, rollout, rollout.input_ids.size(0), 1.0)
+        base = reft.load_sharded(
+            lambda: reft.PolicyWithValueHead(self.build_lm(family, layers), value_head=False),
+            lambda config: reft.PolicyWithValueHead(AutoModelForCausalLM.from_config(config, dtype=torch.float32),
+                                                    value_head=False), self.mesh, self.device)
+        plain = reft.rollout_forwards(base.requires_grad_(False).eval(), base, rollout, rollout.input_ids.size(0), 1.0,
+                                      policy=False).ref_logprobs
+        del base
+        self.free()
+
+        def gap(a, b):
+            d = (a - b).abs().max()
+            return float(d) if bool(torch.isfinite(d)) else float("inf")
+        figures = {"ref_vs_plain_before": gap(data["ref_lp"], plain),
+                   "ref_vs_plain_after": gap(now.ref_logprobs, plain),
+                   "policy_vs_ref_before": gap(data["old_lp"], data["ref_lp"]),
+                   "policy_vs_ref_after": gap(now.old_logprobs, now.ref_logprobs)}
+        ok = (not frozen_changed and not frozen_dtype and lora_b and not b_still and v_head_moved
+              and max(figures["ref_vs_plain_before"], figures["ref_vs_plain_after"],
+                      figures["policy_vs_ref_before"]) <= tol and figures["policy_vs_ref_after"] > 0)
+        rec = {"pass": bool(ok), "tolerance": tol, "frozen": len(frozen), "lora_B": len(lora_b),
+               **{f"max_diff_{k}": v for k, v in figures.items()}}
+        if not ok:
+            rec["reason"] = (f"frozen parameters changed {frozen_changed[:5]}, not in {self.compute_dtype} "
+                             f"{frozen_dtype[:5]}; lora_B unmoved or not finite {b_still[:5]} of {len(lora_b)}; "
+                             f"value head moved {v_head_moved}; log-prob differences {figures} (tolerance {tol}: "
+                             f"the policy's must differ from the reference's after the step)")
+        return rec
 
     # -- the checks of the real path: padded batches, the checkpoint and the resume state
     def padded_check(self, state):
@@ -1069,6 +1213,9 @@ class Check:
                     self.end_group("sft", labels)
                     self.reft_group(family, layers, gc_on, compare=family == "llama" and not gc_on)
                     self.end_group("reft", labels)
+                    if family == "llama" and not gc_on and layers == min(self.args.layers):  # once, early in the budget
+                        self.lora_group(family, layers)
+                        self.end_group("reft_lora", dict(labels, gc=True, lora_rank=LORA_RANK))
                     if not gc_on:
                         self.eval_group(family, layers)
                         self.end_group("eval", labels)
@@ -1126,6 +1273,14 @@ def report(result):
                      f"{fmt(r.get('peak_gb')):>9}")
         if r["status"] != "ok":
             lines.append(f"    {r.get('error', r.get('reason', ''))[:300]}")
+    for r in result["phases"]:
+        if r["phase"] == "reft_lora_iteration" and r["status"] == "ok":
+            lines += ["", f"LoRA rank {r['lora_rank']} ({r['family']}, {r['layers']} layers, gc on): resident "
+                          f"{fmt(r['resident_gb'])} GB at the PPO update (policy + AdamW, no reference), full "
+                          f"fine-tuning's {fmt(r['full_resident_gb'])} GB (policy + AdamW + reference); peak "
+                          f"{fmt(r['peak_gb'])} GB; "
+                          f"iteration {r['seconds']:.2f} s (rollout {r['rollout_s']:.2f}, forwards "
+                          f"{r['old_ref_forward_s']:.2f}, update {r['ppo_s']:.2f})"]
     rc = [r for r in result["phases"] if r["phase"] == "rollout_compare" and r["status"] == "ok"]
     if rc:
         lines += ["", f"{'rollout (generated tok/s)':<28}{'L':>3}{'batch':>6}{'sample FSDP':>13}{'generate FSDP':>15}"

@@ -95,6 +95,7 @@ def test_small_run_measures_every_llama_phase(small_run):
     expected |= {("rollout_compare", L, False, b) for L in (2, 4) for b in (2, 4)}
     expected |= {("padded_batch", L, False, None) for L in (2, 4)}
     expected |= {(ph, 2, False, None) for ph in ("checkpoint_round_trip", "resume_round_trip")}
+    expected |= {(ph, 2, True, None) for ph in ("build_reft_lora", "reft_lora_iteration", "lora_step")}
     assert set(llama) == expected
     bad = {k: r.get("error", r.get("reason")) for k, r in llama.items() if r["status"] != "ok"}
     assert not bad
@@ -129,7 +130,8 @@ def test_small_run_checks_padded_batches_and_both_round_trips(small_run):
                                   "same_samples_kv_cache": {"verdict": "pass", "runs": 4},
                                   "padded_batch": {"verdict": "pass", "runs": 4},
                                   "checkpoint_round_trip": {"verdict": "pass", "runs": 2},
-                                  "resume_round_trip": {"verdict": "pass", "runs": 2}}
+                                  "resume_round_trip": {"verdict": "pass", "runs": 2},
+                                  "lora_step": {"verdict": "pass", "runs": 1}}
     for family in ("llama", "opt"):
         ph = phases_of(result, family)
         for L in (2, 4):
@@ -180,7 +182,50 @@ def test_spent_budget_skips_everything_and_still_writes_the_json(tmp_path):
     assert result["phases"] and all(r["status"] == "skipped" for r in result["phases"])
     assert all("budget" in r["reason"] for r in result["phases"] if r["phase"] in ("matmul", "build_sft"))
     assert {name: v["verdict"] for name, v in result["verdicts"].items()} == dict.fromkeys(gpu_check.CHECKS, "skipped")
-    assert all(v["reason"] == "needs build_reft, which did not run" for v in result["verdicts"].values())
+    assert all(v["reason"] == "needs build_reft, which did not run" for k, v in result["verdicts"].items()
+               if k != "lora_step")
+    assert result["verdicts"]["lora_step"]["reason"] == "needs reft_lora_iteration, which did not run"
+
+
+def test_small_run_steps_reft_s_lora_policy(small_run):
+    """reft.py --lora_rank 16 on the CPU path (fp32): the reference (adapters off) is the model built without LoRA
+    exactly, before and after the PPO step; the policy's log-probs are the reference's before it (lora_B is zero: the
+    first ratio 1, KL 0) and not after; one of 11 parameters of a layer's Linear trains (the adapters, the value head)."""
+    _, result, out = small_run
+    ph = phases_of(result, "llama")
+    build, it, step = (ph[(name, 2, True, None)] for name in ("build_reft_lora", "reft_lora_iteration", "lora_step"))
+    assert build["frozen_dtypes"] == ["torch.float32"] and 0 < build["trained"] < build["params"] / 3
+    assert it["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and it["kl_mean"] == 0.0 and it["grad_norm"] > 0
+    assert it["seconds"] == pytest.approx(it["rollout_s"] + it["old_ref_forward_s"] + it["ppo_s"])
+    assert step["lora_B"] == 14 and step["frozen"] == 21  # 7 projections × 2 layers; the base's every tensor
+    assert step["max_diff_ref_vs_plain_before"] == step["max_diff_ref_vs_plain_after"] == 0.0
+    assert step["max_diff_policy_vs_ref_before"] == 0.0 and step["max_diff_policy_vs_ref_after"] > 1e-3
+    assert "LoRA rank 16 (llama, 2 layers, gc on): resident" in out.with_suffix(".txt").read_text()
+
+
+def test_the_lora_check_fails_a_reference_with_adapters_and_a_base_that_trains(tmp_path):
+    """lora_step fails when the reference is the policy with its adapters on (adapters_off a no-op), and when add_lora
+    leaves the base trainable, so that the step moves it."""
+    import contextlib
+    from unittest import mock
+
+    import reft
+    c = gpu_check.Check(gpu_check.parse_args(["--device", "cpu", "--small", "--out", str(tmp_path / "x.json")]))
+    c.setup()
+    c.cfg_vocab = gpu_check.model_config("llama", 2, small=True).vocab_size
+    add_lora = reft.add_lora
+
+    def unfrozen(model, *args):
+        return add_lora(model, *args).requires_grad_(True)
+    for patch in (mock.patch.object(reft, "adapters_off", lambda model: contextlib.nullcontext()),
+                  mock.patch.object(reft, "add_lora", unfrozen)):
+        with patch:
+            c.lora_group("llama", 2)
+    first, second = [r for r in c.result["phases"] if r["phase"] == "lora_step"]
+    assert not first["pass"] and first["max_diff_policy_vs_ref_after"] == 0.0
+    assert first["max_diff_ref_vs_plain_after"] > 1e-4 and "frozen parameters changed []" in first["reason"]
+    assert not second["pass"] and "frozen parameters changed ['lm.model.embed_tokens.weight'" in second["reason"]
+    assert gpu_check.verdicts(c.result["phases"])["lora_step"]["verdict"] == "fail"
 
 
 # ----------------------------------------------------------------------------- the plain copy and the verdicts
