@@ -71,24 +71,42 @@ def run_flags(ckpt, out, max_length, lora_rank):
 
 def peak_rss(cmd, threads, marks=()):
     """The peak resident bytes of `cmd` in each part of its run, its output lines starting with `marks` (in turn)
-    ending one part and starting the next: len(marks) + 1 peaks. Its own, not its siblings'."""
+    ending one part and starting the next: len(marks) + 1 peaks. Its own, not its siblings'. Each is VmHWM, read at
+    the mark, and for the last part polled every 20 ms until the process ends: getrusage's ru_maxrss would not do, as
+    a child's starts from its parent's peak (the exec of a vfork'ed child records the parent's high-water mark)."""
     import subprocess
+    import threading
+    import time
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     print("$", " ".join(cmd), flush=True)
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+
+    def hwm():
+        with open(f"/proc/{p.pid}/status") as f:
+            return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:"))
+    last = [0]
+
+    def poll():  # until the process ends (an exited one has no VmHWM line, and then no status file)
+        while True:
+            try:
+                last[0] = hwm()
+            except (OSError, StopIteration):
+                return
+            time.sleep(0.02)
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
     peaks = []
     for line in p.stdout:
         print(line, end="", flush=True)
         if len(peaks) < len(marks) and line.startswith(marks[len(peaks)]):
-            with open(f"/proc/{p.pid}/status") as f:
-                peaks.append(next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:")))
+            peaks.append(hwm())
             with open(f"/proc/{p.pid}/clear_refs", "w") as f:
                 f.write("5")  # the high-water mark starts again from the current resident size (Linux >= 4.0)
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
+    poller.join()
+    p.wait()
     if p.returncode or len(peaks) < len(marks):
         raise SystemExit(f"error: {' '.join(cmd)} failed (exit {p.returncode}) or never printed {marks[len(peaks):]}")
-    return [*peaks, usage.ru_maxrss * 1024]  # kilobytes on Linux
+    return [*peaks, last[0]]
 
 
 def paper_table(ranks=(16, 64)):

@@ -389,9 +389,12 @@ def test_lora_memory_builds_a_checkpoint_reft_accepts_and_reports_reft_s_own_est
 
 def test_lora_memory_separates_the_loading_peak_from_the_step_s():
     """peak_rss: a child that holds 300 MB, frees it, prints the mark and then holds 60 MB: the peak before the mark
-    has the 300 MB, the one after it the 60 MB but not the 300 MB."""
+    has the 300 MB, the one after it the 60 MB but not the 300 MB, nor this process's 400 MB (a child's ru_maxrss
+    starts from its parent's peak: read that way, the last part measured this test's process)."""
     import lora_memory
+    ballast = bytearray(400_000_000)  # this process's peak, which the child's must not inherit
     child = ("import time; a = bytearray(300_000_000); del a; print('ppo: loaded', flush=True); time.sleep(0.5); "
              "b = bytearray(60_000_000); time.sleep(1)")
     loading, step = lora_memory.peak_rss([PY, "-c", child], 1, ("ppo:",))
+    del ballast
     assert loading > 300e6 and 60e6 < step < 300e6, (loading, step)

@@ -280,12 +280,13 @@ GREEDY_IN_TRAINING = textwrap.dedent("""
 
     rank, world, device, mesh = sft.init_distributed()
     tok = sft.load_tokenizer(SimpleNamespace(model=checkpoint), None)
-    model = sft.load_model(SimpleNamespace(model=checkpoint, gradient_checkpointing=False), tok, mesh, device)
+    model = sft.load_model(SimpleNamespace(model=checkpoint, gradient_checkpointing=False, lora_rank=0), tok, mesh,
+                           device)
     result = {"sft": sft.greedy_accuracy(model, model, tok, records, "nl", int(max_new_tokens), rank, world, device,
                                          int(batch_size), recording)}
     result["sft_completions"], completions = completions, {}
     tok, policy, _ = reft.load_models(SimpleNamespace(model=checkpoint, seed=0, separate_value_model=False,
-                                                      objective="ppo", advantage="gae"), mesh, device)
+                                                      objective="ppo", advantage="gae", lora_rank=0), mesh, device)
     prompts = [reward.encode_prompt(tok, reward.build_prompt(r["question"], "nl", sampling=True)) for r in records]
     with torch.no_grad():  # as reft.py does before any generation: FSDP2 picks its root at the first forward
         policy(*reft.left_pad(prompts[:1], tok.pad_token_id, device), len(prompts[0]))
