@@ -137,7 +137,7 @@ def test_final_is_a_plain_checkpoint_and_peft_loads_its_adapter(lora_runs, warmu
         want, got, plain = with_adapter(ids).logits, merged(ids).logits, with_adapter.get_base_model()
         with with_adapter.disable_adapter():
             base = plain(ids).logits
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)  # merged: each weight rounded once (~1e-5 in the logits)
     assert (got - base).abs().max() > 1e-3  # the adapter matters: peft did load it
 
 

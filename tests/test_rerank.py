@@ -423,7 +423,7 @@ def test_lora_adapter_loads_in_peft_as_the_merged_verifier(lora_run, warmup, syn
         want, got = merged(**enc).logits[:, 0], adapted(**enc).logits[:, 0]
         with adapted.disable_adapter():
             bare = adapted(**enc).logits[:, 0]
-    assert torch.allclose(got, want, atol=1e-5), (got, want)
+    assert torch.allclose(got, want, atol=1e-4), (got, want)  # merged: each weight rounded once
     assert (bare - want).abs().max() > 1e-3  # teeth: the adapters and the head matter
 
 

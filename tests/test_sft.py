@@ -189,7 +189,8 @@ def test_lora_saves_a_merged_checkpoint_its_adapters_and_a_resume_state_of_the_a
             return model.eval()(input_ids=input_ids, attention_mask=attn).logits
     want = logits(trained)
     assert (want - logits(AutoModelForCausalLM.from_pretrained(warmup))).abs().max() > 1e-2  # the adapters moved
-    assert (logits(AutoModelForCausalLM.from_pretrained(out / "final")) - want).abs().max() < 1e-5
+    # merged, each weight W + (α/r) B A is rounded once: logits of ~5 move by ~1e-5 (1.3e-5 seen), not by ~1e-2
+    assert (logits(AutoModelForCausalLM.from_pretrained(out / "final")) - want).abs().max() < 1e-4
     config = json.loads((out / "final/adapter/adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8.0, str(warmup))
     base, merged = load_file(warmup / "model.safetensors"), load_file(out / "final/model.safetensors")
@@ -205,7 +206,7 @@ def test_lora_saves_a_merged_checkpoint_its_adapters_and_a_resume_state_of_the_a
 
     peft = pytest.importorskip("peft", reason="peft is not installed: its loading of final/adapter is not checked")
     peft_model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(warmup), out / "final/adapter")
-    assert (logits(peft_model) - want).abs().max() < 1e-5
+    assert (logits(peft_model) - want).abs().max() < 1e-4
 
 
 def test_lora_multiplies_the_automatic_lr_and_its_memory_is_the_adapters():
