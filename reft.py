@@ -11,7 +11,7 @@ Reading guide: the RL stage of the paper's Algorithm 1 and its equations (sec. 3
 main() calls it. Read top to bottom: the PPO math, the model and sampler, the steps, main(); everything below the
 "infrastructure" marker (checks, loading, saving, distributed setup) can wait.
   a batch of training questions x                        step_questions (dealt out to the ranks in main)
-  sample CoTs e' ~ π_θ(x)                                sample_rollout → sample (Gumbel-max, one generator per row)
+  sample CoTs e' ~ π_θ(x)                                sample_rollout → sample, row_uniforms, inverse_cdf
   y' = EXTRACT(e'), rewarded 1 right, 0.1 wrong, 0 none  score → reward.extract_answers, reward.compute_rewards
   π_θold ← π_θ: old log-probs and values; π_ref's        rollout_forwards
   total reward r_t: score on EOS - β·KL_t on each token  kl_shaped_rewards (KL_t: log π_old - log π_ref)
@@ -522,17 +522,46 @@ class RolloutCacheLayer(DynamicLayer):
         return self.keys, self.values
 
 
+SPLITMIX64 = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # increment, then the two multipliers
+
+
+def i64(x):
+    """The int64 with the same low 64 bits as the integer x: torch has no uint64 arithmetic."""
+    return (x + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
+def row_uniforms(seeds, t):
+    """u_b ~ U[0, 1) for token t of every row: the (t+1)-th output of SplitMix64 (Steele et al. 2014) started at the
+    row's seed, for the whole batch in one vectorised computation. A counter-based generator: u depends only on
+    (seeds[b], t), never on the other rows or on earlier draws. int64 arithmetic wraps like the uint64 original;
+    `>>` on int64 copies the sign bit, so each shift masks it off. (B,) int64 -> (B,) float64"""
+    def shr(z, k):
+        return (z >> k) & ((1 << (64 - k)) - 1)
+    z = seeds + i64(SPLITMIX64[0] * (t + 1))
+    z = (z ^ shr(z, 30)) * i64(SPLITMIX64[1])
+    z = (z ^ shr(z, 27)) * i64(SPLITMIX64[2])
+    return shr(z ^ shr(z, 31), 11).double() * 2.0 ** -53  # the top 53 bits: a double's mantissa
+
+
+def inverse_cdf(logits, u):
+    """The token whose interval of softmax(logits)'s CDF holds u: an exact sample of softmax(logits) for u ~ U[0, 1)
+    (inverse-transform sampling, as torch.multinomial). float64, so rounding shifts no interval by more than ~1e-16.
+    (B, V), (B,) -> (B,)"""
+    cdf = torch.softmax(logits.double(), -1).cumsum(-1)  # (B, V)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=cdf.size(1) - 1)
+
+
 @torch.no_grad()
 def sample(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, seeds):
     """Sample responses token by token with a KV cache (temperature 0 = greedy). (B, P) -> (B, R)
 
-    Row b draws Gumbel noise from its own generator seeded with seeds[b] (Gumbel-max: argmax(logits/T + G) is
-    an exact sample of softmax(logits/T)), so a question's sample does not depend on which batch or rank it is
-    in: 1 and N processes see the same rollouts, and a resumed run repeats them. Stops when all rows ended."""
+    Row b's token t is inverse_cdf(logits / T, row_uniforms(seeds[b], t)): a function of its own seed only, so a
+    question's sample does not depend on which batch or rank it is in: 1 and N processes see the same rollouts, and
+    a resumed run repeats them. Stops when all rows ended."""
     (B, P), device = prompt_ids.shape, prompt_ids.device
-    # One generator per row, not one for the batch: a shared generator's draws for row b would depend on how many
-    # rows come before b (batch order, rank), so the same question would get another sample on 2 processes.
-    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    # Not one generator for the batch: its draws for row b would depend on how many rows come before b (batch order,
+    # rank), so the same question would get another sample on 2 processes. Nor one generator per row: B calls a token.
+    seeds = torch.tensor([i64(int(s)) for s in seeds], device=device)  # (B,) int64
     L = P + max_new_tokens - 1  # the last token is never fed back
     past = Cache(layers=[RolloutCacheLayer(L) for _ in range(lm.config.num_hidden_layers)])
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, L - P)], 1)  # (B, L); step t attends to its first P + t
@@ -542,10 +571,8 @@ def sample(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperat
     for t in range(max_new_tokens):
         logits = lm(input_ids=inp, attention_mask=mask[:, :P + t], position_ids=pos, past_key_values=past,
                     use_cache=True).logits[:, -1].float()  # (B, V)
-        if temperature > 0:
-            u = torch.stack([torch.rand(logits.size(1), generator=g, device=device) for g in gens])
-            logits = logits / temperature - torch.log(-torch.log(u))
-        out[:, t] = torch.where(done, pad_id, logits.argmax(-1))
+        nxt = inverse_cdf(logits / temperature, row_uniforms(seeds, t)) if temperature > 0 else logits.argmax(-1)
+        out[:, t] = torch.where(done, pad_id, nxt)
         done |= out[:, t] == eos_id
         # Asking whether all rows ended waits for the device: ask every 8 tokens, and cut the PAD columns drawn
         # past the last row's EOS below.

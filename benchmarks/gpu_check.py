@@ -33,8 +33,8 @@ any fail or phase error makes the exit status 1), run early (with the first ReFT
   same_samples_kv_cache   (rollout_compare) the same for reft.sample on transformers' DynamicCache (the sampler
                           before issue 36) against its preallocated KV cache, on the plain copy: attention reads the
                           filled prefix of the preallocated cache, a strided view, on the GPU's kernels too.
-                          Not the same tokens: random-init logits are nearly flat, and a Gumbel-max near-tie flips on
-                          any bf16 kernel's rounding (the fraction of equal tokens is reported: same_tokens_*)
+                          Not the same tokens: random-init logits are nearly flat, and a draw near a CDF boundary
+                          flips on any bf16 kernel's rounding (the fraction of equal tokens is reported: same_tokens_*)
   lora_step               (once: Llama, the fewest layers, gc on, after the first ReFT group) reft.py's policy with
                           --lora_rank 16 (reft_lora_iteration): after its PPO step every frozen base parameter is
                           bit-for-bit what it was and still in the compute dtype, every lora_B moved and is finite,
@@ -1069,9 +1069,9 @@ class Check:
         same_samples checks: reft.sample on the FSDP policy and with the DynamicCache, each teacher-forced on the plain
         sampler's tokens, give them the plain sampler's log-probs (to padded_check's tolerance).
 
-        Not the same tokens: the models are random-init, their logits nearly flat, and a near-tie of two Gumbel-perturbed
-        scores flips on any last-bit difference between two bf16 kernels (another GEMM or SDPA kernel for a strided
-        view, a gathered DTensor, another batch shape): the first GPU run drew other tokens at batch 32. Forcing the
+        Not the same tokens: the models are random-init, their logits nearly flat, and a draw near a boundary of the
+        CDF flips on any last-bit difference between two bf16 kernels (another GEMM or SDPA kernel for a strided view,
+        a gathered DTensor, another batch shape): the first GPU run drew other tokens at batch 32. Forcing the
         tokens keeps every path on the same sequences, and a wrong gather, cache slot or mask still moves log-probs by
         far more than rounding does. The fraction of identical free-running tokens is kept as information."""
         from transformers.cache_utils import DynamicLayer
@@ -1106,7 +1106,7 @@ class Check:
             def force(module, args, out):
                 t = len(steps)
                 steps.append(torch.log_softmax(out.logits[:, -1].float(), -1).gather(1, tokens[:, t:t + 1]))
-                # every score -inf but the forced token's, which the Gumbel noise cannot lift them over
+                # every score -inf but the forced token's: all the CDF's mass on it, whatever the row's u
                 out.logits = torch.full_like(out.logits[:, -1:], float("-inf")).scatter_(-1, tokens[:, t:t + 1, None],
                                                                                          0.0)
                 return out

@@ -10,7 +10,7 @@ It covers the case of one process with minibatch = micro-batch = the whole batch
 PPO epoch is one forward, one backward and one optimizer step. The rollout is a fixed --response_length tokens
 (--max_length = prompt length + response_length; the near-random policy never ends all rows early, checked).
 
-Part 2 times reft.sample (per-row Gumbel-max sampling, KV cache) against
+Part 2 times reft.sample (per-row inverse-CDF sampling, preallocated KV cache) against
 `model.generate(do_sample=True, top_k=0, top_p=1.0)` on the same plain LlamaForCausalLM, the same 32 prompts and
 --response_length new tokens, interleaved A/B so load drifts hit both. The figure is sample's rate relative to
 generate's, best time against best time (min is the least load-sensitive estimate of each one's own cost; the

@@ -288,8 +288,8 @@ def test_verdicts_name_each_failure_and_each_skip():
 
 
 def test_the_sample_checks_catch_a_wrong_cache_slot_and_a_perturbed_block(tmp_path):
-    """rollout_compare's same_samples checks compare teacher-forced log-probs, not tokens (a bf16 near-tie flips a
-    Gumbel-max token on any kernel's rounding): they still fail on a KV cache that writes a token over the previous
+    """rollout_compare's same_samples checks compare teacher-forced log-probs, not tokens (a bf16 draw near a CDF
+    boundary flips on any kernel's rounding): they still fail on a KV cache that writes a token over the previous
     one, and on a plain copy one of whose blocks differs from the sharded policy's."""
     from unittest import mock
 

@@ -213,11 +213,32 @@ def test_greedy_sampling_equals_hf_generate():
 
 
 
+def splitmix64(seed, t):
+    """The (t+1)-th output of SplitMix64 from `seed`, in Python's unbounded ints masked to 64 bits (Steele et al.)."""
+    z = (seed + 0x9E3779B97F4A7C15 * (t + 1)) % 2 ** 64
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % 2 ** 64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB % 2 ** 64
+    return z ^ (z >> 31)
+
+
+def test_row_uniforms_are_splitmix64_per_row():
+    """Every row's u is its own seed's SplitMix64 stream, uint64 seeds at the int64 edges included, at any token t:
+    the vectorised int64 arithmetic wraps as uint64 does. The first output for seed 0 is the published
+    0xE220A8397B1DCDAF."""
+    assert splitmix64(0, 0) == 0xE220A8397B1DCDAF
+    seeds = [0, 1, 7, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1, 12345678901234567890]
+    for t in (0, 1, 31, 999, 10 ** 6):
+        got = reft.row_uniforms(torch.tensor([reft.i64(s) for s in seeds]), t).tolist()
+        assert got == [(splitmix64(s, t) >> 11) / 2 ** 53 for s in seeds], t
+    assert reft.row_uniforms(torch.tensor([reft.i64(s) for s in seeds[::-1]]), 3).tolist()[::-1] == \
+        reft.row_uniforms(torch.tensor([reft.i64(s) for s in seeds]), 3).tolist()
+
+
 def sample_reference(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, seeds):
     """reft.sample before its preallocated KV cache: transformers' DynamicCache, the mask grown by torch.cat, and
-    all-done checked after every token."""
+    all-done checked after every token; each row's token drawn alone, from Python's SplitMix64 and a count over the
+    CDF."""
     B, device = prompt_ids.size(0), prompt_ids.device
-    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     mask = prompt_mask
     inp, pos = prompt_ids, (prompt_mask.cumsum(1) - 1).clamp(min=0)
     past, out = None, []
@@ -225,10 +246,12 @@ def sample_reference(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id
     for _ in range(max_new_tokens):
         o = lm(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
         past, logits = o.past_key_values, o.logits[:, -1].float()  # (B, V)
+        nxt = logits.argmax(-1)
         if temperature > 0:
-            u = torch.stack([torch.rand(logits.size(1), generator=g, device=device) for g in gens])
-            logits = logits / temperature - torch.log(-torch.log(u))
-        nxt = torch.where(done, pad_id, logits.argmax(-1))
+            cdf = torch.softmax((logits / temperature).double(), -1).cumsum(-1)  # (B, V)
+            nxt = torch.tensor([int((cdf[b] <= (splitmix64(int(seeds[b]), len(out)) >> 11) / 2 ** 53 * cdf[b, -1])
+                                    .sum()) for b in range(B)])
+        nxt = torch.where(done, pad_id, nxt)
         out.append(nxt)
         done |= nxt == eos_id
         if done.all():
@@ -279,7 +302,7 @@ def chi_square(counts, probs):
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_sampling_follows_the_softmax(temperature):
-    """Gumbel-max sampling: first-token frequencies of 4000 rows match softmax(logits / T) by a chi-square test, on
+    """Inverse-CDF sampling: first-token frequencies of 4000 rows match softmax(logits / T) by a chi-square test, on
     a model whose lm_head is scaled so that its logits (known from a plain forward) spread over 4 nats: T = 0.5, 1
     and 2 then put 80%, 51% and 30% on the top token, and each temperature's counts reject the other two."""
     lm = tiny_lm(3, vocab=8)
