@@ -571,6 +571,26 @@ def compiled_decode_step(device_type):
     return torch.compile(decode_step, dynamic=False, mode="reduce-overhead" if device_type == "cuda" else None)
 
 
+@contextmanager
+def without_fsdp_hooks(lm):
+    """lm's modules without FSDP2's forward hooks, the others (reft's fp32 casts of the heads' inputs) kept in order.
+    torch.compile does not trace FSDP2's hooks (they are dynamo-disabled): each FSDP block would be a graph of its
+    own, recompiled per layer index. Inside gathered_for_generation they have nothing to do in a no-grad forward: the
+    parameters are gathered and stay so, and the forward order they record is cleared at its end."""
+    def fsdp(hook):
+        return getattr(hook, "__module__", "").startswith("torch.distributed.fsdp")
+    mods = [m for m in lm.modules() if isinstance(m, FSDPModule)]
+    saved = [(m._forward_pre_hooks, m._forward_hooks) for m in mods]
+    for m, (pre, post) in zip(mods, saved):
+        m._forward_pre_hooks = type(pre)((k, h) for k, h in pre.items() if not fsdp(h))
+        m._forward_hooks = type(post)((k, h) for k, h in post.items() if not fsdp(h))
+    try:
+        yield
+    finally:
+        for m, (pre, post) in zip(mods, saved):
+            m._forward_pre_hooks, m._forward_hooks = pre, post
+
+
 @torch.no_grad()
 def sample(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, seeds, compiled=False):
     """Sample responses token by token with a KV cache (temperature 0 = greedy). (B, P) -> (B, R)
@@ -593,8 +613,11 @@ def sample(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperat
     out = prompt_ids.new_full((B, max_new_tokens), pad_id)  # (B, R)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        if compiled:  # the prefill stays eager: its shape changes with the prompts
-            logits = (compiled_decode_step(device.type) if t else decode_step)(lm, inp, mask, pos, past)  # (B, V)
+        if compiled and t:
+            with without_fsdp_hooks(lm):
+                logits = compiled_decode_step(device.type)(lm, inp, mask, pos, past)  # (B, V)
+        elif compiled:  # the prefill stays eager: its shape changes with the prompts
+            logits = decode_step(lm, inp, mask, pos, past)  # (B, V)
         else:
             logits = decode_step(lm, inp, mask[:, :P + t], pos, past)  # (B, V)
         nxt = inverse_cdf(logits / temperature, row_uniforms(seeds, t)) if temperature > 0 else logits.argmax(-1)
