@@ -201,9 +201,10 @@ class Args:
     """recompute activations in the PPO backward to save memory (7B models)"""
     compile: bool = False
     """compile the rollout's decode step (torch.compile: inductor on CPU, CUDA graphs on GPU) on a static KV cache of
-    --max_length: one compile per process (~20 s for a tiny model on 2 CPU cores, more for a large one), then each
-    generated token costs less (benchmarks/README.md). It pays in runs of many steps, not in smoke runs; the samples
-    are today's where the rounding of the compiled kernels allows (docs/performance.md)"""
+    --max_length tokens. Costs one compile per process (20-35 s for the quickstart's model on 2 CPU cores), and every
+    token's attention reads all --max_length slots; pays when responses fill most of --max_length over many steps
+    (docs/performance.md). The samples are the eager sampler's where the compiled kernels round alike (fp32 CPU:
+    all seen)"""
     lora_rank: int = 0
     """train LoRA adapters of this rank (Hu et al. 2022) on the attention and MLP projections (LORA_TARGETS) and the
     value head, the warm-up frozen (in bf16 on GPU); the reference is the policy with its adapters off, no second copy:

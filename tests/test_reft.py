@@ -332,6 +332,28 @@ def test_the_compiled_decode_step_draws_the_eager_samplers_tokens(family):
     assert counters["stats"]["unique_graphs"] == 1  # compiled once, for 3 models × 2 prompt widths × 2 temperatures
 
 
+def test_the_compiled_step_is_one_graph_under_fsdp():
+    """Inside gathered_for_generation the compiled step runs without FSDP2's forward hooks, which dynamo does not
+    trace (each would break the graph: a graph per block, recompiled per layer index): one graph, no break, the eager
+    tokens; the hooks are back afterwards for training."""
+    from torch._dynamo.utils import counters
+    _, _, _, mesh = reft.init_distributed()
+    model = reft.shard(reft.PolicyWithValueHead(tiny_lm()), mesh, torch.float32)
+    ids, mask = reft.left_pad([[5, 6, 7], [8, 9, 3, 4, 2]], 0, "cpu")
+    with torch.no_grad():
+        model(ids, mask, ids.size(1))  # FSDP2 picks its root at the first forward (as reft.main)
+    model.eval()
+    hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+    torch._dynamo.reset()
+    counters.clear()
+    with reft.gathered_for_generation(model):
+        want = reft.sample(model.lm, ids, mask, 12, 1, 0, 1.0, [3, 4])
+        got = reft.sample(model.lm, ids, mask, 12, 1, 0, 1.0, [3, 4], compiled=True)
+    assert torch.equal(got, want)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()] == hooks
+
+
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_sampling_follows_the_softmax(temperature):
     """Inverse-CDF sampling: first-token frequencies of 4000 rows match softmax(logits / T) by a chi-square test, on
