@@ -201,7 +201,7 @@ class Args:
     """recompute activations in the PPO backward to save memory (7B models)"""
     compile: bool = False
     """compile the rollout's decode step (torch.compile: inductor on CPU, CUDA graphs on GPU) on a static KV cache of
-    --max_length tokens. Costs one compile per process (20-35 s for the quickstart's model on 2 CPU cores), and every
+    --max_length tokens. Costs one compile per process (15-35 s for the quickstart's model on 2 CPU cores), and every
     token's attention reads all --max_length slots; pays when responses fill most of --max_length over many steps
     (docs/performance.md). The samples are the eager sampler's where the compiled kernels round alike (fp32 CPU:
     all seen)"""
