@@ -599,7 +599,8 @@ def sample(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperat
     Row b's token t is inverse_cdf(logits / T, row_uniforms(seeds[b], t)): a function of its own seed only, so a
     question's sample does not depend on which batch or rank it is in: 1 and N processes see the same rollouts, and
     a resumed run repeats them. Stops when all rows ended. `compiled` (--compile): tokens after the first come from
-    compiled_decode_step on a static cache, one shape for all of them (same tokens where the rounding allows)."""
+    compiled_decode_step on a static cache, one shape for all of them (same tokens where the rounding allows); an
+    FSDP2-sharded lm must be gathered (gathered_for_generation), as its hooks are off in that step."""
     (B, P), device = prompt_ids.shape, prompt_ids.device
     # Not one generator for the batch: its draws for row b would depend on how many rows come before b (batch order,
     # rank), so the same question would get another sample on 2 processes. Nor one generator per row: B calls a token.
