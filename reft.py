@@ -46,6 +46,7 @@ import argparse
 import ast
 import dataclasses
 import errno
+import functools
 import hashlib
 import inspect
 import json
@@ -77,7 +78,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import PreTrainedModel
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 from transformers.utils import logging as hf_logging
 
 import reward
@@ -198,6 +199,12 @@ class Args:
     """also keep the checkpoint with the best periodic evaluation as {output_dir}/best (paper: its reported model)"""
     gradient_checkpointing: bool = False
     """recompute activations in the PPO backward to save memory (7B models)"""
+    compile: bool = False
+    """compile the rollout's decode step (torch.compile: inductor on CPU, CUDA graphs on GPU) on a static KV cache of
+    --max_length tokens. Costs one compile per process (15-35 s for the quickstart's model on 2 CPU cores), and every
+    token's attention reads all --max_length slots; pays when responses fill most of --max_length over many steps
+    (docs/performance.md). The samples are the eager sampler's where the compiled kernels round alike (fp32 CPU:
+    all seen)"""
     lora_rank: int = 0
     """train LoRA adapters of this rank (Hu et al. 2022) on the attention and MLP projections (LORA_TARGETS) and the
     value head, the warm-up frozen (in bf16 on GPU); the reference is the policy with its adapters off, no second copy:
@@ -212,10 +219,10 @@ class Args:
     finite (NaN or inf in the loss; each is counted in skipped_steps); 0: never stop"""
 
 
-# Flags a resumed run may change: how long, how often, in how much memory (plan_run).
+# Flags a resumed run may change: how long, how often, in how much memory, how fast (plan_run).
 MAY_CHANGE = ("output_dir", "resume", "overwrite", "epochs", "max_steps", "save_steps", "save_epochs", "save_best",
               "eval_every", "eval_batch_size", "micro_batch_size", "gradient_checkpointing", "log_every",
-              "max_skipped_steps")
+              "max_skipped_steps", "compile")
 SIZED = "-1 (by model size) or "
 RANGES = [("epochs", lambda v: v == -1 or v >= 1, SIZED + "at least 1"), ("batch_size", lambda v: v >= 1, "at least 1"),
           ("num_samples", lambda v: v == -1 or v >= 1, SIZED + "at least 1"),
@@ -551,26 +558,70 @@ def inverse_cdf(logits, u):
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=cdf.size(1) - 1)
 
 
+def decode_step(lm, inp, mask, pos, past):
+    """One forward of the newest columns against the KV cache `past`: the next token's logits. (B, T) -> (B, V)"""
+    return lm(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=past,
+              use_cache=True).logits[:, -1].float()
+
+
+@functools.cache
+def compiled_decode_step(device_type):
+    """decode_step compiled (--compile), made once per process so that every rollout reuses its graphs. Static shapes:
+    one graph per (batch, cache capacity), reused by every token and rollout. On CUDA, CUDA graphs replay the whole
+    step in one launch (mode="reduce-overhead"); on CPU, inductor's fused kernels."""
+    return torch.compile(decode_step, dynamic=False, mode="reduce-overhead" if device_type == "cuda" else None)
+
+
+@contextmanager
+def without_fsdp_hooks(lm):
+    """lm's modules without FSDP2's forward hooks, the others (reft's fp32 casts of the heads' inputs) kept in order.
+    torch.compile does not trace FSDP2's hooks (they are dynamo-disabled): each FSDP block would be a graph of its
+    own, recompiled per layer index. Inside gathered_for_generation they have nothing to do in a no-grad forward: the
+    parameters are gathered and stay so, and the forward order they record is cleared at its end."""
+    def fsdp(hook):
+        return getattr(hook, "__module__", "").startswith("torch.distributed.fsdp")
+    mods = [m for m in lm.modules() if isinstance(m, FSDPModule)]
+    saved = [(m._forward_pre_hooks, m._forward_hooks) for m in mods]
+    for m, (pre, post) in zip(mods, saved):
+        m._forward_pre_hooks = type(pre)((k, h) for k, h in pre.items() if not fsdp(h))
+        m._forward_hooks = type(post)((k, h) for k, h in post.items() if not fsdp(h))
+    try:
+        yield
+    finally:
+        for m, (pre, post) in zip(mods, saved):
+            m._forward_pre_hooks, m._forward_hooks = pre, post
+
+
 @torch.no_grad()
-def sample(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, seeds):
+def sample(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, seeds, compiled=False):
     """Sample responses token by token with a KV cache (temperature 0 = greedy). (B, P) -> (B, R)
 
     Row b's token t is inverse_cdf(logits / T, row_uniforms(seeds[b], t)): a function of its own seed only, so a
     question's sample does not depend on which batch or rank it is in: 1 and N processes see the same rollouts, and
-    a resumed run repeats them. Stops when all rows ended."""
+    a resumed run repeats them. Stops when all rows ended. `compiled` (--compile): tokens after the first come from
+    compiled_decode_step on a static cache, one shape for all of them (same tokens where the rounding allows); an
+    FSDP2-sharded lm must be gathered (gathered_for_generation), as its hooks are off in that step."""
     (B, P), device = prompt_ids.shape, prompt_ids.device
     # Not one generator for the batch: its draws for row b would depend on how many rows come before b (batch order,
     # rank), so the same question would get another sample on 2 processes. Nor one generator per row: B calls a token.
     seeds = torch.tensor([i64(int(s)) for s in seeds], device=device)  # (B,) int64
     L = P + max_new_tokens - 1  # the last token is never fed back
-    past = Cache(layers=[RolloutCacheLayer(L) for _ in range(lm.config.num_hidden_layers)])
+    # The static cache hands attention all L slots, the unfilled ones hidden by the causal mask (its query offset is
+    # the cache's fill, a tensor): every decode step has the same shapes, where RolloutCacheLayer's grow.
+    past = Cache(layers=[(StaticLayer if compiled else RolloutCacheLayer)(L)
+                         for _ in range(lm.config.num_hidden_layers)])
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, L - P)], 1)  # (B, L); step t attends to its first P + t
     inp, pos = prompt_ids, (prompt_mask.cumsum(1) - 1).clamp(min=0)
     out = prompt_ids.new_full((B, max_new_tokens), pad_id)  # (B, R)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        logits = lm(input_ids=inp, attention_mask=mask[:, :P + t], position_ids=pos, past_key_values=past,
-                    use_cache=True).logits[:, -1].float()  # (B, V)
+        if compiled and t:
+            with without_fsdp_hooks(lm):
+                logits = compiled_decode_step(device.type)(lm, inp, mask, pos, past)  # (B, V)
+        elif compiled:  # the prefill stays eager: its shape changes with the prompts
+            logits = decode_step(lm, inp, mask, pos, past)  # (B, V)
+        else:
+            logits = decode_step(lm, inp, mask[:, :P + t], pos, past)  # (B, V)
         nxt = inverse_cdf(logits / temperature, row_uniforms(seeds, t)) if temperature > 0 else logits.argmax(-1)
         out[:, t] = torch.where(done, pad_id, nxt)
         done |= out[:, t] == eos_id
@@ -578,7 +629,7 @@ def sample(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperat
         # past the last row's EOS below.
         if t % 8 == 7 and done.all():
             break
-        inp, pos = out[:, t:t + 1], pos[:, -1:] + 1
+        inp, pos = out[:, t:t + 1].contiguous(), pos[:, -1:] + 1  # contiguous: a static stride, whatever R
     if done.all():  # end at the token where the last row ended: the first EOS of each row, at its latest
         return out[:, :int((out == eos_id).int().argmax(1).max()) + 1]
     return out
@@ -854,7 +905,8 @@ def sample_rollout(model, tok, prompts, qids, step, args, device):
     P = prompt_ids.size(1)
     with gathered_for_generation(model):
         responses = sample(model.lm, prompt_ids, prompt_mask, args.max_length - P, tok.eos_token_id, tok.pad_token_id,
-                           args.temperature, rollout_seeds(args.seed, step, qids, args.num_samples))  # (b, R)
+                           args.temperature, rollout_seeds(args.seed, step, qids, args.num_samples),
+                           args.compile)  # (b, R); its cache holds P + R - 1 = --max_length - 1: one compiled shape
     mask = response_mask(responses, tok.eos_token_id)  # (b, R)
     responses = torch.where(mask.bool(), responses, tok.pad_token_id)
     return Rollout(rows=rows, input_ids=torch.cat([prompt_ids, responses], 1),

@@ -50,6 +50,9 @@ torch.cuda.synchronize() calls, with its own peak (reset_peak_memory_stats / max
                         and reft.sample with transformers' DynamicCache on the plain copy (what the preallocated
                         KV cache gains: `preallocated_vs_dynamic_plain`, a tokens/s ratio)
   reft_rollout          reft.sample of 4 × 400 tokens inside gathered_for_generation
+  reft_rollout_compiled (once: Llama, the fewest layers, gc off) the same with reft.py --compile's decode step
+                        (CUDA graphs): tokens/s against the eager sampler's (`compiled_vs_eager`), the compile's
+                        seconds (`compile_s`) and the fraction of equal tokens (`same_tokens`)
   reft_old_ref_forward  old log-probs, values and entropy from the policy, reference log-probs (bf16 model)
   reft_ppo_update       one PPO minibatch: forward, policy + value loss, backward, clip, AdamW step
   eval_generation       (checkpointing off) evaluate.py's sampling: model.generate, batch 50, 700 new tokens
@@ -129,9 +132,9 @@ H200_BF16_DENSE_FLOPS = 989e12  # NVIDIA's H100/H200 SXM datasheet, dense (no sp
 README_GB = {("resident", None): 13.5, ("reft_rollout", None): 28.7,
              ("reft_ppo_update", True): 21.3, ("reft_ppo_update", False): 32.6}
 
-PHASES = ("sft_step", "rollout_compare", "reft_rollout", "reft_old_ref_forward", "reft_ppo_update",
-          "eval_generation", "padded_batch", "checkpoint_round_trip", "resume_round_trip", "reft_lora_iteration",
-          "lora_step")
+PHASES = ("sft_step", "rollout_compare", "reft_rollout", "reft_rollout_compiled", "reft_old_ref_forward",
+          "reft_ppo_update", "eval_generation", "padded_batch", "checkpoint_round_trip", "resume_round_trip",
+          "reft_lora_iteration", "lora_step")
 # The checks with a verdict (pass, fail, or skipped with the reason) in the JSON's `verdicts`: the three phases of
 # that name (each returns "pass") and rollout_compare's same_samples_fsdp_vs_plain and same_samples_kv_cache.
 CHECKS = ("same_samples_fsdp_vs_plain", "same_samples_kv_cache", "padded_batch", "checkpoint_round_trip",
@@ -647,7 +650,10 @@ class Check:
         for _ in range(sh["reft_iters"] - 1):  # warm-up iterations: kernels and AdamW's state
             warm = self.phase("reft_warmup_iteration", lambda: self.reft_iteration(state), needs=needs, **labels)
             needs = needs if warm or needs is not True else "needs reft_warmup_iteration, which failed"
-        self.reft_iteration(state, record=labels, needs=needs)
+        rolled = self.reft_iteration(state, record=labels, needs=needs)
+        if compare and layers == min(self.args.layers):  # one compile (tens of seconds): Llama, the fewest layers
+            self.phase("reft_rollout_compiled", lambda: self.compiled_rollout(state),
+                       needs=self.after(rolled, "reft_rollout"), **labels)
         if not gc_on:
             built = self.after(ok, "build_reft")
             self.phase("padded_batch", lambda: self.padded_check(state), needs=built, **labels)
@@ -657,7 +663,8 @@ class Check:
 
     def reft_iteration(self, state, record=None, needs=True):
         """One iteration of reft.main's loop: rollout (step 1), old/ref log-probs (3), rewards and GAE (4-5) and one
-        PPO minibatch (6). With `record` (the phase labels) each part is a recorded phase, else returns their figures.
+        PPO minibatch (6). With `record` (the phase labels) each part is a recorded phase and it returns whether the
+        rollout ran, else returns their figures.
         `state["ref"]` None (LoRA): step 3 is reft.rollout_forwards, the reference the policy with its adapters off."""
         torch, reft, sh = self.torch, self.reft, self.sh
         P, R, B = sh["prompt"], sh["response"], sh["reft_batch"]
@@ -749,10 +756,32 @@ class Check:
         if record is None:
             state["data"] = data
             return {name: fn() for name, fn in (("rollout", rollout), ("old_ref_forward", old_ref), ("ppo", ppo))}
-        ok = self.phase("reft_rollout", rollout, needs=needs, **record)
-        ok = self.phase("reft_old_ref_forward", old_ref, needs=self.after(ok, "reft_rollout"), **record)
+        rolled = self.phase("reft_rollout", rollout, needs=needs, **record)
+        ok = self.phase("reft_old_ref_forward", old_ref, needs=self.after(rolled, "reft_rollout"), **record)
         self.phase("reft_ppo_update", ppo, needs=self.after(ok, "reft_old_ref_forward"), **record)
-        return {}
+        return rolled
+
+    def compiled_rollout(self, state):
+        """reft_rollout's sample with reft.py --compile's decode step (CUDA graphs on GPU, inductor on CPU) against
+        the eager one, on the same prompts and seeds inside gathered_for_generation: the first compiled rollout
+        (compile_s: the compile and one rollout), then one timed each way. The same tokens where the compiled
+        kernels round as the eager ones (fp32 on CPU: all of them; bf16 may flip near-ties: same_tokens)."""
+        reft, sh = self.reft, self.sh
+        P, R, B = sh["prompt"], sh["response"], sh["reft_batch"]
+        policy = state["policy"]
+        prompt_ids, prompt_mask = self.tokens(B, P)
+        policy.eval()
+
+        def run(compiled):
+            with reft.gathered_for_generation(policy):
+                return reft.sample(policy.lm, prompt_ids, prompt_mask, R, -1, 0, 1.0, list(range(B)), compiled)
+        _, compile_s, _, _ = self.measure(lambda: run(True))
+        eager, eager_s, _, _ = self.measure(lambda: run(False))
+        compiled, dt, resident, peak = self.measure(lambda: run(True))
+        n = compiled.numel()
+        return {"seconds": dt, "tokens": n, "tokens_per_s": n / dt, "eager_tokens_per_s": eager.numel() / eager_s,
+                "compiled_vs_eager": eager_s / dt, "compile_s": compile_s, "resident_gb": resident, "peak_gb": peak,
+                "same_tokens": float((compiled == eager).float().mean()), "batch": B, "new_tokens": compiled.size(1)}
 
     # -- ReFT with LoRA (reft.py --lora_rank): once, Llama, the fewest layers, gradient checkpointing on
     def rollout_of(self, data):
@@ -1281,6 +1310,11 @@ def report(result):
                           f"{fmt(r['peak_gb'])} GB; "
                           f"iteration {r['seconds']:.2f} s (rollout {r['rollout_s']:.2f}, forwards "
                           f"{r['old_ref_forward_s']:.2f}, update {r['ppo_s']:.2f})"]
+    for r in result["phases"]:
+        if r["phase"] == "reft_rollout_compiled" and r["status"] == "ok":
+            lines += ["", f"reft.py --compile ({r['family']}, {r['layers']} layers): rollout {r['tokens_per_s']:,.0f} "
+                          f"tok/s against {r['eager_tokens_per_s']:,.0f} eager ({r['compiled_vs_eager']:.2f}x), "
+                          f"compile {r['compile_s']:.1f} s, same tokens {r['same_tokens']:.2%}"]
     rc = [r for r in result["phases"] if r["phase"] == "rollout_compare" and r["status"] == "ok"]
     if rc:
         lines += ["", f"{'rollout (generated tok/s)':<28}{'L':>3}{'batch':>6}{'sample FSDP':>13}{'generate FSDP':>15}"

@@ -10,11 +10,12 @@ It covers the case of one process with minibatch = micro-batch = the whole batch
 PPO epoch is one forward, one backward and one optimizer step. The rollout is a fixed --response_length tokens
 (--max_length = prompt length + response_length; the near-random policy never ends all rows early, checked).
 
-Part 2 times reft.sample (per-row inverse-CDF sampling, preallocated KV cache) against
-`model.generate(do_sample=True, top_k=0, top_p=1.0)` on the same plain LlamaForCausalLM, the same 32 prompts and
---response_length new tokens, interleaved A/B so load drifts hit both. The figure is sample's rate relative to
-generate's, best time against best time (min is the least load-sensitive estimate of each one's own cost; the
-median of the per-pair ratios is reported too). Target >= 0.95.
+Part 2 times reft.sample (per-row inverse-CDF sampling, preallocated KV cache), eager and with reft.py --compile's
+decode step (its compile timed once first: compile_s), against `model.generate(do_sample=True, top_k=0, top_p=1.0)`
+on the same plain LlamaForCausalLM, the same 32 prompts and --response_length new tokens, interleaved so load
+drifts hit all three. The figures are each sampler's rate relative to generate's, best time against best time (min
+is the least load-sensitive estimate of each one's own cost; the median of the per-pair ratios is reported too for
+the eager one). Target >= 0.95.
 """
 import argparse
 import collections
@@ -141,9 +142,12 @@ def generation_rate(ckpt, prompt_file, args):
                                    add_special_tokens=False).input_ids for r in records], tok.pad_token_id, "cpu")
     R = args.response_length
 
-    def run_sample(seed):
+    def run_sample(seed, compiled=False):
         return reft.sample(lm, ids, mask, R, tok.eos_token_id, tok.pad_token_id, 1.0,
-                           [seed * 1000 + b for b in range(len(ids))])
+                           [seed * 1000 + b for b in range(len(ids))], compiled)
+
+    def run_compiled(seed):
+        return run_sample(seed, compiled=True)
 
     def run_generate(seed):
         torch.manual_seed(seed)
@@ -153,21 +157,31 @@ def generation_rate(ckpt, prompt_file, args):
                               eos_token_id=tok.eos_token_id)
         return out[:, ids.size(1):]
 
+    t = time.perf_counter()
+    run_compiled(0)  # reft.py --compile's first rollout: the compile, then the rollout
+    compile_s = time.perf_counter() - t
     run_sample(0), run_generate(0)  # warm-up
-    t_sample, t_generate = [], []
+    t_sample, t_compiled, t_generate = [], [], []
+    same = []
     for k in range(args.pairs):
-        for fn, times in ((run_sample, t_sample), (run_generate, t_generate)):
+        outs = []
+        for fn, times in ((run_sample, t_sample), (run_compiled, t_compiled), (run_generate, t_generate)):
             t = time.perf_counter()
-            out = fn(k + 1)
+            outs.append(fn(k + 1))
             times.append(time.perf_counter() - t)
-            if out.size(1) != R:
-                raise SystemExit(f"error: {fn.__name__} made {out.size(1)} tokens, not {R}")
+            if outs[-1].size(1) != R:
+                raise SystemExit(f"error: {fn.__name__} made {outs[-1].size(1)} tokens, not {R}")
+        same.append(float((outs[0] == outs[1]).float().mean()))
     tokens = len(ids) * R
     return {"batch": len(ids), "new_tokens": R, "sample_s": min(t_sample), "generate_s": min(t_generate),
             "sample_tok_per_s": tokens / min(t_sample), "generate_tok_per_s": tokens / min(t_generate),
             "rate_ratio": min(t_generate) / min(t_sample),
             "rate_ratio_median_of_pairs": median([g / s for g, s in zip(t_generate, t_sample)]),
-            "sample_s_all": t_sample, "generate_s_all": t_generate}
+            "sample_compiled_s": min(t_compiled), "sample_compiled_tok_per_s": tokens / min(t_compiled),
+            "compiled_rate_ratio": min(t_generate) / min(t_compiled),
+            "compiled_vs_eager": min(t_sample) / min(t_compiled), "compile_s": compile_s,
+            "compiled_same_tokens": min(same),
+            "sample_s_all": t_sample, "sample_compiled_s_all": t_compiled, "generate_s_all": t_generate}
 
 
 def main():
@@ -198,6 +212,9 @@ def main():
     print(f"generation, batch {gen['batch']} x {gen['new_tokens']} new tokens, best of {args.pairs}: reft.sample "
           f"{gen['sample_tok_per_s']:.0f} tok/s, HF generate {gen['generate_tok_per_s']:.0f} tok/s; sample/generate "
           f"rate {gen['rate_ratio']:.2f} (median of pairs {gen['rate_ratio_median_of_pairs']:.2f}; target >= 0.95)")
+    print(f"  reft.sample with --compile's decode step {gen['sample_compiled_tok_per_s']:.0f} tok/s: "
+          f"{gen['compiled_rate_ratio']:.2f} x generate's rate, {gen['compiled_vs_eager']:.2f} x the eager sampler's; "
+          f"compile {gen['compile_s']:.1f} s (once per process); same tokens {gen['compiled_same_tokens']:.2%}")
     write_json(args.json, {"setting": {"prompt_tokens": L, **vars(args)}, "phases_s": phases, "generation": gen})
 
 

@@ -128,6 +128,8 @@ def main():
         "reft_s_per_grpo_iter": res["grpo_vs_trl"]["reft"]["s_per_iter"],
         "trl_s_per_grpo_iter": res["grpo_vs_trl"]["trl"]["s_per_iter"],
         **figures,
+        "compiled_sample_vs_generate_rate": res["reft_profile"]["generation"]["compiled_rate_ratio"],
+        "compiled_sample_compile_s": res["reft_profile"]["generation"]["compile_s"],
         "ppo_speedup_vs_trl_separate_value": res["ppo_vs_trl"].get("speedup_separate_value"),
         "ppo_speedup_vs_trl_4_epochs": res["ppo_vs_trl_4_epochs"]["speedup"],
         "sft_mfu_wide": res["mfu"].get("wide", {}).get("mfu"),

@@ -452,6 +452,22 @@ def test_a_flag_newer_than_the_run_counts_as_its_default(runs, warmup, minigsm, 
         rerank.plan_run(args, dataclasses.asdict(args), rerank.MAY_CHANGE, ("samples.jsonl",))
 
 
+def test_compile_may_change_on_resume(runs, tmp_path):
+    """--compile changes how fast the rollout runs, not what is learned (MAY_CHANGE): a resume may turn it on, also in
+    a run started before the flag existed."""
+    folder = tmp_path / "reft"
+    shutil.copytree(runs / "reft", folder)
+    saved = json.loads((folder / "args.json").read_text())
+    del saved["compile"]
+    (folder / "args.json").write_text(json.dumps(saved))
+    args = reft.Args(**{k: v for k, v in saved.items() if k in reft.Args.__dataclass_fields__})
+    args.output_dir, args.resume, args.compile = str(folder), True, True
+    assert reft.plan_run(args, dataclasses.asdict(args), reft.MAY_CHANGE) is True
+    args.seed += 1
+    with pytest.raises(SystemExit, match=r"--seed"):  # what is learned still may not change
+        reft.plan_run(args, dataclasses.asdict(args), reft.MAY_CHANGE)
+
+
 @pytest.mark.parametrize("stage", [reft, rerank], ids=["reft.py", "rerank.py"])
 def test_a_missing_default_model_says_which_command_writes_it(stage, minigsm, tmp_path, monkeypatch):
     """The default --model runs/sft/warmup, missing (sft.py not run yet, or run too short to reach --warmup_epoch),

@@ -94,7 +94,8 @@ def test_small_run_measures_every_llama_phase(small_run):
     expected |= {(ph, L, False, None) for L in (2, 4) for ph in ("build_eval", "eval_generation")}
     expected |= {("rollout_compare", L, False, b) for L in (2, 4) for b in (2, 4)}
     expected |= {("padded_batch", L, False, None) for L in (2, 4)}
-    expected |= {(ph, 2, False, None) for ph in ("checkpoint_round_trip", "resume_round_trip")}
+    expected |= {(ph, 2, False, None) for ph in ("checkpoint_round_trip", "resume_round_trip",
+                                                 "reft_rollout_compiled")}
     expected |= {(ph, 2, True, None) for ph in ("build_reft_lora", "reft_lora_iteration", "lora_step")}
     assert set(llama) == expected
     bad = {k: r.get("error", r.get("reason")) for k, r in llama.items() if r["status"] != "ok"}
@@ -116,7 +117,12 @@ def test_small_run_measures_every_llama_phase(small_run):
                                  "sampler_dynamic_plain"))
             assert rc["same_samples_fsdp_vs_plain"]  # same weights and seeds: FSDP must not change the samples
             assert rc["same_samples_kv_cache"] and rc["preallocated_vs_dynamic_plain"] > 0
-    assert "rollout (generated tok/s)" in out.with_suffix(".txt").read_text()
+    compiled = llama[("reft_rollout_compiled", 2, False, None)]  # reft.py --compile's decode step
+    assert compiled["new_tokens"] == 48 and compiled["tokens_per_s"] > 0 and compiled["eager_tokens_per_s"] > 0
+    assert compiled["compile_s"] > compiled["seconds"]  # the first compiled rollout compiles; the timed one does not
+    assert compiled["same_tokens"] == 1.0  # fp32 on the CPU: the compiled kernels draw the eager sampler's tokens
+    text = out.with_suffix(".txt").read_text()
+    assert "rollout (generated tok/s)" in text and "reft.py --compile (llama, 2 layers)" in text
 
 
 def test_small_run_checks_padded_batches_and_both_round_trips(small_run):
@@ -161,6 +167,7 @@ def test_a_failing_phase_is_recorded_and_the_others_still_run(tmp_path):
     assert "--fail_phase reft_rollout" in ph[("reft_rollout", False)]["error"]
     assert ph[("reft_old_ref_forward", False)]["status"] == "skipped"
     assert ph[("reft_ppo_update", False)]["status"] == "skipped"
+    assert ph[("reft_rollout_compiled", False)]["status"] == "skipped"  # needs the eager rollout
     assert ph[("eval_generation", False)]["status"] == "ok"  # after the failure
     assert ph[("sft_step", True)]["status"] == "ok"
     assert result["status"] == "done"

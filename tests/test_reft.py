@@ -300,6 +300,60 @@ def chi_square(counts, probs):
     return (((obs - exp) ** 2)[keep] / exp[keep]).sum().item(), int(keep.sum()) - 1
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_the_compiled_decode_step_draws_the_eager_samplers_tokens(family):
+    """--compile (fp32, CPU): the same tokens and lengths as the eager sampler, left-padded prompts, greedy and
+    sampled, rows ending at different steps; models of one config and prompts of other lengths in a cache of the same
+    capacity (as --max_length fixes it) reuse the one compiled graph."""
+    from torch._dynamo.utils import counters
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    torch._dynamo.reset()
+    counters.clear()
+    staggered = 0
+    for seed in range(3):
+        torch.manual_seed(seed)
+        if family == "llama":
+            lm = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                              num_key_value_heads=2, intermediate_size=64))
+        else:
+            lm = OPTForCausalLM(OPTConfig(vocab_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                          ffn_dim=64, word_embed_proj_dim=32))
+        gen = torch.Generator().manual_seed(seed)
+        for lengths in ((3, 9, 1, 6, 4), (2, 5, 7, 1, 3)):  # prompt widths 9 and 7: capacity 40 both times
+            prompts = [torch.randint(2, 8, (n,), generator=gen).tolist() for n in lengths]
+            ids, mask = reft.left_pad(prompts, 0, "cpu")
+            R = 41 - ids.size(1)
+            for temperature in (0.0, 1.0):
+                seeds = [100 * seed + b for b in range(5)]
+                want = reft.sample(lm.eval(), ids, mask, R, 1, 0, temperature, seeds)
+                assert torch.equal(reft.sample(lm, ids, mask, R, 1, 0, temperature, seeds, compiled=True), want)
+                staggered += len(set(reft.response_mask(want, 1).sum(1).tolist())) > 1
+    assert staggered  # batches whose rows end at different steps
+    assert counters["stats"]["unique_graphs"] == 1  # compiled once, for 3 models × 2 prompt widths × 2 temperatures
+
+
+def test_the_compiled_step_is_one_graph_under_fsdp():
+    """Inside gathered_for_generation the compiled step runs without FSDP2's forward hooks, which dynamo does not
+    trace (each would break the graph: a graph per block, recompiled per layer index): one graph, no break, the eager
+    tokens; the hooks are back afterwards for training."""
+    from torch._dynamo.utils import counters
+    _, _, _, mesh = reft.init_distributed()
+    model = reft.shard(reft.PolicyWithValueHead(tiny_lm()), mesh, torch.float32)
+    ids, mask = reft.left_pad([[5, 6, 7], [8, 9, 3, 4, 2]], 0, "cpu")
+    with torch.no_grad():
+        model(ids, mask, ids.size(1))  # FSDP2 picks its root at the first forward (as reft.main)
+    model.eval()
+    hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+    torch._dynamo.reset()
+    counters.clear()
+    with reft.gathered_for_generation(model):
+        want = reft.sample(model.lm, ids, mask, 12, 1, 0, 1.0, [3, 4])
+        got = reft.sample(model.lm, ids, mask, 12, 1, 0, 1.0, [3, 4], compiled=True)
+    assert torch.equal(got, want)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()] == hooks
+
+
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_sampling_follows_the_softmax(temperature):
     """Inverse-CDF sampling: first-token frequencies of 4000 rows match softmax(logits / T) by a chi-square test, on
@@ -349,6 +403,21 @@ def test_two_processes_match_one(minigsm, warmup, tmp_path):
         assert a["response_length"] == b["response_length"]  # the same rollouts
         for k in ("score", "kl", "pg_loss", "vf_loss"):
             assert abs(a[k] - b[k]) < 1e-4, (k, a[k], b[k])
+
+
+def test_compile_gives_the_eager_runs_step_on_two_processes_with_lora(minigsm, warmup, tmp_path):
+    """reft.py --compile on its real path: FSDP2 on 2 CPU processes, the LoRA policy gathered for the rollout, the
+    compiled step without FSDP2's hooks. fp32 draws the eager sampler's tokens, so every metric but the times is the
+    eager run's, and the weights too."""
+    common = ["reft.py", "--model", warmup, "--data", minigsm, "--max_steps", 1, "--lora_rank", 4, *RUN]
+    torchrun(2, *common, "--output_dir", tmp_path / "eager")
+    torchrun(2, *common, "--compile", "--output_dir", tmp_path / "compiled")
+    (eager,), (compiled,) = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("eager", "compiled"))
+    timed = {"tokens_per_s", "time_generation", "time_scoring", "time_training"}
+    assert {k: v for k, v in compiled.items() if k not in timed} == {k: v for k, v in eager.items() if k not in timed}
+    from safetensors.torch import load_file
+    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("eager", "compiled"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sigkill_and_resume_across_epochs_restores_beta_and_best(minigsm, warmup, tmp_path):
