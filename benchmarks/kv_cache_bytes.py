@@ -72,7 +72,7 @@ def copy_bandwidth(nbytes, dtype, repeats):
         t = time.perf_counter()
         new = src.clone()
         fresh.append(time.perf_counter() - t)
-        del new  # freed before the next round: each clone gets memory the allocator hands back to the kernel
+        del new  # unmapped (glibc mmaps blocks this large): the next clone gets fresh pages again, as each cat does
     moved = 2 * src.numel() * dtype.itemsize
     return moved / median(into), moved / median(fresh)
 
@@ -104,7 +104,7 @@ def main():
     dtype = DTYPES[args.dtype]
     B, n, H = args.batch, args.cached, args.heads
 
-    # First, while nothing else is allocated: its 2 x copy_mb do not add to the caches' peak.
+    # First, while nothing else is allocated: its 3 x copy_mb (src, dst, a clone) do not add to the caches' peak.
     copy_bps, fresh_bps = copy_bandwidth(args.copy_mb * 10 ** 6, dtype, args.repeats)
 
     config = LlamaConfig(hidden_size=args.hidden, num_attention_heads=H, num_key_value_heads=H,
@@ -124,7 +124,7 @@ def main():
 
     def step(name):
         past = caches[name]
-        past.layers[0].crop(-1)  # back to n tokens: the previous step's token is dropped, its bytes stay
+        past.layers[0].crop(-1)  # back to n tokens: a view of the first n, the storage stays
         t = time.perf_counter()
         reft.decode_step(lm, inp, mask, pos, past)
         return time.perf_counter() - t
@@ -155,9 +155,9 @@ def main():
     ar = arithmetic(args.hidden, H, args.intermediate, B, n, dtype.itemsize)
     s = {name: median(ts) for name, ts in times.items()}
     extra_s = s["dynamic"] - s["preallocated"]
-    res = {"machine": machine(), "threads": args.threads, "dtype": args.dtype, "hidden": args.hidden, "heads": H,
-           "intermediate": args.intermediate, "vocab": args.vocab, "batch": B, "cached": n, "repeats": args.repeats,
-           **ar, "layer_param_bytes": layer_bytes,
+    res = {"machine": machine(), "torch": torch.__version__, "threads": args.threads, "dtype": args.dtype,
+           "hidden": args.hidden, "heads": H, "intermediate": args.intermediate, "vocab": args.vocab, "batch": B,
+           "cached": n, "repeats": args.repeats, **ar, "layer_param_bytes": layer_bytes,
            "copy_gbps": copy_bps / 1e9, "fresh_copy_gbps": fresh_bps / 1e9,
            "dynamic_s": s["dynamic"], "preallocated_s": s["preallocated"], "cat_s": s["cat"],
            "dynamic_all": times["dynamic"], "preallocated_all": times["preallocated"], "cat_all": times["cat"],
