@@ -1,6 +1,6 @@
 """Bytes one Llama layer at 7B width moves per decoded token: DynamicLayer's KV cache against reft's preallocated one.
 
-    python benchmarks/kv_cache_bytes.py                 # 7B width, batch 64, 1,000 cached tokens, bf16: ~4 GB peak
+    python benchmarks/kv_cache_bytes.py                 # 7B width, batch 64, 1,000 cached tokens, bf16: 4 GB, 1 min
     python benchmarks/kv_cache_bytes.py --hidden 256 --heads 4 --intermediate 688 --batch 4 --cached 64 --copy_mb 16
 
 Issue 36's item 4, measured on the CPU. The model: a LlamaForCausalLM of one decoder layer (LlamaConfig with
