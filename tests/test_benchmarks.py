@@ -405,3 +405,35 @@ def test_lora_memory_separates_the_loading_peak_from_the_step_s():
     loading, step = lora_memory.peak_rss([PY, "-c", child], 1, ("ppo:",))
     del ballast
     assert loading > 300e6 and 60e6 < step < 300e6, (loading, step)
+
+
+# ----------------------------------------------------------------------------- kv_cache_bytes.py
+
+def test_kv_cache_bytes_arithmetic_is_docs_performance_s():
+    """At 7B width, batch 64, 1,000 cached tokens, bf16: docs/performance.md's 0.4 GB of weights, 1.05 GB of K and V,
+    2.1 GB for the cat, 3.55 GB against 1.45 GB per layer per decoded token."""
+    import kv_cache_bytes
+    a = kv_cache_bytes.arithmetic(4096, 32, 11008, 64, 1000, 2)
+    assert [round(a[k] / 1e9, 2) for k in ("weights_bytes", "cache_bytes", "cat_bytes", "dynamic_bytes",
+                                           "preallocated_bytes")] == [0.4, 1.05, 2.1, 3.55, 1.45]
+
+
+def test_kv_cache_bytes_measures_both_caches_at_toy_size(tmp_path):
+    """benchmarks/kv_cache_bytes.py at toy size: every figure is there; the arithmetic's weights are the layer's
+    parameters, its cache the (B, H, n, D) K and V, DynamicLayer's extra bytes twice that; the profiler sees
+    DynamicLayer's cat allocate a cache one token longer than the preallocated step's cats do."""
+    out = tmp_path / "kv.json"
+    h, heads, inter, B, n = 128, 4, 344, 3, 40
+    run([PY, "benchmarks/kv_cache_bytes.py", "--hidden", h, "--heads", heads, "--intermediate", inter, "--batch", B,
+         "--cached", n, "--copy_mb", 8, "--repeats", 2, "--threads", 1, "--json", out], timeout=300)
+    with open(out) as f:
+        r = json.load(f)
+    assert r["weights_bytes"] == r["layer_param_bytes"]
+    assert r["cache_bytes"] == 2 * B * heads * n * (h // heads) * 2  # K and V, bf16
+    assert r["cat_bytes"] == 2 * r["cache_bytes"] == r["dynamic_bytes"] - r["preallocated_bytes"]
+    assert r["preallocated_bytes"] == r["weights_bytes"] + r["cache_bytes"]
+    assert r["profiled_cat_alloc_extra_bytes"] == r["cache_bytes"] * (n + 1) // n
+    assert len(r["dynamic_all"]) == len(r["preallocated_all"]) == len(r["cat_all"]) == 2
+    assert all(r[k] > 0 for k in ("dynamic_s", "preallocated_s", "cat_s", "copy_gbps", "fresh_copy_gbps",
+                                  "peak_rss_gb"))
+    assert r["extra_bytes_measured"] == pytest.approx(r["extra_s"] * r["copy_gbps"] * 1e9)

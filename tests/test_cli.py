@@ -47,7 +47,7 @@ OTHER_SCRIPTS = ["reward.py", "data/minigsm/prepare.py", "data/gsm8k/prepare.py"
                  "data/mwp_reft/prepare.py", "scripts/walkthrough.py", "scripts/compare.py",
                  "scripts/compare_methods.py", "scripts/cot_diagnostics.py", "scripts/pretrain_arithmetic.py",
                  "benchmarks/fsdp_rollout.py", "benchmarks/gpu_check.py", "benchmarks/grpo_vs_trl.py",
-                 "benchmarks/lora_memory.py",
+                 "benchmarks/kv_cache_bytes.py", "benchmarks/lora_memory.py",
                  "benchmarks/mfu.py", "benchmarks/ppo_vs_trl.py", "benchmarks/reft_profile.py",
                  "benchmarks/reward_throughput.py", "benchmarks/run_all.py"]
 NO_DEFAULT = object()  # a default the source computes (a path), so its value is not checked
