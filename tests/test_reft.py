@@ -261,21 +261,25 @@ def sample_reference(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id
     return torch.stack(out, 1)
 
 
+def tiny_family_lm(family, seed):
+    """A random 2-layer Llama (grouped-query attention) or OPT with a vocabulary of 8: rows end at varied steps."""
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    torch.manual_seed(seed)
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=64))
+    return OPTForCausalLM(OPTConfig(vocab_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    ffn_dim=64, word_embed_proj_dim=32))
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_sampler_draws_exactly_the_tokens_of_the_dynamic_cache_loop(family):
     """The preallocated KV cache and the every-8-tokens all-done check change no token and no length: left-padded
     prompts, greedy and sampled, rows ending at different steps, the batch ending between two checks or running to
     max_new_tokens."""
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
     seen = set()
     for seed in range(4):
-        torch.manual_seed(seed)
-        if family == "llama":
-            lm = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                              num_key_value_heads=2, intermediate_size=64))
-        else:
-            lm = OPTForCausalLM(OPTConfig(vocab_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                          ffn_dim=64, word_embed_proj_dim=32))
+        lm = tiny_family_lm(family, seed)
         gen = torch.Generator().manual_seed(seed)
         prompts = [torch.randint(2, 8, (n,), generator=gen).tolist() for n in (3, 9, 1, 6, 4)]
         ids, mask = reft.left_pad(prompts, 0, "cpu")
@@ -306,18 +310,11 @@ def test_the_compiled_decode_step_draws_the_eager_samplers_tokens(family):
     sampled, rows ending at different steps; models of one config and prompts of other lengths in a cache of the same
     capacity (as --max_length fixes it) reuse the one compiled graph."""
     from torch._dynamo.utils import counters
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
     torch._dynamo.reset()
     counters.clear()
     staggered = 0
     for seed in range(3):
-        torch.manual_seed(seed)
-        if family == "llama":
-            lm = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                              num_key_value_heads=2, intermediate_size=64))
-        else:
-            lm = OPTForCausalLM(OPTConfig(vocab_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                          ffn_dim=64, word_embed_proj_dim=32))
+        lm = tiny_family_lm(family, seed)
         gen = torch.Generator().manual_seed(seed)
         for lengths in ((3, 9, 1, 6, 4), (2, 5, 7, 1, 3)):  # prompt widths 9 and 7: capacity 40 both times
             prompts = [torch.randint(2, 8, (n,), generator=gen).tolist() for n in lengths]
